@@ -1,0 +1,148 @@
+"""Build of fastadam's compiled extension.
+
+Only the extension list and the compiler flags live here; metadata is in pyproject.toml.
+
+Flags, per compiler (chosen in BuildExt.build_extensions, where the compiler is known):
+  GCC/Clang  -O3 -fno-math-errno -ffp-contract=off, OpenMP with -fopenmp
+             (-fno-math-errno lets sqrt vectorize and changes no IEEE result;
+              -ffp-contract=off forbids silent FMA so results are bit-identical for every
+              thread count and vector width; never -ffast-math, never -march=native)
+  Apple      -Xpreprocessor -fopenmp with libomp (Homebrew's, or CPPFLAGS/LDFLAGS)
+  MSVC       /O2 /fp:precise /openmp
+
+FASTADAM_OPENMP=auto (default) | 1 | 0:
+  auto  try-compile an OpenMP program; if that fails, warn loudly and build serial
+  1     OpenMP is required: fail the build without it
+  0     build a serial extension (warns loudly)
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+UNIX_FLAGS = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
+MSVC_FLAGS = ["/O2", "/fp:precise"]
+
+OPENMP_PROBE = textwrap.dedent(
+    """
+    #include <omp.h>
+    int main(void) {
+        int n = 0;
+        #pragma omp parallel reduction(+:n)
+        n += 1;
+        return n > 0 ? 0 : 1;
+    }
+    """
+)
+
+
+def warn(message):
+    bar = "*" * 78
+    print(f"\n{bar}\n* fastadam: {message}\n{bar}\n", file=sys.stderr)
+
+
+def homebrew_libomp():
+    """(include_dir, lib_dir) of Homebrew's libomp, or None."""
+    brew = shutil.which("brew")
+    if brew is None:
+        return None
+    try:
+        prefix = subprocess.run(
+            [brew, "--prefix", "libomp"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    if not os.path.isdir(os.path.join(prefix, "include")):
+        return None
+    return os.path.join(prefix, "include"), os.path.join(prefix, "lib")
+
+
+def openmp_flags(compiler_type):
+    """(compile_args, link_args) that enable OpenMP for this compiler."""
+    if compiler_type == "msvc":
+        return ["/openmp"], []
+    if sys.platform == "darwin":
+        compile_args, link_args = ["-Xpreprocessor", "-fopenmp"], ["-lomp"]
+        dirs = homebrew_libomp()
+        if dirs is not None:
+            compile_args.append(f"-I{dirs[0]}")
+            link_args[:0] = [f"-L{dirs[1]}", f"-Wl,-rpath,{dirs[1]}"]
+        return compile_args, link_args
+    return ["-fopenmp"], ["-fopenmp"]
+
+
+def compiles_and_links(compiler, compile_args, link_args):
+    """Does a tiny OpenMP program compile and link with these flags?"""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "probe.c")
+        with open(source, "w") as f:
+            f.write(OPENMP_PROBE)
+        try:
+            objects = compiler.compile([source], output_dir=tmp, extra_postargs=compile_args)
+            compiler.link_executable(
+                objects, "probe", output_dir=tmp, extra_postargs=link_args
+            )
+        except Exception:  # distutils raises CompileError/LinkError, or OSError
+            return False
+    return True
+
+
+class BuildExt(build_ext):
+    def build_extensions(self):
+        compiler_type = self.compiler.compiler_type
+        opt_flags = MSVC_FLAGS if compiler_type == "msvc" else UNIX_FLAGS
+        omp_compile, omp_link = self._openmp(compiler_type)
+        cflags = " ".join(opt_flags + omp_compile)
+        print(f"fastadam: compiler {compiler_type}, flags: {cflags}", file=sys.stderr)
+        for ext in self.extensions:
+            ext.extra_compile_args = opt_flags + omp_compile + ext.extra_compile_args
+            ext.extra_link_args = omp_link + ext.extra_link_args
+            ext.define_macros.append(("FASTADAM_CFLAGS", f'"{cflags}"'))
+        super().build_extensions()
+
+    def _openmp(self, compiler_type):
+        mode = os.environ.get("FASTADAM_OPENMP", "auto").strip().lower()
+        if mode not in ("auto", "0", "1"):
+            raise SystemExit(f"FASTADAM_OPENMP must be auto, 0 or 1, got {mode!r}")
+        if mode == "0":
+            warn("FASTADAM_OPENMP=0: building WITHOUT OpenMP; every update runs on one thread.")
+            return [], []
+        compile_args, link_args = openmp_flags(compiler_type)
+        if compiles_and_links(self.compiler, compile_args, link_args):
+            return compile_args, link_args
+        if mode == "1":
+            raise SystemExit(
+                f"FASTADAM_OPENMP=1 but OpenMP does not work with {compiler_type} "
+                f"(tried {compile_args} / {link_args})"
+            )
+        warn(
+            "OpenMP was not found: building a SERIAL extension. Install an OpenMP runtime "
+            "(libgomp, or libomp on macOS) and rebuild for multithreaded updates."
+        )
+        return [], []
+
+
+extensions = [
+    Extension(
+        "fastadam._kernels",
+        ["src/fastadam/_kernels.pyx"],
+        include_dirs=[numpy.get_include(), "src/fastadam"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    )
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        compiler_directives={"language_level": 3, "freethreading_compatible": True},
+    ),
+    cmdclass={"build_ext": BuildExt},
+)

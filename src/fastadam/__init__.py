@@ -1,0 +1,18 @@
+"""fastadam: the fastest trustworthy Adam optimizer for Python on the CPU.
+
+Cython kernels with OpenMP update float32 and float64 buffers in place; this package
+wraps them for NumPy arrays and any object supporting the buffer protocol.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from fastadam._config import show_config
+from fastadam._functional import adam_step
+from fastadam._threads import get_num_threads, set_num_threads
+
+try:
+    __version__ = version("fastadam")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = ["adam_step", "get_num_threads", "set_num_threads", "show_config", "__version__"]

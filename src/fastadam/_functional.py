@@ -1,0 +1,118 @@
+"""``adam_step``: one in-place Adam update of one set of buffers."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from fastadam import _kernels
+from fastadam._threads import threads_for
+from fastadam._validation import (
+    AdamBuffers,
+    check_buffers,
+    check_hyperparameters,
+    check_num_threads,
+)
+
+
+def adam_step(
+    param: Any,
+    grad: Any,
+    exp_avg: Any,
+    exp_avg_sq: Any,
+    *,
+    step: int,
+    lr: float = 1e-3,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    max_exp_avg_sq: Any = None,
+    maximize: bool = False,
+    eps_hat: bool = False,
+    eps_root: float = 0.0,
+    grad_scale: float = 1.0,
+    num_threads: Optional[int] = None,
+) -> None:
+    """One in-place Adam step (Kingma & Ba, Algorithm 1) on one set of buffers.
+
+    Parameters
+    ----------
+    param, grad, exp_avg, exp_avg_sq : buffer
+        NumPy arrays or any object exporting the buffer protocol (memoryview,
+        array.array, bytearray- or mmap-backed memory, ...), all float32 or all float64,
+        C-contiguous, with the same number of elements (shapes may differ). ``param``,
+        ``exp_avg`` and ``exp_avg_sq`` are updated in place and must be writable; no two
+        buffers may overlap. ``grad`` is only read (read-only buffers are fine).
+    step : int
+        The 1-based number of this update (bias corrections use ``beta ** step``).
+    lr, beta1, beta2, eps : float
+        The paper's alpha, beta1, beta2 and epsilon.
+    weight_decay : float
+        L2 penalty added to the gradient, or with ``decoupled_weight_decay=True`` the
+        AdamW decay ``p *= 1 - lr * weight_decay`` applied before the update.
+    max_exp_avg_sq : buffer, optional
+        Given, the update is AMSGrad: the running maximum of ``exp_avg_sq`` is kept here
+        and used in the denominator.
+    maximize : bool
+        Ascend instead of descend (the gradient's sign is flipped).
+    eps_hat : bool
+        Keras/TensorFlow's epsilon convention ("epsilon hat", the paper's section 2).
+    eps_root : float
+        Optax's ``eps_root``, added under the square root; > 0 selects Optax's form.
+    grad_scale : float
+        The gradient is divided by this first (loss scaling); must be > 0.
+    num_threads : int, optional
+        OpenMP threads for this call; None uses :func:`fastadam.get_num_threads`.
+        Buffers below a size threshold always use one thread.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For any bad argument, naming it; nothing is written then.
+
+    Notes
+    -----
+    The GIL is released while the kernel runs. Results are bit-identical for every
+    thread count. Unaligned buffers (possible with buffer-protocol objects) are updated
+    through aligned temporary copies.
+    """
+    hp = check_hyperparameters(
+        step=step,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        maximize=maximize,
+        eps_hat=eps_hat,
+        eps_root=eps_root,
+        grad_scale=grad_scale,
+    )
+    threads = check_num_threads(num_threads)
+    buffers = check_buffers(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)
+    size = buffers.param.size
+    if size == 0:
+        return
+    aligned = _aligned(buffers)
+    _kernels.adam_step(*aligned, *hp, threads_for(threads, size))
+    _copy_back(aligned, buffers)
+
+
+def _aligned(buffers: AdamBuffers) -> AdamBuffers:
+    """The buffers themselves, or aligned copies of those that are not element-aligned.
+
+    C compilers may assume a float* is 4-byte aligned (and vectorize accordingly), so a
+    buffer at an odd address is never handed to the kernel directly.
+    """
+    if all(a is None or a.flags.aligned for a in buffers):
+        return buffers
+    return AdamBuffers(*(a if a is None or a.flags.aligned else a.copy() for a in buffers))
+
+
+def _copy_back(aligned: AdamBuffers, buffers: AdamBuffers) -> None:
+    for name in ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        target, source = getattr(buffers, name), getattr(aligned, name)
+        if source is not target:
+            target[...] = source

@@ -1,0 +1,40 @@
+# C-level interface of the Adam kernels (see the design notes at the top of _kernels.pyx).
+
+cdef struct Coefficients:
+    # Per-tensor, per-step constants, computed once in double precision by
+    # fill_coefficients() and cast to the element type once per chunk.
+    double grad_factor      # g = grad * grad_factor (+-1), or grad / grad_factor when scaled
+    double l2               # L2 form: g = g + l2 * p
+    double param_scale      # decoupled form: p = p * param_scale (exactly 1.0 without decay)
+    double w                # 1 - beta1: the weight of the moment lerp
+    double beta2
+    double one_minus_beta2
+    double step_coef        # paper form: -lr/bc1 (eps_hat: -lr*sqrt(bc2)/bc1); eps_root form: lr
+    double denom_div        # paper form: sqrt(bc2) (eps_hat: 1)
+    double eps
+    double bc1              # eps_root form only
+    double bc2              # eps_root form only
+    double eps_root         # eps_root form only
+    bint grad_scaled        # grad_scale != 1: divide instead of multiply
+    bint l2_decay           # weight decay in the L2 form (else the decoupled form)
+    bint amsgrad
+    bint root_form          # eps_root > 0: the Optax form
+
+cdef struct AdamTensor:
+    # One contiguous, aligned, validated set of buffers and its coefficients.
+    char* param             # OUT
+    const char* grad        # IN
+    char* exp_avg           # OUT
+    char* exp_avg_sq        # OUT
+    char* max_exp_avg_sq    # OUT, NULL unless coef.amsgrad
+    Py_ssize_t size         # elements
+    bint is_double          # float64 elements, else float32
+    Coefficients coef
+
+cdef void fill_coefficients(Coefficients* c, double step, double lr, double beta1,
+                            double beta2, double eps, double weight_decay,
+                            bint decoupled_weight_decay, bint amsgrad, bint maximize,
+                            bint eps_hat, double eps_root, double grad_scale) noexcept nogil
+
+cdef int run_tensors(const AdamTensor* tensors, Py_ssize_t n_tensors,
+                     int num_threads) noexcept nogil

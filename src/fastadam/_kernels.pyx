@@ -1,0 +1,361 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+# cython: cdivision=True, nonecheck=False, embedsignature=True
+"""Adam kernels: the bottom layer of fastadam.
+
+Design (see DESIGN.md "Layers"):
+
+* Everything here assumes validated input. fastadam._validation has already checked
+  dtypes, element counts, contiguity, alignment, writability, overlap and every
+  hyperparameter; nothing in this module raises for bad data, so a rejected call never
+  reaches a write.
+* One update is described by an ``AdamTensor`` record: raw pointers, a length, a dtype
+  flag and the step's ``Coefficients`` (computed once, in double, by
+  ``fill_coefficients``). ``run_tensors`` takes a table of them, cuts every tensor into
+  fixed-size chunks and lets one OpenMP team work through the chunk table with the GIL
+  released. ``adam_step`` is a table of one; the multi-tensor optimizer step reuses
+  the same engine.
+* The per-element loop is ``_update``. Every option of DESIGN.md (grad_scale/maximize,
+  L2 or decoupled decay, the lerp branch, AMSGrad, the eps_root form) is a *compile-time*
+  switch: a fused type of two empty tag structs, resolved with ``if Tag is On:`` by
+  Cython, so each of the 2 x 32 specializations is straight-line arithmetic that the C
+  compiler vectorizes (checked by .github/scripts/check_vectorization.py). The
+  ``_by_*`` functions walk the run-time flags down to the right specialization once per
+  chunk, never per element.
+* Exactness: coefficients are computed in double and cast to the element type once per
+  chunk; the loop performs exactly the operations of DESIGN.md in its order. The build
+  uses -ffp-contract=off (no silent FMA), so the vector body and the scalar remainder
+  round identically and results do not depend on the thread count or chunking.
+  Options that are exact identities are folded instead of specialized: maximize is a
+  sign on the gradient factor (x * -1 and x / -s are exact negations), "no weight decay"
+  is the decoupled form with a factor of exactly 1, and the eps_hat form is the paper
+  form with step_coef = -lr*sqrt(bc2)/bc1 and a divisor of exactly 1.
+"""
+
+from libc.math cimport sqrt, sqrtf, pow
+from libc.stdlib cimport malloc, free
+from cython cimport floating
+from cython.parallel cimport prange
+
+cimport numpy as cnp
+
+cnp.import_array()
+
+cdef extern from "_omp_shim.h" nogil:
+    int omp_get_max_threads() noexcept
+    int fa_team_size(int num_threads) noexcept
+    int FA_OPENMP_ENABLED
+    int FA_OPENMP_VERSION
+    const char* FA_VECTOR_ISA
+    const char* FA_COMPILER
+    const char* FASTADAM_CFLAGS
+
+# Elements per work unit of the OpenMP chunk table. A multiple of 64 so that every chunk
+# starts with the same alignment as its tensor; large enough that the per-chunk cost
+# (dispatch + loop prologue, ~20 ns) is noise, small enough that two threads get balanced
+# work from a 2^17-element tensor. Provisional: the performance issue tunes it.
+cdef enum:
+    CHUNK_ELEMENTS = 16384
+
+
+# --- compile-time switches ------------------------------------------------------------
+# Each pair is a fused type; Cython emits one _update per combination and drops the
+# untaken side of every `if Tag is ...` test at compile time.
+
+cdef struct Unscaled:       # g = grad * (+-1)
+    char unused
+cdef struct Scaled:         # g = grad / (+-grad_scale)
+    char unused
+ctypedef fused GradTag:
+    Unscaled
+    Scaled
+
+cdef struct Decoupled:      # p = p * (1 - lr*wd), a factor of exactly 1 without decay
+    char unused
+cdef struct L2:             # g = g + wd * p
+    char unused
+ctypedef fused DecayTag:
+    Decoupled
+    L2
+
+cdef struct SmallWeight:    # m = m + w * (g - m)           (w < 0.5)
+    char unused
+cdef struct LargeWeight:    # m = g - (g - m) * (1 - w)     (w >= 0.5)
+    char unused
+ctypedef fused LerpTag:
+    SmallWeight
+    LargeWeight
+
+cdef struct PlainV:
+    char unused
+cdef struct MaxV:           # AMSGrad
+    char unused
+ctypedef fused MaxTag:
+    PlainV
+    MaxV
+
+cdef struct PaperForm:      # default and eps_hat
+    char unused
+cdef struct RootForm:       # eps_root > 0 (Optax)
+    char unused
+ctypedef fused FormTag:
+    PaperForm
+    RootForm
+
+
+# --- the per-element loop ---------------------------------------------------------------
+
+cdef inline floating _sqrt(floating x) noexcept nogil:
+    if floating is float:
+        return sqrtf(x)
+    else:
+        return sqrt(x)
+
+
+cdef void _update(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
+                  floating* dtype, GradTag* grad_tag, DecayTag* decay_tag,
+                  LerpTag* lerp_tag, MaxTag* max_tag, FormTag* form_tag) noexcept nogil:
+    """Elements [start, stop) of one tensor: DESIGN.md's update, in its order."""
+    cdef floating* p = (<floating*>t.param) + start
+    cdef const floating* grad = (<const floating*>t.grad) + start
+    cdef floating* m = (<floating*>t.exp_avg) + start
+    cdef floating* v = (<floating*>t.exp_avg_sq) + start
+    cdef floating* vmax = (<floating*>t.max_exp_avg_sq) + start   # unused unless MaxV
+    cdef Py_ssize_t n = stop - start
+    cdef Py_ssize_t i
+    # The step's constants, cast to the element type once (never mixed into the loop
+    # as doubles: that would add conversions to every element).
+    cdef floating grad_factor = <floating>t.coef.grad_factor
+    cdef floating l2 = <floating>t.coef.l2
+    cdef floating param_scale = <floating>t.coef.param_scale
+    cdef floating w = <floating>t.coef.w
+    cdef floating one_minus_w = 1 - w      # in the element type, as PyTorch's lerp does
+    cdef floating beta2 = <floating>t.coef.beta2
+    cdef floating one_minus_beta2 = <floating>t.coef.one_minus_beta2
+    cdef floating step_coef = <floating>t.coef.step_coef
+    cdef floating denom_div = <floating>t.coef.denom_div
+    cdef floating eps = <floating>t.coef.eps
+    cdef floating bc1 = <floating>t.coef.bc1
+    cdef floating bc2 = <floating>t.coef.bc2
+    cdef floating eps_root = <floating>t.coef.eps_root
+    cdef floating g, pi, mi, vi, vmi
+
+    for i in range(n):  # vectorized: kernel loop
+        g = grad[i]
+        if GradTag is Scaled:
+            g = g / grad_factor
+        else:
+            g = g * grad_factor
+        pi = p[i]
+        if DecayTag is L2:
+            g = g + l2 * pi
+        else:
+            pi = pi * param_scale
+        mi = m[i]
+        if LerpTag is SmallWeight:
+            mi = mi + w * (g - mi)
+        else:
+            mi = g - (g - mi) * one_minus_w
+        vi = v[i] * beta2 + (one_minus_beta2 * g) * g
+        m[i] = mi
+        v[i] = vi
+        if MaxTag is MaxV:
+            vmi = vmax[i]
+            vi = vi if vmi < vi else vmi
+            vmax[i] = vi
+        if FormTag is PaperForm:
+            p[i] = pi + (step_coef * mi) / (_sqrt(vi) / denom_div + eps)
+        else:
+            p[i] = pi - step_coef * (mi / bc1) / (_sqrt(vi / bc2 + eps_root) + eps)
+
+
+# --- run-time flags -> compile-time specialization, once per chunk ------------------------
+
+cdef void _by_form(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop, floating* dtype,
+                   GradTag* a, DecayTag* b, LerpTag* c, MaxTag* d) noexcept nogil:
+    if t.coef.root_form:
+        _update(t, start, stop, dtype, a, b, c, d, <RootForm*>NULL)
+    else:
+        _update(t, start, stop, dtype, a, b, c, d, <PaperForm*>NULL)
+
+
+cdef void _by_max(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop, floating* dtype,
+                  GradTag* a, DecayTag* b, LerpTag* c) noexcept nogil:
+    if t.coef.amsgrad:
+        _by_form(t, start, stop, dtype, a, b, c, <MaxV*>NULL)
+    else:
+        _by_form(t, start, stop, dtype, a, b, c, <PlainV*>NULL)
+
+
+cdef void _by_lerp(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop, floating* dtype,
+                   GradTag* a, DecayTag* b) noexcept nogil:
+    # PyTorch picks the lerp branch by the weight *in the element type*.
+    if <floating>t.coef.w < 0.5:
+        _by_max(t, start, stop, dtype, a, b, <SmallWeight*>NULL)
+    else:
+        _by_max(t, start, stop, dtype, a, b, <LargeWeight*>NULL)
+
+
+cdef void _by_decay(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop, floating* dtype,
+                    GradTag* a) noexcept nogil:
+    if t.coef.l2_decay:
+        _by_lerp(t, start, stop, dtype, a, <L2*>NULL)
+    else:
+        _by_lerp(t, start, stop, dtype, a, <Decoupled*>NULL)
+
+
+cdef void _by_grad(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
+                   floating* dtype) noexcept nogil:
+    if t.coef.grad_scaled:
+        _by_decay(t, start, stop, dtype, <Scaled*>NULL)
+    else:
+        _by_decay(t, start, stop, dtype, <Unscaled*>NULL)
+
+
+cdef inline void _run_chunk(const AdamTensor* t, Py_ssize_t start,
+                            Py_ssize_t stop) noexcept nogil:
+    if t.is_double:
+        _by_grad(t, start, stop, <double*>NULL)
+    else:
+        _by_grad(t, start, stop, <float*>NULL)
+
+
+# --- coefficients and the chunk engine ------------------------------------------------
+
+cdef void fill_coefficients(Coefficients* c, double step, double lr, double beta1,
+                            double beta2, double eps, double weight_decay,
+                            bint decoupled_weight_decay, bint amsgrad, bint maximize,
+                            bint eps_hat, double eps_root, double grad_scale) noexcept nogil:
+    """DESIGN.md's per-step constants, in double precision, outside every loop."""
+    cdef double bc1 = 1.0 - pow(beta1, step)
+    cdef double bc2 = 1.0 - pow(beta2, step)
+    cdef double r2 = sqrt(bc2)
+    cdef double sign = -1.0 if maximize else 1.0
+
+    c.grad_scaled = grad_scale != 1.0
+    c.grad_factor = sign * grad_scale if c.grad_scaled else sign
+    c.l2_decay = weight_decay != 0.0 and not decoupled_weight_decay
+    c.l2 = weight_decay if c.l2_decay else 0.0
+    c.param_scale = 1.0 - lr * weight_decay if decoupled_weight_decay else 1.0
+    c.w = 1.0 - beta1
+    c.beta2 = beta2
+    c.one_minus_beta2 = 1.0 - beta2
+    c.eps = eps
+    c.amsgrad = amsgrad
+    c.root_form = eps_root > 0.0
+    c.bc1 = bc1
+    c.bc2 = bc2
+    c.eps_root = eps_root
+    if c.root_form:
+        c.step_coef = lr
+        c.denom_div = 1.0
+    elif eps_hat:
+        c.step_coef = -((lr * r2) / bc1)
+        c.denom_div = 1.0
+    else:
+        c.step_coef = -(lr / bc1)
+        c.denom_div = r2
+
+
+cdef struct Chunk:
+    Py_ssize_t tensor
+    Py_ssize_t start
+    Py_ssize_t stop
+
+
+cdef int run_tensors(const AdamTensor* tensors, Py_ssize_t n_tensors,
+                     int num_threads) noexcept nogil:
+    """Update every tensor of the table; returns -1 (nothing written) if out of memory."""
+    cdef Py_ssize_t n_chunks = 0
+    cdef Py_ssize_t t, k, start
+    cdef Chunk* chunks
+    for t in range(n_tensors):
+        n_chunks += (tensors[t].size + CHUNK_ELEMENTS - 1) // CHUNK_ELEMENTS
+    if n_chunks == 0:
+        return 0
+    if num_threads <= 1:
+        # No parallel region at all: a team of one still pays OpenMP's fork/join.
+        for t in range(n_tensors):
+            _run_chunk(&tensors[t], 0, tensors[t].size)
+        return 0
+    chunks = <Chunk*>malloc(n_chunks * sizeof(Chunk))
+    if chunks == NULL:
+        return -1
+    k = 0
+    for t in range(n_tensors):
+        start = 0
+        while start < tensors[t].size:
+            chunks[k].tensor = t
+            chunks[k].start = start
+            chunks[k].stop = min(start + CHUNK_ELEMENTS, tensors[t].size)
+            start = chunks[k].stop
+            k += 1
+    # schedule(static): each thread gets one contiguous run of chunks, so a single large
+    # tensor is split into num_threads contiguous pieces.
+    for k in prange(n_chunks, schedule='static', num_threads=num_threads):
+        _run_chunk(&tensors[chunks[k].tensor], chunks[k].start, chunks[k].stop)
+    free(chunks)
+    return 0
+
+
+# --- Python entry points (private; callers validate first) --------------------------------
+
+cdef inline char* _data(object array):
+    return <char*>cnp.PyArray_DATA(<cnp.ndarray>array)
+
+
+def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, double step, double lr,
+              double beta1, double beta2, double eps, double weight_decay,
+              bint decoupled_weight_decay, bint maximize, bint eps_hat, double eps_root,
+              double grad_scale, int num_threads):
+    """One Adam step on validated, contiguous, aligned, same-dtype 1-D NumPy arrays.
+
+    ``max_exp_avg_sq`` is None or an array (AMSGrad). Releases the GIL while it runs.
+    """
+    cdef AdamTensor t
+    cdef int status
+    t.size = cnp.PyArray_SIZE(<cnp.ndarray>param)
+    t.is_double = cnp.PyArray_TYPE(<cnp.ndarray>param) == cnp.NPY_DOUBLE
+    t.param = _data(param)
+    t.grad = _data(grad)
+    t.exp_avg = _data(exp_avg)
+    t.exp_avg_sq = _data(exp_avg_sq)
+    t.max_exp_avg_sq = NULL if max_exp_avg_sq is None else _data(max_exp_avg_sq)
+    fill_coefficients(&t.coef, step, lr, beta1, beta2, eps, weight_decay,
+                      decoupled_weight_decay, max_exp_avg_sq is not None, maximize,
+                      eps_hat, eps_root, grad_scale)
+    with nogil:
+        status = run_tensors(&t, 1, num_threads)
+    if status != 0:
+        raise MemoryError("fastadam: could not allocate the chunk table")
+
+
+def openmp_enabled():
+    """True when this extension was compiled with OpenMP."""
+    return bool(FA_OPENMP_ENABLED)
+
+
+def openmp_version():
+    """The _OPENMP date macro of the build (e.g. 201511 for OpenMP 4.5), 0 without OpenMP."""
+    return FA_OPENMP_VERSION
+
+
+def max_threads():
+    """omp_get_max_threads() in the calling thread, read now (1 without OpenMP)."""
+    return omp_get_max_threads()
+
+
+def team_size(int num_threads):
+    """How many threads a parallel region asked for ``num_threads`` really gets."""
+    return fa_team_size(num_threads)
+
+
+def build_info():
+    """Facts fixed at compile time: compiler, flags, vector ISA, OpenMP."""
+    return {
+        "compiler": FA_COMPILER.decode("utf-8", "replace"),
+        "cflags": FASTADAM_CFLAGS.decode("utf-8", "replace"),
+        "vector_isa": FA_VECTOR_ISA.decode("ascii"),
+        "openmp": bool(FA_OPENMP_ENABLED),
+        "openmp_version": FA_OPENMP_VERSION,
+        "chunk_elements": CHUNK_ELEMENTS,
+    }

@@ -1,0 +1,53 @@
+"""How many OpenMP threads an update uses.
+
+``num_threads=None`` means the process default set with :func:`set_num_threads`, else
+OpenMP's own default, read at call time with ``omp_get_max_threads()`` so that
+``OMP_NUM_THREADS`` and ``threadpoolctl.threadpool_limits(user_api="openmp")`` take
+effect. The default is stored here in Python rather than with ``omp_set_num_threads``,
+whose setting belongs to the calling thread only.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+from fastadam import _kernels
+from fastadam._validation import check_num_threads
+
+# Below this many elements an update runs on one thread: the work is a few microseconds
+# and forking a team costs about as much. PERF.md measured no gain from two threads at
+# 2^14 elements and 1.6-2.1x from 2^17; benchmarks/quick.py on this machine: 2^15
+# float32 elements took 6.6 us on one thread and 8.7 us on two, 2^16 13 us vs 8 us.
+SERIAL_CUTOFF = 1 << 16
+
+_lock = threading.Lock()
+_process_default: Optional[int] = None
+
+
+def set_num_threads(num_threads: Optional[int]) -> Optional[int]:
+    """Set the process-wide default thread count of fastadam's updates.
+
+    ``None`` restores OpenMP's default (``OMP_NUM_THREADS``, else all cores). Returns
+    the previous setting. An explicit ``num_threads=`` argument of a call still wins.
+    """
+    global _process_default
+    value = check_num_threads(num_threads)
+    with _lock:
+        previous, _process_default = _process_default, value
+    return previous
+
+
+def get_num_threads() -> int:
+    """The number of threads an update of a large buffer would use now."""
+    if not _kernels.openmp_enabled():
+        return 1
+    default = _process_default
+    return default if default is not None else _kernels.max_threads()
+
+
+def threads_for(num_threads: Optional[int], n_elements: int) -> int:
+    """The team size for one update of ``n_elements`` (``num_threads`` already checked)."""
+    if n_elements < SERIAL_CUTOFF or not _kernels.openmp_enabled():
+        return 1
+    return num_threads if num_threads is not None else get_num_threads()

@@ -1,0 +1,198 @@
+"""Every check fastadam makes, in one place, before any byte is written.
+
+Buffers are coerced to zero-copy 1-D NumPy views (``np.asarray`` of the object or of its
+``memoryview``: never a copy that an in-place update would silently miss), then checked
+for dtype, element count, C-contiguity, writability and overlap. Hyperparameters are
+checked for type, finiteness and range. Every rejection is a TypeError (wrong kind or
+dtype) or ValueError (wrong size, layout, overlap, read-only, out of range) whose message
+names the argument, what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, NamedTuple, Optional
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+MAX_STEP = 2**63 - 1  # step counts are int64 in optimizer state and in PyTorch
+
+
+class AdamBuffers(NamedTuple):
+    """Validated 1-D views of one tensor's buffers, all of one dtype and size."""
+
+    param: np.ndarray
+    grad: np.ndarray
+    exp_avg: np.ndarray
+    exp_avg_sq: np.ndarray
+    max_exp_avg_sq: Optional[np.ndarray]
+
+
+class AdamHyperparameters(NamedTuple):
+    """Validated hyperparameters of one step, as Python floats and bools."""
+
+    step: float
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    decoupled_weight_decay: bool
+    maximize: bool
+    eps_hat: bool
+    eps_root: float
+    grad_scale: float
+
+
+def _describe_dtype(dtype: np.dtype) -> str:
+    if dtype.byteorder not in ("=", "|") and dtype.newbyteorder("=") in FLOAT_DTYPES:
+        return f"{dtype.newbyteorder('=').name} in non-native byte order ({dtype.str})"
+    return dtype.name
+
+
+def as_array(obj: Any, name: str, *, writable: bool) -> np.ndarray:
+    """A zero-copy, C-contiguous, 1-D float32/float64 view of ``obj``'s memory."""
+    if isinstance(obj, np.ndarray):
+        array = obj if type(obj) is np.ndarray else np.asarray(obj)
+    else:
+        try:
+            view = memoryview(obj)
+        except TypeError:
+            raise TypeError(
+                f"{name} must be a NumPy array or an object supporting the buffer protocol "
+                f"(float32 or float64), got {type(obj).__name__}"
+            ) from None
+        try:
+            array = np.asarray(view)
+        except (TypeError, ValueError, NotImplementedError):
+            raise TypeError(
+                f"{name} must hold float32 or float64 elements, got a buffer of format "
+                f"{view.format!r}"
+            ) from None
+    if array.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must have dtype float32 or float64, got {_describe_dtype(array.dtype)}"
+        )
+    if not array.flags.c_contiguous:
+        raise ValueError(
+            f"{name} must be C-contiguous, got a non-contiguous buffer "
+            f"(shape {array.shape}, strides {array.strides})"
+        )
+    if writable and not array.flags.writeable:
+        raise ValueError(f"{name} is updated in place and must be writable, got a read-only buffer")
+    return array.reshape(-1)
+
+
+def check_buffers(
+    param: Any, grad: Any, exp_avg: Any, exp_avg_sq: Any, max_exp_avg_sq: Any = None
+) -> AdamBuffers:
+    """Coerce and cross-check one tensor's buffers (see module docstring)."""
+    p = as_array(param, "param", writable=True)
+    buffers = AdamBuffers(
+        p,
+        as_array(grad, "grad", writable=False),
+        as_array(exp_avg, "exp_avg", writable=True),
+        as_array(exp_avg_sq, "exp_avg_sq", writable=True),
+        None if max_exp_avg_sq is None else as_array(max_exp_avg_sq, "max_exp_avg_sq", writable=True),
+    )
+    present = [(name, a) for name, a in zip(AdamBuffers._fields, buffers) if a is not None]
+    for name, array in present[1:]:
+        if array.dtype != p.dtype:
+            raise TypeError(f"{name} must have param's dtype {p.dtype.name}, got {array.dtype.name}")
+        if array.size != p.size:
+            raise ValueError(f"{name} must have {p.size} elements like param, got {array.size}")
+    # The kernel reads grad and writes the others through restrict pointers: no two
+    # buffers may share memory. For contiguous buffers the bounds test is exact.
+    for i, (name_a, a) in enumerate(present):
+        for name_b, b in present[i + 1 :]:
+            if np.may_share_memory(a, b):
+                raise ValueError(
+                    f"{name_b} overlaps {name_a} in memory; every buffer must be separate memory"
+                )
+    return buffers
+
+
+def check_real(value: Any, name: str) -> float:
+    """A finite real number (bools are refused: ``lr=True`` is a bug, not 1.0)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    result = float(value)
+    if not math.isfinite(result):
+        raise ValueError(f"{name} must be finite, got {result!r}")
+    return result
+
+
+def check_at_least(value: Any, name: str, low: float, *, strict: bool = False) -> float:
+    result = check_real(value, name)
+    if result < low or (strict and result == low):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {result!r}")
+    return result
+
+
+def check_beta(value: Any, name: str) -> float:
+    result = check_real(value, name)
+    if not 0.0 <= result < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {result!r}")
+    return result
+
+
+def check_flag(value: Any, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def check_step(step: Any) -> int:
+    if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"step must be an integer (the 1-based step number), got {type(step).__name__}")
+    result = int(step)
+    if not 1 <= result <= MAX_STEP:
+        raise ValueError(f"step must be an integer in [1, 2**63 - 1], got {result}")
+    return result
+
+
+def check_num_threads(value: Any, name: str = "num_threads") -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be None or a positive integer, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be None or a positive integer, got {int(value)}")
+    return int(value)
+
+
+def check_hyperparameters(
+    *,
+    step: Any,
+    lr: Any,
+    beta1: Any,
+    beta2: Any,
+    eps: Any,
+    weight_decay: Any,
+    decoupled_weight_decay: Any,
+    maximize: Any,
+    eps_hat: Any,
+    eps_root: Any,
+    grad_scale: Any,
+) -> AdamHyperparameters:
+    hp = AdamHyperparameters(
+        step=float(check_step(step)),
+        lr=check_at_least(lr, "lr", 0.0),
+        beta1=check_beta(beta1, "beta1"),
+        beta2=check_beta(beta2, "beta2"),
+        eps=check_at_least(eps, "eps", 0.0),
+        weight_decay=check_at_least(weight_decay, "weight_decay", 0.0),
+        decoupled_weight_decay=check_flag(decoupled_weight_decay, "decoupled_weight_decay"),
+        maximize=check_flag(maximize, "maximize"),
+        eps_hat=check_flag(eps_hat, "eps_hat"),
+        eps_root=check_at_least(eps_root, "eps_root", 0.0),
+        grad_scale=check_at_least(grad_scale, "grad_scale", 0.0, strict=True),
+    )
+    if hp.eps_hat and hp.eps_root > 0.0:
+        raise ValueError(
+            "eps_hat=True and eps_root > 0 select two different epsilon forms "
+            f"(Keras's and Optax's); pass one of them, got eps_root={hp.eps_root!r}"
+        )
+    return hp
