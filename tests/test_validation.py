@@ -1,0 +1,195 @@
+"""Every rejection: the right exception, a message naming the argument, and no byte written."""
+
+import numpy as np
+import pytest
+
+import fastadam
+
+N = 16
+
+
+def buffers(dtype=np.float32):
+    rng = np.random.default_rng(0)
+    return {
+        "param": rng.standard_normal(N).astype(dtype),
+        "grad": rng.standard_normal(N).astype(dtype),
+        "exp_avg": rng.standard_normal(N).astype(dtype),
+        "exp_avg_sq": rng.random(N).astype(dtype),
+        "max_exp_avg_sq": rng.random(N).astype(dtype),
+    }
+
+
+def call(bufs, **kwargs):
+    args = dict(bufs)
+    args.update(kwargs)
+    args.setdefault("step", 1)
+    positional = [args.pop(k) for k in ("param", "grad", "exp_avg", "exp_avg_sq")]
+    fastadam.adam_step(*positional, **args)
+
+
+def assert_rejected(exc_type, match, bufs=None, **kwargs):
+    bufs = buffers() if bufs is None else bufs
+    arrays = [a for a in list(bufs.values()) + list(kwargs.values()) if isinstance(a, np.ndarray)]
+    snapshot = [a.tobytes() for a in arrays]
+    with pytest.raises(exc_type, match=match):
+        call(bufs, **kwargs)
+    for before, array in zip(snapshot, arrays):
+        assert array.tobytes() == before, "a rejected call wrote to a buffer"
+
+
+# --- buffers ---------------------------------------------------------------------------
+
+NON_BUFFERS = {"list": [1.0] * N, "None": None, "str": "x" * N, "float": 3.0}
+
+
+@pytest.mark.parametrize("name, bad", [
+    pytest.param(name, bad, id=f"{name}-{kind}")
+    for name in ["param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
+    for kind, bad in NON_BUFFERS.items()
+    if not (name == "max_exp_avg_sq" and bad is None)  # None there means "not AMSGrad"
+])
+def test_non_buffers_are_type_errors(name, bad):
+    assert_rejected(TypeError, rf"^{name} must be a NumPy array or an object supporting the buffer protocol.*got",
+                    **{name: bad})
+
+
+@pytest.mark.parametrize("name", ["param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"])
+@pytest.mark.parametrize("dtype", [np.int64, np.float16, np.complex64, np.int32, np.uint8])
+def test_non_float_dtypes_are_type_errors(name, dtype):
+    assert_rejected(TypeError, rf"^{name} must have dtype float32 or float64, got {np.dtype(dtype).name}",
+                    **{name: np.zeros(N, dtype)})
+
+
+def test_non_native_byte_order_is_a_type_error():
+    swapped = np.zeros(N, np.dtype(np.float32).newbyteorder())
+    assert_rejected(TypeError, r"^param must have dtype float32 or float64, got float32 in non-native byte order",
+                    param=swapped)
+
+
+@pytest.mark.parametrize("name", ["grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"])
+def test_mixed_dtypes_are_type_errors(name):
+    assert_rejected(TypeError, rf"^{name} must have param's dtype float32, got float64",
+                    **{name: np.zeros(N, np.float64)})
+
+
+@pytest.mark.parametrize("name", ["grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"])
+@pytest.mark.parametrize("size", [N - 1, N + 1, 0])
+def test_element_count_mismatch_is_a_value_error(name, size):
+    assert_rejected(ValueError, rf"^{name} must have {N} elements like param, got {size}",
+                    **{name: np.zeros(size, np.float32)})
+
+
+@pytest.mark.parametrize("name", ["param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"])
+def test_strided_buffers_are_value_errors(name):
+    assert_rejected(ValueError, rf"^{name} must be C-contiguous",
+                    **{name: np.zeros(2 * N, np.float32)[::2]})
+
+
+def test_negative_strides_and_fortran_order_are_value_errors():
+    assert_rejected(ValueError, r"^param must be C-contiguous", param=np.zeros(N, np.float32)[::-1])
+    fortran = np.zeros((4, 4), np.float32, order="F")
+    assert_rejected(ValueError, r"^exp_avg must be C-contiguous", exp_avg=fortran)
+
+
+@pytest.mark.parametrize("name", ["param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"])
+def test_read_only_outputs_are_value_errors(name):
+    bufs = buffers()
+    bufs[name].flags.writeable = False
+    assert_rejected(ValueError, rf"^{name} is updated in place and must be writable", bufs)
+
+
+def test_read_only_grad_is_accepted():
+    bufs = buffers()
+    bufs["grad"].flags.writeable = False
+    call(bufs)
+
+
+@pytest.mark.parametrize("a, b", [("param", "exp_avg"), ("param", "grad"), ("exp_avg", "exp_avg_sq"),
+                                  ("exp_avg_sq", "max_exp_avg_sq"), ("grad", "max_exp_avg_sq")])
+def test_the_same_buffer_twice_is_a_value_error(a, b):
+    bufs = buffers()
+    bufs[b] = bufs[a]
+    assert_rejected(ValueError, rf"^{b} overlaps {a} in memory", bufs)
+
+
+def test_partially_overlapping_views_are_value_errors():
+    block = np.zeros(2 * N, np.float32)
+    bufs = buffers()
+    bufs["exp_avg"], bufs["exp_avg_sq"] = block[:N], block[N // 2: N // 2 + N]
+    assert_rejected(ValueError, r"^exp_avg_sq overlaps exp_avg in memory", bufs)
+
+
+def test_adjacent_views_of_one_block_are_accepted():
+    block = np.zeros(4 * N, np.float32)
+    bufs = buffers()
+    bufs["param"][...] = 1.0
+    bufs.update(param=block[:N], exp_avg=block[N:2 * N], exp_avg_sq=block[2 * N:3 * N],
+                max_exp_avg_sq=block[3 * N:])
+    call(bufs)
+
+
+# --- hyperparameters ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("step", [1.0, "1", None, True, np.float64(2.0)])
+def test_non_integer_steps_are_type_errors(step):
+    assert_rejected(TypeError, r"^step must be an integer", step=step)
+
+
+@pytest.mark.parametrize("step", [0, -1, 2**63, -(2**70)])
+def test_out_of_range_steps_are_value_errors(step):
+    assert_rejected(ValueError, rf"^step must be an integer in \[1, 2\*\*63 - 1\], got {step}", step=step)
+
+
+def test_numpy_integer_step_is_accepted():
+    call(buffers(), step=np.int64(7))
+
+
+@pytest.mark.parametrize("name", ["lr", "beta1", "beta2", "eps", "weight_decay", "eps_root", "grad_scale"])
+@pytest.mark.parametrize("bad", ["0.1", None, True, 1j, [0.1]], ids=["str", "None", "bool", "complex", "list"])
+def test_non_real_hyperparameters_are_type_errors(name, bad):
+    assert_rejected(TypeError, rf"^{name} must be a real number, got", **{name: bad})
+
+
+@pytest.mark.parametrize("name", ["lr", "beta1", "beta2", "eps", "weight_decay", "eps_root", "grad_scale"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_hyperparameters_are_value_errors(name, bad):
+    assert_rejected(ValueError, rf"^{name} must be finite, got", **{name: bad})
+
+
+@pytest.mark.parametrize("name, bad, expected", [
+    ("lr", -1e-3, r"lr must be >= 0.0, got -0.001"),
+    ("beta1", 1.0, r"beta1 must be in \[0, 1\), got 1.0"),
+    ("beta1", -0.1, r"beta1 must be in \[0, 1\), got -0.1"),
+    ("beta2", 1.0, r"beta2 must be in \[0, 1\), got 1.0"),
+    ("beta2", 1.5, r"beta2 must be in \[0, 1\), got 1.5"),
+    ("eps", -1e-8, r"eps must be >= 0.0, got -1e-08"),
+    ("eps_root", -1e-8, r"eps_root must be >= 0.0, got -1e-08"),
+    ("weight_decay", -0.1, r"weight_decay must be >= 0.0, got -0.1"),
+    ("grad_scale", 0.0, r"grad_scale must be > 0.0, got 0.0"),
+    ("grad_scale", -2.0, r"grad_scale must be > 0.0, got -2.0"),
+])
+def test_out_of_range_hyperparameters_are_value_errors(name, bad, expected):
+    assert_rejected(ValueError, "^" + expected, **{name: bad})
+
+
+@pytest.mark.parametrize("name", ["decoupled_weight_decay", "maximize", "eps_hat"])
+@pytest.mark.parametrize("bad", [1, "yes", None, 0.0])
+def test_non_bool_flags_are_type_errors(name, bad):
+    assert_rejected(TypeError, rf"^{name} must be a bool, got", **{name: bad})
+
+
+def test_eps_hat_with_eps_root_is_a_value_error():
+    assert_rejected(ValueError, r"^eps_hat=True and eps_root > 0 select two different epsilon forms",
+                    eps_hat=True, eps_root=1e-8)
+
+
+@pytest.mark.parametrize("bad, exc", [(0, ValueError), (-2, ValueError), (1.5, TypeError),
+                                      ("2", TypeError), (True, TypeError)])
+def test_bad_num_threads_are_rejected(bad, exc):
+    assert_rejected(exc, r"^num_threads must be None or a positive integer", num_threads=bad)
+
+
+def test_keyword_only_step_is_required():
+    bufs = buffers()
+    with pytest.raises(TypeError, match="step"):
+        fastadam.adam_step(bufs["param"], bufs["grad"], bufs["exp_avg"], bufs["exp_avg_sq"])
