@@ -106,13 +106,15 @@ def _aligned(buffers: AdamBuffers) -> AdamBuffers:
     C compilers may assume a float* is 4-byte aligned (and vectorize accordingly), so a
     buffer at an odd address is never handed to the kernel directly.
     """
-    if all(a is None or a.flags.aligned for a in buffers):
+    if all([a is None or a.flags.aligned for a in buffers]):
         return buffers
-    return AdamBuffers(*(a if a is None or a.flags.aligned else a.copy() for a in buffers))
+    return AdamBuffers(*[a if a is None or a.flags.aligned else a.copy() for a in buffers])
 
 
 def _copy_back(aligned: AdamBuffers, buffers: AdamBuffers) -> None:
-    for name in ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-        target, source = getattr(buffers, name), getattr(aligned, name)
-        if source is not target:
+    """Write the results of aligned copies back into the caller's unaligned buffers."""
+    if aligned is buffers:
+        return
+    for target, source in zip(buffers, aligned):
+        if source is not target and target is not buffers.grad:
             target[...] = source

@@ -51,10 +51,12 @@ cdef extern from "_omp_shim.h" nogil:
 
 # Elements per work unit of the OpenMP chunk table. A multiple of 64 so that every chunk
 # starts with the same alignment as its tensor; large enough that the per-chunk cost
-# (dispatch + loop prologue, ~20 ns) is noise, small enough that two threads get balanced
-# work from a 2^17-element tensor. Provisional: the performance issue tunes it.
+# (dispatch + loop prologue, tens of ns) is noise next to the ~3 us a float32 chunk takes,
+# small enough that two threads already split an 8192-element tensor (with 16384, two
+# threads gained nothing below 2^15 elements: one chunk, one busy thread).
+# benchmarks/serial_cutoff.py measures it; the performance issue tunes it further.
 cdef enum:
-    CHUNK_ELEMENTS = 16384
+    CHUNK_ELEMENTS = 4096
 
 
 # --- compile-time switches ------------------------------------------------------------
@@ -272,6 +274,7 @@ cdef int run_tensors(const AdamTensor* tensors, Py_ssize_t n_tensors,
         n_chunks += (tensors[t].size + CHUNK_ELEMENTS - 1) // CHUNK_ELEMENTS
     if n_chunks == 0:
         return 0
+    num_threads = <int>min(num_threads, n_chunks)  # an idle team member only costs
     if num_threads <= 1:
         # No parallel region at all: a team of one still pays OpenMP's fork/join.
         for t in range(n_tensors):
@@ -327,6 +330,27 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, double step, dou
         status = run_tensors(&t, 1, num_threads)
     if status != 0:
         raise MemoryError("fastadam: could not allocate the chunk table")
+
+
+def first_overlap(list arrays):
+    """(i, j) of the first two contiguous ndarrays whose memory overlaps, or None.
+
+    A helper of fastadam._validation (which owns the error): the address-range test of
+    every pair, without the per-pair cost of np.may_share_memory.
+    """
+    cdef Py_ssize_t n = len(arrays), i, j
+    cdef char* start_i
+    cdef char* start_j
+    cdef Py_ssize_t bytes_i, bytes_j
+    for i in range(n):
+        start_i = _data(arrays[i])
+        bytes_i = cnp.PyArray_NBYTES(<cnp.ndarray>arrays[i])
+        for j in range(i + 1, n):
+            start_j = _data(arrays[j])
+            bytes_j = cnp.PyArray_NBYTES(<cnp.ndarray>arrays[j])
+            if bytes_i and bytes_j and start_i < start_j + bytes_j and start_j < start_i + bytes_i:
+                return (i, j)
+    return None
 
 
 def openmp_enabled():

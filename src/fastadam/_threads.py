@@ -15,11 +15,11 @@ from typing import Optional
 from fastadam import _kernels
 from fastadam._validation import check_num_threads
 
-# Below this many elements an update runs on one thread: the work is a few microseconds
-# and forking a team costs about as much. PERF.md measured no gain from two threads at
-# 2^14 elements and 1.6-2.1x from 2^17; benchmarks/quick.py on this machine: 2^15
-# float32 elements took 6.6 us on one thread and 8.7 us on two, 2^16 13 us vs 8 us.
-SERIAL_CUTOFF = 1 << 16
+# Below this many elements an update runs on one thread: forking a team costs more than
+# the second thread saves. benchmarks/serial_cutoff.py, float32, 4096-element chunks, on
+# the 2-core dev machine: 2^12 elements 4.7 us on one thread (a second has no chunk of its
+# own), 2^13 8.4 us vs 5.0 us on two, 2^14 13.8 vs 8.3 us (float64 gains from 2^12).
+SERIAL_CUTOFF = 1 << 13
 
 _lock = threading.Lock()
 _process_default: Optional[int] = None

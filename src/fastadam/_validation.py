@@ -16,6 +16,8 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
+from fastadam._kernels import first_overlap
+
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 MAX_STEP = 2**63 - 1  # step counts are int64 in optimizer state and in PyTorch
 
@@ -75,50 +77,52 @@ def as_array(obj: Any, name: str, *, writable: bool) -> np.ndarray:
         raise TypeError(
             f"{name} must have dtype float32 or float64, got {_describe_dtype(array.dtype)}"
         )
-    if not array.flags.c_contiguous:
+    flags = array.flags
+    if not flags.c_contiguous:
         raise ValueError(
             f"{name} must be C-contiguous, got a non-contiguous buffer "
             f"(shape {array.shape}, strides {array.strides})"
         )
-    if writable and not array.flags.writeable:
+    if writable and not flags.writeable:
         raise ValueError(f"{name} is updated in place and must be writable, got a read-only buffer")
-    return array.reshape(-1)
+    return array if array.ndim == 1 else array.reshape(-1)
 
 
 def check_buffers(
     param: Any, grad: Any, exp_avg: Any, exp_avg_sq: Any, max_exp_avg_sq: Any = None
 ) -> AdamBuffers:
     """Coerce and cross-check one tensor's buffers (see module docstring)."""
-    p = as_array(param, "param", writable=True)
     buffers = AdamBuffers(
-        p,
+        as_array(param, "param", writable=True),
         as_array(grad, "grad", writable=False),
         as_array(exp_avg, "exp_avg", writable=True),
         as_array(exp_avg_sq, "exp_avg_sq", writable=True),
         None if max_exp_avg_sq is None else as_array(max_exp_avg_sq, "max_exp_avg_sq", writable=True),
     )
-    present = [(name, a) for name, a in zip(AdamBuffers._fields, buffers) if a is not None]
-    for name, array in present[1:]:
+    present = buffers if max_exp_avg_sq is not None else buffers[:4]
+    p = buffers.param
+    for name, array in zip(AdamBuffers._fields[1:], present[1:]):
         if array.dtype != p.dtype:
             raise TypeError(f"{name} must have param's dtype {p.dtype.name}, got {array.dtype.name}")
         if array.size != p.size:
             raise ValueError(f"{name} must have {p.size} elements like param, got {array.size}")
     # The kernel reads grad and writes the others through restrict pointers: no two
     # buffers may share memory. For contiguous buffers the bounds test is exact.
-    for i, (name_a, a) in enumerate(present):
-        for name_b, b in present[i + 1 :]:
-            if np.may_share_memory(a, b):
-                raise ValueError(
-                    f"{name_b} overlaps {name_a} in memory; every buffer must be separate memory"
-                )
+    overlap = first_overlap(list(present))
+    if overlap is not None:
+        first, second = AdamBuffers._fields[overlap[0]], AdamBuffers._fields[overlap[1]]
+        raise ValueError(f"{second} overlaps {first} in memory; every buffer must be separate memory")
     return buffers
 
 
 def check_real(value: Any, name: str) -> float:
     """A finite real number (bools are refused: ``lr=True`` is a bug, not 1.0)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+    if type(value) is float:  # the common case, without the slower ABC check
+        result = value
+    elif isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    result = float(value)
+    else:
+        result = float(value)
     if not math.isfinite(result):
         raise ValueError(f"{name} must be finite, got {result!r}")
     return result
@@ -139,12 +143,16 @@ def check_beta(value: Any, name: str) -> float:
 
 
 def check_flag(value: Any, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
+    if value is True or value is False:
+        return value
+    if not isinstance(value, np.bool_):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return bool(value)
 
 
 def check_step(step: Any) -> int:
+    if type(step) is int and 1 <= step <= MAX_STEP:  # the common case, fast
+        return step
     if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral):
         raise TypeError(f"step must be an integer (the 1-based step number), got {type(step).__name__}")
     result = int(step)

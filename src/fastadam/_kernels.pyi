@@ -1,0 +1,31 @@
+# Stubs of the compiled module fastadam._kernels (private: fastadam._functional,
+# fastadam._validation and fastadam._threads call it with validated arguments).
+from typing import Any, Optional
+
+import numpy as np
+
+def adam_step(
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    max_exp_avg_sq: Optional[np.ndarray],
+    step: float,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+    eps_hat: bool,
+    eps_root: float,
+    grad_scale: float,
+    num_threads: int,
+) -> None: ...
+def first_overlap(arrays: list[np.ndarray]) -> Optional[tuple[int, int]]: ...
+def openmp_enabled() -> bool: ...
+def openmp_version() -> int: ...
+def max_threads() -> int: ...
+def team_size(num_threads: int) -> int: ...
+def build_info() -> dict[str, Any]: ...
