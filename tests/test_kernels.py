@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from conftest import (
     LARGE_SIZE,
     TAIL_SIZES,
@@ -147,3 +149,40 @@ def test_nd_arrays_update_elementwise(dtype):
     p3, m3, v3 = param.reshape(2, 3, 4), m.reshape(4, 6), v.reshape(24, 1)
     fastadam.adam_step(p3, grad.reshape(3, 8), m3, v3, step=1)
     assert_bitwise_equal((p3.ravel(), m3.ravel(), v3.ravel(), None), expected)
+
+
+# --- property test: random hyperparameters and options --------------------------------
+
+@st.composite
+def adam_cases(draw):
+    kwargs = {
+        "lr": draw(st.floats(0.0, 1.0)),
+        "beta1": draw(st.floats(0.0, 0.99)),
+        "beta2": draw(st.floats(0.0, 0.9999)),
+        "eps": draw(st.floats(1e-12, 1e-3)),
+        "weight_decay": draw(st.sampled_from([0.0, draw(st.floats(0.0, 0.5))])),
+        "decoupled_weight_decay": draw(st.booleans()),
+        "maximize": draw(st.booleans()),
+        "grad_scale": draw(st.sampled_from([1.0, draw(st.floats(1e-2, 1e4))])),
+    }
+    form = draw(st.sampled_from(["default", "eps_hat", "eps_root"]))
+    if form == "eps_hat":
+        kwargs["eps_hat"] = True
+    elif form == "eps_root":
+        kwargs["eps_root"] = draw(st.floats(1e-16, 1e-4))
+    size = draw(st.integers(0, 300))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    step = draw(st.integers(1, 10**6))
+    amsgrad = draw(st.booleans())
+    return size, dtype, step, amsgrad, kwargs
+
+
+@settings(max_examples=300, deadline=None)
+@given(adam_cases())
+def test_random_hyperparameters_match_reference_bitwise(case):
+    size, dtype, step, amsgrad, kwargs = case
+    param, m, v, vmax = make_state(size, dtype, amsgrad=amsgrad, seed=step)
+    grad = make_grads(size, dtype, 1, seed=step + 1)[0]
+    expected = adam_reference(param, grad, m, v, vmax, step=step, dtype=dtype, **kwargs)
+    fastadam.adam_step(param, grad, m, v, max_exp_avg_sq=vmax, step=step, **kwargs)
+    assert_bitwise_equal((param, m, v, vmax), expected)
