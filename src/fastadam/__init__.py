@@ -9,10 +9,24 @@ from importlib.metadata import PackageNotFoundError, version
 from fastadam._config import show_config
 from fastadam._functional import adam_step
 from fastadam._threads import get_num_threads, set_num_threads
+from fastadam import schedules
+from fastadam.checkpoint import load, save
+from fastadam.optim import Adam, AdamW
 
 try:
     __version__ = version("fastadam")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["adam_step", "get_num_threads", "set_num_threads", "show_config", "__version__"]
+__all__ = [
+    "Adam",
+    "AdamW",
+    "adam_step",
+    "get_num_threads",
+    "load",
+    "save",
+    "schedules",
+    "set_num_threads",
+    "show_config",
+    "__version__",
+]

@@ -32,7 +32,8 @@ Design (see DESIGN.md "Layers"):
 """
 
 from libc.math cimport sqrt, sqrtf, pow
-from libc.stdlib cimport malloc, free
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc, qsort
 from cython cimport floating
 from cython.parallel cimport prange
 
@@ -264,26 +265,20 @@ cdef struct Chunk:
     Py_ssize_t stop
 
 
-cdef int run_tensors(const AdamTensor* tensors, Py_ssize_t n_tensors,
-                     int num_threads) noexcept nogil:
-    """Update every tensor of the table; returns -1 (nothing written) if out of memory."""
-    cdef Py_ssize_t n_chunks = 0
-    cdef Py_ssize_t t, k, start
-    cdef Chunk* chunks
+cdef Py_ssize_t _count_chunks(const AdamTensor* tensors, Py_ssize_t n_tensors) noexcept nogil:
+    cdef Py_ssize_t t, n_chunks = 0
     for t in range(n_tensors):
         n_chunks += (tensors[t].size + CHUNK_ELEMENTS - 1) // CHUNK_ELEMENTS
-    if n_chunks == 0:
-        return 0
-    num_threads = <int>min(num_threads, n_chunks)  # an idle team member only costs
-    if num_threads <= 1:
-        # No parallel region at all: a team of one still pays OpenMP's fork/join.
-        for t in range(n_tensors):
-            _run_chunk(&tensors[t], 0, tensors[t].size)
-        return 0
-    chunks = <Chunk*>malloc(n_chunks * sizeof(Chunk))
+    return n_chunks
+
+
+cdef Chunk* _make_chunks(const AdamTensor* tensors, Py_ssize_t n_tensors,
+                         Py_ssize_t n_chunks) noexcept nogil:
+    """The chunk table (malloc'ed; NULL if out of memory), tensors in order."""
+    cdef Chunk* chunks = <Chunk*>malloc(n_chunks * sizeof(Chunk))
+    cdef Py_ssize_t t, k = 0, start
     if chunks == NULL:
-        return -1
-    k = 0
+        return NULL
     for t in range(n_tensors):
         start = 0
         while start < tensors[t].size:
@@ -292,12 +287,131 @@ cdef int run_tensors(const AdamTensor* tensors, Py_ssize_t n_tensors,
             chunks[k].stop = min(start + CHUNK_ELEMENTS, tensors[t].size)
             start = chunks[k].stop
             k += 1
+    return chunks
+
+
+cdef int run_tensors(const AdamTensor* tensors, Py_ssize_t n_tensors,
+                     int num_threads) noexcept nogil:
+    """Update every tensor of the table; returns -1 (nothing written) if out of memory."""
+    cdef Py_ssize_t n_chunks = _count_chunks(tensors, n_tensors)
+    cdef Py_ssize_t t, k
+    cdef Chunk* chunks
+    if n_chunks == 0:
+        return 0
+    num_threads = <int>min(num_threads, n_chunks)  # an idle team member only costs
+    if num_threads <= 1:
+        # No parallel region at all: a team of one still pays OpenMP's fork/join.
+        for t in range(n_tensors):
+            _run_chunk(&tensors[t], 0, tensors[t].size)
+        return 0
+    chunks = _make_chunks(tensors, n_tensors, n_chunks)
+    if chunks == NULL:
+        return -1
     # schedule(static): each thread gets one contiguous run of chunks, so a single large
     # tensor is split into num_threads contiguous pieces.
     for k in prange(n_chunks, schedule='static', num_threads=num_threads):
         _run_chunk(&tensors[chunks[k].tensor], chunks[k].start, chunks[k].stop)
     free(chunks)
     return 0
+
+
+# --- scanning gradients for NaN/Inf ----------------------------------------------------------
+
+cdef Py_ssize_t _count_nonfinite_f32(const uint32_t* bits, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i, bad = 0
+    for i in range(n):  # vectorized: kernel loop
+        bad += (bits[i] & 0x7f800000u) == 0x7f800000u   # exponent all ones: Inf or NaN
+    return bad
+
+
+cdef Py_ssize_t _count_nonfinite_f64(const uint64_t* bits, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i, bad = 0
+    for i in range(n):  # vectorized: kernel loop
+        bad += (bits[i] & 0x7ff0000000000000u) == 0x7ff0000000000000u
+    return bad
+
+
+cdef inline Py_ssize_t _count_nonfinite_chunk(const AdamTensor* t, Py_ssize_t start,
+                                              Py_ssize_t stop) noexcept nogil:
+    if t.is_double:
+        return _count_nonfinite_f64((<const uint64_t*>t.grad) + start, stop - start)
+    return _count_nonfinite_f32((<const uint32_t*>t.grad) + start, stop - start)
+
+
+cdef Py_ssize_t count_nonfinite_grads(const AdamTensor* tensors, Py_ssize_t n_tensors,
+                                      int num_threads) noexcept nogil:
+    """How many gradient elements of the table are NaN or Inf (-1: out of memory)."""
+    cdef Py_ssize_t n_chunks = _count_chunks(tensors, n_tensors)
+    cdef Py_ssize_t t, k, bad = 0
+    cdef Chunk* chunks
+    num_threads = <int>min(num_threads, n_chunks)
+    if num_threads <= 1:
+        for t in range(n_tensors):
+            bad += _count_nonfinite_chunk(&tensors[t], 0, tensors[t].size)
+        return bad
+    chunks = _make_chunks(tensors, n_tensors, n_chunks)
+    if chunks == NULL:
+        return -1
+    for k in prange(n_chunks, schedule='static', num_threads=num_threads):
+        bad += _count_nonfinite_chunk(&tensors[chunks[k].tensor], chunks[k].start, chunks[k].stop)
+    free(chunks)
+    return bad
+
+
+# --- memory ranges ---------------------------------------------------------------------------
+
+cdef struct Interval:
+    size_t start
+    size_t stop
+    Py_ssize_t index
+
+
+cdef int _by_start(const void* a, const void* b) noexcept nogil:
+    cdef size_t x = (<const Interval*>a).start, y = (<const Interval*>b).start
+    return -1 if x < y else (1 if x > y else 0)
+
+
+cdef inline Interval _interval(object array, Py_ssize_t index):
+    cdef Interval r
+    r.start = <size_t>cnp.PyArray_DATA(<cnp.ndarray>array)
+    r.stop = r.start + <size_t>cnp.PyArray_NBYTES(<cnp.ndarray>array)
+    r.index = index
+    return r
+
+
+cdef Interval* _sorted_intervals(list arrays, Py_ssize_t* n_out) except NULL:
+    """Address ranges of the non-empty arrays, sorted by start (malloc'ed)."""
+    cdef Py_ssize_t n = len(arrays), i, k = 0
+    cdef Interval* intervals = <Interval*>malloc(max(n, 1) * sizeof(Interval))
+    if intervals == NULL:
+        raise MemoryError()
+    for i in range(n):
+        intervals[k] = _interval(arrays[i], i)
+        if intervals[k].stop > intervals[k].start:
+            k += 1
+    qsort(intervals, k, sizeof(Interval), _by_start)
+    n_out[0] = k
+    return intervals
+
+
+def first_overlap(list arrays):
+    """(i, j), i < j, of two contiguous ndarrays whose memory overlaps, or None.
+
+    A helper of fastadam._validation (which owns the error message): sorts the address
+    ranges, so it is O(n log n) for the thousands of tensors of a model.
+    """
+    cdef Py_ssize_t n, k, widest = 0
+    cdef Interval* intervals = _sorted_intervals(arrays, &n)
+    try:
+        for k in range(1, n):
+            if intervals[k].start < intervals[widest].stop:
+                a, b = intervals[widest].index, intervals[k].index
+                return (min(a, b), max(a, b))
+            if intervals[k].stop > intervals[widest].stop:
+                widest = k
+        return None
+    finally:
+        free(intervals)
 
 
 # --- Python entry points (private; callers validate first) --------------------------------
@@ -332,25 +446,145 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, double step, dou
         raise MemoryError("fastadam: could not allocate the chunk table")
 
 
-def first_overlap(list arrays):
-    """(i, j) of the first two contiguous ndarrays whose memory overlaps, or None.
+cdef struct GroupHyperparameters:
+    double lr, beta1, beta2, eps, weight_decay, eps_root
+    bint decoupled_weight_decay, amsgrad, maximize, eps_hat
 
-    A helper of fastadam._validation (which owns the error): the address-range test of
-    every pair, without the per-pair cost of np.may_share_memory.
+
+cdef class AdamTable:
+    """The optimizer's tensors as one C table, stepped in one pass (fastadam.optim).
+
+    Holds, per tensor, the pointers of param and state, its group and (in the int64
+    array ``steps``, shared with the optimizer) its step count. ``step`` fills in the
+    gradients and per-tensor coefficients, releases the GIL once and runs every tensor
+    of every group through one OpenMP team. Arguments are validated by the caller
+    (fastadam._validation); ``first_nonconforming`` is the fast scan that lets it skip
+    the per-gradient Python checks when all gradients are plain conforming ndarrays.
     """
-    cdef Py_ssize_t n = len(arrays), i, j
-    cdef char* start_i
-    cdef char* start_j
-    cdef Py_ssize_t bytes_i, bytes_j
-    for i in range(n):
-        start_i = _data(arrays[i])
-        bytes_i = cnp.PyArray_NBYTES(<cnp.ndarray>arrays[i])
-        for j in range(i + 1, n):
-            start_j = _data(arrays[j])
-            bytes_j = cnp.PyArray_NBYTES(<cnp.ndarray>arrays[j])
-            if bytes_i and bytes_j and start_i < start_j + bytes_j and start_j < start_i + bytes_i:
-                return (i, j)
-    return None
+    cdef AdamTensor* tensors
+    cdef Py_ssize_t n
+    cdef Py_ssize_t* group_of
+    cdef Py_ssize_t n_groups
+    cdef int64_t* steps
+    cdef Interval* written        # address ranges of every written buffer, sorted
+    cdef Py_ssize_t n_written
+    cdef list params              # the params as given (N-d), for shape checks
+    cdef object keep_alive
+
+    def __cinit__(self, list params, list exp_avgs, list exp_avg_sqs, list max_exp_avg_sqs,
+                  cnp.ndarray steps, list group_of):
+        cdef Py_ssize_t i, n = len(params)
+        self.n = n
+        self.tensors = <AdamTensor*>calloc(max(n, 1), sizeof(AdamTensor))
+        self.group_of = <Py_ssize_t*>malloc(max(n, 1) * sizeof(Py_ssize_t))
+        if self.tensors == NULL or self.group_of == NULL:
+            raise MemoryError()
+        self.n_groups = 0
+        for i in range(n):
+            t = &self.tensors[i]
+            t.size = cnp.PyArray_SIZE(<cnp.ndarray>params[i])
+            t.is_double = cnp.PyArray_TYPE(<cnp.ndarray>params[i]) == cnp.NPY_DOUBLE
+            t.param = _data(params[i])
+            t.exp_avg = _data(exp_avgs[i])
+            t.exp_avg_sq = _data(exp_avg_sqs[i])
+            t.max_exp_avg_sq = NULL if max_exp_avg_sqs[i] is None else _data(max_exp_avg_sqs[i])
+            self.group_of[i] = group_of[i]
+            self.n_groups = max(self.n_groups, group_of[i] + 1)
+        self.steps = <int64_t*>cnp.PyArray_DATA(steps)
+        written = params + exp_avgs + exp_avg_sqs + [a for a in max_exp_avg_sqs if a is not None]
+        self.written = _sorted_intervals(written, &self.n_written)
+        self.params = params
+        self.keep_alive = (written, steps)
+
+    def __dealloc__(self):
+        free(self.tensors)
+        free(self.group_of)
+        free(self.written)
+
+    cdef bint _overlaps_written(self, object array):
+        """Does this array's memory overlap any param or state buffer? (binary search)"""
+        cdef Interval r = _interval(array, 0)
+        cdef Py_ssize_t lo = 0, hi = self.n_written, mid
+        if r.stop == r.start:
+            return False
+        while lo < hi:  # the first written range starting at or after r.stop
+            mid = (lo + hi) // 2
+            if self.written[mid].start < r.stop:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo > 0 and self.written[lo - 1].stop > r.start
+
+    def overlaps_written(self, array):
+        return self._overlaps_written(array)
+
+    def first_nonconforming(self, list grads):
+        """Index of the first gradient that is not a C-contiguous, aligned ndarray of its
+        param's dtype and shape and clear of every written buffer; -1 if all are."""
+        cdef Py_ssize_t i
+        cdef cnp.ndarray g, p
+        for i in range(self.n):
+            obj = grads[i]
+            if type(obj) is not cnp.ndarray:
+                return i
+            g = <cnp.ndarray>obj
+            p = <cnp.ndarray>self.params[i]
+            if (cnp.PyArray_TYPE(g) != cnp.PyArray_TYPE(p) or not cnp.PyArray_SAMESHAPE(g, p)
+                    or not cnp.PyArray_IS_C_CONTIGUOUS(g) or not cnp.PyArray_ISALIGNED(g)
+                    or not cnp.PyArray_ISNOTSWAPPED(g) or self._overlaps_written(g)):
+                return i
+        return -1
+
+    cdef void _set_grads(self, list grads):
+        cdef Py_ssize_t i
+        for i in range(self.n):
+            self.tensors[i].grad = _data(grads[i])
+
+    def count_nonfinite(self, list grads, int num_threads):
+        """How many elements of the (validated) gradients are NaN or Inf."""
+        cdef Py_ssize_t bad
+        self._set_grads(grads)
+        with nogil:
+            bad = count_nonfinite_grads(self.tensors, self.n, num_threads)
+        if bad < 0:
+            raise MemoryError("fastadam: could not allocate the chunk table")
+        return bad
+
+    def step(self, list grads, list groups, double grad_scale, int num_threads):
+        """One Adam step of every tensor. ``groups``: one tuple per param group,
+        (lr, beta1, beta2, eps, weight_decay, eps_root, decoupled_weight_decay, amsgrad,
+        maximize, eps_hat), validated; grads validated and conforming."""
+        cdef Py_ssize_t i, k
+        cdef int status
+        cdef GroupHyperparameters* h
+        cdef GroupHyperparameters* hyper = <GroupHyperparameters*>malloc(
+            max(len(groups), 1) * sizeof(GroupHyperparameters))
+        if hyper == NULL:
+            raise MemoryError()
+        try:
+            for k, values in enumerate(groups):
+                (hyper[k].lr, hyper[k].beta1, hyper[k].beta2, hyper[k].eps,
+                 hyper[k].weight_decay, hyper[k].eps_root, hyper[k].decoupled_weight_decay,
+                 hyper[k].amsgrad, hyper[k].maximize, hyper[k].eps_hat) = values
+            self._set_grads(grads)
+            for i in range(self.n):
+                t = &self.tensors[i]
+                if (i > 0 and self.group_of[i] == self.group_of[i - 1]
+                        and self.steps[i] == self.steps[i - 1]):
+                    t.coef = self.tensors[i - 1].coef  # the usual case: computed once per group
+                    continue
+                h = &hyper[self.group_of[i]]
+                fill_coefficients(&t.coef, <double>(self.steps[i] + 1), h.lr, h.beta1, h.beta2,
+                                  h.eps, h.weight_decay, h.decoupled_weight_decay, h.amsgrad,
+                                  h.maximize, h.eps_hat, h.eps_root, grad_scale)
+            with nogil:
+                status = run_tensors(self.tensors, self.n, num_threads)
+            if status != 0:
+                raise MemoryError("fastadam: could not allocate the chunk table")
+            for i in range(self.n):
+                self.steps[i] += 1
+        finally:
+            free(hyper)
 
 
 def openmp_enabled():

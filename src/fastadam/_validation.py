@@ -54,8 +54,9 @@ def _describe_dtype(dtype: np.dtype) -> str:
     return dtype.name
 
 
-def as_array(obj: Any, name: str, *, writable: bool) -> np.ndarray:
-    """A zero-copy, C-contiguous, 1-D float32/float64 view of ``obj``'s memory."""
+def as_array(obj: Any, name: str, *, writable: bool, flatten: bool = True) -> np.ndarray:
+    """A zero-copy, C-contiguous float32/float64 view of ``obj``'s memory (1-D unless
+    ``flatten=False``)."""
     if isinstance(obj, np.ndarray):
         array = obj if type(obj) is np.ndarray else np.asarray(obj)
     else:
@@ -85,7 +86,7 @@ def as_array(obj: Any, name: str, *, writable: bool) -> np.ndarray:
         )
     if writable and not flags.writeable:
         raise ValueError(f"{name} is updated in place and must be writable, got a read-only buffer")
-    return array if array.ndim == 1 else array.reshape(-1)
+    return array if array.ndim == 1 or not flatten else array.reshape(-1)
 
 
 def check_buffers(
@@ -204,3 +205,94 @@ def check_hyperparameters(
             f"(Keras's and Optax's); pass one of them, got eps_root={hp.eps_root!r}"
         )
     return hp
+
+
+# --- optimizer objects ------------------------------------------------------------------
+
+HYPERPARAMETER_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "eps_hat",
+                       "eps_root", "decoupled_weight_decay")
+
+
+def check_params(params: Any, name: str) -> list:
+    """A non-empty list of in-place-updatable parameter buffers (N-d views kept)."""
+    if isinstance(params, (np.ndarray, memoryview, bytes, bytearray, str)) or not hasattr(params, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of buffers, got {type(params).__name__}")
+    arrays = [as_array(p, f"{name}[{i}]", writable=True, flatten=False) for i, p in enumerate(params)]
+    if not arrays:
+        raise ValueError(f"{name} must contain at least one parameter, got an empty sequence")
+    for i, array in enumerate(arrays):
+        if not array.flags.aligned:
+            raise ValueError(
+                f"{name}[{i}] must be aligned to its {array.itemsize}-byte elements to be "
+                "updated in place, got an unaligned buffer"
+            )
+    return arrays
+
+
+def check_no_overlap(arrays: list, names: list) -> None:
+    overlap = first_overlap(arrays)
+    if overlap is not None:
+        raise ValueError(
+            f"{names[overlap[1]]} overlaps {names[overlap[0]]} in memory; every parameter must "
+            "be separate memory (the same parameter given twice?)"
+        )
+
+
+def check_group_hyperparameters(group: dict, name: str, step: int) -> tuple:
+    """A param group's hyperparameters for step ``step`` (lr schedules are called with
+    it), as the tuple fastadam._kernels.AdamTable.step takes."""
+    lr = group["lr"]
+    if callable(lr):
+        lr = check_at_least(lr(step), f"{name}['lr'] (the schedule's value at step {step})", 0.0)
+    else:
+        lr = check_at_least(lr, f"{name}['lr']", 0.0)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"{name}['betas'] must be a pair (beta1, beta2), got {betas!r}")
+    eps_hat = check_flag(group["eps_hat"], f"{name}['eps_hat']")
+    eps_root = check_at_least(group["eps_root"], f"{name}['eps_root']", 0.0)
+    if eps_hat and eps_root > 0.0:
+        raise ValueError(f"{name}: eps_hat=True and eps_root > 0 select two different epsilon "
+                         f"forms; pass one of them, got eps_root={eps_root!r}")
+    return (
+        lr,
+        check_beta(betas[0], f"{name}['betas'][0]"),
+        check_beta(betas[1], f"{name}['betas'][1]"),
+        check_at_least(group["eps"], f"{name}['eps']", 0.0),
+        check_at_least(group["weight_decay"], f"{name}['weight_decay']", 0.0),
+        eps_root,
+        check_flag(group["decoupled_weight_decay"], f"{name}['decoupled_weight_decay']"),
+        check_flag(group["amsgrad"], f"{name}['amsgrad']"),
+        check_flag(group["maximize"], f"{name}['maximize']"),
+        eps_hat,
+    )
+
+
+def check_grads(table: Any, grads: Any, params: list) -> list:
+    """The gradients of one optimizer step, checked against the params (count, dtype,
+    shape, layout, overlap with any written buffer) before anything is written.
+
+    The common case (plain conforming ndarrays) is decided by one C scan; anything else
+    goes through the full per-gradient checks, which name the offending gradient.
+    """
+    if isinstance(grads, (np.ndarray, memoryview)) or not hasattr(grads, "__iter__"):
+        raise TypeError(f"grads must be a sequence of buffers, one per param, got {type(grads).__name__}")
+    grads = list(grads)
+    if len(grads) != len(params):
+        raise ValueError(f"grads must have one gradient per param ({len(params)}), got {len(grads)}")
+    if table.first_nonconforming(grads) < 0:
+        return grads
+    checked = []
+    for i, (grad, param) in enumerate(zip(grads, params)):
+        name = f"grads[{i}]"
+        array = as_array(grad, name, writable=False, flatten=False)
+        if array.dtype != param.dtype:
+            raise TypeError(f"{name} must have the dtype of params[{i}] ({param.dtype.name}), "
+                            f"got {array.dtype.name}")
+        if array.shape != param.shape:
+            raise ValueError(f"{name} must have the shape of params[{i}] {param.shape}, got {array.shape}")
+        if table.overlaps_written(array):
+            raise ValueError(f"{name} overlaps a parameter or optimizer-state buffer in memory")
+        # Gradients are only read, so an aligned copy of an unaligned one is harmless.
+        checked.append(array if array.flags.aligned else array.copy())
+    return checked

@@ -1,0 +1,144 @@
+"""``fastadam.save`` / ``fastadam.load``: optimizer checkpoints without pickle.
+
+A checkpoint is an ``.npz`` archive (read with ``allow_pickle=False``): one array per
+state buffer and a JSON header with the format version, the groups' hyperparameters and
+the step counts. It is written to a temporary file in the target's directory, flushed
+and fsync'ed, then renamed over the target, so a crash mid-save leaves the previous
+checkpoint intact. Learning-rate schedules are code, not data: a group whose ``lr`` is a
+callable is saved as such and keeps the optimizer's own callable on load (its position
+comes back with the step counts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from typing import Any, Dict, Union
+
+import numpy as np
+
+from fastadam.optim import Adam
+
+FORMAT = "fastadam-optimizer-checkpoint"
+VERSION = 1
+HEADER = "__fastadam__"
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _json_hyperparameters(group: Dict[str, Any]) -> Dict[str, Any]:
+    values = {}
+    for key, value in group.items():
+        if key == "params":
+            continue
+        if key == "lr" and callable(value):
+            values[key] = {"schedule": repr(value)}
+        elif isinstance(value, tuple):
+            values[key] = [float(v) for v in value]
+        elif isinstance(value, (bool, np.bool_)):
+            values[key] = bool(value)
+        else:
+            values[key] = float(value)
+    return values
+
+
+def save(opt: Adam, path: PathLike) -> None:
+    """Write ``opt``'s state to ``path`` atomically (see the module docstring)."""
+    if not isinstance(opt, Adam):
+        raise TypeError(f"opt must be a fastadam.Adam or AdamW, got {type(opt).__name__}")
+    state_dict = opt.state_dict()
+    arrays: Dict[str, np.ndarray] = {}
+    steps = {}
+    for i, entry in state_dict["state"].items():
+        steps[str(i)] = entry["step"]
+        for key, value in entry.items():
+            if key != "step":
+                arrays[f"state/{i}/{key}"] = value
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "param_groups": [
+            {**_json_hyperparameters(g), "params": g["params"]} for g in state_dict["param_groups"]
+        ],
+        "steps": steps,
+    }
+    arrays[HEADER] = np.array(json.dumps(header))
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".fastadam-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make the rename durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load(opt: Adam, path: PathLike) -> None:
+    """Restore ``opt``'s state from a checkpoint written by :func:`save`.
+
+    Raises FileNotFoundError for a missing file and ValueError for a truncated, corrupt
+    or foreign file or one that does not match ``opt`` (nothing is changed then).
+    """
+    if not isinstance(opt, Adam):
+        raise TypeError(f"opt must be a fastadam.Adam or AdamW, got {type(opt).__name__}")
+    path = os.fspath(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not hasattr(archive, "files") or HEADER not in archive.files:
+                raise ValueError("no fastadam header")
+            header = json.loads(str(archive[HEADER]))
+            arrays = {name: archive[name] for name in archive.files if name != HEADER}
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError,
+            UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not a readable fastadam checkpoint ({exc})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a fastadam optimizer checkpoint")
+    if header.get("version") != VERSION:
+        raise ValueError(f"{path} has checkpoint version {header.get('version')!r}; "
+                         f"this fastadam reads version {VERSION}")
+    opt.load_state_dict(_state_dict(opt, header, arrays, path))
+
+
+def _state_dict(opt: Adam, header: Dict[str, Any], arrays: Dict[str, np.ndarray],
+                path: str) -> Dict[str, Any]:
+    try:
+        groups = []
+        for saved, current in zip(header["param_groups"], opt.param_groups):
+            group = dict(saved)
+            if isinstance(group.get("lr"), dict):  # a schedule is code: keep the optimizer's
+                group["lr"] = current["lr"]
+            group["betas"] = tuple(group["betas"])
+            groups.append(group)
+        groups += header["param_groups"][len(groups):]  # a count mismatch is reported on load
+        state: Dict[int, Dict[str, Any]] = {}
+        for index, step in header["steps"].items():
+            state[int(index)] = {"step": step}
+        for name, array in arrays.items():
+            _, index, key = name.split("/")
+            state[int(index)][key] = array
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{path} has a malformed fastadam header ({exc!r})") from None
+    return {"state": state, "param_groups": groups}

@@ -1,0 +1,343 @@
+"""Adam and AdamW optimizer objects: param groups, state, step counts, schedules.
+
+One ``step()`` validates everything first (fastadam._validation), then makes a single
+call into the kernels for all tensors of all groups (fastadam._kernels.AdamTable): one
+GIL release, one OpenMP team, per-tensor coefficients computed in C.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from fastadam import _kernels
+from fastadam._threads import threads_for
+from fastadam._validation import (
+    HYPERPARAMETER_KEYS,
+    check_at_least,
+    check_grads,
+    check_group_hyperparameters,
+    check_no_overlap,
+    check_num_threads,
+    check_params,
+)
+
+LearningRate = Union[float, Callable[[int], float]]
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+class Adam:
+    """Adam (Kingma & Ba, 2015) over NumPy arrays and buffer-protocol objects.
+
+    Parameters
+    ----------
+    params : sequence of buffers, or of param-group dicts
+        The parameters, updated in place: float32 or float64, C-contiguous, aligned,
+        writable and not overlapping. Param groups are dicts ``{"params": [...], "lr":
+        ...}`` whose keys override the defaults below, as in PyTorch.
+    lr : float or callable
+        A learning rate, or a schedule ``step -> lr`` (see :mod:`fastadam.schedules`)
+        called once per group per step with the group's 1-based step number.
+    betas, eps, weight_decay, amsgrad, maximize, eps_hat, eps_root, decoupled_weight_decay
+        As in :func:`fastadam.adam_step`.
+    num_threads : int, optional
+        OpenMP threads for each step; None follows :func:`fastadam.get_num_threads`.
+
+    Attributes
+    ----------
+    param_groups : list of dict
+        PyTorch-style groups; hyperparameters may be edited between steps. The
+        ``params`` of a group are fixed once added (use :meth:`add_param_group`).
+    state : list of dict
+        Per parameter (in group order): ``step`` and live views of ``exp_avg``,
+        ``exp_avg_sq`` (and ``max_exp_avg_sq``), shaped like the parameter.
+    skipped_steps : int
+        Steps refused by ``skip_if_nonfinite``.
+
+    Thread-safety: one optimizer must not be stepped from two threads at once; separate
+    optimizers on separate parameters may be.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: LearningRate = 1e-3,
+        betas: Sequence[float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        eps_hat: bool = False,
+        eps_root: float = 0.0,
+        num_threads: Optional[int] = None,
+        *,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        self.defaults: Dict[str, Any] = dict(
+            lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas, eps=eps,
+            weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, eps_hat=eps_hat,
+            eps_root=eps_root, decoupled_weight_decay=decoupled_weight_decay,
+        )
+        check_group_hyperparameters(self.defaults, "defaults", 1)
+        self.num_threads = check_num_threads(num_threads)
+        self.param_groups: List[Dict[str, Any]] = []
+        self.skipped_steps = 0
+        self._params: List[np.ndarray] = []   # N-d views, in group order
+        self._state: List[Dict[str, Optional[np.ndarray]]] = []   # 1-D state arrays
+        self._steps = np.zeros(0, np.int64)
+        self._group_of: List[int] = []
+        self._table: Optional[_kernels.AdamTable] = None
+        self._amsgrad_groups: set = set()   # groups whose max_exp_avg_sq is allocated
+        self._total_size = 0
+
+        if isinstance(params, (np.ndarray, memoryview, bytes, bytearray, str, Mapping)) or not hasattr(
+                params, "__iter__"):
+            raise TypeError("params must be a sequence of buffers or of param-group dicts, got "
+                            f"{type(params).__name__} (wrap a single array in a list)")
+        params = list(params)
+        groups = params if params and all(isinstance(p, Mapping) for p in params) else [{"params": params}]
+        for group in groups:
+            self.add_param_group(group)
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} ("]
+        for i, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            lines += [f"    {key}: {group[key]!r}" for key in HYPERPARAMETER_KEYS]
+        return "\n".join(lines + [")"])
+
+    # --- groups ------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: Mapping[str, Any]) -> None:
+        """Add a group of parameters (a dict with ``params`` and optional hyperparameters);
+        its state starts fresh at step 0."""
+        if not isinstance(param_group, Mapping) or "params" not in param_group:
+            raise TypeError(f"param_group must be a dict with a 'params' entry, got {param_group!r:.80}")
+        index = len(self.param_groups)
+        name = f"param_groups[{index}]"
+        unknown = set(param_group) - set(HYPERPARAMETER_KEYS) - {"params"}
+        if unknown:
+            raise ValueError(f"{name} has unknown keys {sorted(unknown)}; "
+                             f"expected 'params' and any of {list(HYPERPARAMETER_KEYS)}")
+        group = {**self.defaults, **param_group}
+        if isinstance(group["betas"], list):
+            group["betas"] = tuple(group["betas"])
+        params = group["params"]
+        if isinstance(params, (np.ndarray, memoryview)) or not hasattr(params, "__iter__"):
+            params = [params]
+        params = list(params)
+        arrays = check_params(params, f"{name}['params']")
+        check_group_hyperparameters(group, name, 1)
+        names = [f"params[{i}]" for i in range(len(self._params) + len(arrays))]
+        check_no_overlap([a.reshape(-1) for a in self._params + arrays], names)
+
+        group["params"] = params
+        self.param_groups.append(group)
+        for array in arrays:
+            self._params.append(array)
+            self._state.append({"exp_avg": np.zeros(array.size, array.dtype),
+                                "exp_avg_sq": np.zeros(array.size, array.dtype),
+                                "max_exp_avg_sq": None})
+            self._group_of.append(index)
+        self._steps = np.concatenate([self._steps, np.zeros(len(arrays), np.int64)])
+        self._total_size += sum(a.size for a in arrays)
+        self._table = None
+
+    # --- stepping ----------------------------------------------------------------------
+
+    def step(self, grads: Iterable[Any], *, grad_scale: Optional[float] = None,
+             skip_if_nonfinite: bool = False) -> bool:
+        """One Adam step of every parameter, all groups in one pass through the kernels.
+
+        ``grads`` holds one gradient per parameter, in order (float32/float64 buffers of
+        the parameter's dtype and shape). ``grad_scale`` divides every gradient first
+        (loss scaling). With ``skip_if_nonfinite=True`` the gradients are scanned first
+        and, if any element is NaN or Inf, nothing changes and False is returned.
+        Any invalid argument raises before anything is written. Returns True when the
+        step was applied.
+        """
+        hyper = self._group_hyperparameters()
+        scale = 1.0 if grad_scale is None else check_at_least(grad_scale, "grad_scale", 0.0, strict=True)
+        if not isinstance(skip_if_nonfinite, bool):
+            raise TypeError(f"skip_if_nonfinite must be a bool, got {type(skip_if_nonfinite).__name__}")
+        table = self._ensure_table(hyper)
+        grads = check_grads(table, grads, self._params)
+        threads = threads_for(self.num_threads, self._total_size)
+        if skip_if_nonfinite and table.count_nonfinite(grads, threads):
+            self.skipped_steps += 1
+            return False
+        table.step(grads, hyper, scale, threads)
+        return True
+
+    def zero_state(self) -> None:
+        """Forget the moments and step counts (keeps the parameters and groups)."""
+        for state in self._state:
+            for array in state.values():
+                if array is not None:
+                    array.fill(0)
+        self._steps.fill(0)
+        self.skipped_steps = 0
+
+    def _group_hyperparameters(self) -> List[tuple]:
+        hyper = []
+        first = 0
+        for index, group in enumerate(self.param_groups):
+            step = int(self._steps[first]) + 1
+            hyper.append(check_group_hyperparameters(group, f"param_groups[{index}]", step))
+            first += len(group["params"])
+        return hyper
+
+    def _ensure_table(self, hyper: List[tuple]) -> _kernels.AdamTable:
+        """The kernel table, rebuilt when params were added or AMSGrad state appeared."""
+        new_amsgrad = {index for index, h in enumerate(hyper) if h[7]} - self._amsgrad_groups
+        if new_amsgrad:  # AMSGrad state is allocated when a group first needs it
+            for state, group in zip(self._state, self._group_of):
+                if group in new_amsgrad and state["max_exp_avg_sq"] is None:
+                    state["max_exp_avg_sq"] = np.zeros_like(state["exp_avg_sq"])
+            self._amsgrad_groups |= new_amsgrad
+            self._table = None
+        if self._table is None:
+            self._table = _kernels.AdamTable(
+                [p.reshape(-1) for p in self._params],
+                [s["exp_avg"] for s in self._state],
+                [s["exp_avg_sq"] for s in self._state],
+                [s["max_exp_avg_sq"] for s in self._state],
+                self._steps,
+                self._group_of,
+            )
+        return self._table
+
+    # --- state -------------------------------------------------------------------------
+
+    @property
+    def state(self) -> List[Dict[str, Any]]:
+        result = []
+        for param, state, step in zip(self._params, self._state, self._steps):
+            entry: Dict[str, Any] = {"step": int(step)}
+            for key in STATE_KEYS:
+                if state[key] is not None:
+                    entry[key] = state[key].reshape(param.shape)
+            result.append(entry)
+        return result
+
+    def state_dict(self) -> Dict[str, Any]:
+        """A snapshot in PyTorch's layout: ``{"state": {i: {"step", "exp_avg",
+        "exp_avg_sq"[, "max_exp_avg_sq"]}}, "param_groups": [{..., "params": [i, ...]}]}``.
+        Arrays are copies shaped like their parameters."""
+        state = {i: {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in entry.items()}
+                 for i, entry in enumerate(self.state)}
+        groups, first = [], 0
+        for group in self.param_groups:
+            count = len(group["params"])
+            groups.append({**{k: group[k] for k in HYPERPARAMETER_KEYS},
+                           "params": list(range(first, first + count))})
+            first += count
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (ours, or PyTorch's layout with NumPy arrays).
+
+        Everything is checked first (group and parameter counts, shapes, dtypes, steps,
+        hyperparameters); a mismatch raises ValueError naming it and changes nothing.
+        """
+        groups, states = _stage_state_dict(self, state_dict)
+        for group, saved in zip(self.param_groups, groups):
+            group.update(saved)
+        for i in range(len(self._params)):
+            entry = states.get(i, {"step": 0})  # a parameter without saved state starts fresh
+            self._steps[i] = entry["step"]
+            state = self._state[i]
+            if "max_exp_avg_sq" in entry and state["max_exp_avg_sq"] is None:
+                state["max_exp_avg_sq"] = np.empty_like(state["exp_avg_sq"])
+                self._table = None
+            for key, array in state.items():
+                if array is None:
+                    continue
+                if key in entry:
+                    np.copyto(array, entry[key].reshape(-1))
+                else:
+                    array.fill(0)
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter, 2019), default 1e-2."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: LearningRate = 1e-3,
+        betas: Sequence[float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        eps_hat: bool = False,
+        eps_root: float = 0.0,
+        num_threads: Optional[int] = None,
+    ) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize, eps_hat,
+                         eps_root, num_threads, decoupled_weight_decay=True)
+
+
+def _stage_state_dict(opt: Adam, state_dict: Any) -> tuple:
+    """Check a state dict against ``opt`` completely; return what load_state_dict applies."""
+    if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
+        raise TypeError("state_dict must be a mapping with 'state' and 'param_groups' entries")
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(opt.param_groups):
+        raise ValueError(f"state_dict has {len(saved_groups)} param groups, "
+                         f"the optimizer has {len(opt.param_groups)}")
+    groups, index_map, first = [], {}, 0
+    for g, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
+        name = f"state_dict['param_groups'][{g}]"
+        ids = list(saved.get("params", []))
+        if len(ids) != len(group["params"]):
+            raise ValueError(f"{name} has {len(ids)} params, the optimizer's group {g} has "
+                             f"{len(group['params'])}")
+        missing = [k for k in HYPERPARAMETER_KEYS if k not in saved and k != "decoupled_weight_decay"]
+        if missing:
+            raise ValueError(f"{name} lacks {missing}")
+        values = {k: saved[k] for k in HYPERPARAMETER_KEYS if k in saved}
+        if isinstance(values.get("betas"), list):
+            values["betas"] = tuple(values["betas"])
+        check_group_hyperparameters({**group, **values}, name, 1)
+        groups.append(values)
+        for offset, saved_id in enumerate(ids):
+            index_map[saved_id] = first + offset
+        first += len(ids)
+
+    states = {}
+    for saved_id, entry in state_dict["state"].items():
+        name = f"state_dict['state'][{saved_id!r}]"
+        if saved_id not in index_map:
+            raise ValueError(f"{name} belongs to no parameter of state_dict['param_groups']")
+        i = index_map[saved_id]
+        param = opt._params[i]
+        if not isinstance(entry, Mapping) or "exp_avg" not in entry or "exp_avg_sq" not in entry:
+            raise ValueError(f"{name} must have 'step', 'exp_avg' and 'exp_avg_sq'")
+        step = entry.get("step", None)
+        try:
+            step_value = int(np.asarray(step).item())
+            exact = float(np.asarray(step).item()) == step_value
+        except (TypeError, ValueError):
+            exact = False
+        if not exact or not 0 <= step_value <= 2**63 - 2:
+            raise ValueError(f"{name}['step'] must be a whole number >= 0, got {step!r}")
+        staged = {"step": step_value}
+        for key in STATE_KEYS:
+            if key not in entry:
+                continue
+            array = np.asarray(entry[key])
+            if array.dtype != param.dtype:
+                raise ValueError(f"{name}['{key}'] has dtype {array.dtype}, parameter {i} has "
+                                 f"{param.dtype}")
+            if array.shape != param.shape:
+                raise ValueError(f"{name}['{key}'] has shape {array.shape}, parameter {i} has "
+                                 f"{param.shape}")
+            staged[key] = array
+        amsgrad = {**opt.param_groups[opt._group_of[i]], **groups[opt._group_of[i]]}["amsgrad"]
+        if amsgrad and step_value > 0 and "max_exp_avg_sq" not in staged:
+            raise ValueError(f"{name} lacks 'max_exp_avg_sq' but its group uses amsgrad")
+        states[i] = staged
+    return groups, states
