@@ -364,3 +364,15 @@ def test_load_state_dict_rejects_mismatches_and_changes_nothing(mutate, match):
     with pytest.raises(ValueError, match=match):
         opt.load_state_dict(sd)
     assert (snapshot(opt, params), [dict(g) for g in opt.param_groups]) == before
+
+
+@pytest.mark.parametrize("position", [0, 3, 6])
+def test_nonfinite_scan_finds_every_position_and_spares_extreme_finite_values(dtype, position):
+    finfo = np.finfo(dtype)
+    params = make_params(dtype, shapes=[(7,)])
+    opt = fastadam.Adam(params)
+    extreme = np.array([finfo.max, -finfo.max, finfo.tiny, finfo.smallest_subnormal, -0.0, 0.0, 1.0], dtype)
+    assert opt.step([extreme], skip_if_nonfinite=True) is True
+    grad = np.ones(7, dtype)
+    grad[position] = np.nan
+    assert opt.step([grad], skip_if_nonfinite=True) is False

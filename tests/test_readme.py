@@ -9,13 +9,25 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 pytestmark = pytest.mark.skipif(not README.exists(), reason="not a source checkout")
 
 
-def test_readme_python_example_runs(capsys):
+def readme_examples():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert blocks, "README has no python example"
+    assert len(blocks) >= 2, "README lost its python examples"
+    return blocks
+
+
+def test_readme_adam_step_example_runs(capsys):
     namespace = {}
-    exec(compile(blocks[0], "README example", "exec"), namespace)
+    exec(compile(readme_examples()[0], "README example 1", "exec"), namespace)
     assert (namespace["param"] ** 2).mean() < 0.05  # it did minimise sum(param**2)
     assert "openmp" in capsys.readouterr().out
+
+
+def test_readme_training_loop_learns(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(readme_examples()[1], "README example 2", "exec"), namespace)
+    assert namespace["accuracy"] > 0.95
+    assert (tmp_path / "adam.npz").exists()
 
 
 def test_readme_starts_with_install_and_run_then_install_and_test():

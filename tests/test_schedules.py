@@ -1,0 +1,67 @@
+"""fastadam.schedules: values, reprs, validation, composition."""
+
+import math
+
+import pytest
+
+from fastadam import schedules
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    (schedules.constant(0.1), {1: 0.1, 1000: 0.1}),
+    (schedules.inverse_sqrt(0.1), {1: 0.1, 4: 0.05, 100: 0.01}),
+    (schedules.inverse_time(0.1, decay_rate=0.5), {1: 0.1 / 1.5, 2: 0.05, 10: 0.1 / 6}),
+    (schedules.inverse_time(0.1, decay_rate=1.0, decay_steps=10), {10: 0.05, 30: 0.025}),
+    (schedules.exponential(1.0, decay_rate=0.5, decay_steps=2), {2: 0.5, 3: 0.5**1.5, 4: 0.25}),
+    (schedules.exponential(1.0, decay_rate=0.5, decay_steps=2, staircase=True), {3: 0.5, 4: 0.25}),
+    (schedules.step_decay(1.0, step_size=10, gamma=0.5), {1: 1.0, 10: 1.0, 11: 0.5, 21: 0.25}),
+    (schedules.cosine(1.0, decay_steps=10), {1: 1.0, 6: 0.5, 11: 0.0, 500: 0.0}),
+    (schedules.cosine(1.0, decay_steps=10, min_lr=0.2), {1: 1.0, 6: 0.6, 11: 0.2}),
+    (schedules.cosine(1.0, decay_steps=10, restarts=True), {1: 1.0, 6: 0.5, 11: 1.0, 16: 0.5}),
+    (schedules.cosine(1.0, decay_steps=10, restarts=True, period_factor=2.0), {11: 1.0, 21: 0.5, 31: 1.0}),
+    (schedules.linear_warmup(0.1, warmup_steps=10), {1: 0.01, 5: 0.05, 10: 0.1, 11: 0.1}),
+    (schedules.linear_warmup(schedules.cosine(1.0, decay_steps=10), warmup_steps=4),
+     {1: 0.25, 4: 1.0, 5: 1.0, 10: 0.5, 15: 0.0}),
+])
+def test_values(schedule, expected):
+    for step, value in expected.items():
+        assert math.isclose(schedule(step), value, rel_tol=1e-12, abs_tol=1e-15), (step, schedule(step))
+
+
+@pytest.mark.parametrize("schedule, text", [
+    (schedules.inverse_sqrt(0.001), "inverse_sqrt(lr=0.001)"),
+    (schedules.cosine(0.001, 1000), "cosine(lr=0.001, decay_steps=1000, min_lr=0.0)"),
+    (schedules.linear_warmup(schedules.constant(0.1), 5),
+     "linear_warmup(schedule=constant(lr=0.1), warmup_steps=5)"),
+    (schedules.step_decay(0.1, 30), "step_decay(lr=0.1, step_size=30, gamma=0.1)"),
+])
+def test_readable_repr(schedule, text):
+    assert repr(schedule) == text
+
+
+def test_equality():
+    assert schedules.cosine(0.1, 10) == schedules.cosine(0.1, 10)
+    assert schedules.cosine(0.1, 10) != schedules.cosine(0.1, 11)
+    assert len({schedules.constant(0.1), schedules.constant(0.1)}) == 1
+
+
+@pytest.mark.parametrize("factory, exc, match", [
+    (lambda: schedules.constant(-0.1), ValueError, "^lr must be >= 0.0"),
+    (lambda: schedules.constant("0.1"), TypeError, "^lr must be a real number"),
+    (lambda: schedules.inverse_time(0.1, decay_rate=-1), ValueError, "^decay_rate must be >= 0.0"),
+    (lambda: schedules.exponential(0.1, decay_rate=0.0), ValueError, "^decay_rate must be > 0.0"),
+    (lambda: schedules.exponential(0.1, 0.5, decay_steps=0), ValueError, "^decay_steps must be a positive integer"),
+    (lambda: schedules.step_decay(0.1, step_size=2.5), TypeError, "^step_size must be a positive integer"),
+    (lambda: schedules.cosine(0.1, 10, min_lr=0.5), ValueError, r"^min_lr must be <= lr"),
+    (lambda: schedules.cosine(0.1, 10, restarts=True, period_factor=0.5), ValueError, "^period_factor must be >= 1.0"),
+    (lambda: schedules.linear_warmup(0.1, warmup_steps=0), ValueError, "^warmup_steps must be a positive integer"),
+])
+def test_bad_arguments(factory, exc, match):
+    with pytest.raises(exc, match=match):
+        factory()
+
+
+@pytest.mark.parametrize("step, exc", [(0, ValueError), (-3, ValueError), (1.5, TypeError), (True, TypeError)])
+def test_bad_steps(step, exc):
+    with pytest.raises(exc, match="^step must be"):
+        schedules.inverse_sqrt(0.1)(step)
