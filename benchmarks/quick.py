@@ -17,7 +17,7 @@ import argparse
 import math
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -93,12 +93,20 @@ def calibrate(run: Callable[[], None], target_s: float) -> int:
     return max(1, int(target_s / once))
 
 
-def measure(runners: Dict[str, Callable[[], None]], repeats: int, target_s: float) -> Dict[str, float]:
-    """Median seconds per call of each runner, interleaved repeat by repeat."""
-    loops = {name: calibrate(run, target_s) for name, run in runners.items()}
+def measure(runners: Dict[str, Callable[[], None]], repeats: int, target_s: float,
+            setups: Optional[Dict[str, Callable[[], None]]] = None) -> Dict[str, float]:
+    """Median seconds per call of each runner, interleaved repeat by repeat.
+
+    ``setups[name]``, if given, runs (untimed) before each of that runner's samples."""
+    setups = setups or {}
+    loops = {}
+    for name, run in runners.items():
+        setups.get(name, lambda: None)()
+        loops[name] = calibrate(run, target_s)
     samples: Dict[str, List[float]] = {name: [] for name in runners}
     for _ in range(repeats):
         for name, run in runners.items():
+            setups.get(name, lambda: None)()
             start = time.perf_counter()
             for _ in range(loops[name]):
                 run()

@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from fastadam._config import show_config
 from fastadam._functional import adam_step
 from fastadam._threads import get_num_threads, set_num_threads
-from fastadam import schedules
+from fastadam import _simd, schedules  # noqa: F401  (_simd selects the SIMD level)
 from fastadam.checkpoint import load, save
 from fastadam.optim import Adam, AdamW
 

@@ -9,7 +9,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from fastadam import _kernels, _threads
+from fastadam import _kernels, _simd, _threads
 
 
 def _openmp_libraries() -> List[str]:
@@ -33,6 +33,7 @@ def config() -> Dict[str, Any]:
         "compiler": build["compiler"],
         "compiler_flags": build["cflags"],
         "vector_isa": build["vector_isa"],
+        "simd": _simd.chosen(),
         "openmp": build["openmp"],
         "openmp_version": build["openmp_version"],
         "openmp_runtimes": _openmp_libraries() if build["openmp"] else [],
@@ -56,5 +57,7 @@ def show_config(mode: str = "stdout") -> Any:
     for key, value in info.items():
         if isinstance(value, list):
             value = ", ".join(value) or "-"
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
         print(f"{key:<{width}}  {value}")
     return None

@@ -31,13 +31,15 @@ Design (see DESIGN.md "Layers"):
   form with step_coef = -lr*sqrt(bc2)/bc1 and a divisor of exactly 1.
 """
 
-from libc.math cimport sqrt, sqrtf, pow
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
+from libc.math cimport pow, sqrt
+from libc.stdint cimport int64_t
 from libc.stdlib cimport calloc, free, malloc, qsort
-from cython cimport floating
 from cython.parallel cimport prange
 
 cimport numpy as cnp
+
+from fastadam._adam_types cimport AdamTensor, Coefficients
 
 cnp.import_array()
 
@@ -60,166 +62,62 @@ cdef enum:
     CHUNK_ELEMENTS = 4096
 
 
-# --- compile-time switches ------------------------------------------------------------
-# Each pair is a fused type; Cython emits one _update per combination and drops the
-# untaken side of every `if Tag is ...` test at compile time.
-
-cdef struct Unscaled:       # g = grad * (+-1)
-    char unused
-cdef struct Scaled:         # g = grad / (+-grad_scale)
-    char unused
-ctypedef fused GradTag:
-    Unscaled
-    Scaled
-
-cdef struct Decoupled:      # p = p * (1 - lr*wd), a factor of exactly 1 without decay
-    char unused
-cdef struct L2:             # g = g + wd * p
-    char unused
-ctypedef fused DecayTag:
-    Decoupled
-    L2
-
-cdef struct SmallWeight:    # m = m + w * (g - m)           (w < 0.5)
-    char unused
-cdef struct LargeWeight:    # m = g - (g - m) * (1 - w)     (w >= 0.5)
-    char unused
-ctypedef fused LerpTag:
-    SmallWeight
-    LargeWeight
-
-cdef struct PlainV:
-    char unused
-cdef struct MaxV:           # AMSGrad
-    char unused
-ctypedef fused MaxTag:
-    PlainV
-    MaxV
-
-cdef struct PaperForm:      # default and eps_hat
-    char unused
-cdef struct RootForm:       # eps_root > 0 (Optax)
-    char unused
-ctypedef fused FormTag:
-    PaperForm
-    RootForm
+cdef extern from "_cpu_features.h" nogil:
+    int fa_cpu_has_x86_64_v3() noexcept
+    int fa_cpu_has_x86_64_v4() noexcept
 
 
-# --- the per-element loop ---------------------------------------------------------------
-
-cdef inline floating _sqrt(floating x) noexcept nogil:
-    if floating is float:
-        return sqrtf(x)
-    else:
-        return sqrt(x)
+include "_adam_loops.pxi"
 
 
-cdef void _update(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
-                  floating* dtype, GradTag* grad_tag, DecayTag* decay_tag,
-                  LerpTag* lerp_tag, MaxTag* max_tag, FormTag* form_tag) noexcept nogil:
-    """Elements [start, stop) of one tensor: DESIGN.md's update, in its order."""
-    cdef floating* p = (<floating*>t.param) + start
-    cdef const floating* grad = (<const floating*>t.grad) + start
-    cdef floating* m = (<floating*>t.exp_avg) + start
-    cdef floating* v = (<floating*>t.exp_avg_sq) + start
-    cdef floating* vmax = (<floating*>t.max_exp_avg_sq) + start   # unused unless MaxV
-    cdef Py_ssize_t n = stop - start
-    cdef Py_ssize_t i
-    # The step's constants, cast to the element type once (never mixed into the loop
-    # as doubles: that would add conversions to every element).
-    cdef floating grad_factor = <floating>t.coef.grad_factor
-    cdef floating l2 = <floating>t.coef.l2
-    cdef floating param_scale = <floating>t.coef.param_scale
-    cdef floating w = <floating>t.coef.w
-    cdef floating one_minus_w = 1 - w      # in the element type, as PyTorch's lerp does
-    cdef floating beta2 = <floating>t.coef.beta2
-    cdef floating one_minus_beta2 = <floating>t.coef.one_minus_beta2
-    cdef floating step_coef = <floating>t.coef.step_coef
-    cdef floating denom_div = <floating>t.coef.denom_div
-    cdef floating eps = <floating>t.coef.eps
-    cdef floating bc1 = <floating>t.coef.bc1
-    cdef floating bc2 = <floating>t.coef.bc2
-    cdef floating eps_root = <floating>t.coef.eps_root
-    cdef floating g, pi, mi, vi, vmi
+# --- which compiled loops run: the SIMD dispatch table ---------------------------------------
+# Each level's loops live in their own extension module (this one: the baseline ISA;
+# _kernels_avx2, _kernels_avx512), exported as function pointers. fastadam._simd chooses,
+# once at import, one level for small tensors and one for large ones (see set_kernels).
 
-    for i in range(n):  # vectorized: kernel loop
-        g = grad[i]
-        if GradTag is Scaled:
-            g = g / grad_factor
-        else:
-            g = g * grad_factor
-        pi = p[i]
-        if DecayTag is L2:
-            g = g + l2 * pi
-        else:
-            pi = pi * param_scale
-        mi = m[i]
-        if LerpTag is SmallWeight:
-            mi = mi + w * (g - mi)
-        else:
-            mi = g - (g - mi) * one_minus_w
-        vi = v[i] * beta2 + (one_minus_beta2 * g) * g
-        m[i] = mi
-        v[i] = vi
-        if MaxTag is MaxV:
-            vmi = vmax[i]
-            vi = vi if vmi < vi else vmi
-            vmax[i] = vi
-        if FormTag is PaperForm:
-            p[i] = pi + (step_coef * mi) / (_sqrt(vi) / denom_div + eps)
-        else:
-            p[i] = pi - step_coef * (mi / bc1) / (_sqrt(vi / bc2 + eps_root) + eps)
+ctypedef void (*RunChunk)(const AdamTensor*, Py_ssize_t, Py_ssize_t) noexcept nogil
+ctypedef Py_ssize_t (*CountChunk)(const AdamTensor*, Py_ssize_t, Py_ssize_t) noexcept nogil
+
+cdef RunChunk _run_small = run_chunk
+cdef RunChunk _run_large = run_chunk
+cdef CountChunk _count_small = count_nonfinite_chunk
+cdef CountChunk _count_large = count_nonfinite_chunk
+cdef Py_ssize_t _small_limit = 0      # tensors of at most this many elements are "small"
 
 
-# --- run-time flags -> compile-time specialization, once per chunk ------------------------
-
-cdef void _by_form(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop, floating* dtype,
-                   GradTag* a, DecayTag* b, LerpTag* c, MaxTag* d) noexcept nogil:
-    if t.coef.root_form:
-        _update(t, start, stop, dtype, a, b, c, d, <RootForm*>NULL)
-    else:
-        _update(t, start, stop, dtype, a, b, c, d, <PaperForm*>NULL)
+cdef inline RunChunk _runner(const AdamTensor* t) noexcept nogil:
+    return _run_small if t.size <= _small_limit else _run_large
 
 
-cdef void _by_max(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop, floating* dtype,
-                  GradTag* a, DecayTag* b, LerpTag* c) noexcept nogil:
-    if t.coef.amsgrad:
-        _by_form(t, start, stop, dtype, a, b, c, <MaxV*>NULL)
-    else:
-        _by_form(t, start, stop, dtype, a, b, c, <PlainV*>NULL)
+cdef inline CountChunk _counter(const AdamTensor* t) noexcept nogil:
+    return _count_small if t.size <= _small_limit else _count_large
 
 
-cdef void _by_lerp(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop, floating* dtype,
-                   GradTag* a, DecayTag* b) noexcept nogil:
-    # PyTorch picks the lerp branch by the weight *in the element type*.
-    if <floating>t.coef.w < 0.5:
-        _by_max(t, start, stop, dtype, a, b, <SmallWeight*>NULL)
-    else:
-        _by_max(t, start, stop, dtype, a, b, <LargeWeight*>NULL)
+cdef void* _pointer(object capsule) except NULL:
+    return PyCapsule_GetPointer(capsule, PyCapsule_GetName(capsule))
 
 
-cdef void _by_decay(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop, floating* dtype,
-                    GradTag* a) noexcept nogil:
-    if t.coef.l2_decay:
-        _by_lerp(t, start, stop, dtype, a, <L2*>NULL)
-    else:
-        _by_lerp(t, start, stop, dtype, a, <Decoupled*>NULL)
+def set_kernels(small, large, Py_ssize_t small_limit):
+    """Route tensors of at most ``small_limit`` elements to the ``small`` loops and the
+    others to ``large``. Each is None (this module's baseline loops) or a pair of capsules
+    (run_chunk, count_nonfinite_chunk) from _kernels_avx2 / _kernels_avx512. Not
+    thread-safe: fastadam._simd calls it at import (and tests between steps)."""
+    global _run_small, _run_large, _count_small, _count_large, _small_limit
+    _run_small = run_chunk if small is None else <RunChunk>_pointer(small[0])
+    _count_small = count_nonfinite_chunk if small is None else <CountChunk>_pointer(small[1])
+    _run_large = run_chunk if large is None else <RunChunk>_pointer(large[0])
+    _count_large = count_nonfinite_chunk if large is None else <CountChunk>_pointer(large[1])
+    _small_limit = small_limit
 
 
-cdef void _by_grad(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
-                   floating* dtype) noexcept nogil:
-    if t.coef.grad_scaled:
-        _by_decay(t, start, stop, dtype, <Scaled*>NULL)
-    else:
-        _by_decay(t, start, stop, dtype, <Unscaled*>NULL)
-
-
-cdef inline void _run_chunk(const AdamTensor* t, Py_ssize_t start,
-                            Py_ssize_t stop) noexcept nogil:
-    if t.is_double:
-        _by_grad(t, start, stop, <double*>NULL)
-    else:
-        _by_grad(t, start, stop, <float*>NULL)
+def cpu_levels():
+    """The SIMD levels this CPU and OS can run, widest last (cpuid and xgetbv)."""
+    levels = ["baseline"]
+    if fa_cpu_has_x86_64_v3():
+        levels.append("avx2")
+        if fa_cpu_has_x86_64_v4():
+            levels.append("avx512")
+    return levels
 
 
 # --- coefficients and the chunk engine ------------------------------------------------
@@ -295,6 +193,7 @@ cdef int run_tensors(const AdamTensor* tensors, Py_ssize_t n_tensors,
     """Update every tensor of the table; returns -1 (nothing written) if out of memory."""
     cdef Py_ssize_t n_chunks = _count_chunks(tensors, n_tensors)
     cdef Py_ssize_t t, k
+    cdef const AdamTensor* tensor
     cdef Chunk* chunks
     if n_chunks == 0:
         return 0
@@ -302,7 +201,7 @@ cdef int run_tensors(const AdamTensor* tensors, Py_ssize_t n_tensors,
     if num_threads <= 1:
         # No parallel region at all: a team of one still pays OpenMP's fork/join.
         for t in range(n_tensors):
-            _run_chunk(&tensors[t], 0, tensors[t].size)
+            _runner(&tensors[t])(&tensors[t], 0, tensors[t].size)
         return 0
     chunks = _make_chunks(tensors, n_tensors, n_chunks)
     if chunks == NULL:
@@ -310,34 +209,10 @@ cdef int run_tensors(const AdamTensor* tensors, Py_ssize_t n_tensors,
     # schedule(static): each thread gets one contiguous run of chunks, so a single large
     # tensor is split into num_threads contiguous pieces.
     for k in prange(n_chunks, schedule='static', num_threads=num_threads):
-        _run_chunk(&tensors[chunks[k].tensor], chunks[k].start, chunks[k].stop)
+        tensor = &tensors[chunks[k].tensor]
+        _runner(tensor)(tensor, chunks[k].start, chunks[k].stop)
     free(chunks)
     return 0
-
-
-# --- scanning gradients for NaN/Inf ----------------------------------------------------------
-
-cdef Py_ssize_t _count_nonfinite_f32(const uint32_t* bits, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i, bad = 0
-    for i in range(n):  # vectorized: kernel loop
-        bad += (bits[i] & 0x7f800000u) == 0x7f800000u   # exponent all ones: Inf or NaN
-    return bad
-
-
-cdef Py_ssize_t _count_nonfinite_f64(const uint64_t* bits, Py_ssize_t n) noexcept nogil:
-    # The exponent is tested in the high 32-bit word: SSE2 has no 64-bit integer compare,
-    # so a 64-bit mask test would not vectorize on the baseline.
-    cdef Py_ssize_t i, bad = 0
-    for i in range(n):  # vectorized: kernel loop
-        bad += (<uint32_t>(bits[i] >> 32) & 0x7ff00000u) == 0x7ff00000u
-    return bad
-
-
-cdef inline Py_ssize_t _count_nonfinite_chunk(const AdamTensor* t, Py_ssize_t start,
-                                              Py_ssize_t stop) noexcept nogil:
-    if t.is_double:
-        return _count_nonfinite_f64((<const uint64_t*>t.grad) + start, stop - start)
-    return _count_nonfinite_f32((<const uint32_t*>t.grad) + start, stop - start)
 
 
 cdef Py_ssize_t count_nonfinite_grads(const AdamTensor* tensors, Py_ssize_t n_tensors,
@@ -345,17 +220,19 @@ cdef Py_ssize_t count_nonfinite_grads(const AdamTensor* tensors, Py_ssize_t n_te
     """How many gradient elements of the table are NaN or Inf (-1: out of memory)."""
     cdef Py_ssize_t n_chunks = _count_chunks(tensors, n_tensors)
     cdef Py_ssize_t t, k, bad = 0
+    cdef const AdamTensor* tensor
     cdef Chunk* chunks
     num_threads = <int>min(num_threads, n_chunks)
     if num_threads <= 1:
         for t in range(n_tensors):
-            bad += _count_nonfinite_chunk(&tensors[t], 0, tensors[t].size)
+            bad += _counter(&tensors[t])(&tensors[t], 0, tensors[t].size)
         return bad
     chunks = _make_chunks(tensors, n_tensors, n_chunks)
     if chunks == NULL:
         return -1
     for k in prange(n_chunks, schedule='static', num_threads=num_threads):
-        bad += _count_nonfinite_chunk(&tensors[chunks[k].tensor], chunks[k].start, chunks[k].stop)
+        tensor = &tensors[chunks[k].tensor]
+        bad += _counter(tensor)(tensor, chunks[k].start, chunks[k].stop)
     free(chunks)
     return bad
 

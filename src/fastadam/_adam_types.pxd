@@ -1,4 +1,6 @@
-# C-level interface of the Adam kernels (see the design notes at the top of _kernels.pyx).
+# The C structs shared by the kernel modules (_kernels and its per-ISA twins
+# _kernels_avx2/_kernels_avx512, which include _adam_loops.pxi). Types only: cimporting
+# this file creates no run-time dependency, and every module lays the structs out alike.
 
 cdef struct Coefficients:
     # Per-tensor, per-step constants, computed once in double precision by
@@ -30,11 +32,3 @@ cdef struct AdamTensor:
     Py_ssize_t size         # elements
     bint is_double          # float64 elements, else float32
     Coefficients coef
-
-cdef void fill_coefficients(Coefficients* c, double step, double lr, double beta1,
-                            double beta2, double eps, double weight_decay,
-                            bint decoupled_weight_decay, bint amsgrad, bint maximize,
-                            bint eps_hat, double eps_root, double grad_scale) noexcept nogil
-
-cdef int run_tensors(const AdamTensor* tensors, Py_ssize_t n_tensors,
-                     int num_threads) noexcept nogil

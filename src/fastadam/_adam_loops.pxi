@@ -1,0 +1,203 @@
+# The per-element loops of fastadam: included (textually) by _kernels.pyx, compiled for the
+# baseline ISA, and by _kernels_avx2.pyx / _kernels_avx512.pyx, compiled with
+# -march=x86-64-v3 / -march=x86-64-v4. Each of those modules exports run_chunk and
+# count_nonfinite_chunk; fastadam._simd picks which module's functions the engine in
+# _kernels.pyx calls (see the notes at the top of _kernels.pyx). Only C-level code here:
+# no Python objects, nothing that raises.
+#
+# Loops marked "# vectorized: kernel loop" must vectorize at every level
+# (.github/scripts/check_vectorization.py).
+
+from libc.math cimport sqrt, sqrtf
+from libc.stdint cimport uint32_t, uint64_t
+from cython cimport floating
+
+from fastadam._adam_types cimport AdamTensor
+
+
+# --- compile-time switches ------------------------------------------------------------
+# Each pair is a fused type; Cython emits one _update per combination and drops the
+# untaken side of every `if Tag is ...` test at compile time.
+
+cdef struct Unscaled:       # g = grad * (+-1)
+    char unused
+cdef struct Scaled:         # g = grad / (+-grad_scale)
+    char unused
+ctypedef fused GradTag:
+    Unscaled
+    Scaled
+
+cdef struct Decoupled:      # p = p * (1 - lr*wd), a factor of exactly 1 without decay
+    char unused
+cdef struct L2:             # g = g + wd * p
+    char unused
+ctypedef fused DecayTag:
+    Decoupled
+    L2
+
+cdef struct SmallWeight:    # m = m + w * (g - m)           (w < 0.5)
+    char unused
+cdef struct LargeWeight:    # m = g - (g - m) * (1 - w)     (w >= 0.5)
+    char unused
+ctypedef fused LerpTag:
+    SmallWeight
+    LargeWeight
+
+cdef struct PlainV:
+    char unused
+cdef struct MaxV:           # AMSGrad
+    char unused
+ctypedef fused MaxTag:
+    PlainV
+    MaxV
+
+cdef struct PaperForm:      # default and eps_hat
+    char unused
+cdef struct RootForm:       # eps_root > 0 (Optax)
+    char unused
+ctypedef fused FormTag:
+    PaperForm
+    RootForm
+
+
+# --- the per-element loop ---------------------------------------------------------------
+
+cdef inline floating _sqrt(floating x) noexcept nogil:
+    if floating is float:
+        return sqrtf(x)
+    else:
+        return sqrt(x)
+
+
+cdef void _update(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
+                  floating* dtype, GradTag* grad_tag, DecayTag* decay_tag,
+                  LerpTag* lerp_tag, MaxTag* max_tag, FormTag* form_tag) noexcept nogil:
+    """Elements [start, stop) of one tensor: DESIGN.md's update, in its order."""
+    cdef floating* p = (<floating*>t.param) + start
+    cdef const floating* grad = (<const floating*>t.grad) + start
+    cdef floating* m = (<floating*>t.exp_avg) + start
+    cdef floating* v = (<floating*>t.exp_avg_sq) + start
+    cdef floating* vmax = (<floating*>t.max_exp_avg_sq) + start   # unused unless MaxV
+    cdef Py_ssize_t n = stop - start
+    cdef Py_ssize_t i
+    # The step's constants, cast to the element type once (never mixed into the loop
+    # as doubles: that would add conversions to every element).
+    cdef floating grad_factor = <floating>t.coef.grad_factor
+    cdef floating l2 = <floating>t.coef.l2
+    cdef floating param_scale = <floating>t.coef.param_scale
+    cdef floating w = <floating>t.coef.w
+    cdef floating one_minus_w = 1 - w      # in the element type, as PyTorch's lerp does
+    cdef floating beta2 = <floating>t.coef.beta2
+    cdef floating one_minus_beta2 = <floating>t.coef.one_minus_beta2
+    cdef floating step_coef = <floating>t.coef.step_coef
+    cdef floating denom_div = <floating>t.coef.denom_div
+    cdef floating eps = <floating>t.coef.eps
+    cdef floating bc1 = <floating>t.coef.bc1
+    cdef floating bc2 = <floating>t.coef.bc2
+    cdef floating eps_root = <floating>t.coef.eps_root
+    cdef floating g, pi, mi, vi, vmi
+
+    for i in range(n):  # vectorized: kernel loop
+        g = grad[i]
+        if GradTag is Scaled:
+            g = g / grad_factor
+        else:
+            g = g * grad_factor
+        pi = p[i]
+        if DecayTag is L2:
+            g = g + l2 * pi
+        else:
+            pi = pi * param_scale
+        mi = m[i]
+        if LerpTag is SmallWeight:
+            mi = mi + w * (g - mi)
+        else:
+            mi = g - (g - mi) * one_minus_w
+        vi = v[i] * beta2 + (one_minus_beta2 * g) * g
+        m[i] = mi
+        v[i] = vi
+        if MaxTag is MaxV:
+            vmi = vmax[i]
+            vi = vi if vmi < vi else vmi
+            vmax[i] = vi
+        if FormTag is PaperForm:
+            p[i] = pi + (step_coef * mi) / (_sqrt(vi) / denom_div + eps)
+        else:
+            p[i] = pi - step_coef * (mi / bc1) / (_sqrt(vi / bc2 + eps_root) + eps)
+
+
+# --- run-time flags -> compile-time specialization, once per chunk ------------------------
+
+cdef void _by_form(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop, floating* dtype,
+                   GradTag* a, DecayTag* b, LerpTag* c, MaxTag* d) noexcept nogil:
+    if t.coef.root_form:
+        _update(t, start, stop, dtype, a, b, c, d, <RootForm*>NULL)
+    else:
+        _update(t, start, stop, dtype, a, b, c, d, <PaperForm*>NULL)
+
+
+cdef void _by_max(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop, floating* dtype,
+                  GradTag* a, DecayTag* b, LerpTag* c) noexcept nogil:
+    if t.coef.amsgrad:
+        _by_form(t, start, stop, dtype, a, b, c, <MaxV*>NULL)
+    else:
+        _by_form(t, start, stop, dtype, a, b, c, <PlainV*>NULL)
+
+
+cdef void _by_lerp(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop, floating* dtype,
+                   GradTag* a, DecayTag* b) noexcept nogil:
+    # PyTorch picks the lerp branch by the weight *in the element type*.
+    if <floating>t.coef.w < 0.5:
+        _by_max(t, start, stop, dtype, a, b, <SmallWeight*>NULL)
+    else:
+        _by_max(t, start, stop, dtype, a, b, <LargeWeight*>NULL)
+
+
+cdef void _by_decay(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop, floating* dtype,
+                    GradTag* a) noexcept nogil:
+    if t.coef.l2_decay:
+        _by_lerp(t, start, stop, dtype, a, <L2*>NULL)
+    else:
+        _by_lerp(t, start, stop, dtype, a, <Decoupled*>NULL)
+
+
+cdef void _by_grad(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
+                   floating* dtype) noexcept nogil:
+    if t.coef.grad_scaled:
+        _by_decay(t, start, stop, dtype, <Scaled*>NULL)
+    else:
+        _by_decay(t, start, stop, dtype, <Unscaled*>NULL)
+
+
+cdef void run_chunk(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop) noexcept nogil:
+    """Elements [start, stop) of one tensor, through its specialization."""
+    if t.is_double:
+        _by_grad(t, start, stop, <double*>NULL)
+    else:
+        _by_grad(t, start, stop, <float*>NULL)
+
+
+# --- scanning gradients for NaN/Inf ----------------------------------------------------------
+
+cdef Py_ssize_t _count_nonfinite_f32(const uint32_t* bits, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i, bad = 0
+    for i in range(n):  # vectorized: kernel loop
+        bad += (bits[i] & 0x7f800000u) == 0x7f800000u   # exponent all ones: Inf or NaN
+    return bad
+
+
+cdef Py_ssize_t _count_nonfinite_f64(const uint64_t* bits, Py_ssize_t n) noexcept nogil:
+    # The exponent is tested in the high 32-bit word: SSE2 has no 64-bit integer compare,
+    # so a 64-bit mask test would not vectorize on the baseline.
+    cdef Py_ssize_t i, bad = 0
+    for i in range(n):  # vectorized: kernel loop
+        bad += (<uint32_t>(bits[i] >> 32) & 0x7ff00000u) == 0x7ff00000u
+    return bad
+
+
+cdef Py_ssize_t count_nonfinite_chunk(const AdamTensor* t, Py_ssize_t start,
+                                       Py_ssize_t stop) noexcept nogil:
+    """How many gradient elements in [start, stop) of one tensor are NaN or Inf."""
+    if t.is_double:
+        return _count_nonfinite_f64((<const uint64_t*>t.grad) + start, stop - start)
+    return _count_nonfinite_f32((<const uint32_t*>t.grad) + start, stop - start)

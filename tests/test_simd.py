@@ -1,0 +1,88 @@
+"""Runtime SIMD dispatch: every level this machine runs gives the same bits."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import VARIANTS, make_grads, make_state, variant_id, variant_kwargs
+
+import fastadam
+from fastadam import _kernels, _simd
+
+LEVELS = _simd.available_levels()
+
+
+@pytest.fixture
+def restore_levels():
+    yield
+    _simd.use(*_simd.default_levels())
+
+
+def run(variant, dtype, size, steps=2):
+    param, m, v, vmax = make_state(size, dtype, amsgrad=variant["amsgrad"])
+    for t, grad in enumerate(make_grads(size, dtype, steps), start=1):
+        fastadam.adam_step(param, grad, m, v, max_exp_avg_sq=vmax, step=t, num_threads=1,
+                           **variant_kwargs(variant))
+    return [a for a in (param, m, v, vmax) if a is not None]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("size", [37, 1000, _simd.SMALL_TENSOR_ELEMENTS + 77])
+def test_every_level_is_bit_identical_to_baseline(restore_levels, dtype, level, size):
+    for variant in VARIANTS[::3] + VARIANTS[1::3][:8]:
+        _simd.use("baseline")
+        expected = run(variant, dtype, size)
+        _simd.use(level)
+        for got, want in zip(run(variant, dtype, size), expected):
+            np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8),
+                                          err_msg=f"{level} {variant_id(variant)}")
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_nonfinite_scan_at_every_level(restore_levels, dtype, level):
+    _simd.use(level)
+    params = [np.zeros(n, dtype) for n in (5, 3000, 9000)]
+    opt = fastadam.Adam(params)
+    for index in (0, 4):
+        grads = [np.ones(n, dtype) for n in (5, 3000, 9000)]
+        grads[1][2999] = np.inf
+        grads[2][index] = np.nan
+        assert opt.step(grads, skip_if_nonfinite=True) is False
+    assert opt.step([np.ones(n, dtype) for n in (5, 3000, 9000)], skip_if_nonfinite=True)
+
+
+def test_default_policy_and_report():
+    small, large = _simd.default_levels()
+    assert small == LEVELS[-1]
+    assert large == ("avx2" if "avx2" in LEVELS else LEVELS[-1])
+    simd = fastadam.show_config("dicts")["simd"]
+    assert simd["available"] == LEVELS
+    if not os.environ.get("FASTADAM_SIMD"):
+        assert (simd["small_tensors"], simd["large_tensors"]) == (small, large)
+
+
+def test_cpu_levels_are_ordered_prefixes():
+    levels = _kernels.cpu_levels()
+    assert levels == ["baseline", "avx2", "avx512"][: len(levels)]
+
+
+def test_use_rejects_unknown_levels(restore_levels):
+    with pytest.raises(ValueError, match="SIMD level must be one of baseline, avx2, avx512, got 'sse9'"):
+        _simd.use("sse9")
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_fastadam_simd_forces_a_level(level):
+    code = "import fastadam; s = fastadam.show_config('dicts')['simd']; print(s['small_tensors'], s['large_tensors'])"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, FASTADAM_SIMD=level),
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == [level, level]
+
+
+def test_fastadam_simd_with_a_bad_level_fails_import_clearly():
+    result = subprocess.run([sys.executable, "-c", "import fastadam"],
+                            env=dict(os.environ, FASTADAM_SIMD="avx9000"), capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "FASTADAM_SIMD=avx9000: SIMD level must be one of baseline, avx2, avx512" in result.stderr
