@@ -107,3 +107,29 @@ def test_save_and_load_check_their_arguments(tmp_path):
         fastadam.save(object(), tmp_path / "x.npz")
     with pytest.raises(TypeError, match="^opt must be a fastadam.Adam"):
         fastadam.load({}, tmp_path / "x.npz")
+
+
+def test_npy_file_is_a_value_error(tmp_path):
+    params, opt = make_setup()
+    np.save(tmp_path / "x.npy", np.zeros(3))
+    with pytest.raises(ValueError, match="not a readable fastadam checkpoint"):
+        fastadam.load(opt, tmp_path / "x.npy")
+
+
+def test_betas_given_as_a_list_save_fine(tmp_path):
+    params = [np.zeros(3, np.float32)]
+    opt = fastadam.Adam(params, betas=[0.8, 0.99])
+    opt.param_groups[0]["betas"] = [0.7, 0.9]
+    fastadam.save(opt, tmp_path / "b.npz")
+    fastadam.load(opt, tmp_path / "b.npz")
+    assert opt.param_groups[0]["betas"] == (0.7, 0.9)
+
+
+def test_checkpoint_file_mode_follows_the_umask(tmp_path):
+    params, opt = make_setup()
+    old = os.umask(0o022)
+    try:
+        fastadam.save(opt, tmp_path / "m.npz")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.npz").stat().st_mode & 0o777 == 0o644

@@ -346,7 +346,9 @@ def test_state_dict_round_trip_continues_identically():
     (lambda sd: sd["param_groups"][0]["params"].pop(), r"has 4 params, the optimizer's group 0 has 5"),
     (lambda sd: sd["state"][1].update(exp_avg=np.zeros((5, 17), np.float32)), r"\['exp_avg'\] has shape \(5, 17\), parameter 1 has \(17, 5\)"),
     (lambda sd: sd["state"][2].update(exp_avg_sq=np.zeros(1000, np.float64)), r"\['exp_avg_sq'\] has dtype float64, parameter 2 has float32"),
-    (lambda sd: sd["state"][0].update(step=-1), r"\['step'\] must be a whole number >= 0"),
+    (lambda sd: sd["state"][0].update(step=-1), r"\['step'\] must be a whole number in \[0, 2\*\*63 - 2\], got -1"),
+    (lambda sd: sd["state"][0].update(step=float("inf")), r"\['step'\] must be a whole number >= 0, got inf"),
+    (lambda sd: sd["param_groups"][0].update(params=[0, 0, 1, 2, 3]), r"repeats the parameter id 0"),
     (lambda sd: sd["state"][0].update(step=1.5), r"\['step'\] must be a whole number >= 0"),
     (lambda sd: sd["state"][0].pop("exp_avg"), r"must have 'step', 'exp_avg' and 'exp_avg_sq'"),
     (lambda sd: sd["state"][0].pop("max_exp_avg_sq"), r"lacks 'max_exp_avg_sq' but its group uses amsgrad"),
@@ -376,3 +378,136 @@ def test_nonfinite_scan_finds_every_position_and_spares_extreme_finite_values(dt
     grad = np.ones(7, dtype)
     grad[position] = np.nan
     assert opt.step([grad], skip_if_nonfinite=True) is False
+
+
+# --- groups edited in ways the state cannot follow, and other misuse ----------------------
+
+def two_group_optimizer():
+    a, b = make_params(shapes=[(3,)]), make_params(shapes=[(5,)], seed=1)
+    opt = fastadam.Adam([{"params": a}, {"params": b, "lr": 0.1}])
+    opt.step(make_grads(a + b, 0))
+    return a + b, opt
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda groups: groups.pop(), r"param_groups has 1 groups, the optimizer was built with 2"),
+    (lambda groups: groups.reverse(), r"param_groups\[0\]\['params'\] was replaced or the groups reordered"),
+    (lambda groups: groups[1].update(params=(np.zeros(5, np.float32),)), r"param_groups\[1\]\['params'\] was replaced"),
+])
+def test_structural_edits_of_param_groups_are_refused(edit, match):
+    params, opt = two_group_optimizer()
+    edit(opt.param_groups)
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match=match):
+        opt.step(make_grads(params, 1))
+    assert snapshot(opt, params) == before
+
+
+def test_group_params_are_a_tuple():
+    params, opt = two_group_optimizer()
+    assert isinstance(opt.param_groups[0]["params"], tuple)
+    with pytest.raises(AttributeError):
+        opt.param_groups[0]["params"].append(np.zeros(3, np.float32))
+
+
+def test_a_rejected_step_allocates_no_amsgrad_state():
+    params = make_params()
+    opt = fastadam.Adam(params)
+    opt.step(make_grads(params, 0))
+    opt.param_groups[0]["amsgrad"] = True
+    with pytest.raises(ValueError):
+        opt.step(make_grads(params, 1)[:-1])
+    assert "max_exp_avg_sq" not in opt.state[0]
+    assert set(opt.state_dict()["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    ({"lr": 10**400}, ValueError, r"defaults\['lr'\] must be finite"),
+    ({"num_threads": 2**40}, ValueError, r"num_threads must be None or a positive integer up to 2147483647"),
+])
+def test_huge_values_are_value_errors(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        fastadam.Adam(make_params(), **kwargs)
+
+
+def test_num_threads_attribute_is_validated():
+    opt = fastadam.Adam(make_params())
+    with pytest.raises(ValueError, match="num_threads"):
+        opt.num_threads = -3
+    opt.num_threads = 2
+    assert opt.num_threads == 2
+
+
+def test_schedule_overflow_is_a_clear_error():
+    params = make_params()
+    opt = fastadam.Adam(params, lr=schedules.exponential(1.0, decay_rate=10.0))
+    sd = opt.state_dict()
+    for entry in sd["state"].values():
+        entry["step"] = 400  # 10.0 ** 401 overflows a double
+    opt.load_state_dict(sd)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\] \(the schedule's value at step 401\) must be finite"):
+        opt.step(make_grads(params, 0))
+
+
+@pytest.mark.parametrize("step", [np.int64(3), 3.0, np.float32(3.0), np.array(3.0), 2**63 - 2])
+def test_saved_steps_in_every_whole_number_form_load(step):
+    params = make_params(shapes=[(4,)])
+    opt = fastadam.Adam(params)
+    sd = opt.state_dict()
+    sd["state"][0]["step"] = step
+    opt.load_state_dict(sd)
+    assert opt.state[0]["step"] == int(step)
+
+
+@pytest.mark.parametrize("state_dict, exc", [
+    ({"state": [], "param_groups": []}, TypeError),
+    ({"state": {}, "param_groups": [3]}, TypeError),
+    ({"state": {}, "param_groups": "ab"}, TypeError),
+    ([], TypeError),
+])
+def test_malformed_state_dicts_are_type_errors(state_dict, exc):
+    opt = fastadam.Adam(make_params(shapes=[(4,)]))
+    with pytest.raises(exc):
+        opt.load_state_dict(state_dict)
+
+
+def test_saved_step_as_string_is_a_type_error():
+    opt = fastadam.Adam(make_params(shapes=[(4,)]))
+    sd = opt.state_dict()
+    sd["state"][0]["step"] = "5"
+    with pytest.raises(TypeError, match=r"\['step'\] must be a whole number, got str"):
+        opt.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("grads", ["abcde", {0: 1}], ids=["str", "dict"])
+def test_grads_must_be_a_real_sequence(grads):
+    opt = fastadam.Adam(make_params())
+    with pytest.raises(TypeError, match="^grads must be a sequence"):
+        opt.step(grads)
+
+
+def test_skip_flag_accepts_numpy_bools():
+    params = make_params()
+    opt = fastadam.Adam(params)
+    assert opt.step(make_grads(params, 0), skip_if_nonfinite=np.True_) is True
+    with pytest.raises(TypeError, match="^skip_if_nonfinite must be a bool"):
+        opt.step(make_grads(params, 0), skip_if_nonfinite=1)
+
+
+def test_flat_grad_for_nd_param_is_rejected_on_the_fast_path_too():
+    params = make_params()
+    grads = make_grads(params, 0)
+    grads[1] = grads[1].reshape(-1)
+    opt = fastadam.Adam(params)
+    with pytest.raises(ValueError, match=r"grads\[1\] must have the shape of params\[1\]"):
+        opt.step(grads)
+
+
+def test_deepcopy_after_steps_is_independent():
+    import copy
+    params = make_params()
+    opt = fastadam.Adam(params)
+    opt.step(make_grads(params, 0))
+    clone = copy.deepcopy(opt)
+    clone.step(make_grads(params, 1))  # steps the clone's own copies of the params
+    assert opt.state[0]["step"] == 1 and clone.state[0]["step"] == 2

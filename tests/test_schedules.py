@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from fastadam import schedules
@@ -65,3 +66,32 @@ def test_bad_arguments(factory, exc, match):
 def test_bad_steps(step, exc):
     with pytest.raises(exc, match="^step must be"):
         schedules.inverse_sqrt(0.1)(step)
+
+
+def test_integer_arguments_accept_numpy_integers():
+    assert schedules.step_decay(1.0, step_size=np.int64(10)).step_size == 10
+
+
+def reference_cosine_restarts(lr, decay_steps, factor, step):
+    elapsed, period = float(step - 1), float(decay_steps)
+    while elapsed >= period:
+        elapsed -= period
+        period *= factor
+    return 0.5 * lr * (1.0 + math.cos(math.pi * elapsed / period))
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.5, 2.0, 3.0])
+def test_cosine_restarts_closed_form_matches_the_definition(factor):
+    schedule = schedules.cosine(1.0, decay_steps=7, restarts=True, period_factor=factor)
+    for step in list(range(1, 400)) + [10**4, 10**5 + 3]:
+        assert math.isclose(schedule(step), reference_cosine_restarts(1.0, 7, factor, step),
+                            rel_tol=1e-9, abs_tol=1e-12), step
+
+
+def test_cosine_restarts_cost_does_not_grow_with_step():
+    schedule = schedules.cosine(1.0, decay_steps=1, restarts=True)
+    assert 0.0 <= schedule(10**15) <= 1.0  # a loop over restarts would never return
+
+
+def test_overflowing_schedules_return_inf():
+    assert schedules.exponential(1.0, decay_rate=10.0)(10**6) == math.inf

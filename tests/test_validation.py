@@ -193,3 +193,9 @@ def test_keyword_only_step_is_required():
     bufs = buffers()
     with pytest.raises(TypeError, match="step"):
         fastadam.adam_step(bufs["param"], bufs["grad"], bufs["exp_avg"], bufs["exp_avg_sq"])
+
+
+def test_overlap_helper_refuses_non_arrays():
+    from fastadam import _kernels
+    with pytest.raises(TypeError):
+        _kernels.first_overlap([None, None])

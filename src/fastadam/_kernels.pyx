@@ -250,9 +250,9 @@ cdef int _by_start(const void* a, const void* b) noexcept nogil:
     return -1 if x < y else (1 if x > y else 0)
 
 
-cdef inline Interval _interval(object array, Py_ssize_t index):
+cdef inline Interval _interval(object array, Py_ssize_t index) except *:
     cdef Interval r
-    r.start = <size_t>cnp.PyArray_DATA(<cnp.ndarray>array)
+    r.start = <size_t>cnp.PyArray_DATA(<cnp.ndarray?>array)
     r.stop = r.start + <size_t>cnp.PyArray_NBYTES(<cnp.ndarray>array)
     r.index = index
     return r
@@ -264,10 +264,14 @@ cdef Interval* _sorted_intervals(list arrays, Py_ssize_t* n_out) except NULL:
     cdef Interval* intervals = <Interval*>malloc(max(n, 1) * sizeof(Interval))
     if intervals == NULL:
         raise MemoryError()
-    for i in range(n):
-        intervals[k] = _interval(arrays[i], i)
-        if intervals[k].stop > intervals[k].start:
-            k += 1
+    try:
+        for i in range(n):
+            intervals[k] = _interval(arrays[i], i)
+            if intervals[k].stop > intervals[k].start:
+                k += 1
+    except BaseException:
+        free(intervals)
+        raise
     qsort(intervals, k, sizeof(Interval), _by_start)
     n_out[0] = k
     return intervals
@@ -295,8 +299,8 @@ def first_overlap(list arrays):
 
 # --- Python entry points (private; callers validate first) --------------------------------
 
-cdef inline char* _data(object array):
-    return <char*>cnp.PyArray_DATA(<cnp.ndarray>array)
+cdef inline char* _data(object array) except? NULL:
+    return <char*>cnp.PyArray_DATA(<cnp.ndarray?>array)
 
 
 def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, double step, double lr,
@@ -339,9 +343,19 @@ cdef class AdamTable:
     of every group through one OpenMP team. Arguments are validated by the caller
     (fastadam._validation); ``first_nonconforming`` is the fast scan that lets it skip
     the per-gradient Python checks when all gradients are plain conforming ndarrays.
+
+    Runs: consecutive tensors of one group and dtype whose params lie back to back in
+    memory, and whose states do too (the optimizer allocates each group's state as one
+    block), form a run. When a step's gradients for a run also lie back to back (as
+    fastadam.FlatParams lays them out) and the run's step counts agree, the run is
+    updated as ONE tensor: one long stream instead of many short loops. Only memory
+    that belongs to the tensors is touched either way (runs have no gaps).
     """
-    cdef AdamTensor* tensors
+    cdef AdamTensor* tensors      # one record per tensor (grad pointers set per step)
+    cdef AdamTensor* records      # what a step runs: whole runs, or single tensors
+    cdef Py_ssize_t n_records
     cdef Py_ssize_t n
+    cdef Py_ssize_t* run_stop     # at a run's first tensor: one past its last tensor
     cdef Py_ssize_t* group_of
     cdef Py_ssize_t n_groups
     cdef int64_t* steps
@@ -355,20 +369,24 @@ cdef class AdamTable:
         cdef Py_ssize_t i, n = len(params)
         self.n = n
         self.tensors = <AdamTensor*>calloc(max(n, 1), sizeof(AdamTensor))
+        self.records = <AdamTensor*>calloc(max(n, 1), sizeof(AdamTensor))
+        self.run_stop = <Py_ssize_t*>malloc(max(n, 1) * sizeof(Py_ssize_t))
         self.group_of = <Py_ssize_t*>malloc(max(n, 1) * sizeof(Py_ssize_t))
-        if self.tensors == NULL or self.group_of == NULL:
+        if (self.tensors == NULL or self.records == NULL or self.run_stop == NULL
+                or self.group_of == NULL):
             raise MemoryError()
         self.n_groups = 0
         for i in range(n):
             t = &self.tensors[i]
-            t.size = cnp.PyArray_SIZE(<cnp.ndarray>params[i])
+            t.size = cnp.PyArray_SIZE(<cnp.ndarray?>params[i])
             t.is_double = cnp.PyArray_TYPE(<cnp.ndarray>params[i]) == cnp.NPY_DOUBLE
             t.param = _data(params[i])
             t.exp_avg = _data(exp_avgs[i])
             t.exp_avg_sq = _data(exp_avg_sqs[i])
             t.max_exp_avg_sq = NULL if max_exp_avg_sqs[i] is None else _data(max_exp_avg_sqs[i])
             self.group_of[i] = group_of[i]
-            self.n_groups = max(self.n_groups, group_of[i] + 1)
+            self.n_groups = max(self.n_groups, self.group_of[i] + 1)
+        self._find_runs()
         self.steps = <int64_t*>cnp.PyArray_DATA(steps)
         written = params + exp_avgs + exp_avg_sqs + [a for a in max_exp_avg_sqs if a is not None]
         self.written = _sorted_intervals(written, &self.n_written)
@@ -377,10 +395,36 @@ cdef class AdamTable:
 
     def __dealloc__(self):
         free(self.tensors)
+        free(self.records)
+        free(self.run_stop)
         free(self.group_of)
         free(self.written)
 
-    cdef bint _overlaps_written(self, object array):
+    cdef void _find_runs(self):
+        cdef Py_ssize_t i = 0, j
+        while i < self.n:
+            j = i + 1
+            while (j < self.n and self.group_of[j] == self.group_of[i]
+                   and self.tensors[j].is_double == self.tensors[i].is_double
+                   and _follows(&self.tensors[j], &self.tensors[j - 1])):
+                j += 1
+            self.run_stop[i] = j
+            i = j
+
+    def runs(self):
+        """[(first, stop), ...]: the runs of tensors (see the class docstring)."""
+        result, i = [], 0
+        while i < self.n:
+            result.append((i, self.run_stop[i]))
+            i = self.run_stop[i]
+        return result
+
+    @property
+    def records_in_last_pass(self):
+        """How many records (whole runs or single tensors) the last pass ran."""
+        return self.n_records
+
+    cdef int _overlaps_written(self, object array) except -1:
         """Does this array's memory overlap any param or state buffer? (binary search)"""
         cdef Interval r = _interval(array, 0)
         cdef Py_ssize_t lo = 0, hi = self.n_written, mid
@@ -414,17 +458,42 @@ cdef class AdamTable:
                 return i
         return -1
 
-    cdef void _set_grads(self, list grads):
-        cdef Py_ssize_t i
+    cdef int _prepare(self, list grads) except -1:
+        """Set the gradient pointers, then build this pass's records: each run as one
+        record if its gradients lie back to back and its step counts agree, else its
+        tensors one by one."""
+        cdef Py_ssize_t i, k, stop
+        cdef bint merge
         for i in range(self.n):
             self.tensors[i].grad = _data(grads[i])
+        self.n_records = 0
+        i = 0
+        while i < self.n:
+            stop = self.run_stop[i]
+            merge = stop - i > 1
+            k = i + 1
+            while merge and k < stop:
+                merge = (self.steps[k] == self.steps[i] and
+                         self.tensors[k].grad == self.tensors[k - 1].grad + _nbytes(&self.tensors[k - 1]))
+                k += 1
+            if merge:
+                self.records[self.n_records] = self.tensors[i]
+                for k in range(i + 1, stop):
+                    self.records[self.n_records].size += self.tensors[k].size
+                self.n_records += 1
+            else:
+                for k in range(i, stop):
+                    self.records[self.n_records] = self.tensors[k]
+                    self.n_records += 1
+            i = stop
+        return 0
 
     def count_nonfinite(self, list grads, int num_threads):
         """How many elements of the (validated) gradients are NaN or Inf."""
         cdef Py_ssize_t bad
-        self._set_grads(grads)
+        self._prepare(grads)
         with nogil:
-            bad = count_nonfinite_grads(self.tensors, self.n, num_threads)
+            bad = count_nonfinite_grads(self.records, self.n_records, num_threads)
         if bad < 0:
             raise MemoryError("fastadam: could not allocate the chunk table")
         return bad
@@ -433,37 +502,58 @@ cdef class AdamTable:
         """One Adam step of every tensor. ``groups``: one tuple per param group,
         (lr, beta1, beta2, eps, weight_decay, eps_root, decoupled_weight_decay, amsgrad,
         maximize, eps_hat), validated; grads validated and conforming."""
-        cdef Py_ssize_t i, k
+        cdef Py_ssize_t i, k, first = 0
         cdef int status
         cdef GroupHyperparameters* h
+        cdef AdamTensor* r
         cdef GroupHyperparameters* hyper = <GroupHyperparameters*>malloc(
             max(len(groups), 1) * sizeof(GroupHyperparameters))
         if hyper == NULL:
             raise MemoryError()
         try:
+            if len(groups) != self.n_groups:  # never index past the groups given
+                raise ValueError(f"expected hyperparameters for {self.n_groups} groups, "
+                                 f"got {len(groups)}")
             for k, values in enumerate(groups):
                 (hyper[k].lr, hyper[k].beta1, hyper[k].beta2, hyper[k].eps,
                  hyper[k].weight_decay, hyper[k].eps_root, hyper[k].decoupled_weight_decay,
                  hyper[k].amsgrad, hyper[k].maximize, hyper[k].eps_hat) = values
-            self._set_grads(grads)
-            for i in range(self.n):
-                t = &self.tensors[i]
-                if (i > 0 and self.group_of[i] == self.group_of[i - 1]
-                        and self.steps[i] == self.steps[i - 1]):
-                    t.coef = self.tensors[i - 1].coef  # the usual case: computed once per group
-                    continue
-                h = &hyper[self.group_of[i]]
-                fill_coefficients(&t.coef, <double>(self.steps[i] + 1), h.lr, h.beta1, h.beta2,
-                                  h.eps, h.weight_decay, h.decoupled_weight_decay, h.amsgrad,
-                                  h.maximize, h.eps_hat, h.eps_root, grad_scale)
+            self._prepare(grads)
+            for k in range(self.n_records):  # records are in tensor order: track each
+                r = &self.records[k]        # record's first tensor for group and step
+                while self.tensors[first].param != r.param:
+                    first += 1
+                if (k > 0 and self.group_of[first] == self.group_of[i]
+                        and self.steps[first] == self.steps[i]):
+                    r.coef = self.records[k - 1].coef  # the usual case: once per group
+                else:
+                    h = &hyper[self.group_of[first]]
+                    fill_coefficients(&r.coef, <double>(self.steps[first] + 1), h.lr, h.beta1,
+                                      h.beta2, h.eps, h.weight_decay, h.decoupled_weight_decay,
+                                      h.amsgrad, h.maximize, h.eps_hat, h.eps_root, grad_scale)
+                i = first
             with nogil:
-                status = run_tensors(self.tensors, self.n, num_threads)
+                status = run_tensors(self.records, self.n_records, num_threads)
             if status != 0:
                 raise MemoryError("fastadam: could not allocate the chunk table")
             for i in range(self.n):
                 self.steps[i] += 1
         finally:
             free(hyper)
+
+
+cdef inline size_t _nbytes(const AdamTensor* t) noexcept nogil:
+    return <size_t>t.size * (8 if t.is_double else 4)
+
+
+cdef inline bint _follows(const AdamTensor* t, const AdamTensor* previous) noexcept nogil:
+    """Do t's param and state buffers start exactly where previous's end?"""
+    cdef size_t gap = _nbytes(previous)
+    if (previous.max_exp_avg_sq == NULL) != (t.max_exp_avg_sq == NULL):
+        return False
+    return (t.param == previous.param + gap and t.exp_avg == previous.exp_avg + gap
+            and t.exp_avg_sq == previous.exp_avg_sq + gap
+            and (t.max_exp_avg_sq == NULL or t.max_exp_avg_sq == previous.max_exp_avg_sq + gap))
 
 
 def openmp_enabled():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 import numpy as np
 
@@ -20,6 +20,7 @@ from fastadam._kernels import first_overlap
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 MAX_STEP = 2**63 - 1  # step counts are int64 in optimizer state and in PyTorch
+MAX_THREADS = 2**31 - 1  # a C int
 
 
 class AdamBuffers(NamedTuple):
@@ -123,7 +124,10 @@ def check_real(value: Any, name: str) -> float:
     elif isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     else:
-        result = float(value)
+        try:
+            result = float(value)
+        except OverflowError:  # an int or Fraction beyond the double range
+            raise ValueError(f"{name} must be finite, got a value beyond the float range") from None
     if not math.isfinite(result):
         raise ValueError(f"{name} must be finite, got {result!r}")
     return result
@@ -167,8 +171,8 @@ def check_num_threads(value: Any, name: str = "num_threads") -> Optional[int]:
         return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be None or a positive integer, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be None or a positive integer, got {int(value)}")
+    if not 1 <= value <= MAX_THREADS:
+        raise ValueError(f"{name} must be None or a positive integer up to {MAX_THREADS}, got {int(value)}")
     return int(value)
 
 
@@ -199,24 +203,50 @@ def check_hyperparameters(
         eps_root=check_at_least(eps_root, "eps_root", 0.0),
         grad_scale=check_at_least(grad_scale, "grad_scale", 0.0, strict=True),
     )
-    if hp.eps_hat and hp.eps_root > 0.0:
-        raise ValueError(
-            "eps_hat=True and eps_root > 0 select two different epsilon forms "
-            f"(Keras's and Optax's); pass one of them, got eps_root={hp.eps_root!r}"
-        )
+    check_epsilon_forms(hp.eps_hat, hp.eps_root)
     return hp
+
+
+def check_epsilon_forms(eps_hat: bool, eps_root: float, where: str = "") -> None:
+    if eps_hat and eps_root > 0.0:
+        raise ValueError(
+            f"{where}eps_hat=True and eps_root > 0 select two different epsilon forms "
+            f"(Keras's and Optax's); pass one of them, got eps_root={eps_root!r}"
+        )
 
 
 # --- optimizer objects ------------------------------------------------------------------
 
 HYPERPARAMETER_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "eps_hat",
                        "eps_root", "decoupled_weight_decay")
+NOT_A_SEQUENCE = (np.ndarray, memoryview, bytes, bytearray, str, Mapping)
 
 
-def check_params(params: Any, name: str) -> list:
+class GroupHyperparameters(NamedTuple):
+    """One param group's validated values for one step, in the order
+    fastadam._kernels.AdamTable.step unpacks them."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    eps_root: float
+    decoupled_weight_decay: bool
+    amsgrad: bool
+    maximize: bool
+    eps_hat: bool
+
+
+def check_sequence(value: Any, name: str, what: str) -> list:
+    """``value`` as a list, if it is a sequence (not a buffer, string or mapping)."""
+    if isinstance(value, NOT_A_SEQUENCE) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of {what}, got {type(value).__name__}")
+    return list(value)
+
+
+def check_params(params: list, name: str) -> list:
     """A non-empty list of in-place-updatable parameter buffers (N-d views kept)."""
-    if isinstance(params, (np.ndarray, memoryview, bytes, bytearray, str)) or not hasattr(params, "__iter__"):
-        raise TypeError(f"{name} must be a sequence of buffers, got {type(params).__name__}")
     arrays = [as_array(p, f"{name}[{i}]", writable=True, flatten=False) for i, p in enumerate(params)]
     if not arrays:
         raise ValueError(f"{name} must contain at least one parameter, got an empty sequence")
@@ -238,9 +268,25 @@ def check_no_overlap(arrays: list, names: list) -> None:
         )
 
 
-def check_group_hyperparameters(group: dict, name: str, step: int) -> tuple:
-    """A param group's hyperparameters for step ``step`` (lr schedules are called with
-    it), as the tuple fastadam._kernels.AdamTable.step takes."""
+def check_step_count(value: Any, name: str) -> int:
+    """A saved step count: a whole number in [0, 2**63 - 2] (an int, an integral float as
+    PyTorch stores it, or a 0-d array of either)."""
+    item = value.item() if isinstance(value, np.ndarray) and value.ndim == 0 else value
+    if isinstance(item, (bool, np.bool_)) or not isinstance(item, numbers.Real):
+        raise TypeError(f"{name} must be a whole number, got {type(value).__name__}")
+    if isinstance(item, numbers.Integral):
+        count = int(item)
+    elif math.isfinite(item) and float(item).is_integer():
+        count = int(item)
+    else:
+        raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
+    if not 0 <= count <= MAX_STEP - 1:
+        raise ValueError(f"{name} must be a whole number in [0, 2**63 - 2], got {count}")
+    return count
+
+
+def check_group_hyperparameters(group: Mapping, name: str, step: int) -> GroupHyperparameters:
+    """A param group's hyperparameters for step ``step`` (lr schedules are called with it)."""
     lr = group["lr"]
     if callable(lr):
         lr = check_at_least(lr(step), f"{name}['lr'] (the schedule's value at step {step})", 0.0)
@@ -251,20 +297,18 @@ def check_group_hyperparameters(group: dict, name: str, step: int) -> tuple:
         raise TypeError(f"{name}['betas'] must be a pair (beta1, beta2), got {betas!r}")
     eps_hat = check_flag(group["eps_hat"], f"{name}['eps_hat']")
     eps_root = check_at_least(group["eps_root"], f"{name}['eps_root']", 0.0)
-    if eps_hat and eps_root > 0.0:
-        raise ValueError(f"{name}: eps_hat=True and eps_root > 0 select two different epsilon "
-                         f"forms; pass one of them, got eps_root={eps_root!r}")
-    return (
-        lr,
-        check_beta(betas[0], f"{name}['betas'][0]"),
-        check_beta(betas[1], f"{name}['betas'][1]"),
-        check_at_least(group["eps"], f"{name}['eps']", 0.0),
-        check_at_least(group["weight_decay"], f"{name}['weight_decay']", 0.0),
-        eps_root,
-        check_flag(group["decoupled_weight_decay"], f"{name}['decoupled_weight_decay']"),
-        check_flag(group["amsgrad"], f"{name}['amsgrad']"),
-        check_flag(group["maximize"], f"{name}['maximize']"),
-        eps_hat,
+    check_epsilon_forms(eps_hat, eps_root, f"{name}: ")
+    return GroupHyperparameters(
+        lr=lr,
+        beta1=check_beta(betas[0], f"{name}['betas'][0]"),
+        beta2=check_beta(betas[1], f"{name}['betas'][1]"),
+        eps=check_at_least(group["eps"], f"{name}['eps']", 0.0),
+        weight_decay=check_at_least(group["weight_decay"], f"{name}['weight_decay']", 0.0),
+        eps_root=eps_root,
+        decoupled_weight_decay=check_flag(group["decoupled_weight_decay"], f"{name}['decoupled_weight_decay']"),
+        amsgrad=check_flag(group["amsgrad"], f"{name}['amsgrad']"),
+        maximize=check_flag(group["maximize"], f"{name}['maximize']"),
+        eps_hat=eps_hat,
     )
 
 
@@ -275,9 +319,7 @@ def check_grads(table: Any, grads: Any, params: list) -> list:
     The common case (plain conforming ndarrays) is decided by one C scan; anything else
     goes through the full per-gradient checks, which name the offending gradient.
     """
-    if isinstance(grads, (np.ndarray, memoryview)) or not hasattr(grads, "__iter__"):
-        raise TypeError(f"grads must be a sequence of buffers, one per param, got {type(grads).__name__}")
-    grads = list(grads)
+    grads = check_sequence(grads, "grads", "buffers, one per param")
     if len(grads) != len(params):
         raise ValueError(f"grads must have one gradient per param ({len(params)}), got {len(grads)}")
     if table.first_nonconforming(grads) < 0:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 import zipfile
 from typing import Any, Dict, Union
 
@@ -34,7 +34,7 @@ def _json_hyperparameters(group: Dict[str, Any]) -> Dict[str, Any]:
             continue
         if key == "lr" and callable(value):
             values[key] = {"schedule": repr(value)}
-        elif isinstance(value, tuple):
+        elif isinstance(value, (tuple, list)):
             values[key] = [float(v) for v in value]
         elif isinstance(value, (bool, np.bool_)):
             values[key] = bool(value)
@@ -66,7 +66,9 @@ def save(opt: Adam, path: PathLike) -> None:
     arrays[HEADER] = np.array(json.dumps(header))
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".fastadam-", suffix=".tmp", dir=directory)
+    # Mode 0666 filtered by the umask, as open() would give (mkstemp would make 0600).
+    tmp = os.path.join(directory, f".fastadam-{os.getpid()}-{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
@@ -104,11 +106,15 @@ def load(opt: Adam, path: PathLike) -> None:
         raise TypeError(f"opt must be a fastadam.Adam or AdamW, got {type(opt).__name__}")
     path = os.fspath(path)
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not hasattr(archive, "files") or HEADER not in archive.files:
-                raise ValueError("no fastadam header")
-            header = json.loads(str(archive[HEADER]))
-            arrays = {name: archive[name] for name in archive.files if name != HEADER}
+        with open(path, "rb") as f:
+            archive = np.load(f, allow_pickle=False)
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise ValueError("not an .npz archive")
+            with archive:
+                if HEADER not in archive.files:
+                    raise ValueError("no fastadam header")
+                header = json.loads(str(archive[HEADER]))
+                arrays = {name: archive[name] for name in archive.files if name != HEADER}
     except FileNotFoundError:
         raise
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError,

@@ -12,15 +12,20 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import numpy as np
 
 from fastadam import _kernels
+from fastadam._memory import STATE_PAGE_OFFSETS, zeros_at
 from fastadam._threads import threads_for
 from fastadam._validation import (
     HYPERPARAMETER_KEYS,
+    GroupHyperparameters,
     check_at_least,
+    check_flag,
     check_grads,
     check_group_hyperparameters,
     check_no_overlap,
     check_num_threads,
     check_params,
+    check_sequence,
+    check_step_count,
 )
 
 LearningRate = Union[float, Callable[[int], float]]
@@ -38,7 +43,8 @@ class Adam:
         ...}`` whose keys override the defaults below, as in PyTorch.
     lr : float or callable
         A learning rate, or a schedule ``step -> lr`` (see :mod:`fastadam.schedules`)
-        called once per group per step with the group's 1-based step number.
+        called once per group per step with the group's 1-based step number (the step
+        count of the group's first parameter).
     betas, eps, weight_decay, amsgrad, maximize, eps_hat, eps_root, decoupled_weight_decay
         As in :func:`fastadam.adam_step`.
     num_threads : int, optional
@@ -47,16 +53,21 @@ class Adam:
     Attributes
     ----------
     param_groups : list of dict
-        PyTorch-style groups; hyperparameters may be edited between steps. The
-        ``params`` of a group are fixed once added (use :meth:`add_param_group`).
+        PyTorch-style groups. Hyperparameters may be edited between steps; the groups
+        themselves and their ``params`` (a tuple) are fixed once added: use
+        :meth:`add_param_group` for more.
     state : list of dict
         Per parameter (in group order): ``step`` and live views of ``exp_avg``,
         ``exp_avg_sq`` (and ``max_exp_avg_sq``), shaped like the parameter.
     skipped_steps : int
         Steps refused by ``skip_if_nonfinite``.
 
-    Thread-safety: one optimizer must not be stepped from two threads at once; separate
-    optimizers on separate parameters may be.
+    Notes
+    -----
+    The state of each group is allocated as one block per dtype, so parameters that lie
+    back to back in memory (as :class:`fastadam.FlatParams` lays them out) are updated as
+    one stream. Thread-safety: one optimizer must not be stepped from two threads at once;
+    separate optimizers on separate parameters may be.
     """
 
     def __init__(
@@ -75,27 +86,26 @@ class Adam:
         decoupled_weight_decay: bool = False,
     ) -> None:
         self.defaults: Dict[str, Any] = dict(
-            lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas, eps=eps,
-            weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, eps_hat=eps_hat,
-            eps_root=eps_root, decoupled_weight_decay=decoupled_weight_decay,
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize, eps_hat=eps_hat, eps_root=eps_root,
+            decoupled_weight_decay=decoupled_weight_decay,
         )
         check_group_hyperparameters(self.defaults, "defaults", 1)
-        self.num_threads = check_num_threads(num_threads)
+        self.defaults["betas"] = tuple(betas)
+        self.num_threads = num_threads
         self.param_groups: List[Dict[str, Any]] = []
         self.skipped_steps = 0
         self._params: List[np.ndarray] = []   # N-d views, in group order
-        self._state: List[Dict[str, Optional[np.ndarray]]] = []   # 1-D state arrays
+        self._state: List[Dict[str, Optional[np.ndarray]]] = []   # 1-D views into blocks
         self._steps = np.zeros(0, np.int64)
         self._group_of: List[int] = []
+        self._group_params: List[tuple] = []  # each group's params tuple, to detect edits
         self._table: Optional[_kernels.AdamTable] = None
-        self._amsgrad_groups: set = set()   # groups whose max_exp_avg_sq is allocated
+        self._amsgrad_ready: set = set()       # groups whose max_exp_avg_sq is complete
         self._total_size = 0
 
-        if isinstance(params, (np.ndarray, memoryview, bytes, bytearray, str, Mapping)) or not hasattr(
-                params, "__iter__"):
-            raise TypeError("params must be a sequence of buffers or of param-group dicts, got "
-                            f"{type(params).__name__} (wrap a single array in a list)")
-        params = list(params)
+        params = check_sequence(params, "params", "buffers or of param-group dicts "
+                                "(wrap a single array in a list)")
         groups = params if params and all(isinstance(p, Mapping) for p in params) else [{"params": params}]
         for group in groups:
             self.add_param_group(group)
@@ -106,6 +116,18 @@ class Adam:
             lines.append(f"Parameter Group {i}")
             lines += [f"    {key}: {group[key]!r}" for key in HYPERPARAMETER_KEYS]
         return "\n".join(lines + [")"])
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # The kernel table holds raw pointers: never copy it, rebuild it on the next step.
+        return {**self.__dict__, "_table": None}
+
+    @property
+    def num_threads(self) -> Optional[int]:
+        return self._num_threads
+
+    @num_threads.setter
+    def num_threads(self, value: Optional[int]) -> None:
+        self._num_threads = check_num_threads(value)
 
     # --- groups ------------------------------------------------------------------------
 
@@ -121,28 +143,47 @@ class Adam:
             raise ValueError(f"{name} has unknown keys {sorted(unknown)}; "
                              f"expected 'params' and any of {list(HYPERPARAMETER_KEYS)}")
         group = {**self.defaults, **param_group}
-        if isinstance(group["betas"], list):
-            group["betas"] = tuple(group["betas"])
         params = group["params"]
-        if isinstance(params, (np.ndarray, memoryview)) or not hasattr(params, "__iter__"):
+        if isinstance(params, (np.ndarray, memoryview)):  # a single tensor, as torch allows
             params = [params]
-        params = list(params)
-        arrays = check_params(params, f"{name}['params']")
+        params = tuple(check_sequence(params, f"{name}['params']", "buffers"))
+        arrays = check_params(list(params), f"{name}['params']")
         check_group_hyperparameters(group, name, 1)
         names = [f"params[{i}]" for i in range(len(self._params) + len(arrays))]
         check_no_overlap([a.reshape(-1) for a in self._params + arrays], names)
 
         group["params"] = params
+        group["betas"] = tuple(group["betas"])
+        first = len(self._params)
         self.param_groups.append(group)
-        for array in arrays:
-            self._params.append(array)
-            self._state.append({"exp_avg": np.zeros(array.size, array.dtype),
-                                "exp_avg_sq": np.zeros(array.size, array.dtype),
-                                "max_exp_avg_sq": None})
-            self._group_of.append(index)
+        self._group_params.append(params)
+        self._params += arrays
+        self._state += [{"max_exp_avg_sq": None} for _ in arrays]
+        self._group_of += [index] * len(arrays)
         self._steps = np.concatenate([self._steps, np.zeros(len(arrays), np.int64)])
         self._total_size += sum(a.size for a in arrays)
+        for key in ("exp_avg", "exp_avg_sq"):
+            self._allocate_state(range(first, first + len(arrays)), key)
         self._table = None
+
+    def _allocate_state(self, indices: Iterable[int], key: str) -> None:
+        """Zeroed state ``key`` for these params: one block per dtype, in param order, at
+        the key's page offset (fastadam._memory), so adjacent params get adjacent state."""
+        by_dtype: Dict[np.dtype, List[int]] = {}
+        for i in indices:
+            by_dtype.setdefault(self._params[i].dtype, []).append(i)
+        for dtype, members in by_dtype.items():
+            block = zeros_at(sum(self._params[i].size for i in members), dtype, STATE_PAGE_OFFSETS[key])
+            offset = 0
+            for i in members:
+                size = self._params[i].size
+                self._state[i][key] = block[offset:offset + size]
+                offset += size
+        self._table = None
+
+    def _group_indices(self, group: int) -> range:
+        first = self._group_of.index(group)
+        return range(first, first + len(self._group_params[group]))
 
     # --- stepping ----------------------------------------------------------------------
 
@@ -159,11 +200,10 @@ class Adam:
         """
         hyper = self._group_hyperparameters()
         scale = 1.0 if grad_scale is None else check_at_least(grad_scale, "grad_scale", 0.0, strict=True)
-        if not isinstance(skip_if_nonfinite, bool):
-            raise TypeError(f"skip_if_nonfinite must be a bool, got {type(skip_if_nonfinite).__name__}")
-        table = self._ensure_table(hyper)
-        grads = check_grads(table, grads, self._params)
-        threads = threads_for(self.num_threads, self._total_size)
+        skip_if_nonfinite = check_flag(skip_if_nonfinite, "skip_if_nonfinite")
+        grads = check_grads(self._current_table(), grads, self._params)
+        table = self._table_with_amsgrad_state(hyper)  # allocates only after every check
+        threads = threads_for(self._num_threads, self._total_size)
         if skip_if_nonfinite and table.count_nonfinite(grads, threads):
             self.skipped_steps += 1
             return False
@@ -179,27 +219,27 @@ class Adam:
         self._steps.fill(0)
         self.skipped_steps = 0
 
-    def _group_hyperparameters(self) -> List[tuple]:
-        hyper = []
-        first = 0
-        for index, group in enumerate(self.param_groups):
-            step = int(self._steps[first]) + 1
-            hyper.append(check_group_hyperparameters(group, f"param_groups[{index}]", step))
-            first += len(group["params"])
+    def _group_hyperparameters(self) -> List[GroupHyperparameters]:
+        """Every group's values for this step; refuses groups edited in ways the state
+        cannot follow (removed, reordered, params replaced)."""
+        if len(self.param_groups) != len(self._group_params):
+            raise ValueError(f"param_groups has {len(self.param_groups)} groups, the optimizer "
+                             f"was built with {len(self._group_params)}; add groups with "
+                             "add_param_group and never remove them")
+        hyper, first = [], 0
+        for index, (group, params) in enumerate(zip(self.param_groups, self._group_params)):
+            name = f"param_groups[{index}]"
+            if group.get("params") is not params:
+                raise ValueError(f"{name}['params'] was replaced or the groups reordered; the "
+                                 "params of a group are fixed once added")
+            hyper.append(check_group_hyperparameters(group, name, int(self._steps[first]) + 1))
+            first += len(params)
         return hyper
 
-    def _ensure_table(self, hyper: List[tuple]) -> _kernels.AdamTable:
-        """The kernel table, rebuilt when params were added or AMSGrad state appeared."""
-        new_amsgrad = {index for index, h in enumerate(hyper) if h[7]} - self._amsgrad_groups
-        if new_amsgrad:  # AMSGrad state is allocated when a group first needs it
-            for state, group in zip(self._state, self._group_of):
-                if group in new_amsgrad and state["max_exp_avg_sq"] is None:
-                    state["max_exp_avg_sq"] = np.zeros_like(state["exp_avg_sq"])
-            self._amsgrad_groups |= new_amsgrad
-            self._table = None
+    def _current_table(self) -> _kernels.AdamTable:
         if self._table is None:
             self._table = _kernels.AdamTable(
-                [p.reshape(-1) for p in self._params],
+                self._params,
                 [s["exp_avg"] for s in self._state],
                 [s["exp_avg_sq"] for s in self._state],
                 [s["max_exp_avg_sq"] for s in self._state],
@@ -207,6 +247,17 @@ class Adam:
                 self._group_of,
             )
         return self._table
+
+    def _table_with_amsgrad_state(self, hyper: List[GroupHyperparameters]) -> _kernels.AdamTable:
+        """The table, after allocating AMSGrad state for groups that newly need it."""
+        for group, h in enumerate(hyper):
+            if h.amsgrad and group not in self._amsgrad_ready:
+                missing = [i for i in self._group_indices(group)
+                           if self._state[i]["max_exp_avg_sq"] is None]
+                if missing:
+                    self._allocate_state(missing, "max_exp_avg_sq")
+                self._amsgrad_ready.add(group)
+        return self._current_table()
 
     # --- state -------------------------------------------------------------------------
 
@@ -238,20 +289,21 @@ class Adam:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` (ours, or PyTorch's layout with NumPy arrays).
 
-        Everything is checked first (group and parameter counts, shapes, dtypes, steps,
-        hyperparameters); a mismatch raises ValueError naming it and changes nothing.
+        Everything is checked first (group and parameter counts, ids, shapes, dtypes,
+        steps, hyperparameters); a mismatch raises ValueError (TypeError for a malformed
+        dict) naming it, and changes nothing. Parameters without saved state start fresh.
         """
         groups, states = _stage_state_dict(self, state_dict)
         for group, saved in zip(self.param_groups, groups):
             group.update(saved)
+        missing_max = [i for i, entry in states.items()
+                       if "max_exp_avg_sq" in entry and self._state[i]["max_exp_avg_sq"] is None]
+        if missing_max:
+            self._allocate_state(missing_max, "max_exp_avg_sq")
         for i in range(len(self._params)):
-            entry = states.get(i, {"step": 0})  # a parameter without saved state starts fresh
+            entry = states.get(i, {"step": 0})
             self._steps[i] = entry["step"]
-            state = self._state[i]
-            if "max_exp_avg_sq" in entry and state["max_exp_avg_sq"] is None:
-                state["max_exp_avg_sq"] = np.empty_like(state["exp_avg_sq"])
-                self._table = None
-            for key, array in state.items():
+            for key, array in self._state[i].items():
                 if array is None:
                     continue
                 if key in entry:
@@ -281,17 +333,22 @@ class AdamW(Adam):
 
 
 def _stage_state_dict(opt: Adam, state_dict: Any) -> tuple:
-    """Check a state dict against ``opt`` completely; return what load_state_dict applies."""
+    """Check a state dict against ``opt`` completely; return what load_state_dict applies:
+    (per-group hyperparameters, {param index: {"step": int, key: array}})."""
     if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
         raise TypeError("state_dict must be a mapping with 'state' and 'param_groups' entries")
-    saved_groups = state_dict["param_groups"]
+    saved_groups = check_sequence(state_dict["param_groups"], "state_dict['param_groups']", "dicts")
+    if not isinstance(state_dict["state"], Mapping):
+        raise TypeError(f"state_dict['state'] must be a mapping, got {type(state_dict['state']).__name__}")
     if len(saved_groups) != len(opt.param_groups):
         raise ValueError(f"state_dict has {len(saved_groups)} param groups, "
                          f"the optimizer has {len(opt.param_groups)}")
     groups, index_map, first = [], {}, 0
     for g, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
         name = f"state_dict['param_groups'][{g}]"
-        ids = list(saved.get("params", []))
+        if not isinstance(saved, Mapping):
+            raise TypeError(f"{name} must be a dict, got {type(saved).__name__}")
+        ids = check_sequence(saved.get("params", ()), f"{name}['params']", "parameter ids")
         if len(ids) != len(group["params"]):
             raise ValueError(f"{name} has {len(ids)} params, the optimizer's group {g} has "
                              f"{len(group['params'])}")
@@ -299,11 +356,17 @@ def _stage_state_dict(opt: Adam, state_dict: Any) -> tuple:
         if missing:
             raise ValueError(f"{name} lacks {missing}")
         values = {k: saved[k] for k in HYPERPARAMETER_KEYS if k in saved}
-        if isinstance(values.get("betas"), list):
-            values["betas"] = tuple(values["betas"])
         check_group_hyperparameters({**group, **values}, name, 1)
+        values["betas"] = tuple(values["betas"])
         groups.append(values)
         for offset, saved_id in enumerate(ids):
+            try:
+                duplicate = saved_id in index_map
+            except TypeError:
+                raise TypeError(f"{name}['params'][{offset}] must be a hashable id, got "
+                                f"{type(saved_id).__name__}") from None
+            if duplicate:
+                raise ValueError(f"{name}['params'] repeats the parameter id {saved_id!r}")
             index_map[saved_id] = first + offset
         first += len(ids)
 
@@ -314,17 +377,9 @@ def _stage_state_dict(opt: Adam, state_dict: Any) -> tuple:
             raise ValueError(f"{name} belongs to no parameter of state_dict['param_groups']")
         i = index_map[saved_id]
         param = opt._params[i]
-        if not isinstance(entry, Mapping) or "exp_avg" not in entry or "exp_avg_sq" not in entry:
+        if not isinstance(entry, Mapping) or not {"step", "exp_avg", "exp_avg_sq"} <= set(entry):
             raise ValueError(f"{name} must have 'step', 'exp_avg' and 'exp_avg_sq'")
-        step = entry.get("step", None)
-        try:
-            step_value = int(np.asarray(step).item())
-            exact = float(np.asarray(step).item()) == step_value
-        except (TypeError, ValueError):
-            exact = False
-        if not exact or not 0 <= step_value <= 2**63 - 2:
-            raise ValueError(f"{name}['step'] must be a whole number >= 0, got {step!r}")
-        staged = {"step": step_value}
+        staged: Dict[str, Any] = {"step": check_step_count(entry["step"], f"{name}['step']")}
         for key in STATE_KEYS:
             if key not in entry:
                 continue
@@ -337,7 +392,7 @@ def _stage_state_dict(opt: Adam, state_dict: Any) -> tuple:
                                  f"{param.shape}")
             staged[key] = array
         amsgrad = {**opt.param_groups[opt._group_of[i]], **groups[opt._group_of[i]]}["amsgrad"]
-        if amsgrad and step_value > 0 and "max_exp_avg_sq" not in staged:
+        if amsgrad and staged["step"] > 0 and "max_exp_avg_sq" not in staged:
             raise ValueError(f"{name} lacks 'max_exp_avg_sq' but its group uses amsgrad")
         states[i] = staged
     return groups, states

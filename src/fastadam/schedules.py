@@ -14,9 +14,10 @@ linear_warmup(schedule=cosine(lr=0.001, decay_steps=1000, min_lr=0.0), warmup_st
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable
 
-from fastadam._validation import check_at_least, check_real
+from fastadam._validation import check_at_least, check_real, check_step
 
 __all__ = [
     "Schedule",
@@ -31,27 +32,21 @@ __all__ = [
 
 
 def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be a positive integer, got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value}")
-    return value
-
-
-def _check_step(step) -> int:
-    if isinstance(step, bool) or not isinstance(step, int) and not hasattr(step, "__index__"):
-        raise TypeError(f"step must be an integer, got {type(step).__name__}")
-    step = int(step)
-    if step < 1:
-        raise ValueError(f"step must be >= 1 (the 1-based step number), got {step}")
-    return step
+    return int(value)
 
 
 class Schedule:
     """Base of the schedules: ``schedule(step)`` checks the step and calls ``value``."""
 
     def __call__(self, step: int) -> float:
-        return self.value(_check_step(step))
+        try:
+            return self.value(check_step(step))
+        except OverflowError:  # e.g. a growth factor > 1 after many steps: reported as
+            return math.inf    # a non-finite lr by the optimizer, naming the group
 
     def value(self, step: int) -> float:
         raise NotImplementedError
@@ -160,10 +155,20 @@ class cosine(Schedule):
 
     def value(self, step: int) -> float:
         elapsed, period = float(step - 1), float(self.decay_steps)
-        if self.restarts:
-            while elapsed >= period:
-                elapsed -= period
-                period *= self.period_factor
+        if self.restarts and self.period_factor == 1.0:
+            elapsed = elapsed % period
+        elif self.restarts:
+            # Periods T, fT, f^2 T, ...: the cycle k holding `elapsed` starts at
+            # T (f^k - 1) / (f - 1); closed form, so a call costs O(1) at any step.
+            f = self.period_factor
+            k = math.floor(math.log1p(elapsed * (f - 1.0) / period) / math.log(f))
+            start = period * (f**k - 1.0) / (f - 1.0)
+            if start > elapsed:  # guard the floor against rounding at a boundary
+                k -= 1
+                start = period * (f**k - 1.0) / (f - 1.0)
+            elapsed, period = elapsed - start, period * f**k
+            if elapsed >= period:
+                elapsed, period = elapsed - period, period * f
         else:
             elapsed = min(elapsed, period)
         return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * elapsed / period))
