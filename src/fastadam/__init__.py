@@ -11,6 +11,7 @@ from fastadam._functional import adam_step
 from fastadam._threads import get_num_threads, set_num_threads
 from fastadam import _simd, schedules  # noqa: F401  (_simd selects the SIMD level)
 from fastadam.checkpoint import load, save
+from fastadam.flat import FlatParams
 from fastadam.optim import Adam, AdamW
 
 try:
@@ -21,6 +22,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 __all__ = [
     "Adam",
     "AdamW",
+    "FlatParams",
     "adam_step",
     "get_num_threads",
     "load",
