@@ -1,0 +1,122 @@
+"""Fashion-MNIST in its IDX files: the one loader the examples and the demo share.
+
+Where the files are looked for, in order: ``data_dir`` if given, ``$FASHION_MNIST_DIR``,
+then Debian's ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``).
+Files may be gzipped (``*.gz``) or not. ``download=True`` fetches missing files from the
+official mirror into ``data_dir`` (needs the network).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import urllib.request
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import numpy as np
+
+PathLike = Union[str, "os.PathLike[str]"]
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+OFFICIAL_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+           "Sneaker", "Bag", "Ankle boot")
+# IDX type codes (the third byte of the magic number) and their big-endian dtypes
+IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: PathLike) -> np.ndarray:
+    """An IDX file (optionally gzipped) as a NumPy array in native byte order.
+
+    Raises ValueError for a file that is not IDX or is truncated.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise ValueError(f"{path} is not a readable IDX file ({exc})") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_TYPES:
+        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{path} is truncated (incomplete header)")
+    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, 4))
+    dtype = np.dtype(IDX_TYPES[data[2]])
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(data) != header + count * dtype.itemsize:
+        raise ValueError(f"{path} has {len(data) - header} data bytes, its header promises "
+                         f"{count * dtype.itemsize} (truncated or corrupt)")
+    array = np.frombuffer(data, dtype, count, header).reshape(shape)
+    return array.astype(dtype.newbyteorder("="))
+
+
+def _candidates(data_dir: Optional[PathLike]) -> list:
+    if data_dir is not None:
+        return [Path(data_dir)]
+    dirs = []
+    if os.environ.get("FASHION_MNIST_DIR"):
+        dirs.append(Path(os.environ["FASHION_MNIST_DIR"]))
+    return dirs + [DEBIAN_DIR]
+
+
+def _find(name: str, data_dir: Optional[PathLike]) -> Optional[Path]:
+    for directory in _candidates(data_dir):
+        for candidate in (directory / f"{name}.gz", directory / name):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def download_fashion_mnist(data_dir: PathLike, base_url: str = OFFICIAL_URL) -> None:
+    """Fetch the four gzipped files into ``data_dir`` (skipping those already there)."""
+    directory = Path(data_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    for names in FILES.values():
+        for name in names:
+            target = directory / f"{name}.gz"
+            if target.exists():
+                continue
+            tmp = target.with_suffix(".gz.part")
+            with urllib.request.urlopen(f"{base_url}{name}.gz") as response, open(tmp, "wb") as f:
+                shutil.copyfileobj(response, f)
+            os.replace(tmp, target)
+
+
+def load_fashion_mnist(
+    split: str = "train", data_dir: Optional[PathLike] = None, download: bool = False,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of Fashion-MNIST's ``"train"`` (60000) or ``"test"`` (10000) split.
+
+    Images are uint8 of shape (n, 28, 28), labels uint8 class indices (see CLASSES).
+    Raises FileNotFoundError, saying where it looked and how to get the files.
+    """
+    if split not in FILES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if download:
+        if data_dir is None:
+            raise ValueError("download=True needs a data_dir to download into")
+        download_fashion_mnist(data_dir)
+    paths = [_find(name, data_dir) for name in FILES[split]]
+    if None in paths:
+        looked = ", ".join(str(d) for d in _candidates(data_dir))
+        raise FileNotFoundError(
+            f"Fashion-MNIST {split} files not found (looked in {looked}). Install Debian's "
+            "package (apt-get install dataset-fashion-mnist), pass data_dir, set "
+            "FASHION_MNIST_DIR, or use download=True."
+        )
+    images, labels = (read_idx(p) for p in paths)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(f"{paths[0]} and {paths[1]} do not hold matching images and labels "
+                         f"(shapes {images.shape} and {labels.shape})")
+    return images, labels
+

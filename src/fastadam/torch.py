@@ -1,0 +1,305 @@
+"""PyTorch adapter: ``fastadam.torch.Adam`` and ``fastadam.torch.AdamW``.
+
+Drop-in ``torch.optim.Optimizer`` subclasses with torch's signatures and defaults. Each
+``step()`` hands every CPU float32/float64 parameter that has a gradient to fastadam's
+kernels in ONE call (all groups, one OpenMP team, GIL released), zero-copy: NumPy views of
+the tensors' memory. The adapter computes no Adam math; the update is DESIGN.md's, the
+operation order of torch's fused CPU Adam (bit-identical to ``fused=True`` on ATen's
+default CPU capability).
+
+State is torch tensors in torch's layout (``step``, ``exp_avg``, ``exp_avg_sq``,
+``max_exp_avg_sq``), so ``torch.save(opt.state_dict())`` works and state dicts move both
+ways between these classes and ``torch.optim.Adam``/``AdamW``. The moment tensors are
+views of blocks fastadam allocates (one per group and dtype, at staggered page offsets),
+and ``step`` tensors are float32 views kept in step with exact int64 counters.
+
+Differences from torch, by design: parameters must be dense CPU float32/float64 tensors
+(anything else is a TypeError naming the parameter); ``capturable=True`` and
+``differentiable=True`` are refused (they concern CUDA graphs and autograd through the
+step); ``foreach`` and ``fused`` are accepted and change nothing. With ``grad_scale``
+(as ``torch.amp.GradScaler`` passes it) the gradients are divided inside the kernel and
+``.grad`` is left as it was (torch's fused kernel overwrites it with the unscaled values).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch.optim import Optimizer
+
+from fastadam import _kernels
+from fastadam._memory import STATE_PAGE_OFFSETS, zeros_at
+from fastadam._threads import threads_for
+from fastadam._validation import (
+    check_grads,
+    check_group_hyperparameters,
+    check_num_threads,
+    check_step_count,
+)
+
+__all__ = ["Adam", "AdamW"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _scalar(value: Any) -> Any:
+    """A Python number for a 1-element tensor (torch allows tensor lr and betas)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"expected a 1-element tensor, got shape {tuple(value.shape)}")
+        return value.item()
+    return value
+
+
+def _fastadam_group(group: Dict[str, Any]) -> Dict[str, Any]:
+    """A torch param group's hyperparameters in fastadam's terms."""
+    lr = group["lr"]
+    return {
+        "lr": lr if callable(lr) and not isinstance(lr, torch.Tensor) else _scalar(lr),
+        "betas": tuple(_scalar(b) for b in group["betas"]),
+        "eps": group["eps"],
+        "weight_decay": group["weight_decay"],
+        "amsgrad": group["amsgrad"],
+        "maximize": group["maximize"],
+        "decoupled_weight_decay": group.get("decoupled_weight_decay", False),
+        "eps_hat": False,
+        "eps_root": 0.0,
+    }
+
+
+class Adam(Optimizer):
+    """Adam for PyTorch CPU tensors through fastadam's kernels (see the module docstring).
+
+    Takes torch.optim.Adam's arguments, plus ``num_threads`` (OpenMP threads of each
+    step; None follows :func:`fastadam.get_num_threads`).
+    """
+
+    # torch.amp.GradScaler passes grad_scale= and found_inf= to step() instead of
+    # unscaling the gradients itself, as it does for torch's fused optimizers.
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: Any = 1e-3,
+        betas: Tuple[Any, Any] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        foreach: Optional[bool] = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+        decoupled_weight_decay: bool = False,
+        num_threads: Optional[int] = None,
+    ) -> None:
+        if capturable:
+            raise ValueError("capturable=True is for CUDA graph capture; fastadam.torch updates "
+                             "CPU tensors (use torch.optim.Adam for GPU parameters)")
+        if differentiable:
+            raise ValueError("differentiable=True needs autograd through the update; "
+                             "fastadam's in-place kernels do not record it")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, capturable=capturable,
+                        differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        self._num_threads = check_num_threads(num_threads)
+        self._engine: Optional[_Engine] = None
+        super().__init__(params, defaults)
+
+    @property
+    def num_threads(self) -> Optional[int]:
+        return self._num_threads
+
+    @num_threads.setter
+    def num_threads(self, value: Optional[int]) -> None:
+        self._num_threads = check_num_threads(value)
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        index = len(self.param_groups)
+        candidate = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        for flag in ("capturable", "differentiable"):
+            if candidate.get(flag):
+                raise ValueError(f"param_groups[{index}]: {flag}=True is not supported by fastadam.torch")
+        check_group_hyperparameters(_fastadam_group(candidate), f"param_groups[{index}]", 1)
+        super().add_param_group(param_group)
+        self._engine = None
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._engine = None  # moments are copied into fastadam's blocks on the next step
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {**super().__getstate__(), "_engine": None}
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None, *,
+             grad_scale: Optional[torch.Tensor] = None,
+             found_inf: Optional[torch.Tensor] = None) -> Any:
+        """One Adam step of every parameter that has a gradient (torch semantics).
+
+        ``closure`` re-evaluates the model and returns the loss. ``grad_scale`` and
+        ``found_inf`` are what ``torch.amp.GradScaler`` passes: gradients are divided by
+        ``grad_scale``, and a nonzero ``found_inf`` skips the step entirely.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # GradScaler hands these over as attributes (torch.optim.Adam reads them so too).
+        grad_scale = getattr(self, "grad_scale", None) if grad_scale is None else grad_scale
+        found_inf = getattr(self, "found_inf", None) if found_inf is None else found_inf
+        entries = self._with_grads()
+        if not entries:
+            return loss
+        if found_inf is not None and float(found_inf) != 0.0:
+            return loss
+        scale = 1.0 if grad_scale is None else float(grad_scale)
+        if not scale > 0.0 or scale != scale or scale == float("inf"):
+            raise ValueError(f"grad_scale must be a finite number > 0, got {scale!r}")
+        engine = self._engine_for(entries)
+        engine.step(self.param_groups, [e[2] for e in entries], scale, self._num_threads)
+        return loss
+
+    def _with_grads(self) -> List[Tuple[int, torch.Tensor, torch.Tensor]]:
+        """(group, param, grad) of every param with a gradient, checked for what the
+        kernels can update: dense, CPU, float32/float64, grad matching the param."""
+        entries = []
+        for g, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                name = f"param_groups[{g}]['params'][{i}]"
+                grad = p.grad
+                if p.device.type != "cpu" or grad.device.type != "cpu":
+                    raise TypeError(f"{name} is on {p.device}; fastadam.torch updates CPU tensors only")
+                if p.dtype not in SUPPORTED_DTYPES:
+                    raise TypeError(f"{name} has dtype {p.dtype}; fastadam.torch updates float32 "
+                                    "and float64 parameters")
+                if grad.is_sparse or p.is_sparse or p.layout != torch.strided:
+                    raise TypeError(f"{name} has a sparse gradient or layout; fastadam.torch needs "
+                                    "dense tensors (see torch.optim.SparseAdam)")
+                if grad.dtype != p.dtype:
+                    raise TypeError(f"{name} has a {grad.dtype} gradient for a {p.dtype} parameter")
+                if grad.shape != p.shape:
+                    raise ValueError(f"{name} has a gradient of shape {tuple(grad.shape)} for a "
+                                     f"parameter of shape {tuple(p.shape)}")
+                if not p.is_contiguous():
+                    raise ValueError(f"{name} is not contiguous; fastadam.torch updates contiguous "
+                                     "parameters in place")
+                entries.append((g, p, grad if grad.is_contiguous() else grad.contiguous()))
+        return entries
+
+    def _engine_for(self, entries: List[Tuple[int, torch.Tensor, torch.Tensor]]) -> "_Engine":
+        # Rebuilt when the params with grads, their storage, or a group's AMSGrad flag
+        # (which needs max_exp_avg_sq state) change; load_state_dict also drops it.
+        key = [(g, id(p), p.data_ptr(), bool(self.param_groups[g]["amsgrad"])) for g, p, _ in entries]
+        if self._engine is None or self._engine.key != key:
+            self._engine = _Engine(self, entries, key)
+        return self._engine
+
+
+class AdamW(Adam):
+    """AdamW (decoupled weight decay, default 1e-2) for PyTorch CPU tensors."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: Any = 1e-3,
+        betas: Tuple[Any, Any] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+        num_threads: Optional[int] = None,
+    ) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable, differentiable=differentiable,
+                         fused=fused, decoupled_weight_decay=True, num_threads=num_threads)
+
+
+def _name(opt: Optimizer, param: torch.Tensor) -> str:
+    for g, group in enumerate(opt.param_groups):
+        for i, p in enumerate(group["params"]):
+            if p is param:
+                return f"param_groups[{g}]['params'][{i}]"
+    return "a parameter"
+
+
+class _Engine:
+    """The kernel table of one set of (param, grad) entries, and the state it updates.
+
+    Built when the set of parameters with gradients (or their storage, or the loaded
+    state) changes. Moments live in fastadam-allocated blocks (per group and dtype, in
+    parameter order, so adjacent parameters form one stream) wrapped as torch tensors;
+    existing state (from earlier steps or a loaded state dict) is copied in. Step counts
+    are exact int64 here, mirrored into float32 ``state["step"]`` views after each step.
+    """
+
+    def __init__(self, opt: Adam, entries: List[Tuple[int, torch.Tensor, torch.Tensor]], key: list):
+        self.key = key
+        self.groups = sorted({g for g, _, _ in entries})
+        dense = {g: k for k, g in enumerate(self.groups)}
+        self.group_of = [dense[g] for g, _, _ in entries]
+        self.params = [p.detach().numpy() for _, p, _ in entries]
+        states = [opt.state[p] for _, p, _ in entries]
+        amsgrad = [bool(opt.param_groups[g]["amsgrad"]) or "max_exp_avg_sq" in s
+                   for (g, _, _), s in zip(entries, states)]
+        self.steps = np.array([check_step_count(_scalar(s["step"]), f"the state of {_name(opt, p)}['step']")
+                               if "step" in s else 0 for (_, p, _), s in zip(entries, states)], np.int64)
+        self.step_mirror = torch.zeros(len(entries), dtype=torch.float32)
+        moments = {key: self._blocks(entries, states, key, [key != "max_exp_avg_sq" or a for a in amsgrad])
+                   for key in MOMENT_KEYS}
+        for i, state in enumerate(states):
+            state["step"] = self.step_mirror[i]
+        self.step_mirror.copy_(torch.from_numpy(self.steps))
+        self.table = _kernels.AdamTable(self.params, moments["exp_avg"], moments["exp_avg_sq"],
+                                        moments["max_exp_avg_sq"], self.steps, self.group_of)
+        self.size = sum(p.size for p in self.params)
+
+    def _blocks(self, entries, states, key: str, wanted: List[bool]) -> List[Optional[np.ndarray]]:
+        """1-D NumPy views of state ``key`` for each entry (None where not wanted), in
+        fresh blocks; each state[key] becomes a torch view of the same memory holding the
+        old values (zeros for new state)."""
+        views: List[Optional[np.ndarray]] = [None] * len(entries)
+        by_block: Dict[tuple, List[int]] = {}
+        for i, ((g, p, _), want) in enumerate(zip(entries, wanted)):
+            if want:
+                by_block.setdefault((g, p.dtype), []).append(i)
+        for members in by_block.values():
+            params = [self.params[i] for i in members]
+            block = zeros_at(sum(a.size for a in params), params[0].dtype, STATE_PAGE_OFFSETS[key])
+            tensor_block = torch.from_numpy(block)
+            offset = 0
+            for i in members:
+                size = self.params[i].size
+                old = states[i].get(key)
+                view = tensor_block[offset:offset + size].view(entries[i][1].shape)
+                if old is not None:
+                    view.copy_(old)
+                states[i][key] = view
+                views[i] = block[offset:offset + size]
+                offset += size
+        return views
+
+    def step(self, param_groups: List[Dict[str, Any]], grads: List[torch.Tensor], grad_scale: float,
+             num_threads: Optional[int]) -> None:
+        first = {}
+        for i, g in enumerate(self.group_of):
+            first.setdefault(g, i)
+        hyper = [check_group_hyperparameters(_fastadam_group(param_groups[g]), f"param_groups[{g}]",
+                                             int(self.steps[first[k]]) + 1)
+                 for k, g in enumerate(self.groups)]
+        arrays = check_grads(self.table, [g.numpy() for g in grads], self.params)
+        self.table.step(arrays, hyper, grad_scale, threads_for(num_threads, self.size))
+        self.step_mirror.copy_(torch.from_numpy(self.steps))

@@ -1,0 +1,237 @@
+"""fastadam.torch.Adam / AdamW against torch.optim on the same model and data."""
+
+import io
+import itertools
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ft = pytest.importorskip("fastadam.torch")
+
+needs_default_capability = pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() != "DEFAULT",
+    reason="torch was imported before conftest could set ATEN_CPU_CAPABILITY=default",
+)
+TORCH_DTYPES = [torch.float32, torch.float64]
+
+
+def make_model(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(),
+                               torch.nn.Linear(32, 3)).to(dtype)
+
+
+def batches(dtype, n=6, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(64, 10, generator=gen, dtype=dtype), torch.randint(0, 3, (64,), generator=gen))
+            for _ in range(n)]
+
+
+def train(model, opt, data, scheduler=None):
+    for x, y in data:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_same(a, b):
+    for x, y in zip(a, b):
+        assert torch.equal(x, y), (x - y).abs().max()
+
+
+FLAGS = [dict(zip(("amsgrad", "weight_decay", "maximize"), v))
+         for v in itertools.product([False, True], [0.0, 0.1], [False, True])]
+
+
+@needs_default_capability
+@pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=str)
+@pytest.mark.parametrize("classes", [(ft.Adam, torch.optim.Adam), (ft.AdamW, torch.optim.AdamW)],
+                         ids=["Adam", "AdamW"])
+@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()))
+def test_bit_identical_to_torch_fused(dtype, classes, flags):
+    ours, theirs = classes
+    data = batches(dtype)
+    m1, m2 = make_model(dtype), make_model(dtype)
+    got = train(m1, ours(m1.parameters(), lr=0.01, **flags), data)
+    want = train(m2, theirs(m2.parameters(), lr=0.01, fused=True, **flags), data)
+    assert_same(got, want)
+
+
+@pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=str)
+def test_within_a_few_ulps_of_torch_foreach(dtype):
+    data = batches(dtype)
+    m1, m2 = make_model(dtype), make_model(dtype)
+    got = train(m1, ft.Adam(m1.parameters(), lr=0.01, weight_decay=0.1), data)
+    want = train(m2, torch.optim.Adam(m2.parameters(), lr=0.01, weight_decay=0.1, foreach=True), data)
+    eps = torch.finfo(dtype).eps
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=64 * eps, atol=64 * eps)
+
+
+@needs_default_capability
+@pytest.mark.parametrize("direction", ["fastadam->torch", "torch->fastadam"])
+def test_state_dict_moves_both_ways_mid_training(direction):
+    data = batches(torch.float32, n=8)
+    first, second = (ft.AdamW, torch.optim.AdamW) if direction == "fastadam->torch" else (torch.optim.AdamW, ft.AdamW)
+    kwargs = lambda cls: {"fused": True} if cls is torch.optim.AdamW else {}  # noqa: E731
+    model = make_model()
+    opt = first(model.parameters(), lr=0.01, amsgrad=True, **kwargs(first))
+    train(model, opt, data[:4])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    resumed_model = make_model(seed=99)
+    resumed_model.load_state_dict(saved["model"])
+    resumed = second(resumed_model.parameters(), lr=0.5, **kwargs(second))
+    resumed.load_state_dict(saved["opt"])
+    assert resumed.param_groups[0]["lr"] == 0.01 and resumed.param_groups[0]["amsgrad"]
+    if second is torch.optim.AdamW:  # loaded groups carry our fused=None: ask for torch's fused path
+        resumed.param_groups[0]["fused"] = True
+    assert_same(train(resumed_model, resumed, data[4:]), train(model, opt, data[4:]))
+
+
+def test_state_is_torch_tensors_in_torchs_layout():
+    model = make_model()
+    opt = ft.Adam(model.parameters(), amsgrad=True)
+    train(model, opt, batches(torch.float32, n=2))
+    state = opt.state_dict()["state"]
+    assert set(state) == {0, 1, 2, 3}
+    entry = state[0]
+    assert set(entry) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    assert entry["step"].dtype == torch.float32 and entry["step"].shape == () and entry["step"].item() == 2
+    assert entry["exp_avg"].shape == model[0].weight.shape and entry["exp_avg"].dtype == torch.float32
+    keys = set(opt.state_dict()["param_groups"][0]) - {"params"}
+    assert keys == set(torch.optim.Adam(model.parameters()).state_dict()["param_groups"][0]) - {"params"}
+
+
+@needs_default_capability
+def test_lr_scheduler_drives_it_like_torch():
+    data = batches(torch.float32, n=6)
+    m1, m2 = make_model(), make_model()
+    o1 = ft.Adam(m1.parameters(), lr=0.05)
+    o2 = torch.optim.Adam(m2.parameters(), lr=0.05, fused=True)
+    s1 = torch.optim.lr_scheduler.StepLR(o1, step_size=2, gamma=0.5)
+    s2 = torch.optim.lr_scheduler.StepLR(o2, step_size=2, gamma=0.5)
+    assert_same(train(m1, o1, data, s1), train(m2, o2, data, s2))
+    assert o1.param_groups[0]["lr"] == o2.param_groups[0]["lr"] == 0.05 / 8
+
+
+@needs_default_capability
+def test_grad_scaler_drives_it_like_torchs_fused_adam():
+    data = batches(torch.float32, n=5)
+    results = []
+    for cls, kw in ((ft.Adam, {}), (torch.optim.Adam, {"fused": True})):
+        model = make_model()
+        opt = cls(model.parameters(), lr=0.01, **kw)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        for k, (x, y) in enumerate(data):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            if k == 2:
+                loss = loss * float("inf")  # an overflow step: skipped, scale backs off
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        results.append(([p.detach().clone() for p in model.parameters()], scaler.get_scale(),
+                         opt.state_dict()["state"][0]["step"].item()))
+    assert_same(results[0][0], results[1][0])
+    assert results[0][1:] == results[1][1:] == (2.0**9, 4.0)
+
+
+def test_closure_params_without_grads_and_add_param_group():
+    model = make_model()
+    frozen = torch.nn.Parameter(torch.ones(5))
+    opt = ft.Adam([{"params": model.parameters()}, {"params": [frozen], "lr": 0.1}])
+    x, y = batches(torch.float32, n=1)[0]
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor)
+    assert frozen not in opt.state and torch.equal(frozen, torch.ones(5))
+    extra = torch.nn.Parameter(torch.zeros(4))
+    opt.add_param_group({"params": [extra], "lr": 0.2})
+    extra.grad = torch.ones(4)
+    opt.step()
+    assert opt.state[extra]["step"].item() == 1
+    assert torch.allclose(extra, torch.full((4,), -0.2))
+
+
+def test_amsgrad_switched_on_later_and_tensor_lr():
+    model = make_model()
+    opt = ft.Adam(model.parameters(), lr=torch.tensor(0.01))
+    data = batches(torch.float32, n=3)
+    train(model, opt, data[:1])
+    opt.param_groups[0]["amsgrad"] = True
+    train(model, opt, data[1:])
+    assert "max_exp_avg_sq" in opt.state[model[0].weight]
+    assert opt.state[model[0].weight]["step"].item() == 3
+
+
+def test_results_do_not_depend_on_thread_count():
+    big = [torch.nn.Parameter(torch.randn(70000)) for _ in range(3)]
+    clones = [torch.nn.Parameter(p.detach().clone()) for p in big]
+    grads = [torch.randn(70000) for _ in range(3)]
+    for params, threads in ((big, 1), (clones, 2)):
+        opt = ft.Adam(params, num_threads=threads)
+        for _ in range(2):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+    assert_same(big, clones)
+
+
+@pytest.mark.parametrize("make, exc, match", [
+    (lambda: torch.nn.Parameter(torch.ones(3, dtype=torch.float16)), TypeError, r"has dtype torch.float16"),
+    (lambda: torch.nn.Parameter(torch.ones(3, device="meta")), TypeError, r"is on meta"),
+    (lambda: torch.nn.Parameter(torch.ones(4, 3).t()), ValueError, r"is not contiguous"),
+])
+def test_unsupported_parameters_are_named(make, exc, match):
+    p = make()
+    p.grad = torch.ones_like(p)
+    opt = ft.Adam([torch.nn.Parameter(torch.ones(2)), p])
+    with pytest.raises(exc, match=r"param_groups\[0\]\['params'\]\[1\] " + match):
+        opt.step()
+
+
+def test_sparse_gradients_are_refused():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = ft.Adam(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(TypeError, match="sparse gradient"):
+        opt.step()
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    ({"capturable": True}, ValueError, "capturable=True is for CUDA graph capture"),
+    ({"differentiable": True}, ValueError, "differentiable=True needs autograd"),
+    ({"lr": -1.0}, ValueError, r"param_groups\[0\]\['lr'\] must be >= 0.0"),
+    ({"betas": (0.9, 1.5)}, ValueError, r"param_groups\[0\]\['betas'\]\[1\] must be in \[0, 1\)"),
+    ({"num_threads": 0}, ValueError, "num_threads must be None or a positive integer"),
+])
+def test_bad_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        ft.Adam(make_model().parameters(), **kwargs)
+
+
+def test_foreach_and_fused_are_accepted():
+    model = make_model()
+    opt = ft.Adam(model.parameters(), foreach=True, fused=True)
+    train(model, opt, batches(torch.float32, n=1))
+
+
+def test_importing_fastadam_does_not_import_torch():
+    code = "import sys, fastadam; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
