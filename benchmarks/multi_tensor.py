@@ -11,9 +11,10 @@ installed, is measured on the same workloads. Medians of interleaved repeats.
 import argparse
 
 import numpy as np
-from quick import measure
 
 import fastadam
+
+from quick import measure
 
 WORKLOADS = {"2000 x 512": [512] * 2000, "1 x 2^20": [1 << 20]}
 

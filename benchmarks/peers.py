@@ -42,14 +42,16 @@ import os
 import platform
 import resource
 import sys
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
-from quick import BETA1, BETA2, EPS, LR, STREAMS, NumpyAdam, fastadam_runner, measure
 
 import fastadam
+
+from quick import BETA1, BETA2, EPS, LR, STREAMS, NumpyAdam, fastadam_runner, measure
 
 Shape = Tuple[int, ...]
 Runner = Callable[[], None]
@@ -193,7 +195,7 @@ def build_thinc(params, grads, threads: int) -> Runner:
     return run
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def optax_update():
     """One jitted update of the whole pytree, params and optimizer state donated (updated
     in place). Built once per process so that jax reuses compilations across builds."""
@@ -280,7 +282,7 @@ IMPLEMENTATIONS = [
 # --- bandwidth bounds ---------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def numba_kernels():
     """The two bound kernels, compiled once. Arithmetic is kept trivial and in the element
     type (no float64 promotion) so that only memory traffic limits them."""
@@ -345,6 +347,26 @@ def process_threads(threads: int, stack: ExitStack) -> None:
         stack.enter_context(threadpool_limits(limits=threads, user_api="openmp"))
 
 
+def cpu_seconds() -> Tuple[float, float]:
+    """(CPU seconds used by every process so far, by this one): the machine is shared, and a
+    busy neighbour slows two-thread teams by whole scheduler slices, so each table says how
+    much CPU other processes took while it was measured. Linux only (NaN elsewhere)."""
+    own = os.times()
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except OSError:
+        return math.nan, own.user + own.system
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def others_share(before: Tuple[float, float], after: Tuple[float, float], wall: float) -> float:
+    """Share (0..1) of all CPUs that other processes (and the hypervisor's steal) used."""
+    busy, own = after[0] - before[0], after[1] - before[1]
+    return max(0.0, (busy - own) / (wall * (os.cpu_count() or 1)))
+
+
 # --- planning and measuring ---------------------------------------------------------------
 
 
@@ -396,14 +418,17 @@ def run_workload(key: str, args, dtype: np.dtype, impls: List[Implementation],
                 runners.update(build_bounds(elements, dtype))
             with ExitStack() as stack:
                 process_threads(threads, stack)
+                before, start = cpu_seconds(), time.perf_counter()
                 times = measure(runners, repeats, args.target_ms / 1000)
+                others = others_share(before, cpu_seconds(), time.perf_counter() - start)
             for name, seconds in times.items():
                 step_bytes = (bound_bytes(name, elements, dtype) if name.startswith("bound")
                               else elements * STREAMS * dtype.itemsize)
                 records.append(dict(workload=key, label=label, tensors=len(shapes), elements=elements,
                                     threads=threads, pass_=index + 1, implementation=name,
                                     seconds=seconds, gbps=step_bytes / seconds / 1e9,
-                                    vs_fastadam=seconds / times[REFERENCE], repeats=repeats))
+                                    vs_fastadam=seconds / times[REFERENCE], repeats=repeats,
+                                    others_cpu=others))
             del runners
             gc.collect()
     del params, grads
@@ -435,10 +460,13 @@ def print_workload(key: str, records: List[dict], notes: Dict[str, str], passes:
             ratio = "" if r["implementation"].startswith("bound") else f"{r['vs_fastadam']:.2f}x"
             print(f"| {r['implementation']} | {r['seconds'] * 1e3:.4g} | {r['gbps']:.1f} | {pct} | {ratio} |"
                   + (f" {r['pass_']} |" if passes > 1 else ""))
+        busy = max(r["others_cpu"] for r in rows)
+        print(f"\n(other processes used {100 * busy:.0f}% of the CPUs while this was measured"
+              + ("; the numbers are disturbed, rerun on a quiet machine)" if busy > 0.05 else ")"))
         if passes > 1:
             again = ", ".join(f"pass {r['pass_']}: {r['seconds'] * 1e3:.4g} ms" for r in rows
                               if r["implementation"] == REFERENCE and r["pass_"] > 1)
-            print(f"\n(memory: {passes} passes, each with fastadam.Adam; its time in {again}. "
+            print(f"(memory: {passes} passes, each with fastadam.Adam; its time in {again}. "
                   "Ratios use fastadam.Adam from the same pass.)")
     for name, why in notes.items():
         print(f"- {name} skipped: {why}")

@@ -9,9 +9,10 @@ repeats. The answer sets fastadam._threads.SERIAL_CUTOFF.
 import argparse
 
 import numpy as np
-from quick import make_buffers, measure
 
 from fastadam import _kernels
+
+from quick import make_buffers, measure
 
 
 def kernel_runner(buffers, threads):

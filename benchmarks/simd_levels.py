@@ -8,10 +8,11 @@ interleaved, medians of repeats; float32 Adam moves 28 bytes per element.
 import argparse
 
 import numpy as np
-from quick import make_buffers, measure
 
 import fastadam
 from fastadam import _simd
+
+from quick import make_buffers, measure
 
 
 def main():

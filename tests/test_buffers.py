@@ -6,9 +6,10 @@ import mmap
 
 import numpy as np
 import pytest
-from conftest import make_grads, make_state
 
 import fastadam
+
+from conftest import make_grads, make_state
 
 N = 1003
 KWARGS = dict(step=3, lr=0.01, weight_decay=0.01, decoupled_weight_decay=True)

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from test_datasets import write_split
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -4,6 +4,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import fastadam
+
 from conftest import (
     LARGE_SIZE,
     TAIL_SIZES,
@@ -15,8 +18,6 @@ from conftest import (
     variant_kwargs,
 )
 from reference import adam_reference
-
-import fastadam
 
 STEPS = 3
 

@@ -6,10 +6,11 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import VARIANTS, make_grads, make_state, variant_id, variant_kwargs
 
 import fastadam
 from fastadam import _kernels, _simd
+
+from conftest import VARIANTS, make_grads, make_state, variant_id, variant_kwargs
 
 LEVELS = _simd.available_levels()
 

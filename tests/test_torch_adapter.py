@@ -5,7 +5,6 @@ import itertools
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")

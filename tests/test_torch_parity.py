@@ -9,9 +9,10 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import make_grads, make_state
 
 import fastadam
+
+from conftest import make_grads, make_state
 
 torch = pytest.importorskip("torch")
 

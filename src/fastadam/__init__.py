@@ -6,10 +6,10 @@ wraps them for NumPy arrays and any object supporting the buffer protocol.
 
 from importlib.metadata import PackageNotFoundError, version
 
+from fastadam import _simd, schedules  # noqa: F401  (_simd selects the SIMD level)
 from fastadam._config import show_config
 from fastadam._functional import adam_step
 from fastadam._threads import get_num_threads, set_num_threads
-from fastadam import _simd, schedules  # noqa: F401  (_simd selects the SIMD level)
 from fastadam.checkpoint import load, save
 from fastadam.flat import FlatParams
 from fastadam.optim import Adam, AdamW

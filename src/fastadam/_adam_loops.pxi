@@ -8,6 +8,7 @@
 # Loops marked "# vectorized: kernel loop" must vectorize at every level
 # (.github/scripts/check_vectorization.py).
 
+from cpython.pycapsule cimport PyCapsule_New
 from libc.math cimport sqrt, sqrtf
 from libc.stdint cimport uint32_t, uint64_t
 from cython cimport floating
@@ -201,3 +202,10 @@ cdef Py_ssize_t count_nonfinite_chunk(const AdamTensor* t, Py_ssize_t start,
     if t.is_double:
         return _count_nonfinite_f64((<const uint64_t*>t.grad) + start, stop - start)
     return _count_nonfinite_f32((<const uint32_t*>t.grad) + start, stop - start)
+
+
+# The two entry points, as capsules: fastadam._simd hands the chosen module's to
+# fastadam._kernels.set_kernels, which calls them through function pointers.
+run_chunk_capsule = PyCapsule_New(<void*>run_chunk, b"fastadam.run_chunk", NULL)
+count_nonfinite_capsule = PyCapsule_New(<void*>count_nonfinite_chunk,
+                                        b"fastadam.count_nonfinite_chunk", NULL)

@@ -99,14 +99,15 @@ cdef void* _pointer(object capsule) except NULL:
 
 def set_kernels(small, large, Py_ssize_t small_limit):
     """Route tensors of at most ``small_limit`` elements to the ``small`` loops and the
-    others to ``large``. Each is None (this module's baseline loops) or a pair of capsules
-    (run_chunk, count_nonfinite_chunk) from _kernels_avx2 / _kernels_avx512. Not
-    thread-safe: fastadam._simd calls it at import (and tests between steps)."""
+    others to ``large``; each a pair of capsules (run_chunk_capsule,
+    count_nonfinite_capsule) of one kernel module (this one, _kernels_avx2 or
+    _kernels_avx512). Not thread-safe: fastadam._simd calls it at import (tests and
+    benchmarks between steps)."""
     global _run_small, _run_large, _count_small, _count_large, _small_limit
-    _run_small = run_chunk if small is None else <RunChunk>_pointer(small[0])
-    _count_small = count_nonfinite_chunk if small is None else <CountChunk>_pointer(small[1])
-    _run_large = run_chunk if large is None else <RunChunk>_pointer(large[0])
-    _count_large = count_nonfinite_chunk if large is None else <CountChunk>_pointer(large[1])
+    _run_small = <RunChunk>_pointer(small[0])
+    _count_small = <CountChunk>_pointer(small[1])
+    _run_large = <RunChunk>_pointer(large[0])
+    _count_large = <CountChunk>_pointer(large[1])
     _small_limit = small_limit
 
 

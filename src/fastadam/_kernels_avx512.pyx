@@ -5,13 +5,7 @@
 Built by setup.py with that level's -march flag. Import it only where the CPU and OS
 support the level (fastadam._simd checks, with fastadam._kernels.cpu_levels()): the
 compiler may use the level's instructions anywhere in this module, even while it loads.
-The engine in fastadam._kernels calls the two exported loops through these capsules.
+The engine in fastadam._kernels calls its two loops through the capsules it exports.
 """
 
-from cpython.pycapsule cimport PyCapsule_New
-
 include "_adam_loops.pxi"
-
-run_chunk_capsule = PyCapsule_New(<void*>run_chunk, b"fastadam.run_chunk", NULL)
-count_nonfinite_capsule = PyCapsule_New(<void*>count_nonfinite_chunk,
-                                        b"fastadam.count_nonfinite_chunk", NULL)

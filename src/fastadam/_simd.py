@@ -29,15 +29,16 @@ from typing import Dict, List, Optional
 from fastadam import _kernels
 
 LEVELS = ("baseline", "avx2", "avx512")
-MODULES = {"avx2": "fastadam._kernels_avx2", "avx512": "fastadam._kernels_avx512"}
+MODULES = {"baseline": "fastadam._kernels", "avx2": "fastadam._kernels_avx2",
+           "avx512": "fastadam._kernels_avx512"}
 SMALL_TENSOR_ELEMENTS = 4096
 
 _chosen: Dict[str, str] = {}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _built(level: str) -> bool:
-    return level == "baseline" or importlib.util.find_spec(MODULES[level]) is not None
+    return importlib.util.find_spec(MODULES[level]) is not None
 
 
 def available_levels() -> List[str]:
@@ -45,9 +46,7 @@ def available_levels() -> List[str]:
     return [level for level in _kernels.cpu_levels() if _built(level)]
 
 
-def _capsules(level: str) -> Optional[tuple]:
-    if level == "baseline":
-        return None
+def _capsules(level: str) -> tuple:
     module = importlib.import_module(MODULES[level])
     return (module.run_chunk_capsule, module.count_nonfinite_capsule)
 

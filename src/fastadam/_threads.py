@@ -51,3 +51,17 @@ def threads_for(num_threads: Optional[int], n_elements: int) -> int:
     if n_elements < SERIAL_CUTOFF or not _kernels.openmp_enabled():
         return 1
     return num_threads if num_threads is not None else get_num_threads()
+
+
+class NumThreadsAttribute:
+    """A ``num_threads`` attribute checked on every assignment (None or a positive int),
+    for the optimizer classes: ``num_threads = NumThreadsAttribute()``."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.private = f"_{name}"
+
+    def __get__(self, obj: object, objtype: Optional[type] = None) -> Optional[int]:
+        return self if obj is None else getattr(obj, self.private)  # type: ignore[return-value]
+
+    def __set__(self, obj: object, value: Optional[int]) -> None:
+        setattr(obj, self.private, check_num_threads(value))

@@ -13,7 +13,7 @@ import numpy as np
 
 from fastadam import _kernels
 from fastadam._memory import STATE_PAGE_OFFSETS, zeros_at
-from fastadam._threads import threads_for
+from fastadam._threads import NumThreadsAttribute, threads_for
 from fastadam._validation import (
     HYPERPARAMETER_KEYS,
     GroupHyperparameters,
@@ -22,7 +22,6 @@ from fastadam._validation import (
     check_grads,
     check_group_hyperparameters,
     check_no_overlap,
-    check_num_threads,
     check_params,
     check_sequence,
     check_step_count,
@@ -121,13 +120,7 @@ class Adam:
         # The kernel table holds raw pointers: never copy it, rebuild it on the next step.
         return {**self.__dict__, "_table": None}
 
-    @property
-    def num_threads(self) -> Optional[int]:
-        return self._num_threads
-
-    @num_threads.setter
-    def num_threads(self, value: Optional[int]) -> None:
-        self._num_threads = check_num_threads(value)
+    num_threads = NumThreadsAttribute()
 
     # --- groups ------------------------------------------------------------------------
 

@@ -31,11 +31,10 @@ from torch.optim import Optimizer
 
 from fastadam import _kernels
 from fastadam._memory import STATE_PAGE_OFFSETS, zeros_at
-from fastadam._threads import threads_for
+from fastadam._threads import NumThreadsAttribute, threads_for
 from fastadam._validation import (
     check_grads,
     check_group_hyperparameters,
-    check_num_threads,
     check_step_count,
 )
 
@@ -108,17 +107,11 @@ class Adam(Optimizer):
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
-        self._num_threads = check_num_threads(num_threads)
+        self.num_threads = num_threads
         self._engine: Optional[_Engine] = None
         super().__init__(params, defaults)
 
-    @property
-    def num_threads(self) -> Optional[int]:
-        return self._num_threads
-
-    @num_threads.setter
-    def num_threads(self, value: Optional[int]) -> None:
-        self._num_threads = check_num_threads(value)
+    num_threads = NumThreadsAttribute()
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         index = len(self.param_groups)
