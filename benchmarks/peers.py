@@ -530,6 +530,7 @@ def save_plot(records: List[dict], path: str) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         print("matplotlib not installed: no plot")
         return
@@ -553,6 +554,8 @@ def save_plot(records: List[dict], path: str) -> None:
             ax.bar([x + (i - (len(names) - 1) / 2) * width for x in range(len(workloads))], heights, width, label=name)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}x"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}" if str(y)[0] in "25" else ""))
         ax.set_xticks(range(len(workloads)), [WORKLOADS[w][0] for w in workloads], fontsize=8)
         ax.set_ylabel("speed-up vs torch fused=True")
         ax.set_title(f"{threads} thread{'s' if threads > 1 else ''} (higher is faster; 1 = torch fused)")

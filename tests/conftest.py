@@ -5,6 +5,8 @@ import os
 # ("default") code path, which has no FMA. The variable is read when torch is first
 # imported, so it is set here, before any test module can import torch.
 os.environ.setdefault("ATEN_CPU_CAPABILITY", "default")
+# Keras 3 reads its backend once, at import: fastadam.keras's kernels run on torch's.
+os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import numpy as np
 import pytest

@@ -34,3 +34,21 @@ def test_fashion_mnist_torch_on_a_tiny_dataset(tmp_path):
     assert "256 training and 64 test images" in out
     for name in ("fastadam", "torch", "torch-fused"):
         assert f"| {name} |" in out
+
+
+def test_fashion_mnist_keras_functions_on_a_subset(tmp_path, monkeypatch):
+    keras = pytest.importorskip("keras")
+    if keras.backend.backend() != "torch":
+        pytest.skip("the example runs on Keras's torch backend")
+    write_split(tmp_path, "train", n=512)
+    write_split(tmp_path, "test", n=128)
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import fashion_mnist_keras as task
+
+    train, test = task.load_train(str(tmp_path)), task.load_test(str(tmp_path))
+    assert train[0].shape == (512, 28, 28, 1) and train[0].max() <= 1.0
+    model = task.create_model(train[0].shape[1:])
+    before = model.evaluate(*train, verbose=0)[0]
+    model = task.train_model(model, train, test, batch_size=64, epochs=3)
+    assert model.evaluate(*train, verbose=0)[0] < before  # the loss falls (random labels: memorised)
+    assert model.optimizer.kernel_steps > 0

@@ -1,0 +1,155 @@
+"""Keras 3 adapter: ``fastadam.keras.Adam``.
+
+A ``keras.optimizers.Adam`` with Keras's signature, defaults (``epsilon=1e-7``) and
+numerics: epsilon is the paper's epsilon-hat, i.e. fastadam's ``eps_hat`` form
+``p -= m * lr * sqrt(1 - beta_2^t) / (1 - beta_1^t) / (sqrt(v) + epsilon)``.
+
+Where it runs fastadam's kernels: with ``KERAS_BACKEND=torch`` and float32/float64
+variables on the CPU, every update of a step (all variables; weight decay folded in, in
+Keras's decoupled form) is ONE call into fastadam's kernels, in place on the variables'
+memory. Everything Keras does around the update (gradient clipping, loss scaling,
+gradient accumulation, EMA, the iteration counter, learning-rate schedules) is Keras's own.
+On any other backend, or for variables the kernels cannot update (GPU, other dtypes), it
+is exactly ``keras.optimizers.Adam``: Keras's own update, documented and tested here.
+
+Registered for serialization as ``"fastadam>Adam"``: ``model.save`` /
+``keras.models.load_model`` need no ``custom_objects``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import keras
+
+from fastadam import _kernels
+from fastadam._threads import NumThreadsAttribute, threads_for
+from fastadam._validation import (
+    GroupHyperparameters,
+    check_at_least,
+    check_beta,
+    check_grads,
+    check_real,
+)
+
+__all__ = ["Adam"]
+
+
+@keras.saving.register_keras_serializable(package="fastadam")
+class Adam(keras.optimizers.Adam):
+    """Keras's Adam, updated by fastadam's kernels on the torch backend (see the module).
+
+    Takes ``keras.optimizers.Adam``'s arguments, plus ``num_threads`` (OpenMP threads of
+    each step; None follows :func:`fastadam.get_num_threads`).
+    """
+
+    num_threads = NumThreadsAttribute()
+
+    def __init__(
+        self,
+        learning_rate: Any = 0.001,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-7,
+        amsgrad: bool = False,
+        weight_decay: Optional[float] = None,
+        clipnorm: Optional[float] = None,
+        clipvalue: Optional[float] = None,
+        global_clipnorm: Optional[float] = None,
+        use_ema: bool = False,
+        ema_momentum: float = 0.99,
+        ema_overwrite_frequency: Optional[int] = None,
+        loss_scale_factor: Optional[float] = None,
+        gradient_accumulation_steps: Optional[int] = None,
+        name: str = "adam",
+        num_threads: Optional[int] = None,
+        **kwargs: Any,
+    ) -> None:
+        check_beta(beta_1, "beta_1")
+        check_beta(beta_2, "beta_2")
+        check_at_least(epsilon, "epsilon", 0.0)
+        if weight_decay is not None:
+            check_at_least(weight_decay, "weight_decay", 0.0)
+        if isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool):
+            check_at_least(learning_rate, "learning_rate", 0.0)
+        super().__init__(
+            learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
+            amsgrad=amsgrad, weight_decay=weight_decay, clipnorm=clipnorm, clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm, use_ema=use_ema, ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency, loss_scale_factor=loss_scale_factor,
+            gradient_accumulation_steps=gradient_accumulation_steps, name=name, **kwargs,
+        )
+        self.num_threads = num_threads
+        self._fastadam_table: Optional[tuple] = None
+        self.kernel_steps = 0  # steps that ran through fastadam's kernels (for tests)
+
+    def get_config(self) -> Dict[str, Any]:
+        return {**super().get_config(), "num_threads": self.num_threads}
+
+    # --- the fast path --------------------------------------------------------------------
+
+    def _uses_kernels(self, variables: List[Any]) -> bool:
+        if keras.backend.backend() != "torch":
+            return False
+        import torch
+
+        return all(v.value.device.type == "cpu" and v.value.dtype in (torch.float32, torch.float64)
+                   and v.value.is_contiguous() for v in variables)
+
+    def _apply_weight_decay(self, variables: List[Any]) -> None:
+        if self._uses_kernels(variables):
+            return  # folded into the kernel call of _backend_update_step
+        super()._apply_weight_decay(variables)
+
+    def _backend_update_step(self, grads: List[Any], trainable_variables: List[Any],
+                             learning_rate: Any) -> None:
+        if not self._uses_kernels(trainable_variables):
+            super()._backend_update_step(grads, trainable_variables, learning_rate)
+            return
+        import torch
+
+        with torch.no_grad():
+            table, order, params, steps, group_of = self._table(trainable_variables)
+            lr = check_at_least(float(learning_rate), "learning_rate", 0.0)
+            wd = 0.0 if self.weight_decay is None else check_real(self.weight_decay, "weight_decay")
+            hyper = [GroupHyperparameters(lr=lr, beta1=float(self.beta_1), beta2=float(self.beta_2),
+                                          eps=float(self.epsilon), weight_decay=decay, eps_root=0.0,
+                                          decoupled_weight_decay=True, amsgrad=bool(self.amsgrad),
+                                          maximize=False, eps_hat=True)
+                     for decay in (0.0, wd)[: max(group_of) + 1]]
+            steps[:] = int(self.iterations)  # Keras's step t is iterations + 1, for every variable
+            arrays = check_grads(table, [torch.as_tensor(grads[i]).detach().contiguous().numpy()
+                                         for i in order], params)
+            table.step(arrays, hyper, 1.0, threads_for(self.num_threads, sum(p.size for p in params)))
+        self.kernel_steps += 1
+
+    def _table(self, variables: List[Any]) -> tuple:
+        """The kernel table for these variables (cached while they and their memory stay)."""
+        import numpy as np
+
+        key = [self.weight_decay is not None, bool(self.amsgrad)]
+        key += [(id(v), v.value.data_ptr()) for v in variables]
+        if self._fastadam_table is not None and self._fastadam_table[0] == key:
+            return self._fastadam_table[1:]
+        # Group 0: no weight decay; group 1: decayed (Keras's per-variable exclusions). The
+        # table holds the variables in this order (stable sort: groups contiguous).
+        decayed = [self.weight_decay is not None and self._use_weight_decay(v) for v in variables]
+        order = sorted(range(len(variables)), key=lambda i: decayed[i])
+
+        def view(variable: Any) -> np.ndarray:
+            return variable.value.detach().numpy()
+
+        index = [self._get_variable_index(variables[i]) for i in order]
+        params = [view(variables[i]) for i in order]
+        steps = np.zeros(len(order), np.int64)
+        group_of = [int(decayed[i]) for i in order]
+        table = _kernels.AdamTable(
+            params,
+            [view(self._momentums[k]).reshape(-1) for k in index],
+            [view(self._velocities[k]).reshape(-1) for k in index],
+            [view(self._velocity_hats[k]).reshape(-1) if self.amsgrad else None for k in index],
+            steps,
+            group_of,
+        )
+        self._fastadam_table = (key, table, order, params, steps, group_of)
+        return self._fastadam_table[1:]
