@@ -45,7 +45,7 @@ import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -61,6 +61,7 @@ BIG = 1 << 26             # workloads from this many elements use --big-repeats
 TEMPLATE_COPIES = 2       # the random params and grads every implementation copies
 BOUND_COPIES = 4          # the bounds' p, g, m, v (the triad reuses three of them)
 THINC_REFRESH = 64        # thinc zeroes the gradient; refill it every this many steps
+QUIET = 0.05              # a table is trusted if other processes used at most this CPU share
 
 
 # --- workloads ------------------------------------------------------------------------
@@ -367,6 +368,37 @@ def others_share(before: Tuple[float, float], after: Tuple[float, float], wall: 
     return max(0.0, (busy - own) / (wall * (os.cpu_count() or 1)))
 
 
+def wait_for_quiet(limit_s: float) -> None:
+    """Wait, at most limit_s, for a second in which other processes leave the CPUs alone."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        before, start = cpu_seconds(), time.perf_counter()
+        time.sleep(1.0)
+        if others_share(before, cpu_seconds(), time.perf_counter() - start) <= QUIET:
+            return
+
+
+def measure_quietly(runners: Dict[str, Runner], threads: int, repeats: int, args) -> Tuple[dict, float, int]:
+    """quick.measure, repeated (--retries) while other processes disturbed it: on this
+    shared 2-CPU machine one busy neighbour makes a two-thread team wait whole scheduler
+    slices (milliseconds). Returns the least disturbed attempt: (times, share, attempts)."""
+    best: Optional[Tuple[dict, float]] = None
+    attempts = 0
+    while attempts <= args.retries:
+        attempts += 1
+        wait_for_quiet(args.quiet_wait)
+        with ExitStack() as stack:
+            process_threads(threads, stack)
+            before, start = cpu_seconds(), time.perf_counter()
+            times = measure(runners, repeats, args.target_ms / 1000)
+            others = others_share(before, cpu_seconds(), time.perf_counter() - start)
+        if best is None or others < best[1]:
+            best = (times, others)
+        if others <= QUIET:
+            break
+    return best[0], best[1], attempts
+
+
 # --- planning and measuring ---------------------------------------------------------------
 
 
@@ -416,11 +448,7 @@ def run_workload(key: str, args, dtype: np.dtype, impls: List[Implementation],
                     notes[impl.name] = broken[impl.name]
             if with_bounds and index == 0:
                 runners.update(build_bounds(elements, dtype))
-            with ExitStack() as stack:
-                process_threads(threads, stack)
-                before, start = cpu_seconds(), time.perf_counter()
-                times = measure(runners, repeats, args.target_ms / 1000)
-                others = others_share(before, cpu_seconds(), time.perf_counter() - start)
+            times, others, attempts = measure_quietly(runners, threads, repeats, args)
             for name, seconds in times.items():
                 step_bytes = (bound_bytes(name, elements, dtype) if name.startswith("bound")
                               else elements * STREAMS * dtype.itemsize)
@@ -428,7 +456,7 @@ def run_workload(key: str, args, dtype: np.dtype, impls: List[Implementation],
                                     threads=threads, pass_=index + 1, implementation=name,
                                     seconds=seconds, gbps=step_bytes / seconds / 1e9,
                                     vs_fastadam=seconds / times[REFERENCE], repeats=repeats,
-                                    others_cpu=others))
+                                    others_cpu=others, attempts=attempts))
             del runners
             gc.collect()
     del params, grads
@@ -461,8 +489,10 @@ def print_workload(key: str, records: List[dict], notes: Dict[str, str], passes:
             print(f"| {r['implementation']} | {r['seconds'] * 1e3:.4g} | {r['gbps']:.1f} | {pct} | {ratio} |"
                   + (f" {r['pass_']} |" if passes > 1 else ""))
         busy = max(r["others_cpu"] for r in rows)
+        attempts = max(r["attempts"] for r in rows)
         print(f"\n(other processes used {100 * busy:.0f}% of the CPUs while this was measured"
-              + ("; the numbers are disturbed, rerun on a quiet machine)" if busy > 0.05 else ")"))
+              + (f", least disturbed of {attempts} attempts" if attempts > 1 else "")
+              + ("; DISTURBED, rerun on a quiet machine)" if busy > QUIET else ")"))
         if passes > 1:
             again = ", ".join(f"pass {r['pass_']}: {r['seconds'] * 1e3:.4g} ms" for r in rows
                               if r["implementation"] == REFERENCE and r["pass_"] > 1)
@@ -576,6 +606,10 @@ def main() -> None:
     parser.add_argument("--target-ms", type=float, default=20.0, help="shortest length of one sample")
     parser.add_argument("--memory-gb", type=float, default=14.0,
                         help="buffers of one pass (estimated) stay under this; more passes otherwise")
+    parser.add_argument("--retries", type=int, default=2,
+                        help=f"measure a table again while other processes used > {QUIET:.0%} of the CPUs")
+    parser.add_argument("--quiet-wait", type=float, default=30.0,
+                        help="seconds to wait for quiet CPUs before each attempt")
     parser.add_argument("--json", help="save every timing here")
     parser.add_argument("--plot", help="save a bar chart of speed-ups vs torch fused here (matplotlib)")
     args = parser.parse_args()
