@@ -14,7 +14,11 @@ repeat, and the tables show medians (quick.measure). Each implementation owns it
 copies of the same random values. Buffers are built per workload and thread count and
 freed before the next; when a workload's buffers would not fit in --memory-gb the
 implementations are split into passes, each containing fastadam.Adam, so that every ratio
-still compares two implementations timed in the same run.
+still compares two implementations timed in the same run. The machine is shared: each table
+says how much CPU other processes took meanwhile and is measured again (--retries) when that
+exceeds 5%. Interleaving has one known cost: after a call, one runtime's worker threads spin
+or sleep, so the next implementation pays for waking or sharing a CPU; at small sizes this
+slows optax's dispatch thread (2^10, 2 threads: 0.013 ms alone, 0.03-0.05 ms interleaved).
 
 Bandwidth bounds, measured in the same run for workloads of 2^20 elements or more (needs
 numba, skipped otherwise): a "7-stream" kernel that reads 4 arrays and writes 3 in one
@@ -35,6 +39,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -56,6 +61,7 @@ from quick import BETA1, BETA2, EPS, LR, STREAMS, NumpyAdam, fastadam_runner, me
 Shape = Tuple[int, ...]
 Runner = Callable[[], None]
 REFERENCE = "fastadam.Adam"
+FUSED = "torch fused=True"  # the plot's baseline
 LARGE = 1 << 20           # workloads from this many elements get the bandwidth bounds
 BIG = 1 << 26             # workloads from this many elements use --big-repeats
 TEMPLATE_COPIES = 2       # the random params and grads every implementation copies
@@ -72,8 +78,9 @@ def resnet18_shapes() -> List[Shape]:
     in_channels = 64
     for stage, channels in enumerate([64, 128, 256, 512]):
         for block in range(2):
-            shapes += [(channels, in_channels if block == 0 else channels, 3, 3), (channels,), (channels,),
-                       (channels, channels, 3, 3), (channels,), (channels,)]
+            first_in = in_channels if block == 0 else channels
+            shapes += [(channels, first_in, 3, 3), (channels,), (channels,),      # conv1, bn1
+                       (channels, channels, 3, 3), (channels,), (channels,)]     # conv2, bn2
             if block == 0 and stage > 0:  # downsample: 1x1 conv with stride 2, then batch norm
                 shapes += [(channels, in_channels, 1, 1), (channels,), (channels,)]
         in_channels = channels
@@ -108,7 +115,7 @@ WORKLOADS: Dict[str, Tuple[str, List[Shape]]] = {
 QUICK_WORKLOADS = ["2^10", "2^20", "resnet18", "2000x512"]
 
 
-def make_templates(shapes: Sequence[Shape], dtype: np.dtype) -> Tuple[List[np.ndarray], List[np.ndarray]]:
+def make_templates(shapes: Sequence[Shape], dtype: np.dtype) -> Tuple[list, list]:
     """Random params and grads that every implementation copies (so all see the same values)."""
     rng = np.random.default_rng(0)
     params = [rng.standard_normal(s, dtype=dtype) for s in shapes]
@@ -137,7 +144,8 @@ def build_fastadam_function(params, grads, threads: int) -> Runner:
 
 
 def build_numpy(params, grads, threads: int) -> Runner:
-    adams = [NumpyAdam(p.copy(), g.copy(), np.zeros_like(p), np.zeros_like(p)) for p, g in zip(params, grads)]
+    adams = [NumpyAdam(p.copy(), g.copy(), np.zeros_like(p), np.zeros_like(p))
+             for p, g in zip(params, grads)]
 
     def run():
         for adam in adams:
@@ -162,8 +170,8 @@ def torch_builder(**options) -> Callable[..., Runner]:
     def build(params, grads, threads: int) -> Runner:
         import torch
 
-        opt = torch.optim.Adam(torch_parameters(params, grads), lr=LR, betas=(BETA1, BETA2), eps=EPS,
-                               **options)
+        opt = torch.optim.Adam(torch_parameters(params, grads), lr=LR, betas=(BETA1, BETA2),
+                               eps=EPS, **options)
         return opt.step
 
     return build
@@ -173,8 +181,7 @@ def build_thinc(params, grads, threads: int) -> Runner:
     """thinc's Optimizer flattens each tensor and folds both bias corrections into the rate
     (thinc/optimizers.py _adam); ops.adam then overwrites and zeroes the gradient. The
     gradient is refilled every THINC_REFRESH steps (timed, +0.3% traffic): with zero
-    gradients the first moment would decay into subnormals and slow every peer's
-    arithmetic unfairly."""
+    gradients the first moment would decay into subnormals, whose arithmetic is slow."""
     from thinc.api import NumpyOps
 
     ops = NumpyOps()
@@ -258,6 +265,7 @@ class Implementation:
         return ""
 
 
+TORCH_THREADS = "torch.set_num_threads(T)"
 IMPLEMENTATIONS = [
     Implementation(REFERENCE, build_fastadam_optimizer, "fastadam", 4, "num_threads=T"),
     Implementation("fastadam.adam_step", build_fastadam_function, "fastadam", 4, "num_threads=T",
@@ -266,15 +274,15 @@ IMPLEMENTATIONS = [
     # On CPU torch's default is the for-loop implementation, i.e. foreach=False
     # (torch/optim/optimizer.py _default_to_fused_or_foreach: foreach only on cuda/xpu/mtia).
     # Its per-tensor temporaries can briefly need two more copies of a single tensor.
-    Implementation("torch default (=foreach=False)", torch_builder(), "torch", 6, "torch.set_num_threads(T)"),
-    Implementation("torch foreach=True", torch_builder(foreach=True), "torch", 5, "torch.set_num_threads(T)"),
-    Implementation("torch fused=True", torch_builder(fused=True), "torch", 4, "torch.set_num_threads(T)"),
+    Implementation("torch default (=foreach=False)", torch_builder(), "torch", 6, TORCH_THREADS),
+    Implementation("torch foreach=True", torch_builder(foreach=True), "torch", 5, TORCH_THREADS),
+    Implementation(FUSED, torch_builder(fused=True), "torch", 4, TORCH_THREADS),
     Implementation("thinc NumpyOps.adam", build_thinc, "thinc", 4, "single-threaded (holds the GIL)",
                    float32_only="NumpyOps.adam takes float32 arrays only"),
     Implementation("optax.adam (jax.jit)", build_optax, "optax", 5,
                    "XLA's own CPU thread pool: not controlled, the same in every table"),
     Implementation("DeepSpeedCPUAdam", build_deepspeed, "deepspeed", 4,
-                   "OpenMP (torch's libgomp), limited with torch.set_num_threads + threadpoolctl",
+                   "OpenMP loops, limited with torch.set_num_threads + threadpoolctl",
                    float32_only="no float64 kernel on CPU (RuntimeError: 'param type Double and "
                                 "state type Float is not supported')"),
 ]
@@ -359,13 +367,15 @@ def cpu_seconds() -> Tuple[float, float]:
     except OSError:
         return math.nan, own.user + own.system
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.user + own.system
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return busy, own.user + own.system
 
 
 def others_share(before: Tuple[float, float], after: Tuple[float, float], wall: float) -> float:
     """Share (0..1) of all CPUs that other processes (and the hypervisor's steal) used."""
     busy, own = after[0] - before[0], after[1] - before[1]
-    return max(0.0, (busy - own) / (wall * (os.cpu_count() or 1)))
+    share = (busy - own) / (wall * (os.cpu_count() or 1))
+    return share if math.isnan(share) else max(0.0, share)
 
 
 def wait_for_quiet(limit_s: float) -> None:
@@ -378,7 +388,8 @@ def wait_for_quiet(limit_s: float) -> None:
             return
 
 
-def measure_quietly(runners: Dict[str, Runner], threads: int, repeats: int, args) -> Tuple[dict, float, int]:
+def measure_quietly(runners: Dict[str, Runner], threads: int, repeats: int,
+                    args) -> Tuple[dict, float, int]:
     """quick.measure, repeated (--retries) while other processes disturbed it: on this
     shared 2-CPU machine one busy neighbour makes a two-thread team wait whole scheduler
     slices (milliseconds). Returns the least disturbed attempt: (times, share, attempts)."""
@@ -452,8 +463,9 @@ def run_workload(key: str, args, dtype: np.dtype, impls: List[Implementation],
             for name, seconds in times.items():
                 step_bytes = (bound_bytes(name, elements, dtype) if name.startswith("bound")
                               else elements * STREAMS * dtype.itemsize)
-                records.append(dict(workload=key, label=label, tensors=len(shapes), elements=elements,
-                                    threads=threads, pass_=index + 1, implementation=name,
+                records.append(dict(workload=key, label=label, tensors=len(shapes),
+                                    elements=elements, threads=threads, memory_pass=index + 1,
+                                    implementation=name,
                                     seconds=seconds, gbps=step_bytes / seconds / 1e9,
                                     vs_fastadam=seconds / times[REFERENCE], repeats=repeats,
                                     others_cpu=others, attempts=attempts))
@@ -482,20 +494,21 @@ def print_workload(key: str, records: List[dict], notes: Dict[str, str], passes:
               + (" pass |" if passes > 1 else ""))
         print("|---|---:|---:|---:|---:|" + ("---:|" if passes > 1 else ""))
         for r in rows:
-            if r["implementation"] == REFERENCE and r["pass_"] > 1:
+            if r["implementation"] == REFERENCE and r["memory_pass"] > 1:
                 continue  # reported below the table
-            pct = f"{100 * r['gbps'] / bound:.0f}%" if bound and "triad" not in r["implementation"] else ""
-            ratio = "" if r["implementation"].startswith("bound") else f"{r['vs_fastadam']:.2f}x"
-            print(f"| {r['implementation']} | {r['seconds'] * 1e3:.4g} | {r['gbps']:.1f} | {pct} | {ratio} |"
-                  + (f" {r['pass_']} |" if passes > 1 else ""))
+            name = r["implementation"]
+            pct = f"{100 * r['gbps'] / bound:.0f}%" if bound and "triad" not in name else ""
+            ratio = "" if name.startswith("bound") else f"{r['vs_fastadam']:.2f}x"
+            print(f"| {name} | {r['seconds'] * 1e3:.4g} | {r['gbps']:.1f} | {pct} | {ratio} |"
+                  + (f" {r['memory_pass']} |" if passes > 1 else ""))
         busy = max(r["others_cpu"] for r in rows)
         attempts = max(r["attempts"] for r in rows)
         print(f"\n(other processes used {100 * busy:.0f}% of the CPUs while this was measured"
               + (f", least disturbed of {attempts} attempts" if attempts > 1 else "")
               + ("; DISTURBED, rerun on a quiet machine)" if busy > QUIET else ")"))
         if passes > 1:
-            again = ", ".join(f"pass {r['pass_']}: {r['seconds'] * 1e3:.4g} ms" for r in rows
-                              if r["implementation"] == REFERENCE and r["pass_"] > 1)
+            again = ", ".join(f"pass {r['memory_pass']}: {r['seconds'] * 1e3:.4g} ms" for r in rows
+                              if r["implementation"] == REFERENCE and r["memory_pass"] > 1)
             print(f"(memory: {passes} passes, each with fastadam.Adam; its time in {again}. "
                   "Ratios use fastadam.Adam from the same pass.)")
     for name, why in notes.items():
@@ -506,28 +519,28 @@ def print_workload(key: str, records: List[dict], notes: Dict[str, str], passes:
 
 
 def versions() -> Dict[str, str]:
-    found = {"python": sys.version.split()[0], "numpy": np.__version__, "fastadam": fastadam.__version__}
-    for module in ["torch", "thinc", "jax", "jaxlib", "optax", "deepspeed", "numba", "threadpoolctl"]:
-        if importlib.util.find_spec(module) is None:
-            continue
+    found = {"python": sys.version.split()[0], "numpy": np.__version__,
+             "fastadam": fastadam.__version__}
+    for module in ["torch", "thinc", "jax", "jaxlib", "optax", "deepspeed", "numba",
+                   "threadpoolctl"]:
         try:
-            from importlib.metadata import version
-
-            found[module] = version(module)
-        except Exception:
-            found[module] = "?"
+            found[module] = importlib.metadata.version(module)
+        except importlib.metadata.PackageNotFoundError:
+            pass
     return found
 
 
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or "?"
 
 
-def print_header(args, dtype: np.dtype, impls: List[Implementation], missing: List[Implementation]) -> None:
+def print_header(args, dtype: np.dtype, impls: List[Implementation],
+                 missing: List[Implementation]) -> None:
     config = fastadam.show_config("dicts")
     print(f"# fastadam vs peer CPU Adams ({dtype.name})\n")
     simd = config["simd"]
@@ -538,7 +551,9 @@ def print_header(args, dtype: np.dtype, impls: List[Implementation], missing: Li
           f"samples of >= {args.target_ms:g} ms). GB/s: {STREAMS * dtype.itemsize} bytes per element "
           "(Adam reads p, g, m, v and writes p, m, v). 'time vs fastadam.Adam' > 1 means fastadam "
           "is faster. Bounds (workloads >= 2^20): numba kernels in the same run, 7-stream = one "
-          "pass reading 4 and writing 3 arrays, triad = a = b + s*c (12 bytes/element).\n")
+          f"pass reading 4 and writing 3 arrays, triad = a = b + s*c ({3 * dtype.itemsize} "
+          "bytes/element). Tables measured while other processes used > 5% of the CPUs are "
+          f"measured again (up to {args.retries} times).\n")
     print("Threads (T = the table's thread count):")
     for impl in impls:
         print(f"- {impl.name}: {impl.threads}")
@@ -551,10 +566,21 @@ def print_header(args, dtype: np.dtype, impls: List[Implementation], missing: Li
     sys.stdout.flush()
 
 
+def speedup_vs_fused(rows: List[dict], workload: str, name: str) -> float:
+    """time(torch fused=True) / time(name) for one workload and thread count, 0 if either is
+    missing. The two may come from different passes; each is timed against fastadam.Adam
+    of its own pass, so the ratio of those two ratios compares them."""
+    def vs_fastadam(impl: str) -> Optional[float]:
+        return next((r["vs_fastadam"] for r in rows
+                     if r["workload"] == workload and r["implementation"] == impl), None)
+
+    fused, mine = vs_fastadam(FUSED), vs_fastadam(name)
+    return fused / mine if fused and mine else 0.0
+
+
 def save_plot(records: List[dict], path: str) -> None:
-    """Grouped bars: each implementation's speed-up over torch fused=True per workload, one
-    panel per thread count. An implementation measured in another pass than torch fused is
-    compared through fastadam.Adam, which runs in every pass: (fused/fastadam)/(impl/fastadam)."""
+    """Grouped bars: each implementation's speed-up over torch fused=True per workload (log
+    scale), one panel per thread count."""
     try:
         import matplotlib
 
@@ -564,31 +590,27 @@ def save_plot(records: List[dict], path: str) -> None:
     except ImportError:
         print("matplotlib not installed: no plot")
         return
-    fused = "torch fused=True"
     thread_counts = sorted({r["threads"] for r in records})
     names = [n for n in dict.fromkeys(r["implementation"] for r in records)
-             if not n.startswith("bound") and n != fused]
-    fig, axes = plt.subplots(len(thread_counts), 1, figsize=(13, 4.5 * len(thread_counts)), squeeze=False)
+             if not n.startswith("bound") and n != FUSED]
+    fig, axes = plt.subplots(len(thread_counts), 1, figsize=(13, 4.5 * len(thread_counts)),
+                             squeeze=False)
+    width = 0.8 / max(1, len(names))
     for ax, threads in zip(axes[:, 0], thread_counts):
         rows = [r for r in records if r["threads"] == threads]
         workloads = [w for w in dict.fromkeys(r["workload"] for r in rows)
-                     if any(r["implementation"] == fused and r["workload"] == w for r in rows)]
-        width = 0.8 / max(1, len(names))
+                     if any(r["workload"] == w and r["implementation"] == FUSED for r in rows)]
         for i, name in enumerate(names):
-            heights = []
-            for w in workloads:
-                base = next(r["vs_fastadam"] for r in rows if r["workload"] == w and r["implementation"] == fused)
-                mine = next((r["vs_fastadam"] for r in rows if r["workload"] == w and r["implementation"] == name
-                             and (name != REFERENCE or r["pass_"] == 1)), None)
-                heights.append(base / mine if mine else 0)
-            ax.bar([x + (i - (len(names) - 1) / 2) * width for x in range(len(workloads))], heights, width, label=name)
+            offsets = [x + (i - (len(names) - 1) / 2) * width for x in range(len(workloads))]
+            ax.bar(offsets, [speedup_vs_fused(rows, w, name) for w in workloads], width, label=name)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}x"))
-        ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}" if str(y)[0] in "25" else ""))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}" if str(y)[0] in "25"
+                                                   else ""))
         ax.set_xticks(range(len(workloads)), [WORKLOADS[w][0] for w in workloads], fontsize=8)
         ax.set_ylabel("speed-up vs torch fused=True")
-        ax.set_title(f"{threads} thread{'s' if threads > 1 else ''} (higher is faster; 1 = torch fused)")
+        ax.set_title(f"{threads} thread{'s' if threads > 1 else ''}: higher is faster, 1 = torch fused")
         ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -599,15 +621,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=None)
-    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_WORKLOADS)}, 5 repeats")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"only {', '.join(QUICK_WORKLOADS)}, 5 repeats")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--big-repeats", type=int, default=5, help="repeats for workloads >= 2^26 elements")
+    parser.add_argument("--big-repeats", type=int, default=5,
+                        help="repeats for workloads >= 2^26 elements")
     parser.add_argument("--target-ms", type=float, default=20.0, help="shortest length of one sample")
     parser.add_argument("--memory-gb", type=float, default=14.0,
                         help="buffers of one pass (estimated) stay under this; more passes otherwise")
     parser.add_argument("--retries", type=int, default=2,
-                        help=f"measure a table again while other processes used > {QUIET:.0%} of the CPUs")
+                        help=f"measure a table again while other processes used > {QUIET * 100:.0f}%% of the CPUs")
     parser.add_argument("--quiet-wait", type=float, default=30.0,
                         help="seconds to wait for quiet CPUs before each attempt")
     parser.add_argument("--json", help="save every timing here")
@@ -627,9 +651,9 @@ def main() -> None:
         records += run_workload(key, args, dtype, impls, broken)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"dtype": dtype.name, "args": vars(args), "versions": versions(), "cpu": cpu_model(),
-                       "fastadam_config": fastadam.show_config("dicts"), "skipped": broken,
-                       "not_installed": [i.name for i in missing], "records": records}, f, indent=1)
+            json.dump({"dtype": dtype.name, "args": vars(args), "versions": versions(),
+                       "cpu": cpu_model(), "fastadam_config": fastadam.show_config("dicts"),
+                       "skipped": broken, "not_installed": [i.name for i in missing], "records": records}, f, indent=1)
         print(f"\nraw numbers saved to {args.json}")
     if args.plot:
         save_plot(records, args.plot)
