@@ -15,9 +15,10 @@ import gc
 import numpy as np
 import torch
 from peers import gpt2_small_shapes, resnet18_shapes
-from quick import measure
 
 import fastadam.torch
+
+from quick import measure
 
 WORKLOADS = {"resnet18": resnet18_shapes, "gpt2": gpt2_small_shapes}
 IMPLEMENTATIONS = {

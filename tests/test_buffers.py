@@ -140,3 +140,24 @@ def test_big_endian_ctypes_buffer_is_a_type_error():
     with pytest.raises(TypeError, match="^grad must have dtype float32 or float64, got float32 in non-native"):
         fastadam.adam_step(np.zeros(4, np.float32), data, np.zeros(4, np.float32),
                            np.zeros(4, np.float32), step=1)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adam_state_is_zeroed_shaped_and_staggered(dtype, amsgrad):
+    param = np.ones((30, 7), dtype)
+    state = fastadam.adam_state(param, amsgrad=amsgrad)
+    assert set(state) == {"exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if amsgrad else set())
+    offsets = {a.ctypes.data % 4096 for a in state.values()}
+    assert len(offsets) == len(state)  # all at different page offsets
+    for a in state.values():
+        assert a.shape == param.shape and a.dtype == dtype and not a.any()
+    fastadam.adam_step(param, np.ones_like(param), state["exp_avg"], state["exp_avg_sq"], step=1,
+                       max_exp_avg_sq=state.get("max_exp_avg_sq"))
+    assert state["exp_avg"].any()
+
+
+def test_adam_state_rejects_bad_params():
+    with pytest.raises(TypeError, match="^param must have dtype float32 or float64"):
+        fastadam.adam_state(np.zeros(3, np.int8))
+    with pytest.raises(TypeError, match="^amsgrad must be a bool"):
+        fastadam.adam_state(np.zeros(3), amsgrad="yes")

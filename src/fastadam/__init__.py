@@ -8,7 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from fastadam import _simd, schedules  # noqa: F401  (_simd selects the SIMD level)
 from fastadam._config import show_config
-from fastadam._functional import adam_step
+from fastadam._functional import adam_state, adam_step
 from fastadam._threads import get_num_threads, set_num_threads
 from fastadam.checkpoint import load, save
 from fastadam.flat import FlatParams
@@ -23,6 +23,7 @@ __all__ = [
     "Adam",
     "AdamW",
     "FlatParams",
+    "adam_state",
     "adam_step",
     "get_num_threads",
     "load",

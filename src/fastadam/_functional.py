@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Dict, Optional
+
+import numpy as np
 
 from fastadam import _kernels
+from fastadam._memory import STATE_PAGE_OFFSETS, zeros_at
 from fastadam._threads import threads_for
 from fastadam._validation import (
     AdamBuffers,
+    as_array,
     check_buffers,
+    check_flag,
     check_hyperparameters,
     check_num_threads,
 )
@@ -118,3 +123,21 @@ def _copy_back(aligned: AdamBuffers, buffers: AdamBuffers) -> None:
     for target, source in zip(buffers, aligned):
         if source is not target and target is not buffers.grad:
             target[...] = source
+
+
+def adam_state(param: Any, *, amsgrad: bool = False) -> Dict[str, np.ndarray]:
+    """Zeroed state buffers for :func:`adam_step` on ``param``: ``exp_avg``, ``exp_avg_sq``
+    (and ``max_exp_avg_sq`` with ``amsgrad=True``), shaped like ``param``, of its dtype.
+
+    Use these rather than ``np.zeros_like``: they start at different offsets within a
+    4 KiB page from each other and from where NumPy places arrays, which avoids the
+    CPU's false load/store dependencies between the streams (4K aliasing; up to 1.8x
+    slower at 2^24 elements otherwise).
+
+    >>> state = fastadam.adam_state(param)                      # doctest: +SKIP
+    >>> fastadam.adam_step(param, grad, state["exp_avg"], state["exp_avg_sq"], step=1)  # doctest: +SKIP
+    """
+    array = as_array(param, "param", writable=False, flatten=False)
+    keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if check_flag(amsgrad, "amsgrad") else ())
+    return {key: zeros_at(array.size, array.dtype, STATE_PAGE_OFFSETS[key]).reshape(array.shape)
+            for key in keys}

@@ -15,11 +15,13 @@ from typing import Optional
 from fastadam import _kernels
 from fastadam._validation import check_num_threads
 
-# Below this many elements an update runs on one thread: forking a team costs more than
-# the second thread saves. benchmarks/serial_cutoff.py, float32, 4096-element chunks, on
-# the 2-core dev machine: 2^12 elements 4.7 us on one thread (a second has no chunk of its
-# own), 2^13 8.4 us vs 5.0 us on two, 2^14 13.8 vs 8.3 us (float64 gains from 2^12).
-SERIAL_CUTOFF = 1 << 13
+# Below this many elements an update runs on one thread. Alone in a process, two threads
+# already paid from 2^13 float32 elements (benchmarks/serial_cutoff.py: 2^13 8.4 us on one
+# thread vs 5.0 us on two, 2^14 13.8 vs 8.3 us). But fastadam usually shares the process
+# with other thread pools (torch's, numba's, XLA's) whose idle threads spin on the same two
+# cores: in benchmarks/peers.py's process a 2^14 update took 16 us on one thread and 40 us
+# on two, while from 2^16 on two threads won everywhere. The cutoff takes the robust side.
+SERIAL_CUTOFF = 1 << 16
 
 _lock = threading.Lock()
 _process_default: Optional[int] = None
