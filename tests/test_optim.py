@@ -511,3 +511,12 @@ def test_deepcopy_after_steps_is_independent():
     clone = copy.deepcopy(opt)
     clone.step(make_grads(params, 1))  # steps the clone's own copies of the params
     assert opt.state[0]["step"] == 1 and clone.state[0]["step"] == 2
+
+
+def test_empty_tensor_sharing_an_address_does_not_borrow_another_groups_settings():
+    base = np.zeros(8)
+    empty = np.ndarray((0,), np.float64, buffer=base, offset=32)  # the address of base[4]
+    opt = fastadam.Adam([{"params": [base[:4], empty], "lr": 0.1}, {"params": [base[4:]], "lr": 0.0}])
+    opt.step([np.ones(4), np.ones(0), np.ones(4)])
+    np.testing.assert_allclose(base[:4], -0.1, rtol=1e-6)
+    np.testing.assert_array_equal(base[4:], 0.0)  # lr 0: unchanged

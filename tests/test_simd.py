@@ -87,3 +87,14 @@ def test_fastadam_simd_with_a_bad_level_fails_import_clearly():
                             env=dict(os.environ, FASTADAM_SIMD="avx9000"), capture_output=True, text=True)
     assert result.returncode != 0
     assert "FASTADAM_SIMD=avx9000: SIMD level must be one of baseline, avx2, avx512" in result.stderr
+
+
+def test_set_kernels_refuses_foreign_capsules(restore_levels):
+    import ctypes
+    bogus = ctypes.pythonapi.PyCapsule_New
+    bogus.restype = ctypes.py_object
+    bogus.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+    capsule = bogus(ctypes.addressof(ctypes.c_int(0)), b"someone.else", None)
+    good = (_kernels.run_chunk_capsule, _kernels.count_nonfinite_capsule)
+    with pytest.raises(TypeError, match="fastadam.run_chunk capsule"):
+        _kernels.set_kernels((capsule, good[1]), good, 16)

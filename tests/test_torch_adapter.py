@@ -234,3 +234,107 @@ def test_importing_fastadam_does_not_import_torch():
     code = "import sys, fastadam; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --- found in review: copies, replaced state, sparse participation, aliasing, atomicity ----
+
+def test_deepcopy_and_pickle_give_working_optimizers():
+    import copy
+    import pickle
+    model = make_model()
+    opt = ft.Adam(model.parameters(), num_threads=1)
+    train(model, opt, batches(torch.float32, n=1))
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert clone.num_threads == 1
+        for p in clone.param_groups[0]["params"]:
+            p.grad = torch.ones_like(p)
+        clone.step()
+        assert clone.state[clone.param_groups[0]["params"][0]]["step"].item() == 2
+
+
+@needs_default_capability
+@pytest.mark.parametrize("edit", ["clear", "replace_exp_avg", "reset_step"])
+def test_state_edited_by_the_user_is_honoured_like_torch(edit):
+    data = batches(torch.float32, n=5)
+    results = []
+    for cls, kw in ((ft.Adam, {}), (torch.optim.Adam, {"fused": True})):
+        model = make_model()
+        opt = cls(model.parameters(), lr=0.01, **kw)
+        train(model, opt, data[:3])
+        first = model[0].weight
+        if edit == "clear":
+            opt.state.clear()
+        elif edit == "replace_exp_avg":
+            opt.state[first]["exp_avg"] = torch.full_like(first, 0.5)
+        else:
+            opt.state[first]["step"] = torch.tensor(0.0)
+        results.append(train(model, opt, data[3:]))
+        results.append(opt.state_dict()["state"][0]["step"].item())
+    assert_same(results[0], results[2])
+    assert results[1] == results[3]
+
+
+@needs_default_capability
+def test_a_param_with_a_gradient_on_some_steps_only():
+    big, small = torch.nn.Parameter(torch.randn(1000)), torch.nn.Parameter(torch.randn(16))
+    twins = [torch.nn.Parameter(t.detach().clone()) for t in (big, small)]
+    ours, theirs = ft.Adam([big, small], lr=0.01), torch.optim.Adam(twins, lr=0.01, fused=True)
+    kept = None
+    for k in range(6):
+        for params, opt in (([big, small], ours), (twins, theirs)):
+            opt.zero_grad()
+            params[0].grad = torch.full((1000,), 0.1 * (k + 1))
+            if k % 2 == 0:
+                params[1].grad = torch.ones(16)
+            opt.step()
+        if kept is None:
+            kept = ours.state[big]["exp_avg"]
+        assert ours.state[big]["exp_avg"] is kept  # moments stay put across table rebuilds
+    assert_same([big, small], twins)
+    assert ours.state[small]["step"].item() == theirs.state[twins[1]]["step"].item() == 3
+
+
+def test_overlapping_params_are_refused():
+    flat = torch.zeros(100)
+    a, b = torch.nn.Parameter(flat[:50]), torch.nn.Parameter(flat[40:])
+    opt = ft.Adam([a, b])
+    a.grad, b.grad = torch.ones(50), torch.ones(60)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\] overlaps param_groups\[0\]\['params'\]\[0\]"):
+        opt.step()
+
+
+@pytest.mark.parametrize("spoil", ["lr", "grad_aliases_param"])
+def test_a_rejected_step_changes_no_state(spoil):
+    model = make_model()
+    opt = ft.Adam(model.parameters(), lr=0.01)
+    train(model, opt, batches(torch.float32, n=1))
+    extra = torch.nn.Parameter(torch.ones(3))
+    opt.add_param_group({"params": [extra]})
+    before = {k: {n: v.clone() for n, v in s.items()} for k, s in opt.state_dict()["state"].items()}
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    extra.grad = torch.ones(3)
+    if spoil == "lr":
+        opt.param_groups[0]["lr"] = -1.0
+        match = r"param_groups\[0\]\['lr'\] must be >= 0.0"
+    else:
+        model[0].bias.grad = model[0].bias.detach()
+        match = r"the gradient of param_groups\[0\]\['params'\]\[1\] overlaps"
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    after = opt.state_dict()["state"]
+    assert set(after) == set(before) and extra not in opt.state
+    for k in before:
+        for n in before[k]:
+            assert torch.equal(before[k][n], after[k][n])
+
+
+def test_loading_from_a_live_optimizer_takes_a_snapshot():
+    m1, m2 = make_model(), make_model()
+    source = ft.Adam(m1.parameters())
+    train(m1, source, batches(torch.float32, n=2))
+    target = ft.Adam(m2.parameters())
+    target.load_state_dict(source.state_dict())
+    train(m1, source, batches(torch.float32, n=3))  # the source moves on
+    train(m2, target, batches(torch.float32, n=1))
+    assert target.state[m2[0].weight]["step"].item() == 3

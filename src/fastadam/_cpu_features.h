@@ -34,14 +34,19 @@ static unsigned long long fa_xgetbv0(void) {
 #endif
 #define FA_BIT(reg, n) (((reg) >> (n)) & 1u)
 
-/* x86-64-v3: AVX, AVX2, BMI1, BMI2, F16C, FMA, LZCNT, MOVBE, XSAVE; OS saves XMM+YMM. */
+/* x86-64-v3: the v2 set (SSE3, SSSE3, SSE4.1, SSE4.2, POPCNT, CX16) plus AVX, AVX2, BMI1,
+ * BMI2, F16C, FMA, LZCNT, MOVBE, XSAVE; and the OS saves XMM+YMM. */
 static int fa_cpu_has_x86_64_v3(void) {
-    unsigned int r1[4], r7[4], rx[4], max_leaf[4];
+    unsigned int r1[4], r7[4], rx[4], max_leaf[4], max_ext[4];
     fa_cpuid(0, 0, max_leaf);
-    if (max_leaf[0] < 7) return 0;
+    fa_cpuid((int)0x80000000u, 0, max_ext);
+    if (max_leaf[0] < 7 || max_ext[0] < 0x80000001u) return 0;
     fa_cpuid(1, 0, r1);
     fa_cpuid(7, 0, r7);
     fa_cpuid((int)0x80000001u, 0, rx);
+    if (!(FA_BIT(r1[2], 0) && FA_BIT(r1[2], 9) && FA_BIT(r1[2], 13) && FA_BIT(r1[2], 19) &&
+          FA_BIT(r1[2], 20)))                         /* SSE3 SSSE3 CX16 SSE4.1 SSE4.2 */
+        return 0;
     if (!(FA_BIT(r1[2], 12) && FA_BIT(r1[2], 22) && FA_BIT(r1[2], 23) && FA_BIT(r1[2], 27) &&
           FA_BIT(r1[2], 28) && FA_BIT(r1[2], 29)))   /* FMA MOVBE POPCNT OSXSAVE AVX F16C */
         return 0;

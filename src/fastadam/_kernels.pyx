@@ -31,7 +31,7 @@ Design (see DESIGN.md "Layers"):
   form with step_coef = -lr*sqrt(bc2)/bc1 and a divisor of exactly 1.
 """
 
-from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
+from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid
 from libc.math cimport pow, sqrt
 from libc.stdint cimport int64_t
 from libc.stdlib cimport calloc, free, malloc, qsort
@@ -93,8 +93,10 @@ cdef inline CountChunk _counter(const AdamTensor* t) noexcept nogil:
     return _count_small if t.size <= _small_limit else _count_large
 
 
-cdef void* _pointer(object capsule) except NULL:
-    return PyCapsule_GetPointer(capsule, PyCapsule_GetName(capsule))
+cdef void* _pointer(object capsule, const char* name) except NULL:
+    if not PyCapsule_IsValid(capsule, name):
+        raise TypeError(f"expected a {name.decode()} capsule from a fastadam kernel module")
+    return PyCapsule_GetPointer(capsule, name)
 
 
 def set_kernels(small, large, Py_ssize_t small_limit):
@@ -104,10 +106,12 @@ def set_kernels(small, large, Py_ssize_t small_limit):
     _kernels_avx512). Not thread-safe: fastadam._simd calls it at import (tests and
     benchmarks between steps)."""
     global _run_small, _run_large, _count_small, _count_large, _small_limit
-    _run_small = <RunChunk>_pointer(small[0])
-    _count_small = <CountChunk>_pointer(small[1])
-    _run_large = <RunChunk>_pointer(large[0])
-    _count_large = <CountChunk>_pointer(large[1])
+    cdef RunChunk run_small = <RunChunk>_pointer(small[0], b"fastadam.run_chunk")
+    cdef CountChunk count_small = <CountChunk>_pointer(small[1], b"fastadam.count_nonfinite_chunk")
+    cdef RunChunk run_large = <RunChunk>_pointer(large[0], b"fastadam.run_chunk")
+    cdef CountChunk count_large = <CountChunk>_pointer(large[1], b"fastadam.count_nonfinite_chunk")
+    # all four checked: switch together
+    _run_small, _count_small, _run_large, _count_large = run_small, count_small, run_large, count_large
     _small_limit = small_limit
 
 
@@ -354,6 +358,7 @@ cdef class AdamTable:
     """
     cdef AdamTensor* tensors      # one record per tensor (grad pointers set per step)
     cdef AdamTensor* records      # what a step runs: whole runs, or single tensors
+    cdef Py_ssize_t* record_first # the tensor each record starts with
     cdef Py_ssize_t n_records
     cdef Py_ssize_t n
     cdef Py_ssize_t* run_stop     # at a run's first tensor: one past its last tensor
@@ -371,10 +376,11 @@ cdef class AdamTable:
         self.n = n
         self.tensors = <AdamTensor*>calloc(max(n, 1), sizeof(AdamTensor))
         self.records = <AdamTensor*>calloc(max(n, 1), sizeof(AdamTensor))
+        self.record_first = <Py_ssize_t*>malloc(max(n, 1) * sizeof(Py_ssize_t))
         self.run_stop = <Py_ssize_t*>malloc(max(n, 1) * sizeof(Py_ssize_t))
         self.group_of = <Py_ssize_t*>malloc(max(n, 1) * sizeof(Py_ssize_t))
-        if (self.tensors == NULL or self.records == NULL or self.run_stop == NULL
-                or self.group_of == NULL):
+        if (self.tensors == NULL or self.records == NULL or self.record_first == NULL
+                or self.run_stop == NULL or self.group_of == NULL):
             raise MemoryError()
         self.n_groups = 0
         for i in range(n):
@@ -397,6 +403,7 @@ cdef class AdamTable:
     def __dealloc__(self):
         free(self.tensors)
         free(self.records)
+        free(self.record_first)
         free(self.run_stop)
         free(self.group_of)
         free(self.written)
@@ -479,12 +486,14 @@ cdef class AdamTable:
                 k += 1
             if merge:
                 self.records[self.n_records] = self.tensors[i]
+                self.record_first[self.n_records] = i
                 for k in range(i + 1, stop):
                     self.records[self.n_records].size += self.tensors[k].size
                 self.n_records += 1
             else:
                 for k in range(i, stop):
                     self.records[self.n_records] = self.tensors[k]
+                    self.record_first[self.n_records] = k
                     self.n_records += 1
             i = stop
         return 0
@@ -503,7 +512,7 @@ cdef class AdamTable:
         """One Adam step of every tensor. ``groups``: one tuple per param group,
         (lr, beta1, beta2, eps, weight_decay, eps_root, decoupled_weight_decay, amsgrad,
         maximize, eps_hat), validated; grads validated and conforming."""
-        cdef Py_ssize_t i, k, first = 0
+        cdef Py_ssize_t i = 0, k, first
         cdef int status
         cdef GroupHyperparameters* h
         cdef AdamTensor* r
@@ -520,10 +529,9 @@ cdef class AdamTable:
                  hyper[k].weight_decay, hyper[k].eps_root, hyper[k].decoupled_weight_decay,
                  hyper[k].amsgrad, hyper[k].maximize, hyper[k].eps_hat) = values
             self._prepare(grads)
-            for k in range(self.n_records):  # records are in tensor order: track each
-                r = &self.records[k]        # record's first tensor for group and step
-                while self.tensors[first].param != r.param:
-                    first += 1
+            for k in range(self.n_records):
+                r = &self.records[k]
+                first = self.record_first[k]  # its group and step count are the record's
                 if (k > 0 and self.group_of[first] == self.group_of[i]
                         and self.steps[first] == self.steps[i]):
                     r.coef = self.records[k - 1].coef  # the usual case: once per group

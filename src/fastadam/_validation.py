@@ -312,12 +312,13 @@ def check_group_hyperparameters(group: Mapping, name: str, step: int) -> GroupHy
     )
 
 
-def check_grads(table: Any, grads: Any, params: list) -> list:
+def check_grads(table: Any, grads: Any, params: list, names: Optional[list] = None) -> list:
     """The gradients of one optimizer step, checked against the params (count, dtype,
     shape, layout, overlap with any written buffer) before anything is written.
 
     The common case (plain conforming ndarrays) is decided by one C scan; anything else
-    goes through the full per-gradient checks, which name the offending gradient.
+    goes through the full per-gradient checks, which name the offending gradient
+    (``names[i]``, by default ``grads[i]``; the params are ``params[i]`` in messages).
     """
     grads = check_sequence(grads, "grads", "buffers, one per param")
     if len(grads) != len(params):
@@ -326,7 +327,7 @@ def check_grads(table: Any, grads: Any, params: list) -> list:
         return grads
     checked = []
     for i, (grad, param) in enumerate(zip(grads, params)):
-        name = f"grads[{i}]"
+        name = f"grads[{i}]" if names is None else names[i]
         array = as_array(grad, name, writable=False, flatten=False)
         if array.dtype != param.dtype:
             raise TypeError(f"{name} must have the dtype of params[{i}] ({param.dtype.name}), "

@@ -35,6 +35,7 @@ from fastadam._threads import NumThreadsAttribute, threads_for
 from fastadam._validation import (
     check_grads,
     check_group_hyperparameters,
+    check_no_overlap,
     check_step_count,
 )
 
@@ -109,6 +110,7 @@ class Adam(Optimizer):
                         decoupled_weight_decay=decoupled_weight_decay)
         self.num_threads = num_threads
         self._engine: Optional[_Engine] = None
+        self._slots: Dict[int, _Slot] = {}  # id(param) -> its fastadam-owned state
         super().__init__(params, defaults)
 
     num_threads = NumThreadsAttribute()
@@ -125,10 +127,23 @@ class Adam(Optimizer):
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._engine = None  # moments are copied into fastadam's blocks on the next step
+        # torch keeps the loaded tensors themselves (no copy when dtype and device
+        # match): take a snapshot, so the source's later steps cannot leak in. The
+        # values move into fastadam's blocks on the next step.
+        for p, state in self.state.items():
+            self.state[p] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+        self._engine = None
 
     def __getstate__(self) -> Dict[str, Any]:
-        return {**super().__getstate__(), "_engine": None}
+        # torch's Optimizer.__getstate__ keeps only defaults, state and param_groups
+        return {**super().__getstate__(), "_num_threads": self._num_threads, "_engine": None,
+                "_slots": {}}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_num_threads", None)
+        self.__dict__.setdefault("_engine", None)
+        self.__dict__.setdefault("_slots", {})
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None, *,
@@ -155,8 +170,8 @@ class Adam(Optimizer):
         scale = 1.0 if grad_scale is None else float(grad_scale)
         if not scale > 0.0 or scale != scale or scale == float("inf"):
             raise ValueError(f"grad_scale must be a finite number > 0, got {scale!r}")
-        engine = self._engine_for(entries)
-        engine.step(self.param_groups, [e[2] for e in entries], scale, self._num_threads)
+        engine = self._engine_for(entries)   # checks everything; commits state only then
+        engine.step(self, [e[2] for e in entries], scale, self._num_threads)
         return loss
 
     def _with_grads(self) -> List[Tuple[int, torch.Tensor, torch.Tensor]]:
@@ -189,11 +204,15 @@ class Adam(Optimizer):
         return entries
 
     def _engine_for(self, entries: List[Tuple[int, torch.Tensor, torch.Tensor]]) -> "_Engine":
-        # Rebuilt when the params with grads, their storage, or a group's AMSGrad flag
-        # (which needs max_exp_avg_sq state) change; load_state_dict also drops it.
+        """The kernel table for this step's (group, param, grad) entries, rebuilt when the
+        params with grads, their storage, a group's AMSGrad flag, or a param's state
+        tensors (replaced by the user or by load_state_dict) changed. Moments stay where
+        they are across rebuilds: only the table of pointers is new."""
         key = [(g, id(p), p.data_ptr(), bool(self.param_groups[g]["amsgrad"])) for g, p, _ in entries]
-        if self._engine is None or self._engine.key != key:
-            self._engine = _Engine(self, entries, key)
+        if (self._engine is not None and self._engine.key == key
+                and all(self._slots[id(p)].owns(self.state[p]) for _, p, _ in entries)):
+            return self._engine
+        self._engine = _Engine(self, entries, key)
         return self._engine
 
 
@@ -229,70 +248,124 @@ def _name(opt: Optimizer, param: torch.Tensor) -> str:
     return "a parameter"
 
 
-class _Engine:
-    """The kernel table of one set of (param, grad) entries, and the state it updates.
+class _Slot:
+    """One parameter's state as fastadam keeps it: moments in fastadam-allocated blocks
+    (NumPy views for the kernels, torch views for ``opt.state``), the float32 ``step``
+    tensor torch's layout wants, and the exact int64 step count behind it."""
 
-    Built when the set of parameters with gradients (or their storage, or the loaded
-    state) changes. Moments live in fastadam-allocated blocks (per group and dtype, in
-    parameter order, so adjacent parameters form one stream) wrapped as torch tensors;
-    existing state (from earlier steps or a loaded state dict) is copied in. Step counts
-    are exact int64 here, mirrored into float32 ``state["step"]`` views after each step.
+    def __init__(self, moments: Dict[str, Tuple[np.ndarray, torch.Tensor]], step: int):
+        self.arrays = {k: a for k, (a, _) in moments.items()}
+        self.tensors = {k: t for k, (_, t) in moments.items()}
+        self.step = step
+        self.step_tensor = torch.tensor(float(step), dtype=torch.float32)
+
+    def owns(self, state: Dict[str, Any]) -> bool:
+        """Is ``state`` still exactly what this slot put there?"""
+        return (state.get("step") is self.step_tensor
+                and all(state.get(k) is t for k, t in self.tensors.items())
+                and set(state) <= {"step", *self.tensors})
+
+    def commit(self, state: Dict[str, Any]) -> None:
+        state.clear()
+        state.update(self.tensors, step=self.step_tensor)
+
+
+def _name(opt: Optimizer, param: torch.Tensor) -> str:
+    for g, group in enumerate(opt.param_groups):
+        for i, p in enumerate(group["params"]):
+            if p is param:
+                return f"param_groups[{g}]['params'][{i}]"
+    return "a parameter"
+
+
+class _Engine:
+    """The kernel table of one step's (group, param, grad) entries.
+
+    Building it checks everything the kernels assume (no two params overlap; hyper-
+    parameters valid) and prepares slots for params whose state fastadam does not hold
+    yet (new params, or state replaced by the user or a loaded state dict: their values
+    are copied in). New slots are written into ``opt.state`` only by :meth:`step`, after
+    every check passed, so a rejected step changes nothing.
     """
 
     def __init__(self, opt: Adam, entries: List[Tuple[int, torch.Tensor, torch.Tensor]], key: list):
         self.key = key
+        self.names = [_name(opt, p) for _, p, _ in entries]
+        self.params = [p.detach().numpy() for _, p, _ in entries]
+        check_no_overlap([a.reshape(-1) for a in self.params], self.names)
         self.groups = sorted({g for g, _, _ in entries})
         dense = {g: k for k, g in enumerate(self.groups)}
         self.group_of = [dense[g] for g, _, _ in entries]
-        self.params = [p.detach().numpy() for _, p, _ in entries]
-        states = [opt.state[p] for _, p, _ in entries]
-        amsgrad = [bool(opt.param_groups[g]["amsgrad"]) or "max_exp_avg_sq" in s
-                   for (g, _, _), s in zip(entries, states)]
-        self.steps = np.array([check_step_count(_scalar(s["step"]), f"the state of {_name(opt, p)}['step']")
-                               if "step" in s else 0 for (_, p, _), s in zip(entries, states)], np.int64)
-        self.step_mirror = torch.zeros(len(entries), dtype=torch.float32)
-        moments = {key: self._blocks(entries, states, key, [key != "max_exp_avg_sq" or a for a in amsgrad])
-                   for key in MOMENT_KEYS}
-        for i, state in enumerate(states):
-            state["step"] = self.step_mirror[i]
-        self.step_mirror.copy_(torch.from_numpy(self.steps))
-        self.table = _kernels.AdamTable(self.params, moments["exp_avg"], moments["exp_avg_sq"],
-                                        moments["max_exp_avg_sq"], self.steps, self.group_of)
+        self.entries = entries
+        self.slots: List[_Slot] = []
+        self.new_slots: Dict[int, _Slot] = {}
+        fresh = []
+        for i, (g, p, _) in enumerate(entries):
+            slot = opt._slots.get(id(p))
+            state = opt.state.get(p, {})  # .get: a rejected step must not add entries
+            amsgrad = bool(opt.param_groups[g]["amsgrad"]) or "max_exp_avg_sq" in state
+            if slot is None or not slot.owns(state) or (amsgrad and "max_exp_avg_sq" not in slot.arrays):
+                fresh.append((i, amsgrad))
+                slot = None
+            self.slots.append(slot)
+        for i, slot in self._allocate(opt, fresh).items():
+            self.slots[i] = slot
+            self.new_slots[id(entries[i][1])] = slot
+        self.steps = np.array([s.step for s in self.slots], np.int64)
+        self.table = _kernels.AdamTable(
+            self.params,
+            [s.arrays["exp_avg"] for s in self.slots],
+            [s.arrays["exp_avg_sq"] for s in self.slots],
+            [s.arrays.get("max_exp_avg_sq") for s in self.slots],
+            self.steps, self.group_of)
         self.size = sum(p.size for p in self.params)
 
-    def _blocks(self, entries, states, key: str, wanted: List[bool]) -> List[Optional[np.ndarray]]:
-        """1-D NumPy views of state ``key`` for each entry (None where not wanted), in
-        fresh blocks; each state[key] becomes a torch view of the same memory holding the
-        old values (zeros for new state)."""
-        views: List[Optional[np.ndarray]] = [None] * len(entries)
-        by_block: Dict[tuple, List[int]] = {}
-        for i, ((g, p, _), want) in enumerate(zip(entries, wanted)):
-            if want:
-                by_block.setdefault((g, p.dtype), []).append(i)
-        for members in by_block.values():
-            params = [self.params[i] for i in members]
-            block = zeros_at(sum(a.size for a in params), params[0].dtype, STATE_PAGE_OFFSETS[key])
-            tensor_block = torch.from_numpy(block)
-            offset = 0
-            for i in members:
-                size = self.params[i].size
-                old = states[i].get(key)
-                view = tensor_block[offset:offset + size].view(entries[i][1].shape)
-                if old is not None:
-                    view.copy_(old)
-                states[i][key] = view
-                views[i] = block[offset:offset + size]
-                offset += size
-        return views
+    def _allocate(self, opt: Adam, fresh: List[Tuple[int, bool]]) -> Dict[int, _Slot]:
+        """Slots for these entries: zeroed blocks per (group, dtype) and key, in entry
+        order so that adjacent params get adjacent state; existing values copied in."""
+        moments: Dict[int, Dict[str, Tuple[np.ndarray, torch.Tensor]]] = {i: {} for i, _ in fresh}
+        for key in MOMENT_KEYS:
+            by_block: Dict[tuple, List[int]] = {}
+            for i, amsgrad in fresh:
+                if key != "max_exp_avg_sq" or amsgrad:
+                    g, p, _ = self.entries[i]
+                    by_block.setdefault((g, p.dtype), []).append(i)
+            for members in by_block.values():
+                block = zeros_at(sum(self.params[i].size for i in members), self.params[members[0]].dtype,
+                                 STATE_PAGE_OFFSETS[key])
+                tensor_block, offset = torch.from_numpy(block), 0
+                for i in members:
+                    p, size = self.entries[i][1], self.params[i].size
+                    view = tensor_block[offset:offset + size].view(p.shape)
+                    old = opt.state.get(p, {}).get(key)
+                    if old is not None:
+                        view.copy_(old)
+                    moments[i][key] = (block[offset:offset + size], view)
+                    offset += size
+        slots = {}
+        for i, _ in fresh:
+            p = self.entries[i][1]
+            old_step = opt.state.get(p, {}).get("step")
+            step = 0 if old_step is None else check_step_count(_scalar(old_step), f"the state of {self.names[i]}['step']")
+            slots[i] = _Slot(moments[i], step)
+        return slots
 
-    def step(self, param_groups: List[Dict[str, Any]], grads: List[torch.Tensor], grad_scale: float,
+    def step(self, opt: Adam, grads: List[torch.Tensor], grad_scale: float,
              num_threads: Optional[int]) -> None:
-        first = {}
+        first: Dict[int, int] = {}
         for i, g in enumerate(self.group_of):
             first.setdefault(g, i)
-        hyper = [check_group_hyperparameters(_fastadam_group(param_groups[g]), f"param_groups[{g}]",
+        hyper = [check_group_hyperparameters(_fastadam_group(opt.param_groups[g]), f"param_groups[{g}]",
                                              int(self.steps[first[k]]) + 1)
                  for k, g in enumerate(self.groups)]
-        arrays = check_grads(self.table, [g.numpy() for g in grads], self.params)
+        arrays = check_grads(self.table, [g.numpy() for g in grads], self.params,
+                             names=[f"the gradient of {n}" for n in self.names])
+        for (_, p, _), slot in zip(self.entries, self.slots):  # every check passed: commit
+            if id(p) in self.new_slots:
+                slot.commit(opt.state[p])
+                opt._slots[id(p)] = slot
+        self.new_slots = {}
         self.table.step(arrays, hyper, grad_scale, threads_for(num_threads, self.size))
-        self.step_mirror.copy_(torch.from_numpy(self.steps))
+        for slot, step in zip(self.slots, self.steps):
+            slot.step = int(step)
+        torch._foreach_add_([s.step_tensor for s in self.slots], 1.0)
