@@ -338,3 +338,16 @@ def test_loading_from_a_live_optimizer_takes_a_snapshot():
     train(m1, source, batches(torch.float32, n=3))  # the source moves on
     train(m2, target, batches(torch.float32, n=1))
     assert target.state[m2[0].weight]["step"].item() == 3
+
+
+def test_a_step_after_a_rejected_one_works():
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = ft.Adam([p], lr=0.1)
+    p.grad = torch.ones(4)
+    opt.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError):
+        opt.step()
+    opt.param_groups[0]["lr"] = 0.1
+    opt.step()
+    assert opt.state[p]["step"].item() == 1
+    assert torch.allclose(p, torch.full((4,), -0.1))

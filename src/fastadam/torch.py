@@ -209,8 +209,9 @@ class Adam(Optimizer):
         tensors (replaced by the user or by load_state_dict) changed. Moments stay where
         they are across rebuilds: only the table of pointers is new."""
         key = [(g, id(p), p.data_ptr(), bool(self.param_groups[g]["amsgrad"])) for g, p, _ in entries]
-        if (self._engine is not None and self._engine.key == key
-                and all(self._slots[id(p)].owns(self.state[p]) for _, p, _ in entries)):
+        if self._engine is not None and self._engine.key == key and all(
+                id(p) in self._slots and self._slots[id(p)].owns(self.state.get(p, {}))
+                for _, p, _ in entries):
             return self._engine
         self._engine = _Engine(self, entries, key)
         return self._engine
