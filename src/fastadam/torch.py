@@ -241,14 +241,6 @@ class AdamW(Adam):
                          fused=fused, decoupled_weight_decay=True, num_threads=num_threads)
 
 
-def _name(opt: Optimizer, param: torch.Tensor) -> str:
-    for g, group in enumerate(opt.param_groups):
-        for i, p in enumerate(group["params"]):
-            if p is param:
-                return f"param_groups[{g}]['params'][{i}]"
-    return "a parameter"
-
-
 class _Slot:
     """One parameter's state as fastadam keeps it: moments in fastadam-allocated blocks
     (NumPy views for the kernels, torch views for ``opt.state``), the float32 ``step``
@@ -271,12 +263,10 @@ class _Slot:
         state.update(self.tensors, step=self.step_tensor)
 
 
-def _name(opt: Optimizer, param: torch.Tensor) -> str:
-    for g, group in enumerate(opt.param_groups):
-        for i, p in enumerate(group["params"]):
-            if p is param:
-                return f"param_groups[{g}]['params'][{i}]"
-    return "a parameter"
+def _param_names(opt: Optimizer) -> Dict[int, str]:
+    """id(param) -> "param_groups[g]['params'][i]", for messages."""
+    return {id(p): f"param_groups[{g}]['params'][{i}]"
+            for g, group in enumerate(opt.param_groups) for i, p in enumerate(group["params"])}
 
 
 class _Engine:
@@ -291,7 +281,8 @@ class _Engine:
 
     def __init__(self, opt: Adam, entries: List[Tuple[int, torch.Tensor, torch.Tensor]], key: list):
         self.key = key
-        self.names = [_name(opt, p) for _, p, _ in entries]
+        names = _param_names(opt)
+        self.names = [names[id(p)] for _, p, _ in entries]
         self.params = [p.detach().numpy() for _, p, _ in entries]
         check_no_overlap([a.reshape(-1) for a in self.params], self.names)
         self.groups = sorted({g for g, _, _ in entries})
