@@ -94,27 +94,30 @@ def check_buffers(
     param: Any, grad: Any, exp_avg: Any, exp_avg_sq: Any, max_exp_avg_sq: Any = None
 ) -> AdamBuffers:
     """Coerce and cross-check one tensor's buffers (see module docstring)."""
-    buffers = AdamBuffers(
-        as_array(param, "param", writable=True),
+    p = as_array(param, "param", writable=True)
+    present = [
+        p,
         as_array(grad, "grad", writable=False),
         as_array(exp_avg, "exp_avg", writable=True),
         as_array(exp_avg_sq, "exp_avg_sq", writable=True),
-        None if max_exp_avg_sq is None else as_array(max_exp_avg_sq, "max_exp_avg_sq", writable=True),
-    )
-    present = buffers if max_exp_avg_sq is not None else buffers[:4]
-    p = buffers.param
+    ]
+    if max_exp_avg_sq is not None:
+        present.append(as_array(max_exp_avg_sq, "max_exp_avg_sq", writable=True))
+    dtype, size = p.dtype, p.size
     for name, array in zip(AdamBuffers._fields[1:], present[1:]):
-        if array.dtype != p.dtype:
-            raise TypeError(f"{name} must have param's dtype {p.dtype.name}, got {array.dtype.name}")
-        if array.size != p.size:
-            raise ValueError(f"{name} must have {p.size} elements like param, got {array.size}")
+        if array.dtype != dtype:
+            raise TypeError(f"{name} must have param's dtype {dtype.name}, got {array.dtype.name}")
+        if array.size != size:
+            raise ValueError(f"{name} must have {size} elements like param, got {array.size}")
     # The kernel reads grad and writes the others through restrict pointers: no two
     # buffers may share memory. For contiguous buffers the bounds test is exact.
-    overlap = first_overlap(list(present))
+    overlap = first_overlap(present)
     if overlap is not None:
         first, second = AdamBuffers._fields[overlap[0]], AdamBuffers._fields[overlap[1]]
         raise ValueError(f"{second} overlaps {first} in memory; every buffer must be separate memory")
-    return buffers
+    if max_exp_avg_sq is None:
+        present.append(None)
+    return AdamBuffers(*present)
 
 
 def check_real(value: Any, name: str) -> float:
@@ -190,21 +193,24 @@ def check_hyperparameters(
     eps_root: Any,
     grad_scale: Any,
 ) -> AdamHyperparameters:
-    hp = AdamHyperparameters(
-        step=float(check_step(step)),
-        lr=check_at_least(lr, "lr", 0.0),
-        beta1=check_beta(beta1, "beta1"),
-        beta2=check_beta(beta2, "beta2"),
-        eps=check_at_least(eps, "eps", 0.0),
-        weight_decay=check_at_least(weight_decay, "weight_decay", 0.0),
-        decoupled_weight_decay=check_flag(decoupled_weight_decay, "decoupled_weight_decay"),
-        maximize=check_flag(maximize, "maximize"),
-        eps_hat=check_flag(eps_hat, "eps_hat"),
-        eps_root=check_at_least(eps_root, "eps_root", 0.0),
-        grad_scale=check_at_least(grad_scale, "grad_scale", 0.0, strict=True),
+    eps_hat = check_flag(eps_hat, "eps_hat")
+    eps_root = check_at_least(eps_root, "eps_root", 0.0)
+    if eps_hat:
+        check_epsilon_forms(eps_hat, eps_root)
+    # positional: this runs on every adam_step call, and keyword construction costs more
+    return AdamHyperparameters(
+        float(check_step(step)),
+        check_at_least(lr, "lr", 0.0),
+        check_beta(beta1, "beta1"),
+        check_beta(beta2, "beta2"),
+        check_at_least(eps, "eps", 0.0),
+        check_at_least(weight_decay, "weight_decay", 0.0),
+        check_flag(decoupled_weight_decay, "decoupled_weight_decay"),
+        check_flag(maximize, "maximize"),
+        eps_hat,
+        eps_root,
+        check_at_least(grad_scale, "grad_scale", 0.0, strict=True),
     )
-    check_epsilon_forms(hp.eps_hat, hp.eps_root)
-    return hp
 
 
 def check_epsilon_forms(eps_hat: bool, eps_root: float, where: str = "") -> None:
