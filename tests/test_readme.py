@@ -33,7 +33,7 @@ def test_readme_training_loop_learns(tmp_path, monkeypatch):
 def test_readme_starts_with_install_and_run_then_install_and_test():
     first_block = re.search(r"```bash\n(.*?)```", README.read_text(), flags=re.S).group(1)
     lines = first_block.strip().splitlines()
-    assert lines[0].startswith("pip install . && python examples/")
+    assert lines[0] == "pip install . && python -m fastadam demo"
     assert lines[1].startswith("pip install ") and "pytest" in lines[1]
     ci = (README.parent / ".ci" / "run").read_text()
     assert "grep -m1 -E '^pip install .*pytest' README.md" in ci
