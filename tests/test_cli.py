@@ -58,3 +58,20 @@ def test_config_and_version():
 def test_console_script():
     out = subprocess.run(["fastadam", "--version"], capture_output=True, text=True, check=True).stdout
     assert out.strip() == f"fastadam {fastadam.__version__}"
+
+
+def test_bench_prints_a_table(capsys, tmp_path):
+    args = ["bench", "--sizes", "10", "14", "--threads", "1", "--repeats", "1", "--target-ms", "1",
+            "--no-torch"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "| 2^10 | 1 | fastadam |" in out and "| 2^14 | 1 | numpy in place |" in out
+    pytest.importorskip("matplotlib")
+    cli.main(args + ["--plot", str(tmp_path / "bench.png")])
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_bench_help_documents_every_option():
+    out = run_module("bench", "--help")
+    for option in ("--dtype", "--sizes", "--threads", "--repeats", "--target-ms", "--no-torch", "--plot"):
+        assert option in out

@@ -1,6 +1,7 @@
 """The ``fastadam`` command (also ``python -m fastadam``).
 
     fastadam demo      train a NumPy-only MLP on Fashion-MNIST with fastadam.Adam
+    fastadam bench     a quick speed table on this machine (under a minute)
     fastadam config    print what this installation was built with (show_config)
 """
 
@@ -13,7 +14,7 @@ import fastadam
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fastadam import demo
+    from fastadam import bench, demo
 
     parser = argparse.ArgumentParser(prog="fastadam", description="fastadam: the fast Adam for the CPU")
     parser.add_argument("--version", action="version", version=f"fastadam {fastadam.__version__}")
@@ -22,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="train a NumPy-only MLP on Fashion-MNIST with fastadam.Adam",
         description=demo.__doc__.splitlines()[0])
     demo.add_arguments(demo_parser)
+    bench_parser = commands.add_parser(
+        "bench", help="a quick speed table: fastadam vs NumPy (and torch) per size and threads",
+        description=bench.__doc__.splitlines()[0])
+    bench.add_arguments(bench_parser)
     commands.add_parser("config", help="print the build and runtime configuration")
     return parser
 
@@ -32,6 +37,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from fastadam import demo
 
         demo.run(args)
+    elif args.command == "bench":
+        from fastadam import bench
+
+        bench.run(args)
     elif args.command == "config":
         fastadam.show_config()
     return 0
