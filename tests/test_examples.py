@@ -52,3 +52,19 @@ def test_fashion_mnist_keras_functions_on_a_subset(tmp_path, monkeypatch):
     model = task.train_model(model, train, test, batch_size=64, epochs=3)
     assert model.evaluate(*train, verbose=0)[0] < before  # the loss falls (random labels: memorised)
     assert model.optimizer.kernel_steps > 0
+
+
+def test_trajectories_draws_and_adam_reaches_the_minima(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    out = run("trajectories.py", "--steps", "60", "--out", str(tmp_path / "t.png"),
+              "--gif", str(tmp_path / "t.gif"))
+    assert (tmp_path / "t.png").stat().st_size > 10_000 and (tmp_path / "t.gif").exists()
+    assert "Rosenbrock: f at the end" in out
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import trajectories
+
+    for problem in trajectories.PROBLEMS[:2]:  # Rosenbrock and Beale: Adam gets to the minimum
+        path = trajectories.run_optimizer("Adam", problem, 1000)
+        assert problem.f(path[-1]) < 1e-4, problem.name
+    saddle = trajectories.PROBLEMS[2]  # Adam leaves the saddle point
+    assert saddle.f(trajectories.run_optimizer("Adam", saddle, 300)[-1]) < -1
