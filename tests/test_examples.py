@@ -68,3 +68,15 @@ def test_trajectories_draws_and_adam_reaches_the_minima(tmp_path, monkeypatch):
         assert problem.f(path[-1]) < 1e-4, problem.name
     saddle = trajectories.PROBLEMS[2]  # Adam leaves the saddle point
     assert saddle.f(trajectories.run_optimizer("Adam", saddle, 300)[-1]) < -1
+
+
+def test_paper_experiments_on_a_tiny_dataset(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    write_split(tmp_path, "train", n=256)
+    write_split(tmp_path, "test", n=32)
+    out = run("paper_experiments.py", "--data-dir", str(tmp_path), "--logreg-epochs", "2",
+              "--mlp-epochs", "1", "--out-dir", str(tmp_path))
+    for name in ("Adam (fastadam)", "AdaGrad", "SGD Nesterov", "RMSProp"):
+        assert f"Logistic regression (alpha/sqrt(t)): {name}: training cost" in out
+    assert (tmp_path / "paper_logreg.png").exists() and (tmp_path / "paper_mlp.png").exists()
