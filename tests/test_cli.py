@@ -75,3 +75,18 @@ def test_bench_help_documents_every_option():
     out = run_module("bench", "--help")
     for option in ("--dtype", "--sizes", "--threads", "--repeats", "--target-ms", "--no-torch", "--plot"):
         assert option in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["demo", "--epochs", "0"], "argument --epochs: must be a positive integer, got 0"),
+    (["demo", "--lr", "-1"], "argument --lr: must be a finite number > 0, got -1"),
+    (["demo", "--epochs", "many"], "argument --epochs: invalid positive_int value: 'many'"),
+    (["bench", "--sizes", "40"], "argument --sizes: must be a log2 size in [0, 30], got 40"),
+    (["bench", "--threads", "0"], "argument --threads: must be a positive integer, got 0"),
+    (["train"], "invalid choice: 'train'"),
+    ([], "the following arguments are required: command"),
+])
+def test_bad_options_exit_2_with_a_clear_message(args, message):
+    result = subprocess.run([sys.executable, "-m", "fastadam", *args], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert message in result.stderr

@@ -120,13 +120,27 @@ def measure(runners: Dict[str, Callable[[], None]], repeats: int, target_s: floa
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def log2_size(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 30:
+        raise argparse.ArgumentTypeError(f"must be a log2 size in [0, 30], got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 12, 14, 16, 18, 20, 22],
+    parser.add_argument("--sizes", type=log2_size, nargs="+", default=[10, 12, 14, 16, 18, 20, 22],
                         metavar="LOG2", help="log2 of the element counts (default 10 12 ... 22)")
-    parser.add_argument("--threads", type=int, nargs="+", default=None,
+    parser.add_argument("--threads", type=positive_int, nargs="+", default=None,
                         help="thread counts (default: 1 and fastadam.get_num_threads())")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats (default 5)")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="interleaved repeats (default 5)")
     parser.add_argument("--target-ms", type=float, default=10.0, help="length of one sample (default 10)")
     parser.add_argument("--no-torch", action="store_true", help="skip torch even if installed")
     parser.add_argument("--plot", metavar="PNG", help="also draw GB/s per size to this PNG (matplotlib)")

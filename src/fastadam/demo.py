@@ -22,20 +22,34 @@ from fastadam.datasets import DEBIAN_DIR, load_fashion_mnist
 Data = Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help=f"directory with the Fashion-MNIST IDX files "
                         f"(default: $FASHION_MNIST_DIR, then {DEBIAN_DIR})")
     parser.add_argument("--download", action="store_true",
                         help="fetch missing files into --data-dir (needs the network)")
-    parser.add_argument("--epochs", type=int, default=5, help="passes over the training set (default 5)")
-    parser.add_argument("--batch-size", type=int, default=128, help="minibatch size (default 128)")
-    parser.add_argument("--hidden", type=int, default=256, help="hidden units (default 256)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (default 1e-3)")
+    parser.add_argument("--epochs", type=positive_int, default=5, help="passes over the training set (default 5)")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="minibatch size (default 128)")
+    parser.add_argument("--hidden", type=positive_int, default=256, help="hidden units (default 256)")
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="Adam's learning rate (default 1e-3)")
     # One thread by default: NumPy's BLAS threads keep spinning between the matmuls of
     # this loop, and a second OpenMP thread of fastadam's then waits for a core (measured
     # here: 4.9 ms per step on two threads against 0.12 ms on one for these 203,530
     # parameters; 0.1 ms on two with OPENBLAS_NUM_THREADS=1).
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="fastadam's OpenMP threads (default 1: see the comment in demo.py)")
     parser.add_argument("--synthetic", action="store_true",
                         help="train on a small synthetic task instead of Fashion-MNIST")
