@@ -16,17 +16,10 @@ from typing import Optional, Tuple
 import numpy as np
 
 import fastadam
-from fastadam.bench import NumpyAdam
+from fastadam.bench import NumpyAdam, positive_int
 from fastadam.datasets import DEBIAN_DIR, load_fashion_mnist
 
 Data = Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def positive_float(text: str) -> float:
