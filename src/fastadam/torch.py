@@ -288,6 +288,7 @@ class _Engine:
         self.groups = sorted({g for g, _, _ in entries})
         dense = {g: k for k, g in enumerate(self.groups)}
         self.group_of = [dense[g] for g, _, _ in entries]
+        self.first_of_group = [self.group_of.index(k) for k in range(len(self.groups))]  # schedules' step
         self.entries = entries
         self.slots: List[_Slot] = []
         self.new_slots: Dict[int, _Slot] = {}
@@ -344,11 +345,8 @@ class _Engine:
 
     def step(self, opt: Adam, grads: List[torch.Tensor], grad_scale: float,
              num_threads: Optional[int]) -> None:
-        first: Dict[int, int] = {}
-        for i, g in enumerate(self.group_of):
-            first.setdefault(g, i)
         hyper = [check_group_hyperparameters(_fastadam_group(opt.param_groups[g]), f"param_groups[{g}]",
-                                             int(self.steps[first[k]]) + 1)
+                                             int(self.steps[self.first_of_group[k]]) + 1)
                  for k, g in enumerate(self.groups)]
         arrays = check_grads(self.table, [g.numpy() for g in grads], self.params,
                              names=[f"the gradient of {n}" for n in self.names])
