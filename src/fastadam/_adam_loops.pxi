@@ -197,7 +197,7 @@ cdef Py_ssize_t _count_nonfinite_f64(const uint64_t* bits, Py_ssize_t n) noexcep
 
 
 cdef Py_ssize_t count_nonfinite_chunk(const AdamTensor* t, Py_ssize_t start,
-                                       Py_ssize_t stop) noexcept nogil:
+                                      Py_ssize_t stop) noexcept nogil:
     """How many gradient elements in [start, stop) of one tensor are NaN or Inf."""
     if t.is_double:
         return _count_nonfinite_f64((<const uint64_t*>t.grad) + start, stop - start)

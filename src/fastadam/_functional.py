@@ -101,7 +101,8 @@ def adam_step(
     if size == 0:
         return
     aligned = _aligned(buffers)
-    _kernels.adam_step(*aligned, *hp, threads_for(threads, size))
+    # mypy cannot line up two star-unpacked NamedTuples with positional parameters
+    _kernels.adam_step(*aligned, *hp, threads_for(threads, size))  # type: ignore[arg-type]
     _copy_back(aligned, buffers)
 
 
@@ -113,7 +114,7 @@ def _aligned(buffers: AdamBuffers) -> AdamBuffers:
     """
     if all([a is None or a.flags.aligned for a in buffers]):
         return buffers
-    return AdamBuffers(*[a if a is None or a.flags.aligned else a.copy() for a in buffers])
+    return AdamBuffers(*[a if a is None or a.flags.aligned else a.copy() for a in buffers])  # type: ignore[arg-type]
 
 
 def _copy_back(aligned: AdamBuffers, buffers: AdamBuffers) -> None:
@@ -121,7 +122,7 @@ def _copy_back(aligned: AdamBuffers, buffers: AdamBuffers) -> None:
     if aligned is buffers:
         return
     for target, source in zip(buffers, aligned):
-        if source is not target and target is not buffers.grad:
+        if target is not None and source is not target and target is not buffers.grad:
             target[...] = source
 
 

@@ -1,8 +1,9 @@
 # Stubs of the compiled module fastadam._kernels (private: fastadam._functional,
 # fastadam._validation and fastadam._threads call it with validated arguments).
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
+from typing_extensions import disjoint_base
 
 def adam_step(
     param: np.ndarray,
@@ -35,16 +36,18 @@ def max_threads() -> int: ...
 def team_size(num_threads: int) -> int: ...
 def build_info() -> dict[str, Any]: ...
 
+@disjoint_base
 class AdamTable:
-    def __init__(
-        self,
+    # A cdef class: its arguments go to __cinit__, which Cython runs from __new__.
+    def __new__(
+        cls,
         params: list[np.ndarray],
         exp_avgs: list[np.ndarray],
         exp_avg_sqs: list[np.ndarray],
         max_exp_avg_sqs: list[Optional[np.ndarray]],
         steps: np.ndarray,
         group_of: list[int],
-    ) -> None: ...
+    ) -> AdamTable: ...
     def overlaps_written(self, array: np.ndarray) -> bool: ...
     def runs(self) -> list[tuple[int, int]]: ...
     @property
@@ -53,8 +56,8 @@ class AdamTable:
     def count_nonfinite(self, grads: list[np.ndarray], num_threads: int) -> int: ...
     def step(
         self,
-        grads: list[np.ndarray],
-        groups: list[tuple[float, float, float, float, float, float, bool, bool, bool, bool]],
+        grads: Sequence[np.ndarray],
+        groups: Sequence[tuple[float, float, float, float, float, float, bool, bool, bool, bool]],
         grad_scale: float,
         num_threads: int,
     ) -> None: ...

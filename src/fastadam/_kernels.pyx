@@ -111,7 +111,8 @@ def set_kernels(small, large, Py_ssize_t small_limit):
     cdef RunChunk run_large = <RunChunk>_pointer(large[0], b"fastadam.run_chunk")
     cdef CountChunk count_large = <CountChunk>_pointer(large[1], b"fastadam.count_nonfinite_chunk")
     # all four checked: switch together
-    _run_small, _count_small, _run_large, _count_large = run_small, count_small, run_large, count_large
+    _run_small, _count_small = run_small, count_small
+    _run_large, _count_large = run_large, count_large
     _small_limit = small_limit
 
 
@@ -358,7 +359,7 @@ cdef class AdamTable:
     """
     cdef AdamTensor* tensors      # one record per tensor (grad pointers set per step)
     cdef AdamTensor* records      # what a step runs: whole runs, or single tensors
-    cdef Py_ssize_t* record_first # the tensor each record starts with
+    cdef Py_ssize_t* record_first  # the tensor each record starts with
     cdef Py_ssize_t n_records
     cdef Py_ssize_t n
     cdef Py_ssize_t* run_stop     # at a run's first tensor: one past its last tensor
@@ -482,7 +483,8 @@ cdef class AdamTable:
             k = i + 1
             while merge and k < stop:
                 merge = (self.steps[k] == self.steps[i] and
-                         self.tensors[k].grad == self.tensors[k - 1].grad + _nbytes(&self.tensors[k - 1]))
+                         self.tensors[k].grad
+                         == self.tensors[k - 1].grad + _nbytes(&self.tensors[k - 1]))
                 k += 1
             if merge:
                 self.records[self.n_records] = self.tensors[i]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from typing import Any, Mapping, NamedTuple, Optional
 
 import numpy as np
@@ -95,7 +96,7 @@ def check_buffers(
 ) -> AdamBuffers:
     """Coerce and cross-check one tensor's buffers (see module docstring)."""
     p = as_array(param, "param", writable=True)
-    present = [
+    present: list = [
         p,
         as_array(grad, "grad", writable=False),
         as_array(exp_avg, "exp_avg", writable=True),
@@ -174,9 +175,10 @@ def check_num_threads(value: Any, name: str = "num_threads") -> Optional[int]:
         return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be None or a positive integer, got {type(value).__name__}")
-    if not 1 <= value <= MAX_THREADS:
-        raise ValueError(f"{name} must be None or a positive integer up to {MAX_THREADS}, got {int(value)}")
-    return int(value)
+    count = int(value)
+    if not 1 <= count <= MAX_THREADS:
+        raise ValueError(f"{name} must be None or a positive integer up to {MAX_THREADS}, got {count}")
+    return count
 
 
 def check_hyperparameters(
@@ -281,9 +283,9 @@ def check_step_count(value: Any, name: str) -> int:
     if isinstance(item, (bool, np.bool_)) or not isinstance(item, numbers.Real):
         raise TypeError(f"{name} must be a whole number, got {type(value).__name__}")
     if isinstance(item, numbers.Integral):
-        count = int(item)
+        count = operator.index(item)
     elif math.isfinite(item) and float(item).is_integer():
-        count = int(item)
+        count = int(float(item))
     else:
         raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
     if not 0 <= count <= MAX_STEP - 1:

@@ -21,7 +21,7 @@ import argparse
 import math
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -84,10 +84,11 @@ def torch_runner(param, grad, threads, fused=True):
     return run
 
 
-def make_buffers(size, dtype, seed=0):
+def make_buffers(size, dtype, seed=0) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(param, grad, exp_avg, exp_avg_sq) of one tensor."""
     rng = np.random.default_rng(seed)
-    return [rng.standard_normal(size).astype(dtype), rng.standard_normal(size).astype(dtype),
-            np.zeros(size, dtype), np.zeros(size, dtype)]
+    return (rng.standard_normal(size).astype(dtype), rng.standard_normal(size).astype(dtype),
+            np.zeros(size, dtype), np.zeros(size, dtype))
 
 
 def calibrate(run: Callable[[], None], target_s: float) -> int:

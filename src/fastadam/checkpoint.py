@@ -28,7 +28,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 def _json_hyperparameters(group: Dict[str, Any]) -> Dict[str, Any]:
-    values = {}
+    values: Dict[str, Any] = {}
     for key, value in group.items():
         if key == "params":
             continue
@@ -71,7 +71,7 @@ def save(opt: Adam, path: PathLike) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, **arrays)  # type: ignore[arg-type]  # keys are never 'allow_pickle'
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

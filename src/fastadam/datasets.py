@@ -114,7 +114,7 @@ def load_fashion_mnist(
             "package (apt-get install dataset-fashion-mnist), pass data_dir, set "
             "FASHION_MNIST_DIR, or use download=True."
         )
-    images, labels = (read_idx(p) for p in paths)
+    images, labels = (read_idx(p) for p in paths if p is not None)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise ValueError(f"{paths[0]} and {paths[1]} do not hold matching images and labels "
                          f"(shapes {images.shape} and {labels.shape})")

@@ -10,7 +10,7 @@ a group's params and a step's grads lie back to back it updates them as one tens
 from __future__ import annotations
 
 import numbers
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -25,7 +25,7 @@ GRAD_PAGE_OFFSET = 512
 
 
 def _check_shape(shape: Shape, name: str) -> Tuple[int, ...]:
-    dims = (shape,) if isinstance(shape, numbers.Integral) else shape
+    dims: Any = (shape,) if isinstance(shape, numbers.Integral) else shape
     try:
         dims = tuple(dims)
     except TypeError:

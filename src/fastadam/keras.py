@@ -128,7 +128,7 @@ class Adam(keras.optimizers.Adam):
         """The kernel table for these variables (cached while they and their memory stay)."""
         import numpy as np
 
-        key = [self.weight_decay is not None, bool(self.amsgrad)]
+        key: List[Any] = [self.weight_decay is not None, bool(self.amsgrad)]
         key += [(id(v), v.value.data_ptr()) for v in variables]
         if self._fastadam_table is not None and self._fastadam_table[0] == key:
             return self._fastadam_table[1:]

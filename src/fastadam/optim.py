@@ -95,7 +95,7 @@ class Adam:
         self.param_groups: List[Dict[str, Any]] = []
         self.skipped_steps = 0
         self._params: List[np.ndarray] = []   # N-d views, in group order
-        self._state: List[Dict[str, Optional[np.ndarray]]] = []   # 1-D views into blocks
+        self._state: List[Dict[str, Any]] = []  # np.ndarray, or None for an absent max_exp_avg_sq   # 1-D views into blocks
         self._steps = np.zeros(0, np.int64)
         self._group_of: List[int] = []
         self._group_params: List[tuple] = []  # each group's params tuple, to detect edits
@@ -121,6 +121,7 @@ class Adam:
         return {**self.__dict__, "_table": None}
 
     num_threads = NumThreadsAttribute()
+    _num_threads: Optional[int]  # the descriptor's storage
 
     # --- groups ------------------------------------------------------------------------
 

@@ -114,6 +114,7 @@ class Adam(Optimizer):
         super().__init__(params, defaults)
 
     num_threads = NumThreadsAttribute()
+    _num_threads: Optional[int]  # the descriptor's storage
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         index = len(self.param_groups)
@@ -292,6 +293,7 @@ class _Engine:
         self.entries = entries
         self.slots: List[_Slot] = []
         self.new_slots: Dict[int, _Slot] = {}
+        kept: Dict[int, _Slot] = {}
         fresh = []
         for i, (g, p, _) in enumerate(entries):
             slot = opt._slots.get(id(p))
@@ -299,11 +301,12 @@ class _Engine:
             amsgrad = bool(opt.param_groups[g]["amsgrad"]) or "max_exp_avg_sq" in state
             if slot is None or not slot.owns(state) or (amsgrad and "max_exp_avg_sq" not in slot.arrays):
                 fresh.append((i, amsgrad))
-                slot = None
-            self.slots.append(slot)
-        for i, slot in self._allocate(opt, fresh).items():
-            self.slots[i] = slot
+            else:
+                kept[i] = slot
+        allocated = self._allocate(opt, fresh)
+        for i, slot in allocated.items():
             self.new_slots[id(entries[i][1])] = slot
+        self.slots = [kept[i] if i in kept else allocated[i] for i in range(len(entries))]
         self.steps = np.array([s.step for s in self.slots], np.int64)
         self.table = _kernels.AdamTable(
             self.params,

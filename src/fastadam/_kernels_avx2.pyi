@@ -1,0 +1,7 @@
+# Stubs of the compiled module fastadam._kernels_avx2 (private: the same loops as
+# fastadam._kernels, compiled for one SIMD level; fastadam._simd hands its capsules to
+# fastadam._kernels.set_kernels).
+from typing import Any
+
+run_chunk_capsule: Any
+count_nonfinite_capsule: Any
