@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import platform
 import re
 import shutil
 import subprocess
@@ -35,6 +36,20 @@ MODULES = {  # module -> the flags setup.py adds for its SIMD level (x86-64)
 MARKER = "# vectorized: kernel loop"
 RELEASE_FLAGS = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
 WIDTH_NAMES = {8: "64-bit", 16: "128-bit xmm", 32: "256-bit ymm", 64: "512-bit zmm"}
+
+
+def is_gcc() -> bool:
+    """Whether `gcc` is GCC (on macOS it is Apple clang, which has no -fopt-info)."""
+    if shutil.which("gcc") is None:
+        return False
+    version = subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout
+    return "Free Software Foundation" in version
+
+
+def default_modules() -> list[str]:
+    """The modules setup.py builds here: the SIMD twins exist on x86-64 only."""
+    x86_64 = platform.machine().lower() in ("x86_64", "amd64")
+    return list(MODULES) if x86_64 else ["_kernels"]
 
 
 def kernel_loop_lines() -> set[int]:
@@ -99,10 +114,11 @@ def check_module(module: str, flags: list[str], pyx_lines: set[int]) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cflags", default="", help="extra compiler flags for every module")
-    parser.add_argument("--modules", nargs="+", default=list(MODULES), choices=list(MODULES))
+    parser.add_argument("--modules", nargs="+", default=default_modules(), choices=list(MODULES))
     args = parser.parse_args()
-    if shutil.which("gcc") is None:
-        sys.exit("gcc not found: this check reads GCC's -fopt-info-vec report")
+    if not is_gcc():
+        sys.exit("GCC not found (gcc is missing or is another compiler): this check reads "
+                 "GCC's -fopt-info-vec report")
     pyx_lines = kernel_loop_lines()
     ok = [check_module(m, MODULES[m] + args.cflags.split(), pyx_lines) for m in args.modules]
     if not all(ok):
