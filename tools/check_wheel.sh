@@ -18,7 +18,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out=${1:-$(mktemp -d)}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-python=${PYTHON:-python3}
+python=$(command -v "${PYTHON:-python3}")  # resolved now: PATH changes below
 
 step() { printf '\n=== %s\n' "$*"; }
 fail() { printf 'check_wheel: FAILED: %s\n' "$*" >&2; exit 1; }
