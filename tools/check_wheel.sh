@@ -111,7 +111,9 @@ print(f"CPU levels {cpu}; wheel uses {simd['small_tensors']} for small tensors, 
 EOF
 
 step "the whole test suite against the installed wheel"
-"$out/venv-wheel/bin/python" -m pytest "$repo/tests" -p no:cacheprovider -q
+# As in an activated virtualenv: the console script `fastadam` and mpiexec on PATH.
+PATH="$out/venv-wheel/bin:$PATH" VIRTUAL_ENV="$out/venv-wheel" \
+    "$out/venv-wheel/bin/python" -m pytest "$repo/tests" -p no:cacheprovider -q -rs
 
 step "workflows against the GitHub Actions schema"
 "$out/tools/bin/check-jsonschema" --builtin-schema vendor.github-workflows "$repo"/.github/workflows/*.yml
