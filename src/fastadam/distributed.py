@@ -111,6 +111,16 @@ def _is_torch_tensor(obj: Any) -> bool:
     return torch is not None and isinstance(obj, torch.Tensor)
 
 
+def _is_buffer(obj: Any) -> bool:
+    if isinstance(obj, np.ndarray):
+        return True
+    try:
+        memoryview(obj)
+    except TypeError:
+        return False
+    return True
+
+
 class _TorchBinding:
     """A PyTorch model's parameters moved into a FlatParams: each ``p.data`` becomes a view
     of the flat block (zero-copy from then on); each step copies ``p.grad`` into the flat
@@ -146,15 +156,12 @@ class _TorchBinding:
                 raise ValueError(f"params[{i}] no longer lives in ShardedAdam's flat block (was it "
                                  "moved, resized or assigned a new .data?)")
             grad = p.grad
+            # (torch itself keeps .grad's shape, dtype and device those of the param)
             if grad is None:
                 grad_view.fill(0)
+            elif grad.is_sparse:
+                raise TypeError(f"params[{i}].grad is sparse; ShardedAdam takes dense gradients")
             elif grad.data_ptr() != grad_view.ctypes.data:
-                if grad.device.type != "cpu" or grad.is_sparse or grad.dtype != p.dtype:
-                    raise TypeError(f"params[{i}].grad must be a dense CPU tensor of dtype "
-                                    f"{p.dtype}, got {grad.layout} {grad.dtype} on {grad.device}")
-                if tuple(grad.shape) != view.shape:
-                    raise ValueError(f"params[{i}].grad must have shape {view.shape}, got "
-                                     f"{tuple(grad.shape)}")
                 grad_view[...] = grad.detach().numpy()
 
 
@@ -237,9 +244,11 @@ class ShardedAdam:
         self._torch: Optional[_TorchBinding] = None
         self.flat: Optional[FlatParams] = None
         self.grads: Optional[np.ndarray] = None
+        if _is_torch_tensor(params):  # one tensor, as torch.optim allows
+            params = [params]
         if isinstance(params, FlatParams):
             self.flat = params
-        elif not isinstance(params, (np.ndarray, memoryview)) and hasattr(params, "__iter__"):
+        elif not _is_buffer(params) and hasattr(params, "__iter__"):
             params = list(params)
             if not params or not all(_is_torch_tensor(p) for p in params):
                 raise TypeError("params must be a FlatParams, a flat buffer or a sequence of torch "
