@@ -287,6 +287,12 @@ def test_torch_parameters_must_be_dense_cpu_float_of_one_dtype(dist, comm):
     with pytest.raises(TypeError, match="dense CPU"):
         dist.ShardedAdam([torch.zeros(3).to_sparse()], comm)
     weight = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="overlaps"):
+        dist.ShardedAdam([weight, weight], comm)
+    pointer = weight.data_ptr()
+    with pytest.raises(ValueError, match="lr"):
+        dist.ShardedAdam([weight], comm, lr=-1.0)
+    assert weight.data_ptr() == pointer  # a rejected construction moved nothing
     weight.grad = torch.full((3,), 2.0)
     opt = dist.ShardedAdam([weight], comm, lr=0.5)
     assert weight.grad.data_ptr() == opt.grads.ctypes.data  # .grad became a view of the block

@@ -69,7 +69,14 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
 
 from fastadam._memory import ALIGNMENT, zeros_at
 from fastadam._threads import threads_for
-from fastadam._validation import as_array, check_at_least, check_flag, check_no_overlap
+from fastadam._validation import (
+    as_array,
+    check_at_least,
+    check_flag,
+    check_group_hyperparameters,
+    check_no_overlap,
+    check_num_threads,
+)
 from fastadam.checkpoint import _json_hyperparameters, _state_dict, read_npz, write_npz_atomically
 from fastadam.flat import GRAD_PAGE_OFFSET, FlatParams
 from fastadam.optim import Adam, LearningRate, _stage_state_dict
@@ -126,7 +133,9 @@ class _TorchBinding:
     of the flat block (zero-copy from then on); each step copies ``p.grad`` into the flat
     gradient block unless it already is a view of it."""
 
-    def __init__(self, tensors: List[Any]):
+    @staticmethod
+    def check(tensors: List[Any]) -> Tuple[int, np.dtype]:
+        """The element count and dtype of these tensors, after checking they can be bound."""
         import torch
 
         for i, p in enumerate(tensors):
@@ -138,15 +147,20 @@ class _TorchBinding:
             if p.dtype != tensors[0].dtype:
                 raise TypeError(f"{name} has dtype {p.dtype}, params[0] has {tensors[0].dtype}: "
                                 "one ShardedAdam takes parameters of one dtype")
+        arrays = [p.detach().numpy() for p in tensors]
+        check_no_overlap([a.reshape(-1) for a in arrays], [f"params[{i}]" for i in range(len(arrays))])
+        return sum(a.size for a in arrays), arrays[0].dtype
+
+    def __init__(self, tensors: List[Any]):
+        import torch
+
         self.tensors = tensors
         self.flat = FlatParams.from_arrays([p.detach().numpy() for p in tensors])
         for p, view, grad_view in zip(tensors, self.flat.params, self.flat.grads):
             p.data = torch.from_numpy(view)
-            if p.grad is not None:
+            if p.grad is not None and not p.grad.is_sparse:
                 grad_view[...] = p.grad.detach().numpy()
                 p.grad = torch.from_numpy(grad_view)
-        check_no_overlap([p.detach().numpy().reshape(-1) for p in tensors],
-                         [f"params[{i}]" for i in range(len(tensors))])
 
     def collect_grads(self) -> None:
         """Bring every ``.grad`` into the flat gradient block (a missing grad counts as
@@ -238,31 +252,35 @@ class ShardedAdam:
             raise TypeError(f"comm must be an mpi4py.MPI.Intracomm, got {type(comm).__name__}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        hyperparameters = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                               amsgrad=amsgrad, maximize=maximize, eps_hat=eps_hat,
+                               eps_root=eps_root, decoupled_weight_decay=decoupled_weight_decay)
+        check_group_hyperparameters(hyperparameters, "defaults", 1)
+        check_num_threads(num_threads)
         self.comm = comm
         self.rank, self.world_size = comm.Get_rank(), comm.Get_size()
         self.reduction = reduction
         self._torch: Optional[_TorchBinding] = None
         self.flat: Optional[FlatParams] = None
         self.grads: Optional[np.ndarray] = None
-        if _is_torch_tensor(params):  # one tensor, as torch.optim allows
-            params = [params]
-        if isinstance(params, FlatParams):
+        # Everything is checked, and the ranks agree on the model, before a tensor is moved.
+        tensors = self._torch_tensors(params)
+        if tensors is not None:
+            total, dtype = _TorchBinding.check(tensors)
+        elif isinstance(params, FlatParams):
             self.flat = params
-        elif not _is_buffer(params) and hasattr(params, "__iter__"):
-            params = list(params)
-            if not params or not all(_is_torch_tensor(p) for p in params):
-                raise TypeError("params must be a FlatParams, a flat buffer or a sequence of torch "
-                                "tensors; for NumPy arrays, use FlatParams.from_arrays(arrays)")
-            self._torch = _TorchBinding(params)
-            self.flat = self._torch.flat
-        if self.flat is not None:
-            self.params, self.grads = self.flat.data, self.flat.grad_data
+            self.params, self.grads = params.data, params.grad_data
         else:
             self.params = as_array(params, "params", writable=True, flatten=False)
             if self.params.ndim != 1:
                 raise ValueError(f"params must be a 1-D (flat) buffer, got shape {self.params.shape}")
-        dtype, total = self.params.dtype, self.params.size
+        if tensors is None:
+            total, dtype = self.params.size, self.params.dtype
         self._agree_on_model(total, dtype)
+        if tensors is not None:
+            self._torch = _TorchBinding(tensors)
+            self.flat = self._torch.flat
+            self.params, self.grads = self.flat.data, self.flat.grad_data
 
         self.bounds = shard_bounds(total, self.world_size, ALIGNMENT // dtype.itemsize)
         self.shard = self.bounds[self.rank]
@@ -272,13 +290,24 @@ class ShardedAdam:
         self._type = _MPI_TYPES[dtype]
         # The summed gradient of this rank's shard (one rank: the gradient itself, no copy).
         self._reduced = zeros_at(stop - start, dtype, GRAD_PAGE_OFFSET) if self.world_size > 1 else None
-        self._adam = Adam([self.params[start:stop]], lr, betas, eps, weight_decay, amsgrad,
-                          maximize, eps_hat, eps_root, num_threads,
-                          decoupled_weight_decay=decoupled_weight_decay)
+        self._adam = Adam([self.params[start:stop]], num_threads=num_threads, **hyperparameters)
         self.skipped_steps = 0
         self.seconds = {"reduce": 0.0, "update": 0.0, "gather": 0.0}
         if self.world_size > 1:
             comm.Bcast([self.params, self._type], root=0)
+
+    @staticmethod
+    def _torch_tensors(params: Any) -> Optional[List[Any]]:
+        """``params`` as a list of torch tensors, or None for a FlatParams or a buffer."""
+        if _is_torch_tensor(params):  # one tensor, as torch.optim allows
+            return [params]
+        if isinstance(params, FlatParams) or _is_buffer(params) or not hasattr(params, "__iter__"):
+            return None
+        tensors = list(params)
+        if not tensors or not all(_is_torch_tensor(p) for p in tensors):
+            raise TypeError("params must be a FlatParams, a flat buffer or a sequence of torch "
+                            "tensors; for NumPy arrays, use FlatParams.from_arrays(arrays)")
+        return tensors
 
     def _agree_on_model(self, total: int, dtype: np.dtype) -> None:
         models = self.comm.allgather((total, dtype.name))

@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""ShardedAdam step time split into reduce / update / gather, for 1, 2, ... MPI ranks.
+
+Launches ``mpiexec -n R`` of itself for every rank count R (one OpenMP thread per rank)
+and prints one table: per model size and rank count, the median milliseconds of each phase
+of ``fastadam.distributed.ShardedAdam.step`` (ranks synchronised by a barrier before every
+step; each phase timed on every rank, the slowest rank's time counted), the whole step,
+the optimizer state each rank holds, and the communication rate (bytes each rank sends
+per step, (R-1)/R x N x itemsize for the reduce-scatter plus as much for the all-gather,
+over the reduce + gather time). One rank is plain fastadam.Adam on one thread: no
+communication. The machine is shared: medians of --steps repeats, and still noisy.
+
+    pip install mpi4py mpich
+    python benchmarks/distributed.py [--ranks 1 2] [--log2-sizes 20 22 24] [--steps 30]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+PHASES = ("reduce", "update", "gather")
+
+
+def worker(args):
+    import numpy as np
+    from mpi4py import MPI
+
+    from fastadam.distributed import ShardedAdam
+
+    comm = MPI.COMM_WORLD
+    results = []
+    for log2 in args.log2_sizes:
+        size = 1 << log2
+        rng = np.random.default_rng(comm.rank)
+        params = rng.standard_normal(size).astype(args.dtype)
+        grads = rng.standard_normal(size).astype(args.dtype)
+        opt = ShardedAdam(params, comm, lr=1e-4, num_threads=1, reduction=args.reduction)
+        samples = {phase: [] for phase in PHASES + ("step",)}
+        for repeat in range(args.warmup + args.steps):
+            before = dict(opt.seconds)
+            comm.Barrier()
+            t0 = time.perf_counter()
+            opt.step(grads)
+            elapsed = time.perf_counter() - t0
+            if repeat >= args.warmup:
+                for phase in PHASES:
+                    samples[phase].append(opt.seconds[phase] - before[phase])
+                samples["step"].append(elapsed)
+        gathered = {phase: comm.gather(np.array(values), root=0) for phase, values in samples.items()}
+        state_bytes = comm.allreduce(opt.state_nbytes, op=MPI.MAX)
+        if comm.rank == 0:
+            results.append({"log2": log2, "ranks": comm.size,
+                            "median_ms": {k: float(np.median(np.max(v, axis=0))) * 1e3
+                                          for k, v in gathered.items()},
+                            "state_bytes": state_bytes, "itemsize": params.itemsize})
+    if comm.rank == 0:
+        print(json.dumps(results))
+
+
+def find_mpiexec():
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return beside if os.path.exists(beside) else shutil.which("mpiexec")
+
+
+def launch(ranks, args):
+    mpiexec = find_mpiexec()
+    if mpiexec is None:
+        raise SystemExit("no mpiexec found: pip install mpi4py mpich")
+    command = [mpiexec, "-n", str(ranks), sys.executable, os.path.abspath(__file__), "--worker",
+               "--log2-sizes", *map(str, args.log2_sizes), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--dtype", args.dtype, "--reduction", args.reduction]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def table(rows):
+    lines = ["| params | ranks | reduce ms | update ms | gather ms | step ms | state per rank | comm. rate |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ms = r["median_ms"]
+        n = 1 << r["log2"]
+        sent = 2 * (r["ranks"] - 1) / r["ranks"] * n * r["itemsize"]
+        comm_ms = ms["reduce"] + ms["gather"]
+        rate = f"{sent / comm_ms / 1e6:.1f} GB/s" if r["ranks"] > 1 and comm_ms > 0 else "-"
+        lines.append(f"| 2^{r['log2']} | {r['ranks']} | {ms['reduce']:.3f} | {ms['update']:.3f} | "
+                     f"{ms['gather']:.3f} | {ms['step']:.3f} | {r['state_bytes'] / 2**20:.1f} MiB | {rate} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--log2-sizes", type=int, nargs="+", default=[20, 22, 24])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--reduction", choices=["ordered", "mpi"], default="ordered")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    rows = []
+    for ranks in args.ranks:
+        rows += launch(ranks, args)
+    rows.sort(key=lambda r: (r["log2"], r["ranks"]))
+    print(f"ShardedAdam, {args.dtype}, reduction={args.reduction}, one OpenMP thread per rank, "
+          f"medians of {args.steps} steps (slowest rank per step)\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
