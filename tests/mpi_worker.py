@@ -101,6 +101,9 @@ def run_parity(comm, size, dtype, variant, reduction, steps=4, grad_scale=None, 
     keys = 3 if kwargs.get("amsgrad") else 2
     itemsize = np.dtype(dtype).itemsize
     check(opt.state_nbytes == (stop - start) * itemsize * keys, f"{label}: state_nbytes {opt.state_nbytes}")
+    if p > 1:  # the summed-gradient shard, and the ordered reduction's bounded receive buffer
+        limit = (stop - start) * itemsize + max(distributed.ORDERED_SCRATCH_BYTES, p * 1024 * itemsize)
+        check(opt.scratch_nbytes <= limit, f"{label}: scratch_nbytes {opt.scratch_nbytes} > {limit}")
     total_state = comm.allreduce(opt.state_nbytes)
     check(total_state == size * itemsize * keys, f"{label}: total state {total_state}")
     return exact, opt
