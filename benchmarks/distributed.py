@@ -38,7 +38,7 @@ def worker(args):
         rng = np.random.default_rng(comm.rank)
         params = rng.standard_normal(size).astype(args.dtype)
         grads = rng.standard_normal(size).astype(args.dtype)
-        opt = ShardedAdam(params, comm, lr=1e-4, num_threads=1, reduction=args.reduction)
+        opt = ShardedAdam(params, comm, lr=1e-4, num_threads=1, collectives=args.collectives)
         samples = {phase: [] for phase in PHASES + ("step",)}
         for repeat in range(args.warmup + args.steps):
             before = dict(opt.seconds)
@@ -72,7 +72,7 @@ def launch(ranks, args):
         raise SystemExit("no mpiexec found: pip install mpi4py mpich")
     command = [mpiexec, "-n", str(ranks), sys.executable, os.path.abspath(__file__), "--worker",
                "--log2-sizes", *map(str, args.log2_sizes), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--dtype", args.dtype, "--reduction", args.reduction]
+               "--warmup", str(args.warmup), "--dtype", args.dtype, "--collectives", args.collectives]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -99,7 +99,7 @@ def main():
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--reduction", choices=["ordered", "mpi"], default="ordered")
+    parser.add_argument("--collectives", choices=["fastadam", "mpi"], default="fastadam")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -108,7 +108,7 @@ def main():
     for ranks in args.ranks:
         rows += launch(ranks, args)
     rows.sort(key=lambda r: (r["log2"], r["ranks"]))
-    print(f"ShardedAdam, {args.dtype}, reduction={args.reduction}, one OpenMP thread per rank, "
+    print(f"ShardedAdam, {args.dtype}, collectives={args.collectives}, one OpenMP thread per rank, "
           f"medians of {args.steps} steps (slowest rank per step)\n")
     print(table(rows))
 

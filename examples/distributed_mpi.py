@@ -47,8 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     demo.add_arguments(parser)
     parser.add_argument("--quick", action="store_true",
                         help=f"2 epochs on {QUICK_TRAIN} training and {QUICK_TEST} test examples")
-    parser.add_argument("--reduction", choices=("ordered", "mpi"), default="ordered",
-                        help="gradient sum in rank order (bit-exact, default) or MPI's order")
+    parser.add_argument("--collectives", choices=("fastadam", "mpi"), default="fastadam",
+                        help="fastadam's collectives (rank-order sums, bit-exact; default) or MPI's")
     parser.set_defaults(batch_size=64)  # per rank: the global minibatch is ranks x this
     args = parser.parse_args(argv)
     if args.quick:
@@ -91,7 +91,7 @@ def main(argv=None) -> float:
     (x_train, y_train, x_test, y_test), task = load(args, comm)
     model = demo.MLP(x_train.shape[1], args.hidden, args.seed)
     optimizer = ShardedAdam(model.flat, comm, lr=args.lr, num_threads=args.threads,
-                            reduction=args.reduction)
+                            collectives=args.collectives)
     per_rank, global_batch = args.batch_size, args.batch_size * size
     start, stop = optimizer.shard
     say(f"{task}: {len(x_train)} training and {len(x_test)} test examples; MLP "

@@ -61,7 +61,7 @@ VARIANTS = {
 }
 
 
-def run_parity(comm, size, dtype, variant, reduction, steps=4, grad_scale=None, use_flat=True):
+def run_parity(comm, size, dtype, variant, collectives, steps=4, grad_scale=None, use_flat=True):
     """ShardedAdam for ``steps`` steps vs fastadam.Adam on the averaged gradients."""
     p = comm.Get_size()
     kwargs = {"lr": 1e-2, **VARIANTS[variant]}
@@ -73,10 +73,10 @@ def run_parity(comm, size, dtype, variant, reduction, steps=4, grad_scale=None, 
         flat.data[...] = initial
         if comm.Get_rank() != 0:
             flat.data[...] = 0  # rank 0's parameters are broadcast at construction
-        opt = ShardedAdam(flat, comm, reduction=reduction, num_threads=1, **kwargs)
+        opt = ShardedAdam(flat, comm, collectives=collectives, num_threads=1, **kwargs)
     else:
         params = memoryview(initial.copy())  # a bare buffer-protocol object, updated in place
-        opt = ShardedAdam(params, comm, reduction=reduction, num_threads=1, **kwargs)
+        opt = ShardedAdam(params, comm, collectives=collectives, num_threads=1, **kwargs)
     reference = initial.copy()
     ref_opt = fastadam.Adam([reference], num_threads=1, **kwargs)
     for step in range(1, steps + 1):
@@ -88,20 +88,20 @@ def run_parity(comm, size, dtype, variant, reduction, steps=4, grad_scale=None, 
         else:
             opt.step(mine, grad_scale=grad_scale)
         ref_opt.step([averaged(grads, grad_scale or 1.0)])
-    label = f"p={p} n={size} {np.dtype(dtype).name} {variant} {reduction}"
+    label = f"p={p} n={size} {np.dtype(dtype).name} {variant} {collectives}"
     start, stop = opt.shard
     exact = bits_equal(opt.params, reference)
     for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
         if key in ref_opt.state[0]:
             exact &= bits_equal(opt.state[key], ref_opt.state[0][key][start:stop])
     check(opt.state["step"] == steps, f"{label}: step count {opt.state['step']}")
-    # Every rank holds the same model (whatever the reduction).
+    # Every rank holds the same model (whatever the collectives).
     check(bits_equal(opt.params, comm.bcast(opt.params.copy(), root=0)), f"{label}: ranks differ")
     # Memory: this rank's state is its shard's; all ranks' together are one process's.
     keys = 3 if kwargs.get("amsgrad") else 2
     itemsize = np.dtype(dtype).itemsize
     check(opt.state_nbytes == (stop - start) * itemsize * keys, f"{label}: state_nbytes {opt.state_nbytes}")
-    if p > 1:  # the summed-gradient shard, and the ordered reduction's bounded receive buffer
+    if p > 1:  # the summed-gradient shard, and fastadam's bounded receive buffer
         limit = (stop - start) * itemsize + max(distributed.ORDERED_SCRATCH_BYTES, p * 1024 * itemsize)
         check(opt.scratch_nbytes <= limit, f"{label}: scratch_nbytes {opt.scratch_nbytes} > {limit}")
     total_state = comm.allreduce(opt.state_nbytes)
@@ -111,30 +111,30 @@ def run_parity(comm, size, dtype, variant, reduction, steps=4, grad_scale=None, 
 
 def scenario_parity():
     """Bit-for-bit parity over dtypes, variants, sizes (uneven and with empty shards) and
-    both reductions; memory per rank."""
+    both kinds of collectives; memory per rank."""
     p = WORLD.Get_size()
     mpi_exact = []
     for dtype in (np.float32, np.float64):
         for size in (1037, 20, 5):  # uneven; a short last shard; ranks with empty shards
             for variant in VARIANTS:
-                exact, _ = run_parity(WORLD, size, dtype, variant, "ordered")
-                check(exact, f"ordered n={size} {np.dtype(dtype).name} {variant} not bit-exact")
+                exact, _ = run_parity(WORLD, size, dtype, variant, "fastadam")
+                check(exact, f"fastadam n={size} {np.dtype(dtype).name} {variant} not bit-exact")
             exact, _ = run_parity(WORLD, size, dtype, "plain", "mpi", use_flat=False)
             mpi_exact.append(exact)
             if p <= 2:  # one addition per element: any order gives the same bits
                 check(exact, f"mpi n={size} {np.dtype(dtype).name} not bit-exact at p={p}")
-        exact, _ = run_parity(WORLD, 1037, dtype, "plain", "ordered", grad_scale=4.0, use_flat=False)
+        exact, _ = run_parity(WORLD, 1037, dtype, "plain", "fastadam", grad_scale=4.0, use_flat=False)
         check(exact, f"grad_scale=4 {np.dtype(dtype).name} not bit-exact")
-    # Large enough for several ordered-reduction rounds (the scratch holds 2**24 bytes).
+    # Large enough for several rounds of fastadam's reduce-scatter (the scratch holds 2**24 bytes).
     old = distributed.ORDERED_SCRATCH_BYTES
     distributed.ORDERED_SCRATCH_BYTES = 4096
     try:
-        exact, opt = run_parity(WORLD, 100_003, np.float32, "plain", "ordered", steps=2)
+        exact, opt = run_parity(WORLD, 100_003, np.float32, "plain", "fastadam", steps=2)
     finally:
         distributed.ORDERED_SCRATCH_BYTES = old
-    check(exact, "ordered reduction in many rounds not bit-exact")
+    check(exact, "reduce-scatter in many rounds not bit-exact")
     facts["bounds"] = opt.bounds
-    facts["mpi_reduction_bit_exact"] = all(WORLD.allgather(all(mpi_exact)))
+    facts["mpi_collectives_bit_exact"] = all(WORLD.allgather(all(mpi_exact)))
     check_order_sensitive_sum()
     scenario_skip_nonfinite()
 
@@ -142,21 +142,21 @@ def scenario_parity():
 def check_order_sensitive_sum(size=3 * 2**18):
     """Gradients 1e8, -1e8, 1, 1, ... (float32) on ranks 0, 1, 2, ...: in rank order the sum
     is p - 2, in others it loses the ones. At this size (3 MiB) MPICH's reduce-scatter adds
-    in a rank-dependent order; the ordered reduction must not."""
+    in a rank-dependent order; fastadam's must not."""
     p = WORLD.Get_size()
     values = [1e8, -1e8] + [1.0] * (p - 2)
     results = {}
-    for reduction in ("ordered", "mpi"):
+    for collectives in ("fastadam", "mpi"):
         params = np.zeros(size, np.float32)
-        opt = ShardedAdam(params, WORLD, lr=0.5, reduction=reduction)
+        opt = ShardedAdam(params, WORLD, lr=0.5, collectives=collectives)
         reference = np.zeros(size, np.float32)
         ref_opt = fastadam.Adam([reference], lr=0.5)
         for _ in range(2):
             grads = [np.full(size, values[r] if r < len(values) else 1.0, np.float32) for r in range(p)]
             opt.step(grads[WORLD.rank])
             ref_opt.step([averaged(grads)])
-        results[reduction] = all(WORLD.allgather(bits_equal(params, reference)))
-    check(results["ordered"], "the ordered reduction did not add in rank order")
+        results[collectives] = all(WORLD.allgather(bits_equal(params, reference)))
+    check(results["fastadam"], "fastadam's reduce-scatter did not add in rank order")
     facts["order_sensitive_sum_bit_exact"] = results
 
 

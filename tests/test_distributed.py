@@ -80,7 +80,7 @@ def test_every_rank_matches_one_process_bit_for_bit(ranks):
     expected = {2: [[0, 50016], [50016, 100003]],
                 3: [[0, 33344], [33344, 66688], [66688, 100003]]}[ranks]
     assert report["bounds"] == expected
-    assert report["order_sensitive_sum_bit_exact"]["ordered"] is True
+    assert report["order_sensitive_sum_bit_exact"]["fastadam"] is True
 
 
 @needs_mpi
@@ -206,7 +206,7 @@ def test_hyperparameters_may_be_edited_between_steps(dist, comm):
 def bad_constructions(dist, comm):
     return [
         (lambda: dist.ShardedAdam(np.zeros(4), "world"), TypeError, "comm"),
-        (lambda: dist.ShardedAdam(np.zeros(4), comm, reduction="fast"), ValueError, "reduction"),
+        (lambda: dist.ShardedAdam(np.zeros(4), comm, collectives="fast"), ValueError, "collectives"),
         (lambda: dist.ShardedAdam([np.zeros(4)], comm), TypeError, "FlatParams.from_arrays"),
         (lambda: dist.ShardedAdam(np.zeros((2, 2)), comm), ValueError, "params"),
         (lambda: dist.ShardedAdam(np.zeros(4, np.int32), comm), TypeError, "params"),
