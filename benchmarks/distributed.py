@@ -3,12 +3,12 @@
 
 Launches ``mpiexec -n R`` of itself for every rank count R (one OpenMP thread per rank)
 and prints one table: per model size and rank count, the median milliseconds of each phase
-of ``fastadam.distributed.ShardedAdam.step`` (ranks synchronised by a barrier before every
-step; each phase timed on every rank, the slowest rank's time counted), the whole step,
-the optimizer state each rank holds, and the communication rate (bytes each rank sends
-per step, (R-1)/R x N x itemsize for the reduce-scatter plus as much for the all-gather,
-over the reduce + gather time). One rank is plain fastadam.Adam on one thread: no
-communication. The machine is shared: medians of --steps repeats, and still noisy.
+of ``fastadam.distributed.ShardedAdam.step``, run one at a time after a barrier (the
+slowest rank's time counted), then of whole ``step()`` calls (where a phase may also wait
+for a slower rank), the optimizer state each rank holds, and the communication rate: the
+bytes each rank sends per step ((R-1)/R x N x itemsize for the reduce-scatter, as much
+for the all-gather) over the reduce + gather time. One rank is plain fastadam.Adam on one
+thread: no communication. The machine is shared: medians of --steps repeats, still noisy.
 
     pip install mpi4py mpich
     python benchmarks/distributed.py [--ranks 1 2] [--log2-sizes 20 22 24] [--steps 30]
@@ -22,42 +22,48 @@ import subprocess
 import sys
 import time
 
-PHASES = ("reduce", "update", "gather")
 
-
-def worker(args):
+def measure(comm, log2, args):
+    """Median ms of each phase and of whole steps (slowest rank), for a model of 2^log2."""
     import numpy as np
     from mpi4py import MPI
 
     from fastadam.distributed import ShardedAdam
 
-    comm = MPI.COMM_WORLD
-    results = []
-    for log2 in args.log2_sizes:
-        size = 1 << log2
-        rng = np.random.default_rng(comm.rank)
-        params = rng.standard_normal(size).astype(args.dtype)
-        grads = rng.standard_normal(size).astype(args.dtype)
-        opt = ShardedAdam(params, comm, lr=1e-4, num_threads=1, collectives=args.collectives)
-        samples = {phase: [] for phase in PHASES + ("step",)}
-        for repeat in range(args.warmup + args.steps):
-            before = dict(opt.seconds)
-            comm.Barrier()
+    size = 1 << log2
+    rng = np.random.default_rng(comm.rank)
+    params = rng.standard_normal(size).astype(args.dtype)
+    grads = rng.standard_normal(size).astype(args.dtype)
+    opt = ShardedAdam(params, comm, lr=1e-4, num_threads=1, collectives=args.collectives)
+    reduced = opt._reduce(grads)
+    phases = {  # step()'s three phases one by one (private methods: this is a benchmark)
+        "reduce": lambda: opt._reduce(grads),
+        "update": lambda: opt._adam.step([reduced], grad_scale=comm.size),
+        "gather": opt._gather,
+        "step": lambda: opt.step(grads),
+    }
+    samples = {phase: [] for phase in phases}
+    for repeat in range(args.warmup + args.steps):
+        for phase, run in phases.items():
+            comm.Barrier()  # every phase starts together: no rank's wait is counted
             t0 = time.perf_counter()
-            opt.step(grads)
-            elapsed = time.perf_counter() - t0
+            run()
             if repeat >= args.warmup:
-                for phase in PHASES:
-                    samples[phase].append(opt.seconds[phase] - before[phase])
-                samples["step"].append(elapsed)
-        gathered = {phase: comm.gather(np.array(values), root=0) for phase, values in samples.items()}
-        state_bytes = comm.allreduce(opt.state_nbytes, op=MPI.MAX)
-        if comm.rank == 0:
-            results.append({"log2": log2, "ranks": comm.size,
-                            "median_ms": {k: float(np.median(np.max(v, axis=0))) * 1e3
-                                          for k, v in gathered.items()},
-                            "state_bytes": state_bytes, "itemsize": params.itemsize})
+                samples[phase].append(time.perf_counter() - t0)
+    gathered = {phase: comm.gather(np.array(values), root=0) for phase, values in samples.items()}
+    state_bytes = comm.allreduce(opt.state_nbytes, op=MPI.MAX)
     if comm.rank == 0:
+        return {"log2": log2, "ranks": comm.size, "state_bytes": state_bytes,
+                "itemsize": params.itemsize,
+                "median_ms": {k: float(np.median(np.max(v, axis=0))) * 1e3 for k, v in gathered.items()}}
+    return None
+
+
+def worker(args):
+    from mpi4py import MPI
+
+    results = [measure(MPI.COMM_WORLD, log2, args) for log2 in args.log2_sizes]
+    if MPI.COMM_WORLD.rank == 0:
         print(json.dumps(results))
 
 
