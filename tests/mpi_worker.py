@@ -258,6 +258,31 @@ def scenario_checkpoint():
             facts.setdefault("errors", []).append(f"{type(exc).__name__}: {exc}"[:200])
         check(all(bits_equal(np.asarray(v), before[k]) for k, v in same.state.items()),
               "a failed load changed the state")
+    # A save that fails on one rank (disk full, say) fails on every rank, removes its new
+    # shard files and leaves the previous checkpoint loadable.
+    fresh = os.path.join(directory, "four")
+    distributed.save(same, fresh)
+    files_before = sorted(os.listdir(fresh))
+    same.step(np.ones(size, dtype))
+    real_write = distributed.write_npz_atomically
+    if rank == 2:
+        def full_disk(*args):
+            raise OSError("No space left on device")
+
+        distributed.write_npz_atomically = full_disk
+    try:
+        distributed.save(same, fresh)
+        check(False, "a save that failed on rank 2 succeeded")
+    except OSError as exc:
+        check(rank == 2 or "rank 2 could not write its shard" in str(exc), f"save error: {exc}")
+    finally:
+        distributed.write_npz_atomically = real_write
+    WORLD.Barrier()
+    check(sorted(os.listdir(fresh)) == files_before, "a failed save left files behind")
+    after_failed_save = make(WORLD)
+    distributed.load(after_failed_save, fresh)
+    check(after_failed_save.state["step"] == 6, "the previous checkpoint was damaged")
+
     bigger = ShardedAdam(np.zeros(size + 1, dtype), WORLD)
     try:
         distributed.load(bigger, os.path.join(directory, "two"))

@@ -9,8 +9,8 @@ data. ``ShardedAdam.step()`` then runs three phases:
 2. **update**: each rank runs Adam on its shard with the state (``exp_avg``,
    ``exp_avg_sq``, AMSGrad's ``max_exp_avg_sq``) that it keeps for that shard only: one
    kernel record, the sum divided by the number of ranks inside the kernel;
-3. **gather**: the updated shards are gathered in place (``Allgatherv``) so every rank holds
-   the whole updated model again.
+3. **gather**: the updated shards are gathered in place (a ring of ``Sendrecv``, or MPI's
+   ``Allgatherv``) so every rank holds the whole updated model again.
 
 Optimizer memory per rank is therefore 1/ranks of a single process's; communication per
 step is one reduce-scatter and one all-gather of the flat block (as much as one all-reduce).
@@ -110,7 +110,8 @@ def shard_bounds(total: int, world_size: int, align: int = 1) -> Bounds:
             raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
-    blocks = -(-int(total) // align)
+    total, world_size, align = int(total), int(world_size), int(align)
+    blocks = -(-total // align)
     base, extra = divmod(blocks, world_size)
     bounds = []
     for rank in range(world_size):
@@ -486,65 +487,74 @@ def _check_sharded(opt: Any) -> None:
         raise TypeError(f"opt must be a fastadam.distributed.ShardedAdam, got {type(opt).__name__}")
 
 
-def _agree(opt: ShardedAdam, error: Optional[BaseException], action: str) -> None:
+def _agree(opt: ShardedAdam, error: Optional[BaseException], action: str,
+           kind: type = ValueError) -> None:
     """Collective: raise on every rank if ``action`` failed on any (the failing rank
-    re-raises its own exception), so no rank goes on alone."""
+    re-raises its own exception, the others a ``kind`` naming it), so no rank goes on alone."""
     failures = opt.comm.allgather(None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
         raise error
     for rank, failure in enumerate(failures):
         if failure is not None:
-            raise ValueError(f"rank {rank} could not {action}: {failure}")
+            raise kind(f"rank {rank} could not {action}: {failure}")
 
 
 def save(opt: ShardedAdam, directory: Any) -> None:
     """Write ``opt``'s sharded state into ``directory`` (collective; see the module docstring).
 
     Each rank writes its shard atomically (``shard-<id>-<rank>.npz``); then rank 0 writes
-    ``index.npz`` (the commit) and removes the files of the checkpoint it replaced.
+    ``index.npz``, the commit, and removes the shard files of any other checkpoint. If any
+    rank fails, every rank raises (OSError) and the previous checkpoint stays as it was.
     ``directory`` must be the same path on a file system every rank can reach.
     """
     _check_sharded(opt)
     directory = os.fspath(directory)
-    comm = opt.comm
-    previous = None
-    if opt.rank == 0:
-        try:
-            previous = read_npz(os.path.join(directory, INDEX))[0].get("id")
-        except (OSError, ValueError, AttributeError):
-            previous = None
-    checkpoint_id, previous = comm.bcast((secrets.token_hex(8), previous), root=0)
+    checkpoint_id = opt.comm.bcast(secrets.token_hex(8), root=0)
     state = opt.state
-    arrays = {f"state/0/{key}": value for key, value in state.items() if key != "step"}
     start, stop = opt.shard
+    mine = os.path.join(directory, _shard_name(checkpoint_id, opt.rank))
     error = None
     try:
         os.makedirs(directory, exist_ok=True)
-        write_npz_atomically(os.path.join(directory, _shard_name(checkpoint_id, opt.rank)),
-                             {"format": SHARD_FORMAT, "version": VERSION, "id": checkpoint_id,
-                              "rank": opt.rank, "start": start, "stop": stop}, arrays)
+        write_npz_atomically(mine, {"format": SHARD_FORMAT, "version": VERSION, "id": checkpoint_id,
+                                    "rank": opt.rank, "start": start, "stop": stop},
+                             {f"state/0/{key}": value for key, value in state.items() if key != "step"})
     except OSError as exc:
         error = exc
-    _agree(opt, error, "write its shard")
-    if opt.rank == 0:
-        group = opt.param_groups[0]
-        header = {
-            "format": FORMAT, "version": VERSION, "id": checkpoint_id,
-            "world_size": opt.world_size, "total": int(opt.params.size),
-            "dtype": opt.params.dtype.name, "bounds": [list(b) for b in opt.bounds],
-            "param_groups": [{**_json_hyperparameters(group), "params": [0]}],
-            "steps": {"0": state["step"]}, "skipped_steps": opt.skipped_steps,
-            "state_keys": [key for key in state if key != "step"],
-        }
-        try:
-            write_npz_atomically(os.path.join(directory, INDEX), header, {})
-            if previous is not None and previous != checkpoint_id:
-                for name in os.listdir(directory):
-                    if name.startswith(f"shard-{previous}-"):
-                        os.unlink(os.path.join(directory, name))
-        except OSError as exc:
-            error = exc
-    _agree(opt, error, "commit the checkpoint index")
+    try:
+        _agree(opt, error, "write its shard", OSError)
+        if opt.rank == 0:
+            error = _commit(opt, directory, checkpoint_id)
+        _agree(opt, error, "commit the checkpoint index", OSError)
+    except OSError:
+        if os.path.exists(mine):  # an uncommitted shard: the old checkpoint stays valid
+            os.unlink(mine)
+        raise
+
+
+def _commit(opt: ShardedAdam, directory: str, checkpoint_id: str) -> Optional[OSError]:
+    """Rank 0: write the index naming this checkpoint's shards, then remove the shards of
+    the checkpoint it replaces (and of any interrupted save)."""
+    state = opt.state
+    header = {
+        "format": FORMAT, "version": VERSION, "id": checkpoint_id,
+        "world_size": opt.world_size, "total": int(opt.params.size),
+        "dtype": opt.params.dtype.name, "bounds": [list(b) for b in opt.bounds],
+        "param_groups": [{**_json_hyperparameters(opt.param_groups[0]), "params": [0]}],
+        "steps": {"0": state["step"]}, "skipped_steps": opt.skipped_steps,
+        "state_keys": [key for key in state if key != "step"],
+    }
+    try:
+        write_npz_atomically(os.path.join(directory, INDEX), header, {})
+    except OSError as exc:
+        return exc
+    for name in os.listdir(directory):
+        if name.startswith("shard-") and not name.startswith(f"shard-{checkpoint_id}-"):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except OSError:  # already gone, or not ours to remove: the checkpoint is valid
+                pass
+    return None
 
 
 def load(opt: ShardedAdam, directory: Any) -> None:
