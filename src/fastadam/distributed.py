@@ -69,8 +69,8 @@ try:
     from mpi4py import MPI
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess without mpi4py
     raise ImportError(
-        "fastadam.distributed needs mpi4py: pip install mpi4py mpich (or mpi4py built "
-        "against your system's MPI)"
+        "fastadam.distributed needs mpi4py and an MPI library: pip install mpi4py mpich (or "
+        f"mpi4py built against your system's MPI); importing mpi4py.MPI failed: {exc}"
     ) from exc
 
 from fastadam._memory import ALIGNMENT, zeros_at
