@@ -200,7 +200,9 @@ class ShardedAdam:
         buffer protocol: zero-copy) is updated in place; ``step`` then needs ``grads``. The
         parameters of a PyTorch model (dense CPU float32/float64 tensors of one dtype) are
         copied once into a FlatParams and each ``p.data`` becomes a view of it; ``step``
-        reads their ``.grad``.
+        reads their ``.grad``. A parameter whose ``.grad`` is None counts as having a zero
+        gradient (its moments still decay and it may still move, where torch.optim would
+        skip it): every rank must apply the same update to every element.
     comm : mpi4py.MPI.Intracomm, optional
         The ranks that train together (default ``MPI.COMM_WORLD``).
     lr, betas, eps, weight_decay, amsgrad, maximize, eps_hat, eps_root, decoupled_weight_decay
