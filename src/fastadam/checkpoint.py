@@ -15,7 +15,7 @@ import json
 import os
 import secrets
 import zipfile
-from typing import Any, Dict, Union
+from typing import Any, Dict, Tuple, Union
 
 import numpy as np
 
@@ -63,7 +63,13 @@ def save(opt: Adam, path: PathLike) -> None:
         ],
         "steps": steps,
     }
-    arrays[HEADER] = np.array(json.dumps(header))
+    write_npz_atomically(path, header, arrays)
+
+
+def write_npz_atomically(path: PathLike, header: Dict[str, Any], arrays: Dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` and the JSON ``header`` as an .npz archive at ``path``, atomically:
+    into a temporary file in the same directory, flushed and fsync'ed, then renamed."""
+    arrays = {**arrays, HEADER: np.array(json.dumps(header))}
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     # Mode 0666 filtered by the umask, as open() would give (mkstemp would make 0600).
@@ -105,6 +111,21 @@ def load(opt: Adam, path: PathLike) -> None:
     if not isinstance(opt, Adam):
         raise TypeError(f"opt must be a fastadam.Adam or AdamW, got {type(opt).__name__}")
     path = os.fspath(path)
+    header, arrays = read_npz(path)
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a fastadam optimizer checkpoint")
+    if header.get("version") != VERSION:
+        raise ValueError(f"{path} has checkpoint version {header.get('version')!r}; "
+                         f"this fastadam reads version {VERSION}")
+    opt.load_state_dict(_state_dict(opt, header, arrays, path))
+
+
+def read_npz(path: str) -> Tuple[Any, Dict[str, np.ndarray]]:
+    """The JSON header and the arrays of an archive written by :func:`write_npz_atomically`.
+
+    Raises FileNotFoundError for a missing file and ValueError for a truncated, corrupt or
+    foreign one.
+    """
     try:
         with open(path, "rb") as f:
             archive = np.load(f, allow_pickle=False)
@@ -120,12 +141,7 @@ def load(opt: Adam, path: PathLike) -> None:
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError,
             UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not a readable fastadam checkpoint ({exc})") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a fastadam optimizer checkpoint")
-    if header.get("version") != VERSION:
-        raise ValueError(f"{path} has checkpoint version {header.get('version')!r}; "
-                         f"this fastadam reads version {VERSION}")
-    opt.load_state_dict(_state_dict(opt, header, arrays, path))
+    return header, arrays
 
 
 def _state_dict(opt: Adam, header: Dict[str, Any], arrays: Dict[str, np.ndarray],

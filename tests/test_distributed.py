@@ -1,0 +1,314 @@
+"""fastadam.distributed: sharded Adam over MPI.
+
+The multi-rank behaviour runs under ``mpiexec -n 2`` and ``-n 3`` (tests/mpi_worker.py, which
+checks every rank against a single-process fastadam.Adam, bit for bit); argument checks,
+the shard formula and one-rank parity run here, on MPI.COMM_SELF.
+"""
+
+import array
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastadam
+
+HAVE_MPI4PY = importlib.util.find_spec("mpi4py") is not None
+needs_mpi = pytest.mark.skipif(not HAVE_MPI4PY, reason="mpi4py is not installed (pip install mpi4py mpich)")
+WORKER = Path(__file__).with_name("mpi_worker.py")
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "distributed_mpi.py"
+
+
+def find_mpiexec():
+    """The mpiexec next to this Python (pip's mpich installs it there), else on PATH."""
+    beside = Path(sys.executable).with_name("mpiexec")
+    found = str(beside) if beside.exists() else shutil.which("mpiexec")
+    if found is None:
+        pytest.fail("mpi4py is installed but no mpiexec was found next to sys.executable or "
+                    "on PATH (pip install mpich provides one)")
+    return found
+
+
+def mpiexec(n, *args, timeout=180):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    result = subprocess.run([find_mpiexec(), "-n", str(n), sys.executable, *map(str, args)],
+                            capture_output=True, text=True, timeout=timeout, env=env)
+    return result
+
+
+def run_worker(n, scenario, *args):
+    result = mpiexec(n, WORKER, scenario, *args)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"no report (exit {result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    report = json.loads(lines[-1])
+    assert report["failures"] == [], "\n".join(report["failures"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert report["world_size"] == n
+    return report
+
+
+# --- import guard ------------------------------------------------------------------------
+
+
+def test_import_fastadam_never_imports_mpi4py():
+    code = "import sys, fastadam; print('mpi4py' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_without_mpi4py_the_import_error_says_what_to_install():
+    code = ("import sys; sys.modules['mpi4py'] = None\n"
+            "try:\n    import fastadam.distributed\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "pip install mpi4py mpich" in out.stdout
+
+
+# --- across ranks (mpiexec) ----------------------------------------------------------------
+
+
+@needs_mpi
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_every_rank_matches_one_process_bit_for_bit(ranks):
+    report = run_worker(ranks, "parity")
+    # 100003 float32 elements in 64-byte blocks: the first ranks one block more, the last short
+    expected = {2: [[0, 50016], [50016, 100003]],
+                3: [[0, 33344], [33344, 66688], [66688, 100003]]}[ranks]
+    assert report["bounds"] == expected
+    assert report["order_sensitive_sum_bit_exact"]["fastadam"] is True
+
+
+@needs_mpi
+def test_checkpoints_restore_exactly_and_reshard_between_2_and_3_ranks(tmp_path):
+    report = run_worker(3, "checkpoint", tmp_path)
+    assert report["files_saved_by_two"] == ["index.npz"] + sorted(
+        n for n in report["files_saved_by_two"] if n.startswith("shard-"))
+    assert len(report["files_saved_by_two"]) == 3
+    missing, corrupt = report["errors"]
+    assert missing.startswith("FileNotFoundError") and "index.npz" in missing
+    assert corrupt.startswith("ValueError") and "shard-" in corrupt
+
+
+@needs_mpi
+def test_torch_model_parameters_across_2_ranks():
+    pytest.importorskip("torch")
+    run_worker(2, "torch")
+
+
+@needs_mpi
+def test_example_trains_across_2_ranks():
+    result = mpiexec(2, EXAMPLE, "--quick", "--no-progress", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "2 ranks" in out
+    assert "parameters identical on every rank: yes" in out
+    accuracy = float(out.split("test accuracy ")[-1].split()[0])
+    assert accuracy > 0.5  # ten classes: chance is 0.1
+
+
+# --- one rank, in this process ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dist():
+    if not HAVE_MPI4PY:
+        pytest.skip("mpi4py is not installed (pip install mpi4py mpich)")
+    import fastadam.distributed
+
+    return fastadam.distributed
+
+
+@pytest.fixture(scope="module")
+def comm(dist):
+    return dist.MPI.COMM_SELF
+
+
+@pytest.mark.parametrize("total", [0, 1, 15, 16, 17, 1037, 100003])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 7, 64])
+@pytest.mark.parametrize("align", [1, 8, 16])
+def test_shard_bounds_split_blocks_like_array_split(dist, total, world_size, align):
+    bounds = dist.shard_bounds(total, world_size, align)
+    blocks = -(-total // align)
+    expected = [(min(align * int(c[0]), total), min(align * (int(c[-1]) + 1), total)) if c.size else None
+                for c in np.array_split(np.arange(blocks), world_size)]
+    assert len(bounds) == world_size
+    assert bounds[0][0] == 0 and bounds[-1][1] == total
+    for (start, stop), (next_start, _), want in zip(bounds, bounds[1:] + [(total, total)], expected):
+        assert start <= stop == next_start
+        assert start % align == 0 or start == total
+        if want is not None:
+            assert (start, stop) == want
+        else:
+            assert start == stop == total
+
+
+@pytest.mark.parametrize("args, error, name", [
+    ((-1, 2), ValueError, "total"), ((10, 0), ValueError, "world_size"),
+    ((10, 2, 0), ValueError, "align"), ((10.0, 2), TypeError, "total"),
+    ((10, True), TypeError, "world_size"),
+])
+def test_shard_bounds_rejects_bad_arguments(dist, args, error, name):
+    with pytest.raises(error, match=name):
+        dist.shard_bounds(*args)
+
+
+KWARGS = [{}, {"amsgrad": True, "weight_decay": 0.1}, {"decoupled_weight_decay": True, "weight_decay": 0.1},
+          {"eps_root": 1e-10, "maximize": True}]
+
+
+@pytest.mark.parametrize("kwargs", KWARGS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_rank_is_fastadam_adam(dist, comm, kwargs, dtype):
+    rng = np.random.default_rng(1)
+    flat = fastadam.FlatParams([(5, 7), 3], dtype)
+    flat.data[...] = rng.standard_normal(flat.data.size)
+    reference = flat.data.copy()
+    opt = dist.ShardedAdam(flat, comm, lr=0.01, **kwargs)
+    ref = fastadam.Adam([reference], lr=0.01, **kwargs)
+    for _ in range(3):
+        flat.grad_data[...] = rng.standard_normal(flat.data.size)
+        assert opt.step(grad_scale=2.0)
+        ref.step([flat.grad_data], grad_scale=2.0)
+    assert flat.data.tobytes() == reference.tobytes()
+    assert opt.state["step"] == 3 and opt.bounds == [(0, 38)] and opt.shard == (0, 38)
+    assert opt.state_nbytes == flat.data.nbytes * (3 if kwargs.get("amsgrad") else 2)
+    assert opt.scratch_nbytes == 0  # one rank reads the gradient in place
+    assert set(opt.seconds) == {"reduce", "update", "gather"}
+    assert "rank 0 of 1" in repr(opt)
+
+
+def test_buffer_protocol_params_are_updated_in_place(dist, comm):
+    params = array.array("f", [1.0, 2.0, 3.0])
+    opt = dist.ShardedAdam(params, comm, lr=0.5)
+    assert opt.params.ctypes.data == params.buffer_info()[0]  # zero-copy
+    reference = np.array([1.0, 2.0, 3.0], np.float32)
+    opt.step(array.array("f", [1.0, -1.0, 0.0]))
+    fastadam.Adam([reference], lr=0.5).step([np.array([1.0, -1.0, 0.0], np.float32)])
+    assert np.frombuffer(params, np.float32).tobytes() == reference.tobytes()
+    assert np.allclose(reference, [0.5, 2.5, 3.0])
+
+
+def test_hyperparameters_may_be_edited_between_steps(dist, comm):
+    params = np.zeros(4)
+    opt = dist.ShardedAdam(params, comm, lr=0.5)
+    opt.param_groups[0]["lr"] = 0.25
+    opt.step(np.ones(4))
+    reference = np.zeros(4)
+    fastadam.Adam([reference], lr=0.25).step([np.ones(4)])
+    assert params.tobytes() == reference.tobytes()
+
+
+def bad_constructions(dist, comm):
+    return [
+        (lambda: dist.ShardedAdam(np.zeros(4), "world"), TypeError, "comm"),
+        (lambda: dist.ShardedAdam(np.zeros(4), comm, collectives="fast"), ValueError, "collectives"),
+        (lambda: dist.ShardedAdam([np.zeros(4)], comm), TypeError, "FlatParams.from_arrays"),
+        (lambda: dist.ShardedAdam(np.zeros((2, 2)), comm), ValueError, "params"),
+        (lambda: dist.ShardedAdam(np.zeros(4, np.int32), comm), TypeError, "params"),
+        (lambda: dist.ShardedAdam(np.zeros(4), comm, lr=-1.0), ValueError, "lr"),
+        (lambda: dist.ShardedAdam(np.frombuffer(bytes(16), np.float32), comm), ValueError, "writable"),
+    ]
+
+
+def test_bad_constructions_raise_naming_the_argument(dist, comm):
+    for make, error, name in bad_constructions(dist, comm):
+        with pytest.raises(error, match=name):
+            make()
+
+
+def test_rejected_steps_change_nothing(dist, comm):
+    flat = fastadam.FlatParams([6], np.float32)
+    flat.data[...] = 1.0
+    bare = np.ones(6, np.float32)
+    opt = dist.ShardedAdam(flat, comm, amsgrad=True)
+    bare_opt = dist.ShardedAdam(bare, comm)
+    flat.grad_data[...] = 1.0
+    opt.step()
+    snapshot = [flat.data.copy(), *(np.copy(v) for k, v in opt.state.items() if k != "step")]
+    bad = [
+        (lambda: opt.step(np.ones(6, np.float64)), TypeError, "grads"),
+        (lambda: opt.step(np.ones(5, np.float32)), ValueError, "grads"),
+        (lambda: opt.step(np.ones((2, 3), np.float32)), ValueError, "grads"),
+        (lambda: opt.step(flat.data), ValueError, "overlaps"),
+        (lambda: opt.step(grad_scale=0.0), ValueError, "grad_scale"),
+        (lambda: opt.step(skip_if_nonfinite=1), TypeError, "skip_if_nonfinite"),
+        (lambda: bare_opt.step(), ValueError, "grads is required"),
+    ]
+    for call, error, name in bad:
+        with pytest.raises(error, match=name):
+            call()
+    opt.param_groups[0]["betas"] = (1.5, 0.999)
+    with pytest.raises(ValueError, match="betas"):
+        opt.step()
+    after = [flat.data, *(v for k, v in opt.state.items() if k != "step")]
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(snapshot, after))
+    assert opt.state["step"] == 1
+
+
+def test_one_rank_checkpoint_round_trip_and_errors(dist, comm, tmp_path):
+    params = np.linspace(-1, 1, 50)
+    opt = dist.ShardedAdam(params, comm, lr=fastadam.schedules.inverse_sqrt(0.1), amsgrad=True)
+    for _ in range(2):
+        opt.step(np.sin(params))
+    dist.save(opt, tmp_path)
+    again = dist.ShardedAdam(params.copy(), comm, lr=fastadam.schedules.inverse_sqrt(0.1), amsgrad=True)
+    dist.load(again, tmp_path)
+    for key, value in opt.state.items():
+        assert np.array_equal(value, again.state[key])
+    opt.step(np.cos(params))
+    again.step(np.cos(again.params))
+    assert opt.params.tobytes() == again.params.tobytes()
+
+    with pytest.raises(TypeError, match="opt"):
+        dist.save(fastadam.Adam([np.zeros(2)]), tmp_path)
+    with pytest.raises(FileNotFoundError):
+        dist.load(again, tmp_path / "nowhere")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    fastadam.save(fastadam.Adam([np.zeros(2)]), foreign / "index.npz")
+    with pytest.raises(ValueError, match="not a fastadam sharded checkpoint"):
+        dist.load(again, foreign)
+    other_dtype = dist.ShardedAdam(np.zeros(50, np.float32), comm)
+    with pytest.raises(ValueError, match="float64"):
+        dist.load(other_dtype, tmp_path)
+
+
+def test_torch_parameters_must_be_dense_cpu_float_of_one_dtype(dist, comm):
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="dtype float32 or float64"):
+        dist.ShardedAdam([torch.zeros(3, dtype=torch.float16)], comm)
+    with pytest.raises(TypeError, match="one dtype"):
+        dist.ShardedAdam([torch.zeros(3), torch.zeros(3, dtype=torch.float64)], comm)
+    with pytest.raises(TypeError, match="dense CPU"):
+        dist.ShardedAdam([torch.zeros(3).to_sparse()], comm)
+    weight = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="overlaps"):
+        dist.ShardedAdam([weight, weight], comm)
+    pointer = weight.data_ptr()
+    with pytest.raises(ValueError, match="lr"):
+        dist.ShardedAdam([weight], comm, lr=-1.0)
+    assert weight.data_ptr() == pointer  # a rejected construction moved nothing
+    weight.grad = torch.full((3,), 2.0)
+    opt = dist.ShardedAdam([weight], comm, lr=0.5)
+    assert weight.grad.data_ptr() == opt.grads.ctypes.data  # .grad became a view of the block
+    opt.step()
+    reference = np.ones(3, np.float32)
+    fastadam.Adam([reference], lr=0.5).step([np.full(3, 2.0, np.float32)])
+    assert weight.detach().numpy().tobytes() == reference.tobytes()
+    weight.grad = torch.full((3,), -3.0)  # a new tensor (not the block's view): copied in
+    opt.step()
+    assert np.all(opt.grads == -3.0)
+    weight.grad = None  # no gradient: zero
+    opt.step()
+    assert np.all(opt.grads == 0.0)
+    weight.grad = torch.ones(3).to_sparse()
+    with pytest.raises(TypeError, match=r"params\[0\].grad is sparse"):
+        opt.step()
+    weight.data = weight.data.clone()
+    with pytest.raises(ValueError, match=r"params\[0\] no longer lives"):
+        opt.step()
