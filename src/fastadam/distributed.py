@@ -263,7 +263,7 @@ class ShardedAdam:
             raise TypeError(f"comm must be an mpi4py.MPI.Intracomm, got {type(comm).__name__}")
         if collectives not in COLLECTIVES:
             raise ValueError(f"collectives must be one of {COLLECTIVES}, got {collectives!r}")
-        hyperparameters = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+        hyperparameters: Dict[str, Any] = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                amsgrad=amsgrad, maximize=maximize, eps_hat=eps_hat,
                                eps_root=eps_root, decoupled_weight_decay=decoupled_weight_decay)
         check_group_hyperparameters(hyperparameters, "defaults", 1)
@@ -301,7 +301,7 @@ class ShardedAdam:
         self._type = _MPI_TYPES[dtype]
         # The summed gradient of this rank's shard (one rank: the gradient itself, no copy).
         self._scratch: Optional[np.ndarray] = None  # of fastadam's reduce-scatter
-        self._reduced = zeros_at(stop - start, dtype, GRAD_PAGE_OFFSET) if self.world_size > 1 else None
+        self._reduced = zeros_at(stop - start if self.world_size > 1 else 0, dtype, GRAD_PAGE_OFFSET)
         self._adam = Adam([self.params[start:stop]], num_threads=num_threads, **hyperparameters)
         self.skipped_steps = 0
         self.seconds = {"reduce": 0.0, "update": 0.0, "gather": 0.0}
@@ -464,7 +464,7 @@ class ShardedAdam:
 
     @property
     def scratch_nbytes(self) -> int:
-        return sum(0 if a is None else a.nbytes for a in (self._reduced, self._scratch))
+        return self._reduced.nbytes + (0 if self._scratch is None else self._scratch.nbytes)
 
     def zero_state(self) -> None:
         """Forget the moments and the step count (on this rank; call it on every rank)."""
@@ -578,7 +578,8 @@ def load(opt: ShardedAdam, directory: Any) -> None:
     header = opt.comm.bcast(header, root=0)
     if isinstance(header, BaseException):  # the same error on every rank
         raise header
-    state_dict, error = None, None
+    state_dict: Dict[str, Any] = {}
+    error = None
     try:
         state_dict = _read_shard_state(directory, opt, header)
     except (OSError, ValueError, TypeError) as exc:
