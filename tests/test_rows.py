@@ -228,7 +228,7 @@ def test_overlapping_and_read_only_buffers_are_refused():
     frozen.flags.writeable = False
     with pytest.raises(ValueError, match="param is updated in place and must be writable"):
         fastadam.adam_step_rows(frozen, np.ones((1, DIM), np.float32), [0], m, v, step=1)
-    with pytest.raises(ValueError, match="a row-sparse gradient needs a param with rows"):
+    with pytest.raises(ValueError, match="grad_rows is row-sparse, which needs a param with rows"):
         fastadam.adam_step_rows(np.zeros((), np.float32), np.ones(1, np.float32), [0],
                                 np.zeros(1, np.float32), np.zeros(1, np.float32), step=1)
     assert [a.tobytes() for a in (param, m, v)] == before
@@ -236,3 +236,113 @@ def test_overlapping_and_read_only_buffers_are_refused():
 
 def test_exported():
     assert "adam_step_rows" in fastadam.__all__
+
+
+# --- the optimizer objects: (rows, values) gradients ---------------------------------------------
+
+def model_params(dtype, seed=0):
+    """An embedding table between two dense tensors."""
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(dtype) for s in [(5, 3), (N_ROWS, DIM), (11,)]]
+
+
+def batch(dtype, t, k=6):
+    """Dense grads for params 0 and 2, a row-sparse one (with duplicates) for param 1."""
+    rng = np.random.default_rng(100 + t)
+    rows = rng.integers(0, N_ROWS, k)
+    return [rng.standard_normal((5, 3)).astype(dtype), (rows, rng.standard_normal((k, DIM)).astype(dtype)),
+            rng.standard_normal(11).astype(dtype)]
+
+
+@pytest.mark.parametrize("num_threads", [1, 2])
+@pytest.mark.parametrize("cls, hp", [
+    (fastadam.Adam, {}),
+    (fastadam.Adam, {"amsgrad": True, "weight_decay": 0.1, "maximize": True}),
+    (fastadam.AdamW, {"eps_hat": True, "lr": 0.01}),
+], ids=["Adam", "Adam-amsgrad-l2-maximize", "AdamW-eps_hat"])
+def test_optimizer_step_equals_adam_step_and_adam_step_rows(dtype, cls, hp, num_threads):
+    params = model_params(dtype)
+    opt = cls(params, num_threads=num_threads, **hp)
+    ref = [p.copy() for p in params]
+    amsgrad = hp.get("amsgrad", False)
+    state = [fastadam.adam_state(p, amsgrad=amsgrad) for p in ref]
+    kwargs = {k: v for k, v in hp.items() if k != "amsgrad"}
+    if cls is fastadam.AdamW:
+        kwargs.update(weight_decay=1e-2, decoupled_weight_decay=True)
+    for t in range(1, 5):
+        grads = batch(dtype, t)
+        assert opt.step(grads, grad_scale=2.0) is True
+        for p, g, s in zip(ref, grads, state):
+            extra = dict(step=t, max_exp_avg_sq=s.get("max_exp_avg_sq"), grad_scale=2.0, **kwargs)
+            if isinstance(g, tuple):
+                fastadam.adam_step_rows(p, g[1], g[0], s["exp_avg"], s["exp_avg_sq"], **extra)
+            else:
+                fastadam.adam_step(p, g, s["exp_avg"], s["exp_avg_sq"], **extra)
+    for p, r, s, got in zip(params, ref, state, opt.state):
+        assert p.tobytes() == r.tobytes()
+        for key, array in s.items():
+            assert got[key].tobytes() == array.tobytes(), key
+    assert [s["step"] for s in opt.state] == [4, 4, 4]
+
+
+def test_a_row_sparse_param_inside_a_run_of_back_to_back_params():
+    flat = fastadam.FlatParams.from_arrays(model_params(np.float32))
+    opt = fastadam.Adam(flat.params)
+    assert opt._current_table().runs() == [(0, 3)]  # one run: merged when all grads are dense
+    before = [p.copy() for p in flat.params]
+    rows = np.array([2, 5])
+    grads = [np.ones((5, 3), np.float32), (rows, np.ones((2, DIM), np.float32)), np.ones(11, np.float32)]
+    opt.step(grads)
+    untouched = np.setdiff1d(np.arange(N_ROWS), rows)
+    assert flat.params[1][untouched].tobytes() == before[1][untouched].tobytes()
+    assert np.all(flat.params[1][rows] != before[1][rows])
+    assert np.all(flat.params[0] != before[0]) and np.all(flat.params[2] != before[2])
+    m = opt.state[1]["exp_avg"]
+    assert not m[untouched].any() and m[rows].all()
+
+
+def test_empty_rows_still_advance_the_tensors_step():
+    params = model_params(np.float64)
+    opt = fastadam.Adam(params)
+    before = params[1].tobytes()
+    opt.step([np.ones((5, 3)), ([], np.zeros((0, DIM))), np.ones(11)])
+    assert params[1].tobytes() == before
+    assert [s["step"] for s in opt.state] == [1, 1, 1]
+
+
+def test_a_bad_row_sparse_gradient_rejects_the_whole_step():
+    params = model_params(np.float32)
+    opt = fastadam.Adam(params)
+    opt.step(batch(np.float32, 0))
+    snapshot = ([p.tobytes() for p in params],
+                [{k: (v.tobytes() if isinstance(v, np.ndarray) else v) for k, v in s.items()} for s in opt.state])
+    good = batch(np.float32, 1)
+    bad_cases = [
+        ((np.array([0, N_ROWS]), good[1][1][:2]), ValueError, r"grads\[1\]\[0\] \(rows\) must be in \[0, 20\)"),
+        ((np.array([-1]), good[1][1][:1]), ValueError, r"grads\[1\]\[0\] \(rows\) must be in"),
+        ((np.array([1.0]), good[1][1][:1]), TypeError, r"grads\[1\]\[0\] \(rows\) must hold integer"),
+        ((np.array([1]), good[1][1][:1].astype(np.float64)), TypeError, r"grads\[1\]\[1\] \(values\) must have the param's dtype"),
+        ((np.array([1, 2]), good[1][1][:1]), ValueError, r"grads\[1\]\[1\] \(values\) must have shape \(2, 7\)"),
+        ((np.array([1]), params[1][3:4]), ValueError, r"grads\[1\]\[1\] \(values\) overlaps a parameter"),
+        ((np.array([1]), good[1][1][:1], 3), TypeError, r"grads\[1\] is a tuple, so it must be a row-sparse"),
+    ]
+    for sparse, exc, match in bad_cases:
+        with pytest.raises(exc, match=match):
+            opt.step([good[0], sparse, good[2]])
+    with pytest.raises(ValueError, match=r"grads\[0\] is row-sparse, which needs a param with rows"):
+        fastadam.Adam([np.zeros((), np.float32)]).step([(np.array([0]), np.ones(1, np.float32))])
+    assert snapshot == ([p.tobytes() for p in params],
+                        [{k: (v.tobytes() if isinstance(v, np.ndarray) else v) for k, v in s.items()} for s in opt.state])
+
+
+def test_skip_if_nonfinite_sees_row_sparse_values():
+    params = model_params(np.float32)
+    opt = fastadam.Adam(params)
+    grads = batch(np.float32, 0)
+    grads[1][1][3, 4] = np.nan
+    before = [p.tobytes() for p in params]
+    assert opt.step(grads, skip_if_nonfinite=True) is False
+    assert [p.tobytes() for p in params] == before and opt.skipped_steps == 1
+    assert [s["step"] for s in opt.state] == [0, 0, 0]
+    grads[1][1][3, 4] = 0.0
+    assert opt.step(grads, skip_if_nonfinite=True) is True

@@ -8,7 +8,7 @@ each row's update is independent of the others, so their order does not matter.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 
@@ -35,3 +35,11 @@ def sum_duplicate_rows(rows: np.ndarray, values: np.ndarray, row_size: int) -> T
     # np.add.at is unbuffered and applies the additions in index order
     np.add.at(summed, group[~first], grads[~first])
     return ordered[first], summed.reshape(-1)
+
+
+def updated_elements(grads: Sequence, params: Sequence[np.ndarray], total: int) -> int:
+    """How many elements an optimizer step with these checked gradients updates (of
+    ``total`` in its params): a row-sparse gradient counts only its rows. Decides the
+    step's team size (fastadam._threads.threads_for)."""
+    return total - sum(params[i].size - grad[1].size
+                       for i, grad in enumerate(grads) if type(grad) is tuple)

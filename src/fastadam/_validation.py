@@ -149,13 +149,13 @@ def check_rows(rows: Any, n_rows: int, name: str = "rows") -> np.ndarray:
     return array.astype(np.int64)
 
 
-def check_row_grad(param: np.ndarray, rows: Any, values: Any, rows_name: str,
+def check_row_grad(param: np.ndarray, rows: Any, values: Any, name: str, rows_name: str,
                    values_name: str) -> tuple:
     """A row-sparse gradient of ``param`` (N-d, its first axis the rows): (int64 rows,
     values of param's dtype, shaped (len(rows), *param.shape[1:]) or flat)."""
     if param.ndim == 0:
-        raise ValueError(f"{values_name} is row-sparse but its param is 0-d; a row-sparse "
-                         "gradient needs a param with rows (its first axis)")
+        raise ValueError(f"{name} is row-sparse, which needs a param with rows (its first "
+                         "axis), got a 0-d param")
     indices = check_rows(rows, param.shape[0], rows_name)
     array = as_array(values, values_name, writable=False, flatten=False)
     if array.dtype != param.dtype:
@@ -177,7 +177,7 @@ def check_row_buffers(
     """Coerce and cross-check the buffers of a lazy row update (adam_step_rows):
     (AdamBuffers of 1-D views, grad = grad_rows; int64 rows; elements per row)."""
     p = as_array(param, "param", writable=True, flatten=False)
-    indices, g = check_row_grad(p, rows, grad_rows, "rows", "grad_rows")
+    indices, g = check_row_grad(p, rows, grad_rows, "grad_rows", "rows", "grad_rows")
     present: list = [
         p.reshape(-1),
         g.reshape(-1),
@@ -443,7 +443,8 @@ def _check_row_grad_entry(table: Any, grad: tuple, param: np.ndarray, name: str)
     if len(grad) != 2:
         raise TypeError(f"{name} is a tuple, so it must be a row-sparse gradient (rows, values), "
                         f"got a tuple of {len(grad)} items")
-    rows, values = check_row_grad(param, grad[0], grad[1], f"{name}[0] (rows)", f"{name}[1] (values)")
+    rows, values = check_row_grad(param, grad[0], grad[1], name, f"{name}[0] (rows)",
+                                  f"{name}[1] (values)")
     if table.overlaps_written(values):
         raise ValueError(f"{name}[1] (values) overlaps a parameter or optimizer-state buffer in memory")
     # Only read, so an aligned copy of an unaligned array is harmless.
