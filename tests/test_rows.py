@@ -280,8 +280,8 @@ def test_optimizer_step_equals_adam_step_and_adam_step_rows(dtype, cls, hp, num_
                 fastadam.adam_step(p, g, s["exp_avg"], s["exp_avg_sq"], **extra)
     for p, r, s, got in zip(params, ref, state, opt.state):
         assert p.tobytes() == r.tobytes()
-        for key, array in s.items():
-            assert got[key].tobytes() == array.tobytes(), key
+        for key, values in s.items():
+            assert got[key].tobytes() == values.tobytes(), key
     assert [s["step"] for s in opt.state] == [4, 4, 4]
 
 
