@@ -346,3 +346,21 @@ def test_skip_if_nonfinite_sees_row_sparse_values():
     assert [s["step"] for s in opt.state] == [0, 0, 0]
     grads[1][1][3, 4] = 0.0
     assert opt.step(grads, skip_if_nonfinite=True) is True
+
+
+def test_duplicate_summing_with_row_indices_too_large_for_the_sort_key():
+    from fastadam._rows import sum_duplicate_rows
+    rows = np.array([2**61, 5, 2**61, 5, 7], np.int64)
+    values = np.arange(10, dtype=np.float64)
+    unique, summed = sum_duplicate_rows(rows, values, 2)
+    assert unique.tolist() == [5, 7, 2**61]
+    assert summed.tolist() == [2 + 6, 3 + 7, 8, 9, 0 + 4, 1 + 5]
+
+
+def test_rows_of_no_elements():
+    param = np.zeros((5, 0), np.float32)
+    opt = fastadam.Adam([param])
+    opt.step([(np.array([1, 1, 3]), np.zeros((3, 0), np.float32))])
+    assert opt.state[0]["step"] == 1
+    fastadam.adam_step_rows(param, np.zeros((2, 0), np.float32), [4, 4], np.zeros(0, np.float32),
+                            np.zeros(0, np.float32), step=1)

@@ -199,9 +199,9 @@ def adam_step_rows(
                                                    max_exp_avg_sq)
     if indices.size == 0 or row_size == 0:
         return
-    indices, summed = sum_duplicate_rows(indices, buffers.grad, row_size)
-    buffers = buffers._replace(grad=summed)
     aligned = _aligned(buffers)
+    indices, summed = sum_duplicate_rows(indices, aligned.grad, row_size)
+    aligned = aligned._replace(grad=summed)
     _kernels.adam_step_rows(aligned.param, aligned.grad, indices, row_size, aligned.exp_avg,
                             aligned.exp_avg_sq, aligned.max_exp_avg_sq, *hp,
                             threads_for(threads, indices.size * row_size))

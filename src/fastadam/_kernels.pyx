@@ -39,6 +39,7 @@ from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid
 from libc.math cimport pow, sqrt
 from libc.stdint cimport int64_t
 from libc.stdlib cimport calloc, free, malloc, qsort
+from cython cimport floating
 from cython.parallel cimport prange
 
 cimport numpy as cnp
@@ -308,6 +309,29 @@ cdef Py_ssize_t count_nonfinite_rows(const RowUpdate* u, int num_threads) noexce
     cdef AdamTensor values = u.tensor
     values.size = u.n_rows * u.row_size
     return count_nonfinite_grads(&values, 1, num_threads)
+
+
+def sum_sorted_rows(floating[:, ::1] out, const floating[:, ::1] values,
+                    const int64_t[::1] order, const unsigned char[::1] first):
+    """Row g of ``out``: the sum of the rows values[order[j]] of group g, added left to
+    right in j; a group starts at each j with first[j] (first[0] is set). fastadam._rows
+    sums duplicate gradient rows with it, in one pass. Validated shapes and indices."""
+    cdef Py_ssize_t j, i, g = -1, n = out.shape[1]
+    cdef floating* target = NULL
+    cdef const floating* source
+    if n == 0:
+        return
+    with nogil:
+        for j in range(order.shape[0]):
+            source = &values[order[j], 0]
+            if first[j]:
+                g += 1
+                target = &out[g, 0]
+                for i in range(n):
+                    target[i] = source[i]
+            else:
+                for i in range(n):
+                    target[i] = target[i] + source[i]
 
 
 # --- memory ranges ---------------------------------------------------------------------------
