@@ -2,6 +2,8 @@
 reference, thread counts, duplicate summing, and every rejection (nothing written)."""
 
 import array
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -364,3 +366,17 @@ def test_rows_of_no_elements():
     assert opt.state[0]["step"] == 1
     fastadam.adam_step_rows(param, np.zeros((2, 0), np.float32), [4, 4], np.zeros(0, np.float32),
                             np.zeros(0, np.float32), step=1)
+
+
+def test_readme_embedding_example_learns_the_rows_it_sees_and_no_other(capsys):
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    if not readme.exists():
+        pytest.skip("not a source checkout")
+    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)
+    namespace = {}
+    exec(compile(next(b for b in blocks if "adam_step_rows" in b), "README embedding example", "exec"),
+         namespace)
+    assert float(capsys.readouterr().out) < 0.1
+    initial = np.random.default_rng(0).standard_normal((100_000, 16), dtype=np.float32)
+    assert namespace["table"][1_000:].tobytes() == initial[1_000:].tobytes()
+    assert not namespace["state"]["exp_avg"][1_000:].any()
