@@ -12,6 +12,10 @@ threads (torch.set_num_threads and fastadam's num_threads alike):
 * torch.optim.SparseAdam    on the same .grad (skipped, and said so, without torch)
 
     python benchmarks/sparse_rows.py [--rows 1000000] [--dim 64] [--batch 10000] [--threads 1 2]
+                                     [--no-torch]
+
+(--no-torch keeps torch out of the process: its idle OpenMP threads compete with
+fastadam's for the cores, see README "Threads".)
 
 Memory: fastadam's table and state share one set of buffers (param, exp_avg, exp_avg_sq,
 dense grad: 1 GB at the default size); each torch optimizer keeps its own moments
@@ -51,7 +55,9 @@ def fastadam_runners(param, rows, values, threads):
     }
 
 
-def torch_runners(param, rows, values, threads):
+def torch_runners(param, rows, values, threads, wanted):
+    if not wanted:
+        return {}, None
     try:
         import torch
 
@@ -67,7 +73,7 @@ def torch_runners(param, rows, values, threads):
         weight = torch.nn.Parameter(torch.from_numpy(param))
         # as nn.Embedding(sparse=True) leaves it: uncoalesced, one row per token
         weight.grad = torch.sparse_coo_tensor(torch.from_numpy(rows)[None], torch.from_numpy(values),
-                                              param.shape)
+                                              param.shape, check_invariants=False)
         runners[label] = make(weight).step
     return runners, lambda: torch.set_num_threads(threads)
 
@@ -79,6 +85,7 @@ def main():
     parser.add_argument("--batch", type=int, default=10_000)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--no-torch", action="store_true", help="time fastadam's NumPy API only")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     param = rng.standard_normal((args.rows, args.dim), dtype=np.float32)
@@ -90,7 +97,7 @@ def main():
     print("|---:|---|---:|---:|")
     for threads in args.threads:
         runners = fastadam_runners(param, rows, values, threads)
-        extra, setup = torch_runners(param, rows, values, threads)
+        extra, setup = torch_runners(param, rows, values, threads, not args.no_torch)
         runners.update(extra)
         setups = {label: setup for label in extra} if setup else None
         times = measure(runners, args.repeats, 0.2, setups)
