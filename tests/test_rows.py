@@ -169,6 +169,14 @@ def test_buffer_protocol_objects_and_flat_state():
     assert np.frombuffer(m, np.float64).reshape(4, 3)[[0, 1, 3]].tobytes() == bytes(72)
 
 
+def test_read_only_gradient_rows_with_duplicates(dtype):
+    buffers = table(dtype)
+    grads = grad_rows(dtype, ROWS.size)
+    frozen = np.frombuffer(grads.tobytes(), dtype).reshape(grads.shape)  # read-only memory
+    assert not frozen.flags.writeable
+    assert_bitwise(lazy(buffers, frozen, ROWS, step=1), rowwise(buffers, grads, ROWS, step=1))
+
+
 def test_unaligned_param_is_updated_through_an_aligned_copy():
     raw = bytearray(4 * 6 * 2 + 1)
     param = np.frombuffer(raw, np.float32, count=12, offset=1).reshape(6, 2)
