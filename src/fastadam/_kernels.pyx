@@ -261,6 +261,39 @@ cdef struct RowUpdate:
     Py_ssize_t row_size
 
 
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define FA_PREFETCH_FOR_WRITE(p) __builtin_prefetch((p), 1, 3)
+    #else
+    #define FA_PREFETCH_FOR_WRITE(p) ((void)(p))
+    #endif
+    """
+    void FA_PREFETCH_FOR_WRITE(const void* p) noexcept nogil
+
+# Rows ahead whose param and state lines are prefetched. Rows of a large table are far
+# apart, so each one starts with cache misses that the hardware prefetcher cannot foresee;
+# asking for a later row's lines while this one is computed overlaps those misses. On a
+# 1M x 64 float32 table, 9,000 random rows per call, one thread (CPU time, medians of 3
+# runs of 15): 1.70-1.79 ms without, 1.41-1.49 ms 4 rows ahead, 1.44-1.56 ms 8 ahead.
+cdef enum:
+    PREFETCH_ROWS_AHEAD = 4
+    PREFETCH_LINES = 8          # per buffer; a longer row streams, the hardware follows it
+
+
+cdef inline void _prefetch_row(const RowUpdate* u, Py_ssize_t i) noexcept nogil:
+    cdef size_t row_bytes = <size_t>u.row_size * (8 if u.tensor.is_double else 4)
+    cdef size_t offset = <size_t>u.rows[i] * row_bytes
+    cdef size_t line
+    cdef size_t stop = min(row_bytes, <size_t>(PREFETCH_LINES * 64))
+    for line in range(0, stop, 64):
+        FA_PREFETCH_FOR_WRITE(u.tensor.param + offset + line)
+        FA_PREFETCH_FOR_WRITE(u.tensor.exp_avg + offset + line)
+        FA_PREFETCH_FOR_WRITE(u.tensor.exp_avg_sq + offset + line)
+        if u.tensor.max_exp_avg_sq != NULL:
+            FA_PREFETCH_FOR_WRITE(u.tensor.max_exp_avg_sq + offset + line)
+
+
 cdef inline Py_ssize_t _pieces_per_row(const RowUpdate* u) noexcept nogil:
     """Work units per row: long rows are cut at CHUNK_ELEMENTS like dense tensors."""
     return (u.row_size + CHUNK_ELEMENTS - 1) // CHUNK_ELEMENTS
@@ -275,6 +308,8 @@ cdef void _run_row_piece(const RowUpdate* u, Py_ssize_t unit, Py_ssize_t pieces)
     cdef size_t row_bytes = <size_t>u.row_size * (8 if u.tensor.is_double else 4)
     cdef size_t offset = <size_t>u.rows[i] * row_bytes
     cdef AdamTensor row = u.tensor
+    if start == 0 and i + PREFETCH_ROWS_AHEAD < u.n_rows:
+        _prefetch_row(u, i + PREFETCH_ROWS_AHEAD)
     row.size = u.row_size
     row.param = u.tensor.param + offset
     row.grad = u.tensor.grad + <size_t>i * row_bytes
