@@ -388,3 +388,21 @@ def test_readme_embedding_example_learns_the_rows_it_sees_and_no_other(capsys):
     initial = np.random.default_rng(0).standard_normal((100_000, 16), dtype=np.float32)
     assert namespace["table"][1_000:].tobytes() == initial[1_000:].tobytes()
     assert not namespace["state"]["exp_avg"][1_000:].any()
+
+
+def test_row_sparse_param_takes_its_own_groups_hyperparameters_and_schedule():
+    params = model_params(np.float64)
+    opt = fastadam.Adam([{"params": [params[0], params[2]]},
+                         {"params": [params[1]], "lr": lambda t: 0.1 / t, "amsgrad": True,
+                          "betas": (0.5, 0.9)}])
+    table_copy = params[1].copy()
+    state = fastadam.adam_state(table_copy, amsgrad=True)
+    for t in range(1, 4):
+        dense_a, (rows, values), dense_b = batch(np.float64, t)
+        opt.step([dense_a, dense_b, (rows, values)])
+        fastadam.adam_step_rows(table_copy, values, rows, state["exp_avg"], state["exp_avg_sq"],
+                                max_exp_avg_sq=state["max_exp_avg_sq"], step=t, lr=0.1 / t,
+                                beta1=0.5, beta2=0.9)
+    assert params[1].tobytes() == table_copy.tobytes()
+    for key, values in state.items():
+        assert opt.state[2][key].tobytes() == values.tobytes(), key
