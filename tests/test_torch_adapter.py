@@ -204,12 +204,15 @@ def test_unsupported_parameters_are_named(make, exc, match):
         opt.step()
 
 
-def test_sparse_gradients_are_refused():
+def test_sparse_gradients_take_the_lazy_row_path():
+    # (more in test_torch_sparse.py: parity with torch.optim.SparseAdam, refusals)
     emb = torch.nn.Embedding(10, 3, sparse=True)
+    before = emb.weight.detach().clone()
     opt = ft.Adam(emb.parameters())
     emb(torch.tensor([1, 2])).sum().backward()
-    with pytest.raises(TypeError, match="sparse gradient"):
-        opt.step()
+    opt.step()
+    changed = (emb.weight.detach() != before).any(dim=1)
+    assert changed.tolist() == [i in (1, 2) for i in range(10)]
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [

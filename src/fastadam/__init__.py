@@ -8,7 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from fastadam import _simd, schedules  # noqa: F401  (_simd selects the SIMD level)
 from fastadam._config import show_config
-from fastadam._functional import adam_state, adam_step
+from fastadam._functional import adam_state, adam_step, adam_step_rows
 from fastadam._threads import get_num_threads, set_num_threads
 from fastadam.checkpoint import load, save
 from fastadam.flat import FlatParams
@@ -25,6 +25,7 @@ __all__ = [
     "FlatParams",
     "adam_state",
     "adam_step",
+    "adam_step_rows",
     "get_num_threads",
     "load",
     "save",

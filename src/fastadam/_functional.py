@@ -1,4 +1,5 @@
-"""``adam_step``: one in-place Adam update of one set of buffers."""
+"""``adam_step``: one in-place Adam update of one set of buffers; ``adam_step_rows``: a
+lazy update of some rows of one."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 
 from fastadam import _kernels
 from fastadam._memory import STATE_PAGE_OFFSETS, zeros_at
+from fastadam._rows import sum_duplicate_rows
 from fastadam._threads import threads_for
 from fastadam._validation import (
     AdamBuffers,
@@ -16,6 +18,7 @@ from fastadam._validation import (
     check_flag,
     check_hyperparameters,
     check_num_threads,
+    check_row_buffers,
 )
 
 
@@ -103,6 +106,105 @@ def adam_step(
     aligned = _aligned(buffers)
     # mypy cannot line up two star-unpacked NamedTuples with positional parameters
     _kernels.adam_step(*aligned, *hp, threads_for(threads, size))  # type: ignore[arg-type]
+    _copy_back(aligned, buffers)
+
+
+def adam_step_rows(
+    param: Any,
+    grad_rows: Any,
+    rows: Any,
+    exp_avg: Any,
+    exp_avg_sq: Any,
+    *,
+    step: int,
+    lr: float = 1e-3,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    max_exp_avg_sq: Any = None,
+    maximize: bool = False,
+    eps_hat: bool = False,
+    eps_root: float = 0.0,
+    grad_scale: float = 1.0,
+    num_threads: Optional[int] = None,
+) -> None:
+    """One lazy ("sparse") Adam step: only the given rows of ``param`` and of its moments
+    change (TensorFlow's LazyAdam, PyTorch's SparseAdam), e.g. for embeddings.
+
+    Each selected row gets exactly :func:`adam_step`'s update (every option, same
+    keywords), bit for bit as if ``adam_step`` were called on that row alone with its
+    gradient row; rows not in ``rows`` are not touched at all (their moments do not
+    decay).
+
+    Parameters
+    ----------
+    param : buffer
+        The whole table: a C-contiguous float32/float64 buffer with at least one axis;
+        its first axis is the rows (an (n_rows, dim) embedding; an N-d buffer's rows are
+        its sub-arrays along the first axis, a 1-D buffer's rows single elements).
+        Updated in place.
+    grad_rows : buffer
+        The gradient rows, shape ``(len(rows),) + param.shape[1:]`` (or a 1-D buffer of
+        as many elements), param's dtype, C-contiguous; only read.
+    rows : 1-D array-like of int
+        The row of ``param`` each gradient row belongs to: any integer dtype (bools and
+        floats are refused), every index in [0, n_rows) (negative indices are refused,
+        not wrapped). A row given more than once is updated once, with the sum of its
+        gradient rows (added in the element dtype, in the order they appear in
+        ``rows``). Empty: nothing changes.
+    exp_avg, exp_avg_sq, max_exp_avg_sq : buffer
+        The whole tensor's state, as for :func:`adam_step`: param's dtype and element
+        count, laid out like param's rows; writable, no two buffers overlapping
+        (``grad_rows`` included).
+    step : int
+        The tensor's (global) 1-based step number, as in LazyAdam and SparseAdam: the
+        bias corrections use it for every row, however rarely the row was updated.
+    lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize, eps_hat, eps_root, grad_scale, num_threads
+        As in :func:`adam_step`. ``weight_decay`` reaches only the selected rows.
+
+    Notes
+    -----
+    Epsilon: the default is the paper's Algorithm 1 form, as everywhere in fastadam
+    (``p - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)``); ``eps_hat=True`` gives the form of
+    PyTorch's SparseAdam and TensorFlow's LazyAdam, ``p - lr*sqrt(bc2)/bc1 * m /
+    (sqrt(v) + eps)``. With ``eps=0`` the two are the same update.
+
+    Rows are split among the OpenMP threads (long rows in pieces); small updates run on
+    one thread. Results are identical for every thread count. The GIL is released while
+    the kernel runs.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For any bad argument (out-of-range or negative indices included), naming it;
+        nothing is written then.
+    """
+    hp = check_hyperparameters(
+        step=step,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        maximize=maximize,
+        eps_hat=eps_hat,
+        eps_root=eps_root,
+        grad_scale=grad_scale,
+    )
+    threads = check_num_threads(num_threads)
+    buffers, indices, row_size = check_row_buffers(param, grad_rows, rows, exp_avg, exp_avg_sq,
+                                                   max_exp_avg_sq)
+    if indices.size == 0 or row_size == 0:
+        return
+    aligned = _aligned(buffers)
+    indices, summed = sum_duplicate_rows(indices, aligned.grad, row_size)
+    aligned = aligned._replace(grad=summed)
+    _kernels.adam_step_rows(aligned.param, aligned.grad, indices, row_size, aligned.exp_avg,
+                            aligned.exp_avg_sq, aligned.max_exp_avg_sq, *hp,
+                            threads_for(threads, indices.size * row_size))
     _copy_back(aligned, buffers)
 
 

@@ -1,6 +1,6 @@
 # Stubs of the compiled module fastadam._kernels (private: fastadam._functional,
 # fastadam._validation and fastadam._threads call it with validated arguments).
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 from typing_extensions import disjoint_base
@@ -24,6 +24,28 @@ def adam_step(
     grad_scale: float,
     num_threads: int,
 ) -> None: ...
+def adam_step_rows(
+    param: np.ndarray,
+    grad_rows: np.ndarray,
+    rows: np.ndarray,
+    row_size: int,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    max_exp_avg_sq: Optional[np.ndarray],
+    step: float,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+    eps_hat: bool,
+    eps_root: float,
+    grad_scale: float,
+    num_threads: int,
+) -> None: ...
+def sum_sorted_rows(out: np.ndarray, values: np.ndarray, order: np.ndarray, first: np.ndarray) -> None: ...
 def first_overlap(arrays: list[np.ndarray]) -> Optional[tuple[int, int]]: ...
 def set_kernels(small: tuple[Any, Any], large: tuple[Any, Any], small_limit: int) -> None: ...
 def cpu_levels() -> list[str]: ...
@@ -53,10 +75,12 @@ class AdamTable:
     @property
     def records_in_last_pass(self) -> int: ...
     def first_nonconforming(self, grads: list[Any]) -> int: ...
-    def count_nonfinite(self, grads: list[np.ndarray], num_threads: int) -> int: ...
+    def count_nonfinite(
+        self, grads: list[Union[np.ndarray, tuple[np.ndarray, np.ndarray]]], num_threads: int
+    ) -> int: ...
     def step(
         self,
-        grads: Sequence[np.ndarray],
+        grads: Sequence[Union[np.ndarray, tuple[np.ndarray, np.ndarray]]],
         groups: Sequence[tuple[float, float, float, float, float, float, bool, bool, bool, bool]],
         grad_scale: float,
         num_threads: int,

@@ -18,6 +18,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 import numpy as np
 
 from fastadam._kernels import first_overlap
+from fastadam._rows import sum_duplicate_rows
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 MAX_STEP = 2**63 - 1  # step counts are int64 in optimizer state and in PyTorch
@@ -119,6 +120,87 @@ def check_buffers(
     if max_exp_avg_sq is None:
         present.append(None)
     return AdamBuffers(*present)
+
+
+def check_rows(rows: Any, n_rows: int, name: str = "rows") -> np.ndarray:
+    """Row indices: a 1-D integer array-like (any integer dtype; bools and floats are
+    refused), every entry in [0, n_rows) (negative indices are refused, not wrapped).
+    Returns a new int64 array: the kernels read their own copy, which nothing aliases."""
+    if isinstance(rows, np.ndarray):
+        array = rows
+    else:
+        try:
+            array = np.asarray(rows)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be a 1-D sequence of integer row indices, got "
+                            f"{type(rows).__name__}") from None
+        if array.size == 0 and array.ndim == 1:  # [] or () is float64 to NumPy
+            array = array.astype(np.int64)
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integer row indices, got dtype {array.dtype.name}")
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one index per gradient row), got shape {array.shape}")
+    if array.size:
+        for position in (int(np.argmin(array)), int(np.argmax(array))):
+            value = int(array[position])
+            if not 0 <= value < n_rows:
+                raise ValueError(f"{name} must be in [0, {n_rows}) (the param's rows), got "
+                                 f"{value} at position {position}")
+    return array.astype(np.int64)
+
+
+def check_row_grad(param: np.ndarray, rows: Any, values: Any, name: str, rows_name: str,
+                   values_name: str) -> tuple:
+    """A row-sparse gradient of ``param`` (N-d, its first axis the rows): (int64 rows,
+    values of param's dtype, shaped (len(rows), *param.shape[1:]) or flat)."""
+    if param.ndim == 0:
+        raise ValueError(f"{name} is row-sparse, which needs a param with rows (its first "
+                         "axis), got a 0-d param")
+    indices = check_rows(rows, param.shape[0], rows_name)
+    array = as_array(values, values_name, writable=False, flatten=False)
+    if array.dtype != param.dtype:
+        raise TypeError(f"{values_name} must have the param's dtype {param.dtype.name}, got "
+                        f"{array.dtype.name}")
+    expected = (indices.size,) + param.shape[1:]
+    count = indices.size * (param.size // param.shape[0] if param.shape[0] else 0)
+    # a flat buffer (array.array, a 1-D memoryview) of exactly the rows' elements is fine too
+    if array.shape != expected and not (array.ndim == 1 and array.size == count):
+        raise ValueError(f"{values_name} must have shape {expected} (one row of the param's "
+                         f"row shape {param.shape[1:]} per index in {rows_name}), or be 1-D with "
+                         f"{count} elements, got shape {array.shape}")
+    return indices, array
+
+
+def check_row_buffers(
+    param: Any, grad_rows: Any, rows: Any, exp_avg: Any, exp_avg_sq: Any, max_exp_avg_sq: Any = None
+) -> tuple:
+    """Coerce and cross-check the buffers of a lazy row update (adam_step_rows):
+    (AdamBuffers of 1-D views, grad = grad_rows; int64 rows; elements per row)."""
+    p = as_array(param, "param", writable=True, flatten=False)
+    indices, g = check_row_grad(p, rows, grad_rows, "grad_rows", "rows", "grad_rows")
+    present: list = [
+        p.reshape(-1),
+        g.reshape(-1),
+        as_array(exp_avg, "exp_avg", writable=True),
+        as_array(exp_avg_sq, "exp_avg_sq", writable=True),
+    ]
+    if max_exp_avg_sq is not None:
+        present.append(as_array(max_exp_avg_sq, "max_exp_avg_sq", writable=True))
+    names = ["param", "grad_rows", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
+    for name, array in zip(names[2:], present[2:]):
+        if array.dtype != p.dtype:
+            raise TypeError(f"{name} must have param's dtype {p.dtype.name}, got {array.dtype.name}")
+        if array.size != p.size:
+            raise ValueError(f"{name} must have {p.size} elements like param (laid out like "
+                             f"its rows), got {array.size}")
+    overlap = first_overlap(present)
+    if overlap is not None:
+        raise ValueError(f"{names[overlap[1]]} overlaps {names[overlap[0]]} in memory; every "
+                         "buffer must be separate memory")
+    if max_exp_avg_sq is None:
+        present.append(None)
+    row_size = p.size // p.shape[0] if p.shape[0] else 0
+    return AdamBuffers(*present), indices, row_size
 
 
 def check_real(value: Any, name: str) -> float:
@@ -324,6 +406,10 @@ def check_grads(table: Any, grads: Any, params: list, names: Optional[list] = No
     """The gradients of one optimizer step, checked against the params (count, dtype,
     shape, layout, overlap with any written buffer) before anything is written.
 
+    A gradient may be row-sparse: a tuple ``(rows, values)`` for a param with rows (see
+    :func:`check_row_grad`); it is returned ready for AdamTable.step: (unique int64
+    rows, contiguous values), duplicates summed (fastadam._rows.sum_duplicate_rows).
+
     The common case (plain conforming ndarrays) is decided by one C scan; anything else
     goes through the full per-gradient checks, which name the offending gradient
     (``names[i]``, by default ``grads[i]``; the params are ``params[i]`` in messages).
@@ -333,9 +419,12 @@ def check_grads(table: Any, grads: Any, params: list, names: Optional[list] = No
         raise ValueError(f"grads must have one gradient per param ({len(params)}), got {len(grads)}")
     if table.first_nonconforming(grads) < 0:
         return grads
-    checked = []
+    checked: list = []
     for i, (grad, param) in enumerate(zip(grads, params)):
         name = f"grads[{i}]" if names is None else names[i]
+        if isinstance(grad, tuple):
+            checked.append(_check_row_grad_entry(table, grad, param, name))
+            continue
         array = as_array(grad, name, writable=False, flatten=False)
         if array.dtype != param.dtype:
             raise TypeError(f"{name} must have the dtype of params[{i}] ({param.dtype.name}), "
@@ -347,3 +436,17 @@ def check_grads(table: Any, grads: Any, params: list, names: Optional[list] = No
         # Gradients are only read, so an aligned copy of an unaligned one is harmless.
         checked.append(array if array.flags.aligned else array.copy())
     return checked
+
+
+def _check_row_grad_entry(table: Any, grad: tuple, param: np.ndarray, name: str) -> tuple:
+    """One ``(rows, values)`` gradient of an optimizer step, ready for AdamTable.step."""
+    if len(grad) != 2:
+        raise TypeError(f"{name} is a tuple, so it must be a row-sparse gradient (rows, values), "
+                        f"got a tuple of {len(grad)} items")
+    rows, values = check_row_grad(param, grad[0], grad[1], name, f"{name}[0] (rows)",
+                                  f"{name}[1] (values)")
+    if table.overlaps_written(values):
+        raise ValueError(f"{name}[1] (values) overlaps a parameter or optimizer-state buffer in memory")
+    # Only read, so an aligned copy of an unaligned array is harmless.
+    flat = values.reshape(-1) if values.flags.aligned else values.reshape(-1).copy()
+    return sum_duplicate_rows(rows, flat, flat.size // rows.size if rows.size else 0)

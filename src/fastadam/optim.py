@@ -13,6 +13,7 @@ import numpy as np
 
 from fastadam import _kernels
 from fastadam._memory import STATE_PAGE_OFFSETS, zeros_at
+from fastadam._rows import updated_elements
 from fastadam._threads import NumThreadsAttribute, threads_for
 from fastadam._validation import (
     HYPERPARAMETER_KEYS,
@@ -186,18 +187,25 @@ class Adam:
         """One Adam step of every parameter, all groups in one pass through the kernels.
 
         ``grads`` holds one gradient per parameter, in order (float32/float64 buffers of
-        the parameter's dtype and shape). ``grad_scale`` divides every gradient first
-        (loss scaling). With ``skip_if_nonfinite=True`` the gradients are scanned first
-        and, if any element is NaN or Inf, nothing changes and False is returned.
-        Any invalid argument raises before anything is written. Returns True when the
-        step was applied.
+        the parameter's dtype and shape). A gradient may instead be row-sparse, a tuple
+        ``(rows, values)`` for a parameter with rows (its first axis; an embedding):
+        only those rows and their moments change, as with :func:`fastadam.adam_step_rows`
+        (``values`` shaped ``(len(rows),) + param.shape[1:]``, duplicate rows summed).
+        The parameter's step count still advances by one: it is the tensor's step, which
+        the bias corrections of every row use (LazyAdam and SparseAdam do the same).
+
+        ``grad_scale`` divides every gradient first (loss scaling). With
+        ``skip_if_nonfinite=True`` the gradients (row-sparse values included) are
+        scanned first and, if any element is NaN or Inf, nothing changes and False is
+        returned. Any invalid argument, in any gradient, raises before anything is
+        written. Returns True when the step was applied.
         """
         hyper = self._group_hyperparameters()
         scale = 1.0 if grad_scale is None else check_at_least(grad_scale, "grad_scale", 0.0, strict=True)
         skip_if_nonfinite = check_flag(skip_if_nonfinite, "skip_if_nonfinite")
         grads = check_grads(self._current_table(), grads, self._params)
         table = self._table_with_amsgrad_state(hyper)  # allocates only after every check
-        threads = threads_for(self._num_threads, self._total_size)
+        threads = threads_for(self._num_threads, updated_elements(grads, self._params, self._total_size))
         if skip_if_nonfinite and table.count_nonfinite(grads, threads):
             self.skipped_steps += 1
             return False

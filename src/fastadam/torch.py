@@ -13,8 +13,18 @@ ways between these classes and ``torch.optim.Adam``/``AdamW``. The moment tensor
 views of blocks fastadam allocates (one per group and dtype, at staggered page offsets),
 and ``step`` tensors are float32 views kept in step with exact int64 counters.
 
+Sparse gradients: a gradient in sparse COO layout with one sparse dimension (what
+``nn.Embedding(sparse=True)`` produces) takes fastadam's lazy row path, like
+``torch.optim.SparseAdam``: only the rows it names, and their moments, change; duplicate
+indices (an uncoalesced gradient) are summed first; the step count advances by one. Unlike
+SparseAdam the update is Adam's full one (weight decay, AMSGrad, maximize) in the
+paper's epsilon form, as for dense gradients; SparseAdam adds eps to the un-corrected
+sqrt(v), so the two agree exactly in the math for eps=0 and differ by O(eps) otherwise.
+Dense gradients in the same step are unaffected (still bit-identical to ``fused=True``).
+
 Differences from torch, by design: parameters must be dense CPU float32/float64 tensors
-(anything else is a TypeError naming the parameter); ``capturable=True`` and
+(anything else is a TypeError naming the parameter); gradients dense or sparse COO (other
+sparse layouts are refused); ``capturable=True`` and
 ``differentiable=True`` are refused (they concern CUDA graphs and autograd through the
 step); ``foreach`` and ``fused`` are accepted and change nothing. With ``grad_scale``
 (as ``torch.amp.GradScaler`` passes it) the gradients are divided inside the kernel and
@@ -31,6 +41,7 @@ from torch.optim import Optimizer
 
 from fastadam import _kernels
 from fastadam._memory import STATE_PAGE_OFFSETS, zeros_at
+from fastadam._rows import updated_elements
 from fastadam._threads import NumThreadsAttribute, threads_for
 from fastadam._validation import (
     check_grads,
@@ -177,7 +188,8 @@ class Adam(Optimizer):
 
     def _with_grads(self) -> List[Tuple[int, torch.Tensor, torch.Tensor]]:
         """(group, param, grad) of every param with a gradient, checked for what the
-        kernels can update: dense, CPU, float32/float64, grad matching the param."""
+        kernels can update: dense, CPU, float32/float64, grad matching the param, dense
+        or sparse COO with one sparse dimension (row-sparse)."""
         entries = []
         for g, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
@@ -190,9 +202,16 @@ class Adam(Optimizer):
                 if p.dtype not in SUPPORTED_DTYPES:
                     raise TypeError(f"{name} has dtype {p.dtype}; fastadam.torch updates float32 "
                                     "and float64 parameters")
-                if grad.is_sparse or p.is_sparse or p.layout != torch.strided:
-                    raise TypeError(f"{name} has a sparse gradient or layout; fastadam.torch needs "
-                                    "dense tensors (see torch.optim.SparseAdam)")
+                if p.layout != torch.strided:
+                    raise TypeError(f"{name} has layout {p.layout}; fastadam.torch updates dense "
+                                    "(strided) parameters")
+                if grad.layout not in (torch.strided, torch.sparse_coo):
+                    raise TypeError(f"{name} has a {grad.layout} gradient; fastadam.torch takes dense "
+                                    "gradients and sparse COO ones (as nn.Embedding(sparse=True) gives)")
+                if grad.is_sparse and (grad.sparse_dim() != 1 or p.dim() == 0):
+                    raise TypeError(f"{name} has a sparse gradient with {grad.sparse_dim()} sparse "
+                                    "dimensions; fastadam.torch takes row-sparse ones (sparse_dim=1, "
+                                    "as nn.Embedding(sparse=True) gives)")
                 if grad.dtype != p.dtype:
                     raise TypeError(f"{name} has a {grad.dtype} gradient for a {p.dtype} parameter")
                 if grad.shape != p.shape:
@@ -201,7 +220,7 @@ class Adam(Optimizer):
                 if not p.is_contiguous():
                     raise ValueError(f"{name} is not contiguous; fastadam.torch updates contiguous "
                                      "parameters in place")
-                entries.append((g, p, grad if grad.is_contiguous() else grad.contiguous()))
+                entries.append((g, p, grad if grad.is_sparse or grad.is_contiguous() else grad.contiguous()))
         return entries
 
     def _engine_for(self, entries: List[Tuple[int, torch.Tensor, torch.Tensor]]) -> "_Engine":
@@ -351,14 +370,23 @@ class _Engine:
         hyper = [check_group_hyperparameters(_fastadam_group(opt.param_groups[g]), f"param_groups[{g}]",
                                              int(self.steps[self.first_of_group[k]]) + 1)
                  for k, g in enumerate(self.groups)]
-        arrays = check_grads(self.table, [g.numpy() for g in grads], self.params,
+        arrays = check_grads(self.table, [_kernel_grad(g) for g in grads], self.params,
                              names=[f"the gradient of {n}" for n in self.names])
         for (_, p, _), slot in zip(self.entries, self.slots):  # every check passed: commit
             if id(p) in self.new_slots:
                 slot.commit(opt.state[p])
                 opt._slots[id(p)] = slot
         self.new_slots = {}
-        self.table.step(arrays, hyper, grad_scale, threads_for(num_threads, self.size))
+        self.table.step(arrays, hyper, grad_scale,
+                        threads_for(num_threads, updated_elements(arrays, self.params, self.size)))
         for slot, step in zip(self.slots, self.steps):
             slot.step = int(step)
         torch._foreach_add_([s.step_tensor for s in self.slots], 1.0)
+
+
+def _kernel_grad(grad: torch.Tensor) -> Any:
+    """A NumPy view of a dense gradient, or (rows, values) views of a row-sparse COO one.
+    Uncoalesced is fine: fastadam sums duplicate rows itself (left to right)."""
+    if grad.is_sparse:
+        return (grad._indices()[0].numpy(), grad._values().contiguous().numpy())
+    return grad.numpy()
