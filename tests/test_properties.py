@@ -92,16 +92,19 @@ def error_bounds(param, grad, m, v, vmax, expected, *, step, lr, beta1, beta2, e
                  eps_hat=False, eps_root=0.0, maximize=False):
     """Per-element bounds of |float32/64 result - float64 result| (arrays, in float64).
 
-    v, vmax and the denominator are sums of non-negative terms (no cancellation): their
-    relative error is a few ulps. m = m + w*(g - m) can cancel (and 1 - w, with w cast to
-    the element type, loses relative precision when beta1 is small), so its error is
-    bounded relative to the inputs' magnitudes |m| + |g|. The update's error is the denominator's
-    relative error times the update, plus m's error carried through s / denominator; the
-    parameter adds its own rounding (relative to |p|).
+    u is ULPS units of roundoff of the element type. The effective gradient g/scale + wd*p
+    can cancel, so its error is u times the magnitudes |g|/scale + wd*|p| (g_mag). m = m +
+    w*(g - m) can cancel too (and 1 - w, with w cast to the element type, loses relative
+    precision when beta1 is small): its error is u * (|m| + g_mag). v = beta2*v +
+    (1-beta2)*g*g adds non-negative terms: u * v plus the gradient's error carried
+    through g*g, u * 2(1-beta2) g_mag^2. The denominator's error follows from v's through
+    the square root (sqrt(a + d) - sqrt(a) <= min(d / sqrt(a), sqrt(d))); the update's
+    error is m's error over the denominator plus the update times the denominator's
+    relative error; the parameter adds its own rounding (relative to |p| and the update).
     """
     u = ULPS * np.finfo(param.dtype).eps
     p0, g0, m0 = (np.abs(x.astype(np.float64)) for x in (param, grad, m))
-    g_eff = g0 / grad_scale + (0.0 if decoupled_weight_decay else weight_decay * p0)
+    g_mag = g0 / grad_scale + (0.0 if decoupled_weight_decay else weight_decay * p0)
     p_new, m_new, v_new, vmax_new = (None if x is None else np.abs(x) for x in expected)
     bc1, bc2 = 1.0 - beta1**step, 1.0 - beta2**step
     v_used = v_new if vmax_new is None else vmax_new
@@ -111,15 +114,26 @@ def error_bounds(param, grad, m, v, vmax, expected, *, step, lr, beta1, beta2, e
         denominator = (np.sqrt(v_used) + eps) / np.sqrt(bc2)
     else:
         denominator = np.sqrt(v_used) / np.sqrt(bc2) + eps
-    # Results and the step coefficient cast to the element type are also rounded to its
-    # subnormal spacing (a tiny lr can round to 0 in float32): an absolute floor.
+    # Results, the step coefficient cast to the element type and the update's numerator
+    # (s * m, before the division) are also rounded to its subnormal spacing (a tiny lr
+    # can make them subnormal, or 0, in float32): an absolute floor, carried through the
+    # division for the numerator.
     floor = np.finfo(param.dtype).smallest_subnormal
-    m_error = u * (m0 + g_eff) + floor
-    update = lr / bc1 * m_new / denominator
-    p_error = (u * (p0 + p_new + update) + lr / bc1 * m_error / denominator
-               + floor * (1.0 + m_new / (denominator * np.sqrt(bc2))))
-    return (p_error, m_error, u * v_new + floor,
-            None if vmax is None else u * vmax_new + floor)
+    m_error = u * (m0 + g_mag) + floor
+    v_error = u * (v_new + 2.0 * (1.0 - beta2) * g_mag**2) + floor
+    vmax_error = None if vmax is None else u * vmax_new + v_error
+    used_error = v_error if vmax is None else vmax_error
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sqrt_error = np.minimum(np.where(v_used > 0, used_error / np.sqrt(v_used), np.inf),
+                                np.sqrt(used_error))
+    denominator_error = sqrt_error / np.sqrt(bc2) + u * denominator
+    s = lr / bc1
+    update = s * m_new / denominator
+    near = np.maximum(denominator - denominator_error, np.finfo(np.float64).tiny)
+    p_error = (u * (p0 + p_new + update) + s * m_error / denominator
+               + s * (m_new + m_error) * denominator_error / (denominator * near)
+               + floor * (1.0 + (2.0 + m_new) / (denominator * np.sqrt(bc2))))
+    return p_error, m_error, v_error, vmax_error
 
 
 def assert_within(got, expected, bounds):

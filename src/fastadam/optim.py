@@ -219,7 +219,6 @@ class Adam:
 
     # --- stepping ----------------------------------------------------------------------
 
-    @_serialised
     def step(self, grads: Iterable[Any], *, grad_scale: Optional[float] = None,
              skip_if_nonfinite: bool = False) -> bool:
         """One Adam step of every parameter, all groups in one pass through the kernels.
@@ -231,17 +230,19 @@ class Adam:
         Any invalid argument raises before anything is written. Returns True when the
         step was applied.
         """
-        hyper = self._group_hyperparameters()
-        scale = 1.0 if grad_scale is None else check_at_least(grad_scale, "grad_scale", 0.0, strict=True)
-        skip_if_nonfinite = check_flag(skip_if_nonfinite, "skip_if_nonfinite")
-        grads = check_grads(self._current_table(), grads, self._params)
-        table = self._table_with_amsgrad_state(hyper)  # allocates only after every check
-        threads = threads_for(self._num_threads, self._total_size)
-        if skip_if_nonfinite and table.count_nonfinite(grads, threads):
-            self.skipped_steps += 1
-            return False
-        table.step(grads, hyper, scale, threads)
-        return True
+        with self._lock:  # as @_serialised does, inline: one call less on the hot path
+            hyper = self._group_hyperparameters()
+            scale = 1.0 if grad_scale is None else check_at_least(grad_scale, "grad_scale", 0.0,
+                                                                  strict=True)
+            skip_if_nonfinite = check_flag(skip_if_nonfinite, "skip_if_nonfinite")
+            grads = check_grads(self._current_table(), grads, self._params)
+            table = self._table_with_amsgrad_state(hyper)  # allocates only after every check
+            threads = threads_for(self._num_threads, self._total_size)
+            if skip_if_nonfinite and table.count_nonfinite(grads, threads):
+                self.skipped_steps += 1
+                return False
+            table.step(grads, hyper, scale, threads)
+            return True
 
     @_serialised
     def zero_state(self) -> None:
