@@ -261,17 +261,17 @@ if __name__ == "__main__":
     expected = update(2)  # the parent runs a two-thread team first
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
-    process = context.Process(target=child, args=(queue,))
+    process = context.Process(target=child, args=(queue,), daemon=True)  # killed at exit
     process.start()
-    print(queue.get(timeout=60), fastadam.get_num_threads())
-    process.join(60)
+    print(queue.get(timeout=30), fastadam.get_num_threads())
+    process.join(30)
     sys.exit(process.exitcode)
 """
 
 
 @requires_openmp
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
-def test_fork_after_an_openmp_team_ran_does_not_hang(tmp_path, restore_default):
+def test_fork_after_an_openmp_team_ran_does_not_hang(tmp_path):
     # libgomp's thread pool does not survive fork: a child's first parallel region waited
     # forever. fastadam runs updates in a forked child on one thread (fastadam._threads).
     # A fresh interpreter, so the parent has really run a team; timeouts turn a hang into
@@ -279,6 +279,6 @@ def test_fork_after_an_openmp_team_ran_does_not_hang(tmp_path, restore_default):
     script = tmp_path / "fork_after_openmp.py"
     script.write_text(FORK_AFTER_OPENMP)
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=120, env=dict(os.environ, OMP_NUM_THREADS="2"))
+                         timeout=90, env=dict(os.environ, OMP_NUM_THREADS="2"))
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["(1,", "True)", "2"]  # child: 1 thread, same result
