@@ -210,6 +210,36 @@ def test_one_optimizer_stepped_from_two_threads_equals_sequential_steps():
         np.testing.assert_array_equal(got[key], want[key])
 
 
+def test_state_dict_taken_while_another_thread_steps_is_never_torn():
+    # One thread steps (same gradient, so the state after k steps is one known value per
+    # element); another takes state_dicts meanwhile. Each snapshot holds exactly the state
+    # of the step count it reports: state_dict waits for a step in progress (whose kernel
+    # runs without the GIL) instead of copying buffers half updated.
+    steps, size = 60, 1 << 17
+    reference = fastadam.Adam([np.zeros(1, np.float32)], lr=1e-2)
+    expected = [(reference.state[0]["exp_avg"].copy(), reference.state[0]["exp_avg_sq"].copy())]
+    for _ in range(steps):
+        reference.step([np.full(1, 0.5, np.float32)])
+        expected.append((reference.state[0]["exp_avg"].copy(), reference.state[0]["exp_avg_sq"].copy()))
+    opt = fastadam.Adam([np.zeros(size, np.float32)], lr=1e-2, num_threads=1)
+    grad, snapshots, done = np.full(size, 0.5, np.float32), [], threading.Event()
+
+    def work(index):
+        if index == 0:
+            for _ in range(steps):
+                opt.step([grad])
+            done.set()
+        else:
+            while not done.is_set():
+                snapshots.append(opt.state_dict()["state"][0])
+
+    run_in_threads(2, work)
+    assert len({s["step"] for s in snapshots}) > 3  # the snapshots did interleave with steps
+    for snapshot in snapshots:
+        m, v = expected[snapshot["step"]]
+        assert (snapshot["exp_avg"] == m).all() and (snapshot["exp_avg_sq"] == v).all()
+
+
 def test_torch_adapter_stepped_from_two_threads_equals_sequential_steps():
     torch = pytest.importorskip("torch")
     fastadam_torch = pytest.importorskip("fastadam.torch")
