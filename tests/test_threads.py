@@ -228,6 +228,9 @@ def test_state_dict_taken_while_another_thread_steps_is_never_torn():
         if index == 0:
             for _ in range(steps):
                 opt.step([grad])
+                time.sleep(0.0005)  # as a training loop computes the next gradient: a
+                # lock is not fair, so without a pause the stepper could take it back
+                # before the other thread wakes
             done.set()
         else:
             while not done.is_set():
