@@ -1,6 +1,10 @@
 """fastadam.save / fastadam.load: no pickle, atomic, exact resume, clear errors."""
 
 import os
+import signal
+import subprocess
+import sys
+import time
 import zipfile
 
 import numpy as np
@@ -133,3 +137,157 @@ def test_checkpoint_file_mode_follows_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "m.npz").stat().st_mode & 0o777 == 0o644
+
+
+# --- reliability: killed writers, bit flips, pickled payloads ----------------------------
+
+KILLED_WRITER = """
+import os, sys
+import numpy as np
+import fastadam
+
+path, size = sys.argv[1], int(sys.argv[2])
+param = np.zeros(size, np.float32)
+opt = fastadam.Adam([param], lr=0.01)
+if os.path.exists(path):  # a restarted job resumes from its checkpoint
+    fastadam.load(opt, path)
+grad = np.full(size, 0.5, np.float32)
+print("ready", flush=True)
+while True:  # every save holds a new step count and the state that goes with it
+    opt.step([grad])
+    fastadam.save(opt, path)
+"""
+
+
+def expected_state(steps):
+    """exp_avg and exp_avg_sq after ``steps`` steps of the killed writer (per element)."""
+    param = np.zeros(1, np.float32)
+    opt = fastadam.Adam([param], lr=0.01)
+    for _ in range(steps):
+        opt.step([np.full(1, 0.5, np.float32)])
+    return opt.state[0]["exp_avg"][0], opt.state[0]["exp_avg_sq"][0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
+def test_writer_killed_at_random_moments_leaves_a_complete_checkpoint(tmp_path):
+    # A child saves a 2 MiB-per-buffer optimizer to one path in a loop; the parent kills
+    # it (SIGKILL: no cleanup runs) at random moments, mostly mid-write, and then loads the
+    # path: always ONE complete checkpoint, whose arrays are exactly the state of the step
+    # count its header names (a mix of two saves could not be), and never an older one
+    # than the last load found (each writer resumes from it). Leftover temporary files
+    # neither break a load nor a later save.
+    size, rng, loaded_steps, leftovers = 1 << 19, np.random.default_rng(0), [], 0
+    script = tmp_path / "writer.py"
+    script.write_text(KILLED_WRITER)
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    path = directory / "opt.npz"
+    for kill in range(12):
+        child = subprocess.Popen([sys.executable, str(script), str(path), str(size)],
+                                 stdout=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout.readline().strip() == "ready"
+            deadline = time.monotonic() + 30
+            while not path.exists() and kill == 0 and time.monotonic() < deadline:
+                time.sleep(0.001)  # the first round: wait for one complete save
+            time.sleep(rng.uniform(0.0, 0.15))
+        finally:
+            child.kill()
+            child.wait()
+            child.stdout.close()
+        leftovers = max(leftovers, len([p for p in directory.iterdir() if p.suffix == ".tmp"]))
+        target = fastadam.Adam([np.zeros(size, np.float32)], lr=0.01)
+        fastadam.load(target, path)
+        steps = target.state[0]["step"]
+        m, v = expected_state(steps)
+        assert steps >= 1
+        assert (target.state[0]["exp_avg"] == m).all() and (target.state[0]["exp_avg_sq"] == v).all()
+        loaded_steps.append(steps)
+    assert leftovers >= 1, "no kill landed during a save: the test proved nothing"
+    assert loaded_steps == sorted(loaded_steps) and loaded_steps[-1] > loaded_steps[0]
+    fastadam.save(target, path)  # beside the leftovers
+    fastadam.load(target, path)
+
+
+def each_byte_flipped(data, seed=0):
+    """``data`` with one random bit flipped, for every byte position in turn."""
+    rng = np.random.default_rng(seed)
+    for position, bit in enumerate(rng.integers(0, 8, len(data))):
+        damaged = bytearray(data)
+        damaged[position] ^= 1 << int(bit)
+        yield position, bytes(damaged)
+
+
+def full_snapshot(opt):
+    state_dict = opt.state_dict()
+    return repr(state_dict["param_groups"]), [
+        (entry["step"], [entry[k].tobytes() for k in sorted(entry) if k != "step"])
+        for entry in state_dict["state"].values()]
+
+
+def test_a_bit_flip_anywhere_is_refused_or_harmless(tmp_path):
+    # One flipped bit at every byte position of a checkpoint (a random bit each; flipping
+    # all 8 bits of every byte, once, found the same outcomes). Each member of the archive (the JSON header and every
+    # array) carries zip's CRC-32, which the reader verifies as it reaches the member's
+    # end: a flip in any byte that carries meaning is a ValueError. The flips that load
+    # are in fields zip ignores (timestamps, attributes, the local copy of a CRC); they
+    # restore exactly the saved state. Never a different state, never another exception.
+    params, opt = make_setup()
+    for t in range(2):
+        opt.step(grads_for(params, t))
+    good = tmp_path / "good.npz"
+    fastadam.save(opt, good)
+    saved = full_snapshot(opt)
+    flipped = tmp_path / "flipped.npz"
+    flipped.write_bytes(good.read_bytes())
+    refused = harmless = 0
+    before = full_snapshot(make_setup(seed=1)[1])
+    for position, data in each_byte_flipped(good.read_bytes()):
+        with open(flipped, "r+b") as f:  # rewritten in place: truncating made ext4 flush
+            f.write(data)
+        _, target = make_setup(seed=1)
+        try:
+            fastadam.load(target, flipped)
+        except ValueError:
+            refused += 1
+            assert full_snapshot(target) == before, f"a refused load at byte {position} wrote"
+        else:
+            harmless += 1
+            assert full_snapshot(target) == saved, f"byte {position}: a different state loaded"
+    assert refused > 0.8 * (refused + harmless)  # most bytes carry meaning
+
+
+class _CreatesAFile:
+    """Unpickling this calls open(path, "w"): code run by merely loading a file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_loading_never_unpickles_code(tmp_path):
+    # A file built like a checkpoint whose arrays (or header) are pickled object arrays
+    # with a payload that creates a marker file when unpickled: np.load(allow_pickle=True)
+    # would run it (checked first, so the payload is live); fastadam.load refuses the file
+    # with ValueError and the payload never runs. fastadam.distributed reads its shard and
+    # index files with the same reader (checkpoint.read_npz).
+    params, opt = make_setup()
+    opt.step(grads_for(params, 0))
+    fastadam.save(opt, tmp_path / "good.npz")
+    with np.load(tmp_path / "good.npz") as good:
+        members = {name: good[name] for name in good.files}
+    marker = tmp_path / "payload-ran"
+    payload = np.array([_CreatesAFile(marker)], dtype=object)
+    for target in ("state/0/exp_avg", "__fastadam__"):
+        evil = tmp_path / f"evil-{target.replace('/', '-')}.npz"
+        np.savez(evil, **{**members, target: payload})
+        with np.load(evil, allow_pickle=True) as archive:
+            archive[target]
+        assert marker.exists(), "the payload is not live: this test would prove nothing"
+        marker.unlink()
+        with pytest.raises(ValueError, match="not a readable fastadam checkpoint"):
+            fastadam.load(opt, evil)
+        assert not marker.exists()

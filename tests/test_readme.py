@@ -37,3 +37,17 @@ def test_readme_starts_with_install_and_run_then_install_and_test():
     assert lines[1].startswith("pip install ") and "pytest" in lines[1]
     ci = (README.parent / ".ci" / "run").read_text()
     assert "grep -m1 -E '^pip install .*pytest' README.md" in ci
+
+
+def test_reliability_md_names_tests_that_exist():
+    # RELIABILITY.md maps each guarantee to the test that proves it: a renamed or deleted
+    # test must not leave a guarantee pointing at nothing.
+    text = (README.parent / "RELIABILITY.md").read_text()
+    references = re.findall(r"`(tests/\w+\.py)(?:::(\w+))?`", text)
+    assert len(references) > 30
+    for path, name in references:
+        source = README.parent / path
+        assert source.exists(), path
+        if name:
+            assert re.search(rf"^def {name}\(", source.read_text(), flags=re.M), f"{path}::{name}"
+    assert "(RELIABILITY.md)" in README.read_text()

@@ -129,3 +129,189 @@ def test_show_config_reports_build_and_runtime(capsys):
     assert "vector_isa" in printed and "openmp" in printed
     with pytest.raises(ValueError, match="^mode must be"):
         fastadam.show_config(mode="json")
+
+
+# --- many Python threads, one optimizer from two threads, fork after OpenMP ------------
+
+def run_in_threads(count, target):
+    """Start ``count`` threads on target(index) together (a barrier); re-raise any error."""
+    barrier, errors = threading.Barrier(count), []
+
+    def run(index):
+        try:
+            barrier.wait()
+            target(index)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+def seeded_problem(seed, size=70_000, dtype=np.float32):
+    # Above the serial cutoff: every step runs an OpenMP team with the GIL released.
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(size).astype(dtype), [rng.standard_normal(size).astype(dtype)
+                                                      for _ in range(4)]
+
+
+def test_separate_optimizers_in_eight_threads_match_serial_runs():
+    steps = 15
+
+    def train(seed, amsgrad):
+        param, grads = seeded_problem(seed)
+        opt = fastadam.AdamW([param], lr=1e-2, amsgrad=amsgrad)
+        for t in range(steps):
+            opt.step([grads[t % len(grads)]])
+        return param, opt.state_dict()["state"][0]
+
+    serial = [train(i, i % 2 == 1) for i in range(8)]
+    concurrent = [None] * 8
+
+    def worker(index):
+        concurrent[index] = train(index, index % 2 == 1)
+
+    run_in_threads(8, worker)
+    for (p_serial, s_serial), (p_threads, s_threads) in zip(serial, concurrent):
+        np.testing.assert_array_equal(p_threads.view(np.uint32), p_serial.view(np.uint32))
+        assert s_threads["step"] == s_serial["step"] == steps
+        for key in ("exp_avg", "exp_avg_sq"):
+            np.testing.assert_array_equal(s_threads[key], s_serial[key])
+
+
+def test_one_optimizer_stepped_from_two_threads_equals_sequential_steps():
+    # fastadam.Adam serialises step (and the other state methods) with a per-optimizer
+    # lock. With the same gradient every step, the order of the steps cannot matter: two
+    # threads doing N steps each must give exactly 2N sequential steps. Unserialised, the
+    # two kernel calls (GIL released) would update the same buffers at once, and the
+    # first step's AMSGrad allocation could happen twice.
+    steps = 25
+    param, grads = seeded_problem(7)
+    reference = param.copy()
+    sequential = fastadam.Adam([reference], lr=1e-2, amsgrad=True)
+    for _ in range(2 * steps):
+        sequential.step([grads[0]])
+    shared = fastadam.Adam([param], lr=1e-2, amsgrad=True)
+
+    def worker(index):
+        for _ in range(steps):
+            shared.step([grads[0]])
+
+    run_in_threads(2, worker)
+    np.testing.assert_array_equal(param.view(np.uint32), reference.view(np.uint32))
+    got, want = shared.state_dict()["state"][0], sequential.state_dict()["state"][0]
+    assert got["step"] == want["step"] == 2 * steps
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_state_dict_taken_while_another_thread_steps_is_never_torn():
+    # One thread steps (same gradient, so the state after k steps is one known value per
+    # element); another takes state_dicts meanwhile. Each snapshot holds exactly the state
+    # of the step count it reports: state_dict waits for a step in progress (whose kernel
+    # runs without the GIL) instead of copying buffers half updated.
+    steps, size = 60, 1 << 17
+    reference = fastadam.Adam([np.zeros(1, np.float32)], lr=1e-2)
+    expected = [(reference.state[0]["exp_avg"].copy(), reference.state[0]["exp_avg_sq"].copy())]
+    for _ in range(steps):
+        reference.step([np.full(1, 0.5, np.float32)])
+        expected.append((reference.state[0]["exp_avg"].copy(), reference.state[0]["exp_avg_sq"].copy()))
+    opt = fastadam.Adam([np.zeros(size, np.float32)], lr=1e-2, num_threads=1)
+    grad, snapshots, done = np.full(size, 0.5, np.float32), [], threading.Event()
+
+    def work(index):
+        if index == 0:
+            for _ in range(steps):
+                opt.step([grad])
+                time.sleep(0.0005)  # as a training loop computes the next gradient: a
+                # lock is not fair, so without a pause the stepper could take it back
+                # before the other thread wakes
+            done.set()
+        else:
+            while not done.is_set():
+                snapshots.append(opt.state_dict()["state"][0])
+
+    run_in_threads(2, work)
+    assert len({s["step"] for s in snapshots}) > 3  # the snapshots did interleave with steps
+    for snapshot in snapshots:
+        m, v = expected[snapshot["step"]]
+        assert (snapshot["exp_avg"] == m).all() and (snapshot["exp_avg_sq"] == v).all()
+
+
+def test_torch_adapter_stepped_from_two_threads_equals_sequential_steps():
+    torch = pytest.importorskip("torch")
+    fastadam_torch = pytest.importorskip("fastadam.torch")
+    steps = 20
+    param, grads = seeded_problem(8)
+
+    def optimizer(values):
+        tensor = torch.nn.Parameter(torch.from_numpy(values.copy()))
+        tensor.grad = torch.from_numpy(grads[0])
+        return tensor, fastadam_torch.Adam([tensor], lr=1e-2, amsgrad=True)
+
+    reference, sequential = optimizer(param)
+    for _ in range(2 * steps):
+        sequential.step()
+    shared_param, shared = optimizer(param)
+    run_in_threads(2, lambda index: [shared.step() for _ in range(steps)])
+    assert torch.equal(shared_param.detach(), reference.detach())
+    assert shared.state[shared_param]["step"].item() == 2 * steps
+
+
+def test_pickled_and_copied_optimizers_get_their_own_lock():
+    import copy
+    import pickle
+
+    param, grads = seeded_problem(9, size=10)
+    opt = fastadam.Adam([param])
+    opt.step([grads[0]])
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert clone._lock is not opt._lock
+        with opt._lock:  # held here: the clone must not wait for it
+            clone.step([grads[1]])
+        assert clone.state[0]["step"] == 2 and opt.state[0]["step"] == 1
+
+
+FORK_AFTER_OPENMP = """
+import multiprocessing, sys
+import numpy as np
+import fastadam
+
+def update(num_threads):
+    bufs = [np.full(1 << 20, 0.5, np.float32) for _ in range(4)]
+    fastadam.adam_step(*bufs, step=1, num_threads=num_threads)
+    return bufs[0]
+
+def child(queue):
+    queue.put((fastadam.get_num_threads(), update(2).tobytes() == expected.tobytes()))
+
+if __name__ == "__main__":
+    expected = update(2)  # the parent runs a two-thread team first
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    process = context.Process(target=child, args=(queue,), daemon=True)  # killed at exit
+    process.start()
+    print(queue.get(timeout=30), fastadam.get_num_threads())
+    process.join(30)
+    sys.exit(process.exitcode)
+"""
+
+
+@requires_openmp
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_fork_after_an_openmp_team_ran_does_not_hang(tmp_path):
+    # libgomp's thread pool does not survive fork: a child's first parallel region waited
+    # forever. fastadam runs updates in a forked child on one thread (fastadam._threads).
+    # A fresh interpreter, so the parent has really run a team; timeouts turn a hang into
+    # a failure.
+    script = tmp_path / "fork_after_openmp.py"
+    script.write_text(FORK_AFTER_OPENMP)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=90, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["(1,", "True)", "2"]  # child: 1 thread, same result

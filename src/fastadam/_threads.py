@@ -5,10 +5,17 @@ OpenMP's own default, read at call time with ``omp_get_max_threads()`` so that
 ``OMP_NUM_THREADS`` and ``threadpoolctl.threadpool_limits(user_api="openmp")`` take
 effect. The default is stored here in Python rather than with ``omp_set_num_threads``,
 whose setting belongs to the calling thread only.
+
+In a child process made by ``fork()`` every update runs on one thread: GNU libgomp
+keeps the parent's thread pool in its bookkeeping, and the child's first parallel region
+waits forever for pool threads that fork did not copy (a two-thread update in a child
+forked after a two-thread update hung here; tests/test_threads.py checks the remedy).
+Workers that want threads should be started with the "spawn" or "forkserver" method.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Optional
 
@@ -25,6 +32,16 @@ SERIAL_CUTOFF = 1 << 16
 
 _lock = threading.Lock()
 _process_default: Optional[int] = None
+_in_forked_child = False
+
+
+def _after_fork_in_child() -> None:
+    global _in_forked_child
+    _in_forked_child = True
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; Windows has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def set_num_threads(num_threads: Optional[int]) -> Optional[int]:
@@ -41,8 +58,9 @@ def set_num_threads(num_threads: Optional[int]) -> Optional[int]:
 
 
 def get_num_threads() -> int:
-    """The number of threads an update of a large buffer would use now."""
-    if not _kernels.openmp_enabled():
+    """The number of threads an update of a large buffer would use now (1 in a child
+    process made by fork: see the module docstring)."""
+    if not _kernels.openmp_enabled() or _in_forked_child:
         return 1
     default = _process_default
     return default if default is not None else _kernels.max_threads()
@@ -50,7 +68,7 @@ def get_num_threads() -> int:
 
 def threads_for(num_threads: Optional[int], n_elements: int) -> int:
     """The team size for one update of ``n_elements`` (``num_threads`` already checked)."""
-    if n_elements < SERIAL_CUTOFF or not _kernels.openmp_enabled():
+    if n_elements < SERIAL_CUTOFF or not _kernels.openmp_enabled() or _in_forked_child:
         return 1
     return num_threads if num_threads is not None else get_num_threads()
 

@@ -4,7 +4,9 @@ A checkpoint is an ``.npz`` archive (read with ``allow_pickle=False``): one arra
 state buffer and a JSON header with the format version, the groups' hyperparameters and
 the step counts. It is written to a temporary file in the target's directory, flushed
 and fsync'ed, then renamed over the target, so a crash mid-save leaves the previous
-checkpoint intact. Learning-rate schedules are code, not data: a group whose ``lr`` is a
+checkpoint intact. Integrity needs no checksum of its own: every member of the archive
+(header and arrays) carries zip's CRC-32, which the reader checks, so a damaged file is a
+ValueError or, for damage to fields zip ignores (timestamps), loads exactly as saved. Learning-rate schedules are code, not data: a group whose ``lr`` is a
 callable is saved as such and keeps the optimizer's own callable on load (its position
 comes back with the step counts).
 """
@@ -138,8 +140,11 @@ def read_npz(path: str) -> Tuple[Any, Dict[str, np.ndarray]]:
                 arrays = {name: archive[name] for name in archive.files if name != HEADER}
     except FileNotFoundError:
         raise
+    # zipfile reports some damaged fields as NotImplementedError (a compression method,
+    # flag or version it does not know) or RuntimeError (the encryption flag: "password
+    # required"); tests/test_checkpoint.py flips every byte of a checkpoint to find them.
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError,
-            UnicodeDecodeError) as exc:
+            UnicodeDecodeError, NotImplementedError, RuntimeError) as exc:
         raise ValueError(f"{path} is not a readable fastadam checkpoint ({exc})") from None
     return header, arrays
 

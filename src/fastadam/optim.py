@@ -7,7 +7,21 @@ GIL release, one OpenMP team, per-tensor coefficients computed in C.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+import functools
+import threading
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    TypeVar,
+    Union,
+    cast,
+)
 
 import numpy as np
 
@@ -30,6 +44,18 @@ from fastadam._validation import (
 
 LearningRate = Union[float, Callable[[int], float]]
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def _serialised(method: Method) -> Method:
+    """Run ``method`` holding the optimizer's lock. The kernels release the GIL, so
+    without it two threads stepping one optimizer would update the same buffers at once
+    and count both steps; with it they take turns, as if called one after the other."""
+    @functools.wraps(method)
+    def locked(self: "Adam", *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return cast(Method, locked)
 
 
 class Adam:
@@ -66,8 +92,10 @@ class Adam:
     -----
     The state of each group is allocated as one block per dtype, so parameters that lie
     back to back in memory (as :class:`fastadam.FlatParams` lays them out) are updated as
-    one stream. Thread-safety: one optimizer must not be stepped from two threads at once;
-    separate optimizers on separate parameters may be.
+    one stream. Thread-safety: ``step``, ``zero_state``, ``add_param_group``,
+    ``state_dict``, ``load_state_dict`` (and pickling) hold a per-optimizer lock, so calls
+    from several threads take turns, each applied whole; separate optimizers on separate
+    parameters run in parallel (the GIL is released in the kernels).
     """
 
     def __init__(
@@ -92,6 +120,7 @@ class Adam:
         )
         check_group_hyperparameters(self.defaults, "defaults", 1)
         self.defaults["betas"] = tuple(betas)
+        self._lock = threading.RLock()  # re-entrant: a subclass's locked method may call ours
         self.num_threads = num_threads
         self.param_groups: List[Dict[str, Any]] = []
         self.skipped_steps = 0
@@ -117,15 +146,24 @@ class Adam:
             lines += [f"    {key}: {group[key]!r}" for key in HYPERPARAMETER_KEYS]
         return "\n".join(lines + [")"])
 
+    @_serialised
     def __getstate__(self) -> Dict[str, Any]:
         # The kernel table holds raw pointers: never copy it, rebuild it on the next step.
-        return {**self.__dict__, "_table": None}
+        # A lock cannot be copied: the copy gets its own (__setstate__).
+        state = {**self.__dict__, "_table": None}
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     num_threads = NumThreadsAttribute()
     _num_threads: Optional[int]  # the descriptor's storage
 
     # --- groups ------------------------------------------------------------------------
 
+    @_serialised
     def add_param_group(self, param_group: Mapping[str, Any]) -> None:
         """Add a group of parameters (a dict with ``params`` and optional hyperparameters);
         its state starts fresh at step 0."""
@@ -200,18 +238,22 @@ class Adam:
         returned. Any invalid argument, in any gradient, raises before anything is
         written. Returns True when the step was applied.
         """
-        hyper = self._group_hyperparameters()
-        scale = 1.0 if grad_scale is None else check_at_least(grad_scale, "grad_scale", 0.0, strict=True)
-        skip_if_nonfinite = check_flag(skip_if_nonfinite, "skip_if_nonfinite")
-        grads = check_grads(self._current_table(), grads, self._params)
-        table = self._table_with_amsgrad_state(hyper)  # allocates only after every check
-        threads = threads_for(self._num_threads, updated_elements(grads, self._params, self._total_size))
-        if skip_if_nonfinite and table.count_nonfinite(grads, threads):
-            self.skipped_steps += 1
-            return False
-        table.step(grads, hyper, scale, threads)
-        return True
+        with self._lock:  # as @_serialised does, inline: one call less on the hot path
+            hyper = self._group_hyperparameters()
+            scale = 1.0 if grad_scale is None else check_at_least(grad_scale, "grad_scale", 0.0,
+                                                                  strict=True)
+            skip_if_nonfinite = check_flag(skip_if_nonfinite, "skip_if_nonfinite")
+            grads = check_grads(self._current_table(), grads, self._params)
+            table = self._table_with_amsgrad_state(hyper)  # allocates only after every check
+            threads = threads_for(self._num_threads,
+                                  updated_elements(grads, self._params, self._total_size))
+            if skip_if_nonfinite and table.count_nonfinite(grads, threads):
+                self.skipped_steps += 1
+                return False
+            table.step(grads, hyper, scale, threads)
+            return True
 
+    @_serialised
     def zero_state(self) -> None:
         """Forget the moments and step counts (keeps the parameters and groups)."""
         for state in self._state:
@@ -274,6 +316,7 @@ class Adam:
             result.append(entry)
         return result
 
+    @_serialised
     def state_dict(self) -> Dict[str, Any]:
         """A snapshot in PyTorch's layout: ``{"state": {i: {"step", "exp_avg",
         "exp_avg_sq"[, "max_exp_avg_sq"]}}, "param_groups": [{..., "params": [i, ...]}]}``.
@@ -288,6 +331,7 @@ class Adam:
             first += count
         return {"state": state, "param_groups": groups}
 
+    @_serialised
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` (ours, or PyTorch's layout with NumPy arrays).
 

@@ -29,10 +29,16 @@ sparse layouts are refused); ``capturable=True`` and
 step); ``foreach`` and ``fused`` are accepted and change nothing. With ``grad_scale``
 (as ``torch.amp.GradScaler`` passes it) the gradients are divided inside the kernel and
 ``.grad`` is left as it was (torch's fused kernel overwrites it with the unscaled values).
+
+Threads: torch's optimizers are not thread-safe. Here ``step``, ``add_param_group`` and
+``load_state_dict`` hold a per-optimizer lock, so two threads stepping one optimizer take
+turns (the kernels release the GIL: unserialised, both would update the same buffers at
+once). ``state_dict()`` is torch's: it returns the live state tensors.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
@@ -120,6 +126,7 @@ class Adam(Optimizer):
                         differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
         self.num_threads = num_threads
+        self._lock = threading.RLock()
         self._engine: Optional[_Engine] = None
         self._slots: Dict[int, _Slot] = {}  # id(param) -> its fastadam-owned state
         super().__init__(params, defaults)
@@ -128,6 +135,10 @@ class Adam(Optimizer):
     _num_threads: Optional[int]  # the descriptor's storage
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        with self._lock:
+            self._add_param_group(param_group)
+
+    def _add_param_group(self, param_group: Dict[str, Any]) -> None:
         index = len(self.param_groups)
         candidate = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         for flag in ("capturable", "differentiable"):
@@ -138,6 +149,10 @@ class Adam(Optimizer):
         self._engine = None
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        with self._lock:
+            self._load_state_dict(state_dict)
+
+    def _load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         # torch keeps the loaded tensors themselves (no copy when dtype and device
         # match): take a snapshot, so the source's later steps cannot leak in. The
@@ -153,6 +168,7 @@ class Adam(Optimizer):
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._lock = threading.RLock()  # a lock is never copied: each copy has its own
         self.__dict__.setdefault("_num_threads", None)
         self.__dict__.setdefault("_engine", None)
         self.__dict__.setdefault("_slots", {})
@@ -171,20 +187,24 @@ class Adam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with self._lock:
+            self._step(grad_scale, found_inf)
+        return loss
+
+    def _step(self, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
         # GradScaler hands these over as attributes (torch.optim.Adam reads them so too).
         grad_scale = getattr(self, "grad_scale", None) if grad_scale is None else grad_scale
         found_inf = getattr(self, "found_inf", None) if found_inf is None else found_inf
         entries = self._with_grads()
         if not entries:
-            return loss
+            return
         if found_inf is not None and float(found_inf) != 0.0:
-            return loss
+            return
         scale = 1.0 if grad_scale is None else float(grad_scale)
         if not scale > 0.0 or scale != scale or scale == float("inf"):
             raise ValueError(f"grad_scale must be a finite number > 0, got {scale!r}")
         engine = self._engine_for(entries)   # checks everything; commits state only then
         engine.step(self, [e[2] for e in entries], scale, self._num_threads)
-        return loss
 
     def _with_grads(self) -> List[Tuple[int, torch.Tensor, torch.Tensor]]:
         """(group, param, grad) of every param with a gradient, checked for what the
