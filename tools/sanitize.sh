@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Run the test suite against an AddressSanitizer + UndefinedBehaviorSanitizer build of
+# fastadam's compiled modules (GCC or Clang, Linux).
+#
+#   tools/sanitize.sh [pytest arguments]      default: the whole suite but the torch/keras
+#                                             and MPI test modules (see SKIPPED below)
+#   PYTHON=/path/to/python tools/sanitize.sh  an interpreter with the test dependencies
+#                                             (pip install ".[test]"), default python3
+#
+# How: the tracked and untracked (not ignored) files of this checkout are copied to a
+# throwaway directory, built there in place with FASTADAM_SANITIZE=1 (setup.py adds
+# -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g
+# to the usual -O3 flags), and pytest runs there with that src/ first on PYTHONPATH (it
+# shadows any installed fastadam; checked before the run). This checkout's own build is
+# never touched.
+#
+# CPython is not instrumented, so libasan is preloaded (LD_PRELOAD) to come first in the
+# process. PYTHONMALLOC=malloc sends Python's allocations through ASan's malloc too, so a
+# kernel write past the end of a bytearray, array.array or NumPy buffer is caught. Leak
+# detection is off (ASAN_OPTIONS=detect_leaks=0): CPython deliberately does not free its
+# interned objects and module state at exit, which LeakSanitizer reports by the thousand
+# (none of it ours); fastadam's own leaks are checked by tools/valgrind.sh, which reports
+# only blocks that are definitely lost.
+#
+# Every process (pytest and the Python subprocesses some tests start) logs its reports to
+# its own file; the script exits non-zero if pytest fails OR any report was written.
+#
+# SKIPPED by default: torch and keras (test_torch_*.py, test_keras_adapter.py): PyTorch's
+# own libraries are not built for ASan and its thread pool and allocator produce reports
+# that are not fastadam's (and run very slowly); the adapters are thin Python over the
+# same kernels, which the remaining tests exercise. test_distributed.py starts MPI
+# processes through mpiexec, whose launcher does not run with libasan preloaded. Pass
+# explicit pytest arguments to run anything else.
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+python=${PYTHON:-python3}
+cc=${CC:-gcc}
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/fastadam-sanitize.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+reports="$work/reports"
+mkdir -p "$reports"
+
+echo "tools/sanitize.sh: copying the checkout to $work"
+(cd "$repo" && git ls-files -z --cached --others --exclude-standard) |
+    while IFS= read -r -d '' file; do
+        [ -e "$repo/$file" ] && (cd "$repo" && cp --parents "$file" "$work/")
+    done
+
+echo "tools/sanitize.sh: building with FASTADAM_SANITIZE=1"
+(cd "$work" && FASTADAM_SANITIZE=1 FASTADAM_OPENMP=1 "$python" setup.py -q build_ext --inplace)
+
+libasan=$("$cc" -print-file-name=libasan.so)
+[ -e "$libasan" ] || { echo "tools/sanitize.sh: $cc has no libasan.so" >&2; exit 2; }
+libasan=$(readlink -f "$libasan")
+
+export PYTHONPATH="$work/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONMALLOC=malloc
+export LD_PRELOAD="$libasan${LD_PRELOAD:+ $LD_PRELOAD}"
+export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=0:log_path=$reports/asan"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$reports/ubsan"
+
+# The sanitized build must be the one imported, with the sanitizer flags.
+"$python" - "$work" <<'PY'
+import sys
+import fastadam._kernels as k
+from fastadam import _simd
+assert k.__file__.startswith(sys.argv[1]), f"imported {k.__file__}, not the sanitized build"
+assert "-fsanitize=address,undefined" in k.build_info()["cflags"], k.build_info()
+print(f"tools/sanitize.sh: {k.__file__}\n  {k.build_info()['cflags']}\n"
+      f"  SIMD levels: {_simd.available_levels()}")
+PY
+
+if [ "$#" -eq 0 ]; then
+    set -- tests --ignore=tests/test_torch_adapter.py --ignore=tests/test_torch_parity.py \
+        --ignore=tests/test_keras_adapter.py --ignore=tests/test_distributed.py
+fi
+status=0
+(cd "$work" && "$python" -m pytest -p no:cacheprovider -q "$@") || status=$?
+
+if compgen -G "$reports/*" > /dev/null; then
+    for report in "$reports"/*; do
+        echo "=== $report"
+        cat "$report"
+    done
+    echo "tools/sanitize.sh: FAILED: sanitizer reports above" >&2
+    exit 1
+fi
+if [ "$status" -ne 0 ]; then
+    echo "tools/sanitize.sh: FAILED: pytest exited with $status" >&2
+    exit "$status"
+fi
+echo "tools/sanitize.sh: passed, no sanitizer reports"
