@@ -15,7 +15,7 @@
 # never touched.
 #
 # CPython is not instrumented, so libasan is preloaded (LD_PRELOAD) to come first in the
-# process. PYTHONMALLOC=malloc sends Python's allocations through ASan's malloc too, so a
+# process (with libstdc++, for the C++ extensions of test dependencies). PYTHONMALLOC=malloc sends Python's allocations through ASan's malloc too, so a
 # kernel write past the end of a bytearray, array.array or NumPy buffer is caught. Leak
 # detection is off (ASAN_OPTIONS=detect_leaks=0): CPython deliberately does not free its
 # interned objects and module state at exit, which LeakSanitizer reports by the thousand
@@ -53,10 +53,14 @@ echo "tools/sanitize.sh: building with FASTADAM_SANITIZE=1"
 libasan=$("$cc" -print-file-name=libasan.so)
 [ -e "$libasan" ] || { echo "tools/sanitize.sh: $cc has no libasan.so" >&2; exit 2; }
 libasan=$(readlink -f "$libasan")
+# C++ extensions (matplotlib's ft2font, via pybind11) throw C++ exceptions; ASan intercepts
+# __cxa_throw and finds no real one unless libstdc++ is loaded when it starts ("CHECK failed:
+# asan_interceptors.cpp ... real___cxa_throw").
+libstdcxx=$(readlink -f "$("$cc" -print-file-name=libstdc++.so)")
 
 export PYTHONPATH="$work/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONMALLOC=malloc
-export LD_PRELOAD="$libasan${LD_PRELOAD:+ $LD_PRELOAD}"
+export LD_PRELOAD="$libasan $libstdcxx${LD_PRELOAD:+ $LD_PRELOAD}"
 export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=0:log_path=$reports/asan"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$reports/ubsan"
 
