@@ -429,17 +429,17 @@ def group_kwargs(values):
 def param_lists(draw, mem, broken, count=None):
     """(objects, views, valid) for a list of parameters."""
     n = count if count is not None else draw(st.integers(1, 3))
-    objs, views, valid = [], [], True
+    bufs = []
     for _ in range(n):
         dtype = np.dtype(draw(st.sampled_from([np.float32, np.float64])))
-        buf = draw(kinds(broken, aligned=True))(values_for(draw, dtype, draw(st.integers(0, 12))),
-                                                mem)
-        objs.append(buf.obj)
-        views.append(buf.view)
-        valid &= buf.writable and buf.aligned
-    if broken and len(objs) > 1 and draw(st.booleans()):
-        objs[-1], views[-1] = objs[0], views[0]  # the same parameter twice
-        valid &= views[0] is not None and views[0].size == 0
+        values = values_for(draw, dtype, draw(st.integers(0, 12)))
+        bufs.append(draw(kinds(broken, aligned=True))(values, mem))
+    overlap = False
+    if broken and len(bufs) > 1 and draw(st.booleans()):
+        bufs[-1] = bufs[0]  # the same parameter twice
+        overlap = bufs[0].view is None or bufs[0].view.size > 0
+    valid = not overlap and all(b.writable and b.aligned for b in bufs)
+    objs, views = [b.obj for b in bufs], [b.view for b in bufs]
     return objs, views, valid
 
 
@@ -806,14 +806,18 @@ def test_an_exporter_whose_buffer_changes_between_calls():
 
         def __buffer__(self, flags):
             self.calls += 1
-            return memoryview(self.blocks[self.calls % 2])
+            return memoryview(self.blocks[(self.calls + 1) % 2])  # 8, 3, 8, 3, ...
 
     shifty = Shifty()
     opt = fastadam.Adam([shifty])  # keeps a view of the buffer it got (8 elements)
     assert opt.state[0]["exp_avg"].size == 8
-    with pytest.raises(ValueError, match=r"grads\[0\] must have the shape"):
+    with pytest.raises(ValueError, match=r"grads\[0\] must have the shape of params\[0\] \(8,\), got \(3,\)"):
         opt.step([shifty])  # the grad request gets the other buffer: 3 elements
     assert opt.step([np.ones(8, np.float32)])
+    assert (shifty.blocks[0] != 0).all() and not shifty.blocks[1].any()
+    state = fastadam.adam_state(np.zeros(8, np.float32))
+    with pytest.raises(ValueError, match="grad must have 8 elements like param, got 3"):
+        fastadam.adam_step(shifty, shifty, state["exp_avg"], state["exp_avg_sq"], step=1)
     assert (shifty.blocks[0] != 0).all() and not shifty.blocks[1].any()
 
 
