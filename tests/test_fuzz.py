@@ -413,8 +413,7 @@ def test_adam_step(case):
 # --- Adam / AdamW construction --------------------------------------------------------------
 
 GROUP_HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay", "eps_hat", "eps_root")
-for _flag in ("amsgrad",):
-    HYPER[_flag] = FLAG
+HYPER["amsgrad"] = FLAG
 
 
 def group_kwargs(values):

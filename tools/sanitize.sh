@@ -28,7 +28,7 @@
 #
 # PyTorch, Keras and the MPI tests (mpiexec and its ranks inherit the environment) run
 # under it too: they were checked to work (no reports from torch's own libraries), so the
-# default is the whole suite, about 7 minutes on 2 cores.
+# default is the whole suite (about 12 minutes on 2 shared cores).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python3}
