@@ -19,6 +19,11 @@ FASTADAM_OPENMP=auto (default) | 1 | 0:
   auto  try-compile an OpenMP program; if that fails, warn loudly and build serial
   1     OpenMP is required: fail the build without it
   0     build a serial extension (warns loudly)
+
+FASTADAM_SANITIZE=1 (GCC/Clang; tools/sanitize.sh sets it, never set it for a release):
+  add -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+  -g to every module, compile and link (the optimization flags stay: the checked code is
+  the shipped code). Unset or 0: no effect.
 """
 
 import os
@@ -36,6 +41,8 @@ from setuptools.command.build_ext import build_ext
 
 UNIX_FLAGS = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
 MSVC_FLAGS = ["/O2", "/fp:precise"]
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                  "-fno-omit-frame-pointer", "-g"]
 
 # Per-level flags of the SIMD twins of the kernel module. x86-64-v4 alone makes GCC prefer
 # 512-bit vectors; the explicit preference keeps that true for every compiler version.
@@ -113,6 +120,7 @@ class BuildExt(build_ext):
         compiler_type = self.compiler.compiler_type
         opt_flags = MSVC_FLAGS if compiler_type == "msvc" else UNIX_FLAGS
         omp_compile, omp_link = self._openmp(compiler_type)
+        sanitize = self._sanitize(compiler_type)
         flavour = "msvc" if compiler_type == "msvc" else "unix"
         for ext in list(self.extensions):
             simd = SIMD_MODULES.get(ext.name)
@@ -122,12 +130,25 @@ class BuildExt(build_ext):
                      f"skipping {ext.name}; that SIMD level will not be used")
                 self.extensions.remove(ext)
                 continue
-            cflags = " ".join(opt_flags + simd_flags + omp_compile)
+            cflags = " ".join(opt_flags + simd_flags + omp_compile + sanitize)
             print(f"fastadam: {ext.name}: {compiler_type} {cflags}", file=sys.stderr)
-            ext.extra_compile_args = opt_flags + simd_flags + omp_compile + ext.extra_compile_args
-            ext.extra_link_args = omp_link + ext.extra_link_args
+            ext.extra_compile_args = (opt_flags + simd_flags + omp_compile + sanitize
+                                      + ext.extra_compile_args)
+            ext.extra_link_args = omp_link + sanitize + ext.extra_link_args
             ext.define_macros.append(("FASTADAM_CFLAGS", f'"{cflags}"'))
         super().build_extensions()
+
+    def _sanitize(self, compiler_type):
+        mode = os.environ.get("FASTADAM_SANITIZE", "0").strip()
+        if mode not in ("0", "1"):
+            raise SystemExit(f"FASTADAM_SANITIZE must be 0 or 1, got {mode!r}")
+        if mode == "0":
+            return []
+        if compiler_type == "msvc":
+            raise SystemExit("FASTADAM_SANITIZE=1 needs GCC or Clang (tools/sanitize.sh)")
+        warn("FASTADAM_SANITIZE=1: AddressSanitizer + UBSan build, for tools/sanitize.sh only; "
+             "it imports only with libasan preloaded (LD_PRELOAD).")
+        return list(SANITIZE_FLAGS)
 
     def _openmp(self, compiler_type):
         mode = os.environ.get("FASTADAM_OPENMP", "auto").strip().lower()

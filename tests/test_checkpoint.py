@@ -98,6 +98,67 @@ def test_truncated_corrupt_and_foreign_files_are_value_errors(tmp_path):
         fastadam.load(opt, tmp_path / "missing.npz")
 
 
+def rewrite_members(source, target, change, compression=zipfile.ZIP_STORED):
+    """Copy the zip ``source`` to ``target``, member by member through
+    ``change(name, data) -> data`` (then None drops the member)."""
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w", compression) as new:
+        for info in old.infolist():
+            data = change(info.filename, old.read(info))
+            if data is not None:
+                new.writestr(info.filename, data)
+
+
+def npy_header(shape, descr="<f4"):
+    import io
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": descr, "fortran_order": False,
+                                                  "shape": shape})
+    return buffer.getvalue()
+
+
+def test_damaged_zip_members_are_value_errors(tmp_path):
+    # Found by tests/test_fuzz.py: zlib.error, NotImplementedError and RuntimeError used
+    # to escape from load() for a damaged compressed member, an unknown compression
+    # method and a member flagged as encrypted.
+    params, opt = make_setup()
+    opt.step(grads_for(params, 0))
+    good = tmp_path / "good.npz"
+    fastadam.save(opt, good)
+    deflated = tmp_path / "deflated.npz"
+    rewrite_members(good, deflated, lambda name, data: data, zipfile.ZIP_DEFLATED)
+    fastadam.load(opt, deflated)  # compressed checkpoints are fine
+    data = bytearray(deflated.read_bytes())
+    with zipfile.ZipFile(deflated) as z:
+        info = z.infolist()[0]
+    damaged = bytearray(data)
+    start = info.header_offset + 30 + len(info.filename)  # the member's compressed bytes
+    damaged[start:start + 8] = b"\xff" * 8
+    central = data.index(b"PK\x01\x02")  # the first member's central directory entry,
+    method = bytearray(data)               # which zipfile reads its method and flags from
+    method[central + 10] = 99  # compression method 99: not one zipfile reads
+    encrypted = bytearray(data)
+    encrypted[central + 8] |= 1  # general purpose flag bit 0: encrypted
+    state_before = [s["exp_avg"].tobytes() for s in opt.state]
+    for name, content in {"damaged": damaged, "method": method, "encrypted": encrypted}.items():
+        path = tmp_path / f"{name}.npz"
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match="not a readable fastadam checkpoint"):
+            fastadam.load(opt, path)
+    assert [s["exp_avg"].tobytes() for s in opt.state] == state_before
+
+
+def test_a_huge_declared_array_is_a_value_error_not_an_allocation(tmp_path):
+    # A corrupt .npy header declaring 4 TiB: NumPy would try to allocate it (MemoryError).
+    params, opt = make_setup()
+    good = tmp_path / "good.npz"
+    fastadam.save(opt, good)
+    huge = tmp_path / "huge.npz"
+    rewrite_members(good, huge, lambda name, data: npy_header((2**40,)) + data[-64:]
+                    if name.endswith("exp_avg.npy") else data)
+    with pytest.raises(ValueError, match="declares 4398046511104 bytes of data"):
+        fastadam.load(opt, huge)
+
+
 def test_checkpoint_of_another_model_is_rejected(tmp_path):
     params, opt = make_setup()
     fastadam.save(opt, tmp_path / "a.npz")

@@ -1,5 +1,7 @@
 """fastadam.Adam / AdamW: groups, one-pass steps, all-or-nothing, state dicts."""
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 
@@ -250,6 +252,17 @@ def test_skip_if_nonfinite_changes_nothing_and_counts(dtype, bad_value):
     assert opt.state[0]["step"] == 2
 
 
+def test_a_skipped_first_amsgrad_step_allocates_no_state():
+    # Found by tests/test_fuzz.py: the skip used to come after max_exp_avg_sq was allocated.
+    params = make_params(shapes=[(4,)])
+    opt = fastadam.Adam(params, amsgrad=True)
+    before = opt.state
+    assert opt.step([np.full(4, np.nan, np.float32)], skip_if_nonfinite=True) is False
+    assert opt.state[0].keys() == before[0].keys() == {"step", "exp_avg", "exp_avg_sq"}
+    assert opt.step(make_grads(params, 0), skip_if_nonfinite=True) is True
+    assert opt.state[0]["max_exp_avg_sq"].any()
+
+
 def test_nonfinite_grads_propagate_without_the_flag():
     params = make_params(shapes=[(4,)])
     opt = fastadam.Adam(params)
@@ -350,6 +363,8 @@ def test_state_dict_round_trip_continues_identically():
     (lambda sd: sd["state"][0].update(step=float("inf")), r"\['step'\] must be a whole number >= 0, got inf"),
     (lambda sd: sd["param_groups"][0].update(params=[0, 0, 1, 2, 3]), r"repeats the parameter id 0"),
     (lambda sd: sd["state"][0].update(step=1.5), r"\['step'\] must be a whole number >= 0"),
+    # found by tests/test_fuzz.py: an OverflowError before
+    (lambda sd: sd["state"][0].update(step=Fraction(10**400, 3)), r"must be a whole number >= 0"),
     (lambda sd: sd["state"][0].pop("exp_avg"), r"must have 'step', 'exp_avg' and 'exp_avg_sq'"),
     (lambda sd: sd["state"][0].pop("max_exp_avg_sq"), r"lacks 'max_exp_avg_sq' but its group uses amsgrad"),
     (lambda sd: sd["state"].update({99: sd["state"][0]}), r"belongs to no parameter"),

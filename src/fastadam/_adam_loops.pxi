@@ -78,7 +78,9 @@ cdef void _update(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
     cdef const floating* grad = (<const floating*>t.grad) + start
     cdef floating* m = (<floating*>t.exp_avg) + start
     cdef floating* v = (<floating*>t.exp_avg_sq) + start
-    cdef floating* vmax = (<floating*>t.max_exp_avg_sq) + start   # unused unless MaxV
+    cdef floating* vmax = NULL   # AMSGrad only: a plain update's pointer is NULL, and
+    if MaxTag is MaxV:           # NULL + start would be undefined behaviour in C
+        vmax = (<floating*>t.max_exp_avg_sq) + start
     cdef Py_ssize_t n = stop - start
     cdef Py_ssize_t i
     # The step's constants, cast to the element type once (never mixed into the loop

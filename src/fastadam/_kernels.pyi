@@ -46,6 +46,27 @@ def adam_step_rows(
     num_threads: int,
 ) -> None: ...
 def sum_sorted_rows(out: np.ndarray, values: np.ndarray, order: np.ndarray, first: np.ndarray) -> None: ...
+def chunk_table(sizes: Sequence[int]) -> np.ndarray: ...
+def run_chunks_from(
+    first_element: int,
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    max_exp_avg_sq: Optional[np.ndarray],
+    step: float,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+    eps_hat: bool,
+    eps_root: float,
+    grad_scale: float,
+    num_threads: int,
+) -> tuple[int, list[tuple[int, int]]]: ...
 def first_overlap(arrays: list[np.ndarray]) -> Optional[tuple[int, int]]: ...
 def set_kernels(small: tuple[Any, Any], large: tuple[Any, Any], small_limit: int) -> None: ...
 def cpu_levels() -> list[str]: ...

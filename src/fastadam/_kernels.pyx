@@ -43,6 +43,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 
 cimport numpy as cnp
+import numpy
 
 from fastadam._adam_types cimport AdamTensor, Coefficients
 
@@ -203,8 +204,7 @@ cdef int run_tensors(const AdamTensor* tensors, Py_ssize_t n_tensors,
                      int num_threads) noexcept nogil:
     """Update every tensor of the table; returns -1 (nothing written) if out of memory."""
     cdef Py_ssize_t n_chunks = _count_chunks(tensors, n_tensors)
-    cdef Py_ssize_t t, k
-    cdef const AdamTensor* tensor
+    cdef Py_ssize_t t
     cdef Chunk* chunks
     if n_chunks == 0:
         return 0
@@ -217,13 +217,21 @@ cdef int run_tensors(const AdamTensor* tensors, Py_ssize_t n_tensors,
     chunks = _make_chunks(tensors, n_tensors, n_chunks)
     if chunks == NULL:
         return -1
-    # schedule(static): each thread gets one contiguous run of chunks, so a single large
-    # tensor is split into num_threads contiguous pieces.
-    for k in prange(n_chunks, schedule='static', num_threads=num_threads):
-        tensor = &tensors[chunks[k].tensor]
-        _runner(tensor)(tensor, chunks[k].start, chunks[k].stop)
+    _run_chunks(tensors, chunks, 0, n_chunks, num_threads)
     free(chunks)
     return 0
+
+
+cdef void _run_chunks(const AdamTensor* tensors, const Chunk* chunks, Py_ssize_t first,
+                      Py_ssize_t stop, int num_threads) noexcept nogil:
+    """Chunks [first, stop) of the table, on one OpenMP team."""
+    cdef Py_ssize_t k
+    cdef const AdamTensor* tensor
+    # schedule(static): each thread gets one contiguous run of chunks, so a single large
+    # tensor is split into num_threads contiguous pieces.
+    for k in prange(first, stop, schedule='static', num_threads=num_threads):
+        tensor = &tensors[chunks[k].tensor]
+        _runner(tensor)(tensor, chunks[k].start, chunks[k].stop)
 
 
 cdef Py_ssize_t count_nonfinite_grads(const AdamTensor* tensors, Py_ssize_t n_tensors,
@@ -435,6 +443,19 @@ cdef inline char* _data(object array) except? NULL:
     return <char*>cnp.PyArray_DATA(<cnp.ndarray?>array)
 
 
+cdef int _fill_tensor(AdamTensor* t, object param, object grad, object exp_avg,
+                      object exp_avg_sq, object max_exp_avg_sq) except -1:
+    """t's buffers: validated, contiguous, aligned, same-dtype 1-D NumPy arrays."""
+    t.size = cnp.PyArray_SIZE(<cnp.ndarray?>param)
+    t.is_double = cnp.PyArray_TYPE(<cnp.ndarray>param) == cnp.NPY_DOUBLE
+    t.param = _data(param)
+    t.grad = _data(grad)
+    t.exp_avg = _data(exp_avg)
+    t.exp_avg_sq = _data(exp_avg_sq)
+    t.max_exp_avg_sq = NULL if max_exp_avg_sq is None else _data(max_exp_avg_sq)
+    return 0
+
+
 def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, double step, double lr,
               double beta1, double beta2, double eps, double weight_decay,
               bint decoupled_weight_decay, bint maximize, bint eps_hat, double eps_root,
@@ -445,13 +466,7 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, double step, dou
     """
     cdef AdamTensor t
     cdef int status
-    t.size = cnp.PyArray_SIZE(<cnp.ndarray>param)
-    t.is_double = cnp.PyArray_TYPE(<cnp.ndarray>param) == cnp.NPY_DOUBLE
-    t.param = _data(param)
-    t.grad = _data(grad)
-    t.exp_avg = _data(exp_avg)
-    t.exp_avg_sq = _data(exp_avg_sq)
-    t.max_exp_avg_sq = NULL if max_exp_avg_sq is None else _data(max_exp_avg_sq)
+    _fill_tensor(&t, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)
     fill_coefficients(&t.coef, step, lr, beta1, beta2, eps, weight_decay,
                       decoupled_weight_decay, max_exp_avg_sq is not None, maximize,
                       eps_hat, eps_root, grad_scale)
@@ -485,6 +500,65 @@ def adam_step_rows(param, grad_rows, rows, Py_ssize_t row_size, exp_avg, exp_avg
                       eps_hat, eps_root, grad_scale)
     with nogil:
         run_rows(&u, num_threads)
+
+
+# --- testing the 64-bit index arithmetic without 8 GiB buffers (tests/test_large_buffers.py) ---
+
+def chunk_table(sizes):
+    """The chunk table the engine would build for tensors of these element counts, as
+    (tensor, start, stop) rows of an int64 array; no buffer is needed (testing only)."""
+    cdef Py_ssize_t n = len(sizes), t
+    cdef AdamTensor* tensors = <AdamTensor*>calloc(max(n, 1), sizeof(AdamTensor))
+    cdef Chunk* chunks = NULL
+    cdef Py_ssize_t n_chunks
+    cdef int64_t[:, ::1] rows
+    if tensors == NULL:
+        raise MemoryError()
+    try:
+        for t in range(n):
+            tensors[t].size = sizes[t]
+        n_chunks = _count_chunks(tensors, n)
+        table = numpy.empty((n_chunks, 3), numpy.int64)
+        rows = table
+        chunks = _make_chunks(tensors, n, n_chunks)
+        if chunks == NULL and n_chunks > 0:
+            raise MemoryError()
+        for t in range(n_chunks):
+            rows[t, 0], rows[t, 1], rows[t, 2] = chunks[t].tensor, chunks[t].start, chunks[t].stop
+        return table
+    finally:
+        free(tensors)
+        free(chunks)
+
+
+def run_chunks_from(Py_ssize_t first_element, param, grad, exp_avg, exp_avg_sq,
+                    max_exp_avg_sq, double step, double lr, double beta1, double beta2,
+                    double eps, double weight_decay, bint decoupled_weight_decay,
+                    bint maximize, bint eps_hat, double eps_root, double grad_scale,
+                    int num_threads):
+    """adam_step's chunk engine on one tensor, skipping the chunks that start before
+    ``first_element``: elements past 2**31 of a sparse (mostly untouched) memory map are
+    updated through the same chunk table, prange loop and kernels as every step.
+    Returns (chunks in the table, [(start, stop) of each chunk run]). Testing only."""
+    cdef AdamTensor t
+    cdef Py_ssize_t n_chunks, first = 0, k
+    cdef Chunk* chunks
+    _fill_tensor(&t, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)
+    fill_coefficients(&t.coef, step, lr, beta1, beta2, eps, weight_decay,
+                      decoupled_weight_decay, max_exp_avg_sq is not None, maximize,
+                      eps_hat, eps_root, grad_scale)
+    n_chunks = _count_chunks(&t, 1)
+    chunks = _make_chunks(&t, 1, n_chunks)
+    if chunks == NULL:
+        raise MemoryError()
+    try:
+        while first < n_chunks and chunks[first].start < first_element:
+            first += 1
+        with nogil:
+            _run_chunks(&t, chunks, first, n_chunks, max(1, min(num_threads, n_chunks - first)))
+        return n_chunks, [(chunks[k].start, chunks[k].stop) for k in range(first, n_chunks)]
+    finally:
+        free(chunks)
 
 
 cdef struct GroupHyperparameters:

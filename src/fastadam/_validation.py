@@ -366,13 +366,22 @@ def check_step_count(value: Any, name: str) -> int:
         raise TypeError(f"{name} must be a whole number, got {type(value).__name__}")
     if isinstance(item, numbers.Integral):
         count = operator.index(item)
-    elif math.isfinite(item) and float(item).is_integer():
+    elif _is_whole(item):
         count = int(float(item))
     else:
-        raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
+        raise ValueError(f"{name} must be a whole number >= 0, got {value!r:.80}")
     if not 0 <= count <= MAX_STEP - 1:
         raise ValueError(f"{name} must be a whole number in [0, 2**63 - 2], got {count}")
     return count
+
+
+def _is_whole(value: Any) -> bool:
+    """Is this real number finite and whole? (False beyond the float range, where a
+    Fraction's conversion overflows: found by tests/test_fuzz.py.)"""
+    try:
+        return math.isfinite(value) and float(value).is_integer()
+    except OverflowError:
+        return False
 
 
 def check_group_hyperparameters(group: Mapping, name: str, step: int) -> GroupHyperparameters:

@@ -14,9 +14,11 @@ comes back with the step counts).
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import zipfile
+import zlib
 from typing import Any, Dict, Tuple, Union
 
 import numpy as np
@@ -136,17 +138,36 @@ def read_npz(path: str) -> Tuple[Any, Dict[str, np.ndarray]]:
             with archive:
                 if HEADER not in archive.files:
                     raise ValueError("no fastadam header")
+                for name in archive.files:
+                    _check_declared_size(archive, name)
                 header = json.loads(str(archive[HEADER]))
                 arrays = {name: archive[name] for name in archive.files if name != HEADER}
     except FileNotFoundError:
         raise
-    # zipfile reports some damaged fields as NotImplementedError (a compression method,
-    # flag or version it does not know) or RuntimeError (the encryption flag: "password
-    # required"); tests/test_checkpoint.py flips every byte of a checkpoint to find them.
+    # What a corrupt zip can raise besides BadZipFile (found by tests/test_fuzz.py): zlib's
+    # error for a damaged compressed member, NotImplementedError for a compression method,
+    # zip version or flag it does not read, RuntimeError for a member marked as encrypted.
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError,
-            UnicodeDecodeError, NotImplementedError, RuntimeError) as exc:
+            UnicodeDecodeError, zlib.error, NotImplementedError, RuntimeError) as exc:
         raise ValueError(f"{path} is not a readable fastadam checkpoint ({exc})") from None
     return header, arrays
+
+
+def _check_declared_size(archive: Any, name: str) -> None:
+    """Refuse a member whose .npy header declares more data than the member holds, before
+    NumPy allocates the declared size (a corrupt header would otherwise be a MemoryError,
+    or a huge allocation, instead of a ValueError)."""
+    member = f"{name}.npy"
+    size = archive.zip.getinfo(member).file_size
+    with archive.zip.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    declared = math.prod(shape) * dtype.itemsize
+    if declared > size:
+        raise ValueError(f"{name} declares {declared} bytes of data, its member holds {size}")
 
 
 def _state_dict(opt: Adam, header: Dict[str, Any], arrays: Dict[str, np.ndarray],

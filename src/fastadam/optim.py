@@ -244,12 +244,12 @@ class Adam:
                                                                   strict=True)
             skip_if_nonfinite = check_flag(skip_if_nonfinite, "skip_if_nonfinite")
             grads = check_grads(self._current_table(), grads, self._params)
-            table = self._table_with_amsgrad_state(hyper)  # allocates only after every check
             threads = threads_for(self._num_threads,
                                   updated_elements(grads, self._params, self._total_size))
-            if skip_if_nonfinite and table.count_nonfinite(grads, threads):
-                self.skipped_steps += 1
+            if skip_if_nonfinite and self._current_table().count_nonfinite(grads, threads):
+                self.skipped_steps += 1  # before any AMSGrad state is allocated: nothing changes
                 return False
+            table = self._table_with_amsgrad_state(hyper)  # allocates only after every check
             table.step(grads, hyper, scale, threads)
             return True
 

@@ -1,0 +1,841 @@
+"""Fuzzing every public entry point with malformed input (hypothesis).
+
+Entry points: ``fastadam.adam_step``, ``Adam``/``AdamW`` construction, ``step``,
+``load_state_dict`` and ``fastadam.load``. Every generated call is built so that the test
+knows whether it is valid, and the oracle is:
+
+* valid: the call succeeds and every buffer holds what the NumPy reference
+  (tests/reference.py) computes, in the buffers' dtype, from the values before the call;
+* invalid: it raises TypeError or ValueError (never SystemError, MemoryError,
+  BufferError, OverflowError, ...) and every byte of every buffer the test allocated,
+  and the optimizer's state and step counts, are as before.
+
+A crash (a segfault in the kernels) kills the pytest process, so it fails the run too.
+
+Malformed input: wrong types; NumPy arrays and buffer exporters of other formats
+(float16 'e', int32 'i', big-endian '>f', complex64 'Zf', bytearray 'B', array.array('i'));
+strided, negative-stride and Fortran-order views; read-only and unaligned buffers; the
+same buffer twice and overlapping views of one block; element counts and shapes that
+differ; huge, negative, bool and float step counts; non-finite, out-of-range and
+wrongly-typed hyperparameters; damaged state dicts and checkpoint files.
+
+Depth: the default profile runs FUZZ_EXAMPLES examples per entry point (a few seconds in
+all). ``FASTADAM_FUZZ=deep python -m pytest tests/test_fuzz.py`` runs 25 times more.
+"""
+
+import array
+import ctypes
+import json
+import math
+import os
+import sys
+from decimal import Decimal
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, event, given, note, settings
+from hypothesis import strategies as st
+
+import fastadam
+from fastadam import checkpoint
+
+from reference import adam_reference as _adam_reference
+
+FUZZ_EXAMPLES = 150
+PROFILES = {"default": FUZZ_EXAMPLES, "deep": 25 * FUZZ_EXAMPLES}
+fuzz = settings(
+    max_examples=PROFILES[os.environ.get("FASTADAM_FUZZ", "default")],
+    deadline=None,  # sanitizer and valgrind runs are 10-50x slower
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+REJECTIONS = (TypeError, ValueError)
+
+
+def adam_reference(*args, **kwargs):
+    with np.errstate(all="ignore"):  # NaN and Inf inputs are part of the fuzz
+        return _adam_reference(*args, **kwargs)
+
+
+# --- memory the test owns, to prove that a rejected call wrote nothing -------------------
+
+class Memory:
+    """Every block a test case allocates; ``snapshot()`` is all of their bytes."""
+
+    def __init__(self):
+        self.blocks = []
+
+    def keep(self, block):
+        self.blocks.append(block)
+        return block
+
+    def snapshot(self):
+        return [b.tobytes(order="A") if isinstance(b, np.ndarray)  # also Fortran order
+                else bytes(memoryview(b).cast("B")) for b in self.blocks]
+
+
+class Buffer:
+    """One generated buffer argument: the object passed, a NumPy view of the same memory
+    in logical order (None if its elements are not float32/float64), and what it may be
+    used as."""
+
+    def __init__(self, obj, view, *, readable=True, writable=True, aligned=True):
+        self.obj, self.view = obj, view
+        self.readable, self.writable, self.aligned = readable, writable, aligned
+
+    def __repr__(self):
+        view = None if self.view is None else (self.view.dtype.str, self.view.shape)
+        return (f"Buffer({type(self.obj).__name__}, {view}, readable={self.readable}, "
+                f"writable={self.writable}, aligned={self.aligned})")
+
+    @property
+    def dtype(self):
+        return None if self.view is None else self.view.dtype
+
+
+def invalid(obj):
+    return Buffer(obj, None, readable=False, writable=False)
+
+
+FORMAT = {np.dtype(np.float32): "f", np.dtype(np.float64): "d"}
+CTYPE = {np.dtype(np.float32): ctypes.c_float, np.dtype(np.float64): ctypes.c_double}
+
+
+def fresh(values, mem):
+    return mem.keep(values.copy())
+
+
+# Each kind turns float values (1-D, float32 or float64) into a buffer argument.
+def k_ndarray(values, mem):
+    a = fresh(values, mem)
+    return Buffer(a, a)
+
+
+def k_ndarray_2d(values, mem):
+    a = fresh(values, mem)
+    rows = 2 if values.size % 2 == 0 else 1
+    return Buffer(a.reshape(rows, -1), a)
+
+
+def k_memoryview(values, mem):
+    a = fresh(values, mem)
+    return Buffer(memoryview(a), a)
+
+
+def k_memoryview_cast(values, mem):
+    a = fresh(values, mem)
+    return Buffer(memoryview(a).cast("B").cast(FORMAT[a.dtype]), a)
+
+
+def k_array_array(values, mem):
+    block = mem.keep(array.array(FORMAT[values.dtype], values.tobytes()))
+    return Buffer(block, np.frombuffer(block, values.dtype))
+
+
+def k_bytearray_view(values, mem):
+    block = mem.keep(bytearray(values.tobytes()))
+    return Buffer(memoryview(block).cast(FORMAT[values.dtype]), np.frombuffer(block, values.dtype))
+
+
+def k_ctypes(values, mem):
+    block = mem.keep((CTYPE[values.dtype] * values.size).from_buffer_copy(values.tobytes()))
+    return Buffer(block, np.frombuffer(block, values.dtype))
+
+
+def k_unaligned(values, mem):
+    raw = mem.keep(bytearray(values.nbytes + 1))
+    view = np.frombuffer(raw, values.dtype, count=values.size, offset=1)
+    view[...] = values
+    return Buffer(view, view, aligned=bool(view.flags.aligned))
+
+
+def k_read_only(values, mem):
+    a = fresh(values, mem)
+    a.flags.writeable = False
+    return Buffer(a, a, writable=False)
+
+
+def k_bytes_view(values, mem):
+    block = mem.keep(values.tobytes())
+    return Buffer(memoryview(block).cast(FORMAT[values.dtype]), np.frombuffer(block, values.dtype),
+                  writable=False)
+
+
+def converted(values, dtype):
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN or Inf to int32
+        return values.astype(dtype)
+
+
+def wrong_dtype(dtype):
+    def kind(values, mem):
+        return invalid(mem.keep(converted(values, dtype)))
+    kind.__name__ = f"k_{np.dtype(dtype).str}"
+    return kind
+
+
+def wrong_format_view(dtype):
+    def kind(values, mem):  # formats 'e', 'i', '>f', 'Zf'
+        return invalid(memoryview(mem.keep(converted(values, dtype))))
+    kind.__name__ = f"k_view_{np.dtype(dtype).str}"
+    return kind
+
+
+def k_array_array_int(values, mem):
+    return invalid(mem.keep(array.array("i", range(values.size))))
+
+
+def k_bytearray(values, mem):
+    return invalid(mem.keep(bytearray(values.tobytes())))
+
+
+def k_strided(values, mem):
+    base = mem.keep(np.zeros(2 * values.size, values.dtype))
+    view = base[::2]
+    view[...] = values
+    return Buffer(view, view) if values.size <= 1 else invalid(view)
+
+
+def k_reversed(values, mem):
+    view = fresh(values[::-1], mem)[::-1]
+    return Buffer(view, view) if values.size <= 1 else invalid(view)
+
+
+def k_fortran(values, mem):
+    if values.size < 4 or values.size % 2:
+        return k_strided(values, mem)
+    block = mem.keep(np.asfortranarray(values.reshape(2, -1)))
+    return invalid(block)
+
+
+def non_buffer(obj):
+    def kind(values, mem):
+        return invalid(obj(values) if callable(obj) else obj)
+    kind.__name__ = f"k_{type(obj).__name__}"
+    return kind
+
+
+VALID_KINDS = [k_ndarray, k_ndarray_2d, k_memoryview, k_memoryview_cast, k_array_array,
+               k_bytearray_view, k_ctypes, k_unaligned]
+READ_ONLY_KINDS = [k_read_only, k_bytes_view]
+INVALID_KINDS = ([wrong_dtype(d) for d in (np.float16, np.int32, ">f4", np.complex64)]
+                 + [wrong_format_view(d) for d in (np.float16, np.int32, ">f4", np.complex64)]
+                 + [k_array_array_int, k_bytearray, k_strided, k_reversed, k_fortran,
+                    non_buffer(None), non_buffer(1.5), non_buffer("param"),
+                    non_buffer(lambda v: list(v)), non_buffer({})])
+ALL_KINDS = VALID_KINDS + READ_ONLY_KINDS + INVALID_KINDS
+
+
+def kinds(broken, aligned=False):
+    if broken:
+        return st.sampled_from(ALL_KINDS)
+    return st.sampled_from([k for k in VALID_KINDS if not aligned or k is not k_unaligned])
+
+
+# --- hyperparameters: (value, valid?) ---------------------------------------------------
+
+NON_REALS = st.sampled_from([None, "0.1", b"1", 1j, [0.1], True, False, np.bool_(True),
+                             Decimal("0.1"), object()])
+NON_FINITE = st.sampled_from([math.nan, math.inf, -math.inf, np.float32("nan"),
+                              np.float64("-inf"), 10**400, -(10**400), Fraction(10**400, 3)])
+
+
+def real_types(floats):
+    """The same value as a float, NumPy scalar, int (when whole) or Fraction."""
+    return floats.flatmap(lambda x: st.sampled_from(
+        [x, np.float64(x), Fraction(x)] + ([int(x)] if float(x).is_integer() else [])))
+
+
+def hyper(valid, out_of_range):
+    return {"valid": real_types(valid),
+            "invalid": st.one_of(NON_REALS, NON_FINITE, real_types(out_of_range))}
+
+
+def negative():  # strictly: -0.0 is a valid 0
+    return st.floats(max_value=-5e-324, allow_nan=False, allow_infinity=False)
+
+
+HYPER = {
+    "lr": hyper(st.floats(0.0, 10.0), negative()),
+    "beta1": hyper(st.floats(0.0, 1.0, exclude_max=True),
+                   st.one_of(negative(), st.floats(1.0, 1e300))),
+    "beta2": hyper(st.floats(0.0, 1.0, exclude_max=True),
+                   st.one_of(negative(), st.floats(1.0, 1e300))),
+    "eps": hyper(st.floats(0.0, 1.0), negative()),
+    "weight_decay": hyper(st.floats(0.0, 1.0), negative()),
+    "eps_root": hyper(st.sampled_from([0.0, 1e-12, 1e-8]), negative()),
+    "grad_scale": hyper(st.floats(1e-3, 1e3), st.floats(max_value=0.0, allow_nan=False,
+                                                         allow_infinity=False)),
+    "step": {"valid": st.one_of(st.integers(1, 2**63 - 1), st.integers(1, 10).map(np.int64),
+                                st.just(np.uint64(2**63 - 1))),
+             "invalid": st.one_of(st.integers(max_value=0), st.integers(min_value=2**63),
+                                  st.sampled_from([True, False, 1.0, 2.5, np.float64(2.0), "1",
+                                                   None, np.uint64(2**64 - 1), 1 + 0j]))},
+}
+FLAG = {"valid": st.sampled_from([True, False, np.bool_(True), np.bool_(False)]),
+        "invalid": st.sampled_from([0, 1, None, "True", 1.0, np.int64(1)])}
+for _flag in ("decoupled_weight_decay", "maximize", "eps_hat"):
+    HYPER[_flag] = FLAG
+NUM_THREADS = {"valid": st.sampled_from([None, 1, 2, 3, np.int32(2)]),
+               "invalid": st.sampled_from([0, -1, 2**31, 2**64, True, 1.5, "2", np.float64(2)])}
+
+
+@st.composite
+def hyperparameters(draw, names, broken):
+    """{name: value}, and whether every value is valid. ``broken``: at least one is not."""
+    bad = set(draw(st.sets(st.sampled_from(names), min_size=1))) if broken else set()
+    values = {name: draw(HYPER[name]["invalid" if name in bad else "valid"]) for name in names}
+    if {"eps_hat", "eps_root"} <= set(values) and not bad & {"eps_hat", "eps_root"}:
+        # both epsilon forms at once is invalid: rarely on purpose, else eps_root = 0
+        if values["eps_hat"] and not draw(st.integers(0, 9)) == 0:
+            values["eps_root"] = 0.0
+        elif values["eps_hat"] and values["eps_root"] > 0:
+            bad.add("eps_root")
+    return values, not bad
+
+
+def as_float(values):
+    return {k: (bool(v) if isinstance(v, (bool, np.bool_)) else float(v)) for k, v in values.items()}
+
+
+def values_for(draw, dtype, size):
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    specials = draw(st.sampled_from([None, None, None, np.nan, np.inf, 0.0]))
+    values = rng.standard_normal(size)
+    if specials is not None and size:
+        values[rng.integers(size)] = specials
+    return values.astype(dtype)
+
+
+def assert_unchanged(mem, before, what="a rejected call"):
+    after = mem.snapshot()
+    for i, (a, b) in enumerate(zip(after, before)):
+        assert a == b, f"{what} changed block {i} ({type(mem.blocks[i]).__name__})"
+
+
+def call_checked(function, mem):
+    """Run ``function``; return (accepted, exception). Anything but TypeError/ValueError
+    propagates (and fails the test); a rejection must leave every block unchanged."""
+    before = mem.snapshot()
+    try:
+        function()
+    except REJECTIONS as exc:
+        event(f"rejected: {type(exc).__name__}")
+        assert_unchanged(mem, before)
+        return False, exc
+    event("accepted")
+    return True, None
+
+
+# --- adam_step ------------------------------------------------------------------------------
+
+SLOTS = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+STEP_HYPER = ("step", "lr", "beta1", "beta2", "eps", "weight_decay", "decoupled_weight_decay",
+              "maximize", "eps_hat", "eps_root", "grad_scale")
+
+
+@st.composite
+def adam_step_calls(draw):
+    mem = Memory()
+    broken = draw(st.sampled_from(["nothing", "buffers", "hyperparameters", "both"]))
+    buffers_broken = broken in ("buffers", "both")
+    size = draw(st.integers(0, 40))
+    dtype = np.dtype(draw(st.sampled_from([np.float32, np.float64])))
+    amsgrad = draw(st.booleans())
+    slots = SLOTS if amsgrad else SLOTS[:4]
+    bufs = {}
+    for name in slots:
+        slot_dtype, slot_size = dtype, size
+        if buffers_broken and draw(st.integers(0, 4)) == 0:
+            slot_dtype = np.dtype(np.float64 if dtype == np.float32 else np.float32)
+        if buffers_broken and draw(st.integers(0, 5)) == 0:
+            slot_size = size + draw(st.sampled_from([-1, 1, 5]))
+            assume(slot_size >= 0)
+        values = values_for(draw, slot_dtype, slot_size)
+        if name in ("exp_avg_sq", "max_exp_avg_sq"):
+            values = np.abs(values)
+        bufs[name] = draw(kinds(buffers_broken))(values, mem)
+    overlap = False
+    if buffers_broken and size and draw(st.booleans()):
+        # two slots share memory: the same object, or views of one block `shift` apart
+        first, second = draw(st.lists(st.sampled_from(slots), min_size=2, max_size=2,
+                                      unique=True))
+        shift = draw(st.integers(0, size + 1))
+        block = mem.keep(np.zeros(2 * size + 1, dtype))
+        if shift == 0 and draw(st.booleans()):
+            bufs[second] = bufs[first]
+            overlap = bufs[first].view is None or bufs[first].view.size > 0
+        else:
+            for name, offset in ((first, 0), (second, shift)):
+                view = block[offset:offset + size]
+                view[...] = np.abs(values_for(draw, dtype, size))
+                bufs[name] = Buffer(view, view)
+            overlap = shift < size
+    param = bufs["param"]
+    valid = not overlap and param.view is not None and all(
+        (b.readable if name == "grad" else b.writable) and b.dtype == param.dtype
+        and b.view.size == param.view.size for name, b in bufs.items())
+    hyper, hyper_valid = draw(hyperparameters(STEP_HYPER, broken in ("hyperparameters", "both")))
+    threads_key = "invalid" if broken == "hyperparameters" and draw(st.integers(0, 5)) == 0 \
+        else "valid"
+    num_threads = draw(NUM_THREADS[threads_key])
+    note(f"buffers valid: {valid}, hyperparameters valid: {hyper_valid}, threads: {threads_key}")
+    return mem, bufs, hyper, num_threads, valid and hyper_valid and threads_key == "valid"
+
+
+@fuzz
+@given(adam_step_calls())
+def test_adam_step(case):
+    mem, bufs, hyper, num_threads, valid = case
+    before = {name: None if b.view is None else b.view.copy() for name, b in bufs.items()}
+
+    def call():
+        fastadam.adam_step(bufs["param"].obj, bufs["grad"].obj, bufs["exp_avg"].obj,
+                           bufs["exp_avg_sq"].obj,
+                           max_exp_avg_sq=bufs["max_exp_avg_sq"].obj if "max_exp_avg_sq" in bufs
+                           else None, num_threads=num_threads, **hyper)
+
+    accepted, exc = call_checked(call, mem)
+    assert accepted == valid, f"valid={valid} but the call raised {exc!r}"
+    if not accepted:
+        return
+    floats = as_float(hyper)
+    floats["step"] = int(hyper["step"])
+    expected = adam_reference(before["param"], before["grad"], before["exp_avg"],
+                              before["exp_avg_sq"], before.get("max_exp_avg_sq"),
+                              dtype=before["param"].dtype, **floats)
+    for name, want in zip(("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"), expected):
+        if want is not None:
+            np.testing.assert_array_equal(bufs[name].view, want, err_msg=name)
+    np.testing.assert_array_equal(bufs["grad"].view, before["grad"])
+
+
+# --- Adam / AdamW construction --------------------------------------------------------------
+
+GROUP_HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay", "eps_hat", "eps_root")
+HYPER["amsgrad"] = FLAG
+
+
+def group_kwargs(values):
+    """Adam's keyword arguments from drawn values (beta1/beta2 become betas)."""
+    kwargs = {k: v for k, v in values.items() if k not in ("beta1", "beta2")}
+    if "beta1" in values:
+        kwargs["betas"] = (values["beta1"], values["beta2"])
+    return kwargs
+
+
+@st.composite
+def param_lists(draw, mem, broken, count=None):
+    """(objects, views, valid) for a list of parameters."""
+    n = count if count is not None else draw(st.integers(1, 3))
+    bufs = []
+    for _ in range(n):
+        dtype = np.dtype(draw(st.sampled_from([np.float32, np.float64])))
+        values = values_for(draw, dtype, draw(st.integers(0, 12)))
+        bufs.append(draw(kinds(broken, aligned=True))(values, mem))
+    overlap = False
+    if broken and len(bufs) > 1 and draw(st.booleans()):
+        bufs[-1] = bufs[0]  # the same parameter twice
+        overlap = bufs[0].view is None or bufs[0].view.size > 0
+    valid = not overlap and all(b.writable and b.aligned for b in bufs)
+    objs, views = [b.obj for b in bufs], [b.view for b in bufs]
+    return objs, views, valid
+
+
+@st.composite
+def constructions(draw):
+    mem = Memory()
+    broken = draw(st.sampled_from(["nothing", "params", "hyperparameters", "container"]))
+    objs, views, params_valid = draw(param_lists(mem, broken == "params"))
+    values, hyper_valid = draw(hyperparameters(GROUP_HYPER + ("amsgrad", "maximize"),
+                                               broken == "hyperparameters"))
+    kwargs = group_kwargs(values)
+    if draw(st.booleans()):
+        kwargs["lr"] = (lambda lr: (lambda step: lr))(kwargs["lr"])  # a schedule
+    cls = draw(st.sampled_from([fastadam.Adam, fastadam.AdamW]))
+    params, valid = objs, params_valid and hyper_valid
+    if broken == "container":
+        params, what = draw(st.sampled_from([
+            (views[0], "a bare array"), (None, "None"), (3, "an int"), ([], "empty"),
+            ([{"lr": 0.1}], "a group without params"), ([{"params": objs, "foo": 1}], "unknown key"),
+            ([{"params": objs}, objs[0]], "a group and a tensor mixed"),
+            ({"params": objs}, "a bare group dict"),
+            ([{"params": objs}, {"params": objs}], "the same params in two groups"),
+        ]))
+        # the same params twice do not overlap if they are all empty
+        valid = what == "the same params in two groups" and all(v.size == 0 for v in views) \
+            and hyper_valid
+        if valid:
+            views = views + views
+    elif draw(st.booleans()):
+        params = [{"params": objs, **kwargs}]
+        kwargs = {}
+    return mem, cls, params, kwargs, views, valid
+
+
+@fuzz
+@given(constructions())
+def test_optimizer_construction(case):
+    mem, cls, params, kwargs, views, valid = case
+    made = []
+    accepted, exc = call_checked(lambda: made.append(cls(params, **kwargs)), mem)
+    assert accepted == valid, f"valid={valid} but construction raised {exc!r}"
+    if not accepted:
+        return
+    opt = made[0]
+    group = opt.param_groups[0]
+    rng = np.random.default_rng(0)
+    grads = [rng.standard_normal(s["exp_avg"].shape).astype(v.dtype)
+             for s, v in zip(opt.state, views)]
+    before = [v.copy() for v in views]
+    assert opt.step(grads)
+    lr = group["lr"](1) if callable(group["lr"]) else group["lr"]
+    floats = as_float({"lr": lr, "beta1": group["betas"][0], "beta2": group["betas"][1],
+                       "eps": group["eps"], "weight_decay": group["weight_decay"],
+                       "eps_hat": group["eps_hat"], "eps_root": group["eps_root"],
+                       "maximize": group["maximize"],
+                       "decoupled_weight_decay": group["decoupled_weight_decay"]})
+    for view, old, grad in zip(views, before, grads):
+        zeros = np.zeros_like(old)
+        want = adam_reference(old, grad, zeros, zeros, zeros if group["amsgrad"] else None,
+                              step=1, dtype=old.dtype, **floats)
+        np.testing.assert_array_equal(view.reshape(-1), want[0])
+
+
+# --- step -----------------------------------------------------------------------------------
+
+def make_optimizer(draw, mem):
+    """A valid optimizer over 1-3 parameters (maybe two groups), stepped 0-2 times."""
+    objs, views, _ = draw(param_lists(mem, False))
+    for k, view in enumerate(views):
+        if view.size % 2 == 0 and view.size and draw(st.booleans()):
+            objs[k] = view.reshape(2, -1)  # shaped parameters, whose grads must match
+    amsgrad = draw(st.booleans())
+    if len(objs) > 1 and draw(st.booleans()):
+        opt = fastadam.Adam([{"params": objs[:1]}, {"params": objs[1:], "amsgrad": amsgrad,
+                                                    "lr": 0.05}], lr=0.01)
+    else:
+        opt = fastadam.AdamW(objs, lr=0.01, amsgrad=amsgrad)
+    shapes = [np.shape(np.asarray(o)) for o in objs]
+    for t in range(draw(st.integers(0, 2))):
+        rng = np.random.default_rng(t)
+        opt.step([rng.standard_normal(s).astype(v.dtype) for s, v in zip(shapes, views)])
+    return opt, views, shapes
+
+
+def optimizer_state(opt):
+    return [{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in s.items()}
+            for s in opt.state]
+
+
+def assert_same_state(got, want):
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys()
+        for key in a:
+            if key == "step":
+                assert a[key] == b[key]
+            else:
+                assert a[key].dtype == b[key].dtype and a[key].tobytes() == b[key].tobytes(), key
+
+
+@st.composite
+def step_calls(draw):
+    mem = Memory()
+    opt, views, shapes = make_optimizer(draw, mem)
+    broken = draw(st.sampled_from(["nothing", "grads", "container", "arguments", "groups"]))
+    grads, valid = [], True
+    for i, (view, shape) in enumerate(zip(views, shapes)):
+        buf = draw(kinds(broken == "grads"))(values_for(draw, view.dtype, view.size), mem)
+        obj = buf.obj
+        if isinstance(obj, np.ndarray) and len(shape) == 2 and buf.view is not None \
+                and buf.view.size == view.size and obj.flags.c_contiguous:
+            obj = obj.reshape(shape)  # a shaped param's grad must have its shape
+        seen_shape = obj.shape if isinstance(obj, np.ndarray) else (
+            memoryview(obj).shape if buf.view is not None else None)
+        ok = buf.readable and buf.dtype == view.dtype and seen_shape == shape
+        if broken == "grads" and draw(st.integers(0, 5)) == 0:
+            state = opt.state[i]
+            obj = draw(st.sampled_from([views[i].reshape(shape), state["exp_avg"],
+                                        state["exp_avg_sq"]]))  # memory the step writes
+            ok = view.size == 0
+        grads.append(obj)
+        valid &= ok
+    objs = grads
+    container = objs
+    if broken == "container":
+        container = draw(st.sampled_from([objs[:-1], objs + objs[:1], None, 7,
+                                          np.zeros(len(objs)), {"0": objs[0]}]))
+        valid = False
+    elif draw(st.booleans()):
+        container = tuple(objs)
+    kwargs = {}
+    if broken == "arguments":
+        kwargs = draw(st.sampled_from([{"grad_scale": 0.0}, {"grad_scale": -1.0},
+                                       {"grad_scale": math.nan}, {"grad_scale": "2"},
+                                       {"skip_if_nonfinite": 1}, {"skip_if_nonfinite": None},
+                                       {"grad_scale": True}]))
+        valid = False
+    elif draw(st.booleans()):
+        kwargs["grad_scale"] = draw(st.sampled_from([None, 1.0, 2.0, 1024]))
+        kwargs["skip_if_nonfinite"] = draw(st.booleans())
+    if broken == "groups":
+        group = opt.param_groups[-1]
+        edit = draw(st.sampled_from(["lr", "betas", "eps", "amsgrad", "params", "schedule",
+                                     "remove"]))
+        if edit == "remove":
+            opt.param_groups.pop()
+        elif edit == "params":
+            group["params"] = list(group["params"])
+        elif edit == "schedule":
+            group["lr"] = lambda step: math.nan
+        else:
+            group[edit] = {"lr": -1.0, "betas": (0.9, 1.0), "eps": math.inf, "amsgrad": 1}[edit]
+        valid = False
+    return mem, opt, views, container, kwargs, valid
+
+
+@fuzz
+@given(step_calls())
+def test_step(case):
+    mem, opt, views, grads, kwargs, valid = case
+    state_before, skipped = optimizer_state(opt), opt.skipped_steps
+    params_before = [v.copy() for v in views]
+    grad_copies = [np.array(g, copy=True) for g in grads] if valid else None
+    result = []
+    accepted, exc = call_checked(lambda: result.append(opt.step(grads, **kwargs)), mem)
+    assert accepted == valid, f"valid={valid} but step raised {exc!r}"
+    if not accepted:
+        assert_same_state(optimizer_state(opt), state_before)
+        assert opt.skipped_steps == skipped
+        return
+    scale = kwargs.get("grad_scale") or 1.0
+    nonfinite = any(not np.isfinite(g).all() for g in grad_copies)
+    if kwargs.get("skip_if_nonfinite") and nonfinite:
+        assert result == [False] and opt.skipped_steps == skipped + 1
+        assert_same_state(optimizer_state(opt), state_before)
+        return
+    assert result == [True]
+    for i, (view, old, grad, state) in enumerate(zip(views, params_before, grad_copies,
+                                                     state_before)):
+        group = opt.param_groups[opt._group_of[i]]
+        floats = as_float({"lr": group["lr"], "beta1": group["betas"][0],
+                           "beta2": group["betas"][1], "eps": group["eps"],
+                           "weight_decay": group["weight_decay"], "maximize": group["maximize"],
+                           "decoupled_weight_decay": group["decoupled_weight_decay"],
+                           "grad_scale": scale})
+        vmax = state.get("max_exp_avg_sq", np.zeros_like(old)) if group["amsgrad"] else None
+        want = adam_reference(old, grad, state["exp_avg"], state["exp_avg_sq"], vmax,
+                              step=state["step"] + 1, dtype=old.dtype, **floats)
+        np.testing.assert_array_equal(view.reshape(-1), want[0])
+        assert opt.state[i]["step"] == state["step"] + 1
+
+
+# --- load_state_dict --------------------------------------------------------------------------
+
+INVALID_EDITS = [
+    "not a mapping", "no state", "no param_groups", "groups not a sequence",
+    "state not a mapping", "extra group", "group not a dict", "ids too few", "duplicate id",
+    "unhashable id", "missing key", "bad lr", "bad betas", "bad amsgrad", "unknown state id",
+    "entry not a mapping", "entry without exp_avg", "bad step", "bad array",
+]
+VALID_EDITS = ["drop an entry", "another step", "renamed ids", "new hyperparameters",
+               "new values", "nothing"]
+BAD_STEPS = [-1, 1.5, math.nan, math.inf, True, "3", 2**63, None, np.array([1, 2]), 1j,
+             Fraction(10**400, 3), Decimal(2)]
+
+
+def bad_array(draw, array):
+    return draw(st.sampled_from([
+        array.astype(np.float64 if array.dtype == np.float32 else np.float32),
+        array.astype(np.int32), array.reshape(-1)[:-1] if array.size else np.zeros(1, array.dtype),
+        np.zeros(array.shape + (1,), array.dtype), None, "array", np.zeros((), array.dtype),
+    ]))
+
+
+@st.composite
+def state_dicts(draw, edit):
+    mem = Memory()
+    opt, views, _ = make_optimizer(draw, mem)
+    sd = opt.state_dict()
+    ids = [i for g in sd["param_groups"] for i in g["params"]]
+    entry = sd["state"][draw(st.sampled_from(ids))]
+    group = sd["param_groups"][draw(st.integers(0, len(sd["param_groups"]) - 1))]
+    if edit == "not a mapping":
+        sd = draw(st.sampled_from([None, [], "state", list(sd.items())]))
+    elif edit in ("no state", "no param_groups"):
+        del sd[edit[3:]]
+    elif edit == "groups not a sequence":
+        sd["param_groups"] = draw(st.sampled_from([5, {"0": group}, None, "groups"]))
+    elif edit == "state not a mapping":
+        sd["state"] = draw(st.sampled_from([list(sd["state"].values()), None, 3]))
+    elif edit == "extra group":
+        sd["param_groups"].append(dict(group))
+    elif edit == "group not a dict":
+        sd["param_groups"][0] = draw(st.sampled_from([None, [0], "group", 1.0]))
+    elif edit == "ids too few":
+        group["params"] = group["params"][:-1]
+    elif edit == "duplicate id":
+        if len(ids) < 2:
+            group["params"] = group["params"] + group["params"]  # also too many
+        else:
+            sd["param_groups"][-1]["params"][-1] = ids[0]
+    elif edit == "unhashable id":
+        group["params"] = [[i] for i in group["params"]]
+    elif edit == "missing key":
+        del group[draw(st.sampled_from(["lr", "betas", "eps", "weight_decay", "amsgrad",
+                                        "maximize", "eps_hat", "eps_root"]))]
+    elif edit == "bad lr":
+        group["lr"] = draw(st.one_of(NON_REALS, NON_FINITE, negative()))
+    elif edit == "bad betas":
+        group["betas"] = draw(st.sampled_from([(0.9,), (0.9, 1.0), (math.nan, 0.9), 0.9,
+                                               np.array([0.9, 0.99]), (0.9, 0.99, 0.999)]))
+    elif edit == "bad amsgrad":
+        group["amsgrad"] = draw(FLAG["invalid"])
+    elif edit == "unknown state id":
+        sd["state"]["no such id"] = dict(entry)
+    elif edit == "entry not a mapping":
+        sd["state"][ids[0]] = draw(st.sampled_from([None, [], "entry"]))
+    elif edit == "entry without exp_avg":
+        del entry[draw(st.sampled_from(["exp_avg", "exp_avg_sq", "step"]))]
+    elif edit == "bad step":
+        entry["step"] = draw(st.sampled_from(BAD_STEPS))
+    elif edit == "bad array":
+        key = draw(st.sampled_from([k for k in entry if k != "step"]))
+        entry[key] = bad_array(draw, entry[key])
+    elif edit == "drop an entry":
+        del sd["state"][ids[0]]
+    elif edit == "another step":
+        entry["step"] = draw(st.sampled_from([0, 7, 7.0, np.int64(9), np.array(3),
+                                              np.float32(4.0), 2**63 - 2]))
+        if entry["step"] > 0 and "max_exp_avg_sq" not in entry and any(
+                g["amsgrad"] for g in sd["param_groups"]):
+            entry["step"] = 0  # (an amsgrad group's entry needs max_exp_avg_sq)
+    elif edit == "renamed ids":
+        names = {i: f"p{i}" for i in ids}
+        for g in sd["param_groups"]:
+            g["params"] = [names[i] for i in g["params"]]
+        sd["state"] = {names[i]: e for i, e in sd["state"].items()}
+    elif edit == "new hyperparameters":
+        group.update(lr=0.5, betas=[0.5, 0.25], eps=0.0, amsgrad=False, weight_decay=1.0)
+    elif edit == "new values":
+        for key in ("exp_avg", "exp_avg_sq"):
+            entry[key] = np.full_like(entry[key], 0.125)
+    return mem, opt, views, sd
+
+
+@pytest.mark.parametrize("edit", INVALID_EDITS + VALID_EDITS)
+@settings(fuzz, max_examples=max(10, fuzz.max_examples // 8))
+@given(data=st.data())
+def test_load_state_dict(edit, data):
+    mem, opt, views, sd = data.draw(state_dicts(edit))
+    valid = edit in VALID_EDITS
+    before, groups_before = optimizer_state(opt), [dict(g) for g in opt.param_groups]
+    accepted, exc = call_checked(lambda: opt.load_state_dict(sd), mem)
+    assert accepted == valid, f"valid={valid} but load_state_dict raised {exc!r}"
+    if not accepted:
+        assert_same_state(optimizer_state(opt), before)
+        assert opt.param_groups == groups_before
+        return
+    loaded = opt.state_dict()
+    by_position = list(sd["state"].get(i) for g in sd["param_groups"] for i in g["params"])
+    for i, (got, want) in enumerate(zip(loaded["state"].values(), by_position)):
+        if want is None:  # no saved state: starts fresh
+            assert got["step"] == 0 and not got["exp_avg"].any(), i
+            continue
+        assert got["step"] == int(np.asarray(want["step"]))
+        for key in ("exp_avg", "exp_avg_sq"):
+            np.testing.assert_array_equal(got[key], want[key])
+    for got, want in zip(loaded["param_groups"], sd["param_groups"]):
+        assert got["lr"] == want["lr"] and tuple(got["betas"]) == tuple(want["betas"])
+
+
+# --- fastadam.load -------------------------------------------------------------------------
+
+@st.composite
+def damaged_files(draw):
+    mem = Memory()
+    opt, views, shapes = make_optimizer(draw, mem)
+    return mem, opt, views, shapes, draw(st.sampled_from(["stored", "deflated"])), \
+        draw(st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)),
+                      min_size=1, max_size=4)), \
+        draw(st.one_of(st.none(), st.floats(0, 1))), draw(st.binary(max_size=8))
+
+
+@fuzz
+@given(damaged_files())
+def test_load_damaged_checkpoints(tmp_path_factory, case):
+    mem, opt, views, shapes, compression, flips, truncate, tail = case
+    directory = tmp_path_factory.mktemp("fuzz")
+    path = directory / "opt.npz"
+    fastadam.save(opt, path)
+    saved = optimizer_state(opt)
+    if compression == "deflated":
+        header, arrays = checkpoint.read_npz(str(path))
+        np.savez_compressed(path, **arrays, **{checkpoint.HEADER: np.array(json.dumps(header))})
+    data = bytearray(path.read_bytes())
+    for position, value in flips:
+        data[int(position * len(data))] = value
+    if truncate is not None:
+        data = data[:int(truncate * len(data))]
+    data += tail
+    path.write_bytes(bytes(data))
+    rng = np.random.default_rng(5)  # move the state away from the checkpoint first
+    opt.step([rng.standard_normal(s).astype(v.dtype) for v, s in zip(views, shapes)])
+    moved = optimizer_state(opt)
+    accepted, exc = call_checked(lambda: fastadam.load(opt, path), mem)
+    if accepted:  # the damage missed everything that is read (a CRC protects the data)
+        loaded = optimizer_state(opt)
+        for got, want in zip(loaded, saved):
+            for key in set(got) - set(want):  # allocated since the save: zeroed by the load
+                assert not got.pop(key).any(), key
+        assert_same_state(loaded, saved)
+    else:
+        assert_same_state(optimizer_state(opt), moved)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="__buffer__ (PEP 688) is Python 3.12+")
+def test_an_exporter_whose_buffer_changes_between_calls():
+    class Shifty:
+        """Exports a different, differently sized buffer on every request."""
+
+        def __init__(self):
+            self.blocks = [np.zeros(8, np.float32), np.zeros(3, np.float32)]
+            self.calls = 0
+
+        def __buffer__(self, flags):
+            self.calls += 1
+            return memoryview(self.blocks[(self.calls + 1) % 2])  # 8, 3, 8, 3, ...
+
+    shifty = Shifty()
+    opt = fastadam.Adam([shifty])  # keeps a view of the buffer it got (8 elements)
+    assert opt.state[0]["exp_avg"].size == 8
+    with pytest.raises(ValueError, match=r"grads\[0\] must have the shape of params\[0\] \(8,\), got \(3,\)"):
+        opt.step([shifty])  # the grad request gets the other buffer: 3 elements
+    assert opt.step([np.ones(8, np.float32)])
+    assert (shifty.blocks[0] != 0).all() and not shifty.blocks[1].any()
+    state = fastadam.adam_state(np.zeros(8, np.float32))
+    with pytest.raises(ValueError, match="grad must have 8 elements like param, got 3"):
+        fastadam.adam_step(shifty, shifty, state["exp_avg"], state["exp_avg_sq"], step=1)
+    assert (shifty.blocks[0] != 0).all() and not shifty.blocks[1].any()
+
+
+def test_a_bytearray_cannot_be_resized_under_an_optimizer():
+    block = bytearray(np.ones(6, np.float32).tobytes())
+    opt = fastadam.Adam([memoryview(block).cast("f")])
+    with pytest.raises(BufferError):  # Python refuses: the optimizer holds a view
+        block.extend(b"\0" * 4)
+    with pytest.raises(BufferError):
+        del block[:4]
+    assert len(block) == 24
+    assert opt.step([np.ones(6, np.float32)])
+    assert (np.frombuffer(block, np.float32) != 1).all()
+    # adam_step holds nothing between calls: the resized buffer is simply a new size
+    del opt
+    block.extend(np.ones(2, np.float32).tobytes())
+    state = fastadam.adam_state(np.zeros(8, np.float32))
+    fastadam.adam_step(memoryview(block).cast("f"), np.ones(8, np.float32), state["exp_avg"],
+                       state["exp_avg_sq"], step=1)
+    with pytest.raises(ValueError, match="grad must have 8 elements like param, got 6"):
+        fastadam.adam_step(memoryview(block).cast("f"), np.ones(6, np.float32),
+                           state["exp_avg"], state["exp_avg_sq"], step=2)
