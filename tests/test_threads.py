@@ -315,3 +315,35 @@ def test_fork_after_an_openmp_team_ran_does_not_hang(tmp_path):
                          timeout=90, env=dict(os.environ, OMP_NUM_THREADS="2"))
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["(1,", "True)", "2"]  # child: 1 thread, same result
+
+
+def test_team_size_is_capped_by_the_work_and_a_ceiling():
+    from fastadam._threads import MAX_TEAM_SIZE, SERIAL_CUTOFF, threads_for
+
+    chunk = _kernels.build_info()["chunk_elements"]
+    assert threads_for(2, SERIAL_CUTOFF - 1) == 1
+    assert threads_for(2, SERIAL_CUTOFF) == 2
+    # no more threads than 4096-element pieces of work
+    assert threads_for(10**6, SERIAL_CUTOFF) == SERIAL_CUTOFF // chunk
+    assert threads_for(10**6, SERIAL_CUTOFF + 1) == SERIAL_CUTOFF // chunk + 1
+    # and never more than the ceiling, however much work
+    assert threads_for(2**31 - 1, 2**40) == MAX_TEAM_SIZE
+
+
+def test_a_huge_num_threads_over_many_small_tensors_runs():
+    # 70,000 one-element tensors make 70,000 chunks: uncapped, num_threads=100_000 asked
+    # libgomp for 70,000 threads, and the process died (a segfault here). In a
+    # subprocess, so that a crash is a failure with a message, not the end of the run.
+    code = """
+import numpy as np, fastadam
+params = [np.ones(1, np.float32) for _ in range(70_000)]
+opt = fastadam.Adam(params, lr=0.5, num_threads=100_000)
+opt.step([np.ones(1, np.float32)] * len(params))
+values = np.concatenate(params)
+assert np.all(values == values[0]) and abs(values[0] - 0.5) < 1e-6, values[:3]
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", (result.returncode,
+                                                                     result.stderr[-2000:])

@@ -30,6 +30,14 @@ from fastadam._validation import check_num_threads
 # on two, while from 2^16 on two threads won everywhere. The cutoff takes the robust side.
 SERIAL_CUTOFF = 1 << 16
 
+# A team never has more threads than CHUNK_ELEMENTS-element pieces of work (a thread
+# without a chunk's worth of elements only adds fork/join cost), nor more than this:
+# asking libgomp for tens of thousands of threads (num_threads=100_000 over 100k small
+# tensors would) ends the process with "Thread creation failed" once the system's thread
+# limit is hit. Results are identical for every team size, so the cap changes only speed.
+MAX_TEAM_SIZE = 1024
+_CHUNK_ELEMENTS = _kernels.build_info()["chunk_elements"]
+
 _lock = threading.Lock()
 _process_default: Optional[int] = None
 _in_forked_child = False
@@ -70,7 +78,8 @@ def threads_for(num_threads: Optional[int], n_elements: int) -> int:
     """The team size for one update of ``n_elements`` (``num_threads`` already checked)."""
     if n_elements < SERIAL_CUTOFF or not _kernels.openmp_enabled() or _in_forked_child:
         return 1
-    return num_threads if num_threads is not None else get_num_threads()
+    requested = num_threads if num_threads is not None else get_num_threads()
+    return min(requested, -(-n_elements // _CHUNK_ELEMENTS), MAX_TEAM_SIZE)
 
 
 class NumThreadsAttribute:
