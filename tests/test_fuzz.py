@@ -18,7 +18,7 @@ Malformed input: wrong types; NumPy arrays and buffer exporters of other formats
 strided, negative-stride and Fortran-order views; read-only and unaligned buffers; the
 same buffer twice and overlapping views of one block; element counts and shapes that
 differ; row indices that are floats, bools, negative, out of range, near 2**63, uint64
-beyond int64, 2-D, object arrays, strings (and valid ones of every integer dtype, lists,
+beyond int64, 2-D, object arrays, strings, masked out of range (and valid ones of every integer dtype, lists,
 tuples, strided, read-only, empty, with duplicates, whose gradient rows are summed left
 to right in the element dtype before the update); params of 0 rows or 0 columns, 1-D and
 N-d; huge, negative, bool and float step counts; non-finite, out-of-range and
@@ -661,7 +661,7 @@ def row_indices(draw, n_rows, broken):
         bad = draw(st.sampled_from([
             "negative", "too large", "near 2**63", "uint64 beyond int64", "python int 2**64",
             "mixed sign huge", "floats", "integral floats", "bools", "2-D", "object array",
-            "None", "string", "ragged", "0-d", "float empty", "complex"]))
+            "None", "string", "ragged", "0-d", "float empty", "complex", "masked"]))
         note(f"rows broken: {bad}")
         wrong = {
             "negative": lambda: values + [-draw(st.integers(1, 2**63))],
@@ -682,9 +682,13 @@ def row_indices(draw, n_rows, broken):
             "0-d": lambda: np.int64(0),
             "float empty": lambda: np.zeros(0),
             "complex": lambda: np.array(values + [0], np.complex64),
+            # out of range under the mask: argmin/argmax skip it, the kernel would not
+            "masked": lambda: np.ma.array(values + [n_rows + 10**6],
+                                          mask=[False] * len(values) + [True]),
         }[bad]()
         return wrong, None
-    form = draw(st.sampled_from(["list", "tuple", "dtype", "strided", "read-only", "int64"]))
+    form = draw(st.sampled_from(["list", "tuple", "dtype", "strided", "read-only", "int64",
+                                 "masked"]))
     if form == "list":
         rows = list(values)
     elif form == "tuple":
@@ -693,6 +697,9 @@ def row_indices(draw, n_rows, broken):
         dtype = np.dtype(draw(st.sampled_from(ROW_INT_DTYPES)))
         assume(not values or max(values) <= np.iinfo(dtype).max)
         rows = np.array(values, dtype)
+    elif form == "masked":  # its memory counts, as for every buffer argument
+        rows = np.ma.array(np.array(values, np.int64),
+                           mask=draw(st.lists(st.booleans(), min_size=k, max_size=k)))
     elif form == "strided":
         rows = np.repeat(np.array(values, np.int64), 2)[::2]
     else:
