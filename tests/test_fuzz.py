@@ -1,6 +1,7 @@
 """Fuzzing every public entry point with malformed input (hypothesis).
 
-Entry points: ``fastadam.adam_step``, ``Adam``/``AdamW`` construction, ``step``,
+Entry points: ``fastadam.adam_step``, ``fastadam.adam_step_rows``, ``Adam``/``AdamW``
+construction, ``step`` (dense and row-sparse ``(rows, values)`` gradients),
 ``load_state_dict`` and ``fastadam.load``. Every generated call is built so that the test
 knows whether it is valid, and the oracle is:
 
@@ -16,7 +17,11 @@ Malformed input: wrong types; NumPy arrays and buffer exporters of other formats
 (float16 'e', int32 'i', big-endian '>f', complex64 'Zf', bytearray 'B', array.array('i'));
 strided, negative-stride and Fortran-order views; read-only and unaligned buffers; the
 same buffer twice and overlapping views of one block; element counts and shapes that
-differ; huge, negative, bool and float step counts; non-finite, out-of-range and
+differ; row indices that are floats, bools, negative, out of range, near 2**63, uint64
+beyond int64, 2-D, object arrays, strings, masked out of range (and valid ones of every integer dtype, lists,
+tuples, strided, read-only, empty, with duplicates, whose gradient rows are summed left
+to right in the element dtype before the update); params of 0 rows or 0 columns, 1-D and
+N-d; huge, negative, bool and float step counts; non-finite, out-of-range and
 wrongly-typed hyperparameters; damaged state dicts and checkpoint files.
 
 Depth: the default profile runs FUZZ_EXAMPLES examples per entry point (a few seconds in
@@ -307,6 +312,12 @@ def values_for(draw, dtype, size):
     return values.astype(dtype)
 
 
+def no_amsgrad(name, buf):
+    """A max_exp_avg_sq drawn as the non-buffer None is no buffer at all: a valid call
+    without AMSGrad (found by a FASTADAM_FUZZ=deep run, which expected a rejection)."""
+    return name == "max_exp_avg_sq" and buf.obj is None
+
+
 def assert_unchanged(mem, before, what="a rejected call"):
     after = mem.snapshot()
     for i, (a, b) in enumerate(zip(after, before)):
@@ -373,8 +384,9 @@ def adam_step_calls(draw):
             overlap = shift < size
     param = bufs["param"]
     valid = not overlap and param.view is not None and all(
-        (b.readable if name == "grad" else b.writable) and b.dtype == param.dtype
-        and b.view.size == param.view.size for name, b in bufs.items())
+        no_amsgrad(name, b) or (b.readable if name == "grad" else b.writable)
+        and b.dtype == param.dtype and b.view.size == param.view.size
+        for name, b in bufs.items())
     hyper, hyper_valid = draw(hyperparameters(STEP_HYPER, broken in ("hyperparameters", "both")))
     threads_key = "invalid" if broken == "hyperparameters" and draw(st.integers(0, 5)) == 0 \
         else "valid"
@@ -628,6 +640,302 @@ def test_step(case):
         want = adam_reference(old, grad, state["exp_avg"], state["exp_avg_sq"], vmax,
                               step=state["step"] + 1, dtype=old.dtype, **floats)
         np.testing.assert_array_equal(view.reshape(-1), want[0])
+        assert opt.state[i]["step"] == state["step"] + 1
+
+
+# --- adam_step_rows and row-sparse gradients in step --------------------------------------
+
+ROW_INT_DTYPES = [np.int8, np.uint8, np.int16, np.int32, np.uint32, np.int64, np.uint64, ">i8",
+                  "<u2"]
+
+
+def row_table_shape(draw):
+    """A param with rows: 1-D, 2-D or 3-D, any axis 0 (0 rows, 0 columns) allowed."""
+    if draw(st.integers(0, 9)) == 0:  # rows of no elements: indices up to 2**59 are valid
+        return (2**59, 0)  # (NumPy refuses shapes of 2**63 bytes or more)
+    n = draw(st.integers(0, 8))
+    return draw(st.sampled_from([(n,), (n, draw(st.integers(0, 4))),
+                                 (n, draw(st.integers(0, 3)), draw(st.integers(0, 2)))]))
+
+
+@st.composite
+def row_indices(draw, n_rows, broken):
+    """(the object passed as rows, the indices as ints or None if the object is invalid).
+    Valid: any integer dtype, list, tuple, strided or read-only array, duplicates."""
+    k = draw(st.integers(0, 6)) if n_rows else 0
+    values = draw(st.lists(st.integers(0, n_rows - 1), min_size=k, max_size=k)) if k else []
+    if broken:
+        bad = draw(st.sampled_from([
+            "negative", "too large", "near 2**63", "uint64 beyond int64", "python int 2**64",
+            "mixed sign huge", "floats", "integral floats", "bools", "2-D", "object array",
+            "None", "string", "ragged", "0-d", "float empty", "complex", "masked"]))
+        note(f"rows broken: {bad}")
+        wrong = {
+            "negative": lambda: values + [-draw(st.integers(1, 2**63))],
+            "too large": lambda: values + [n_rows + draw(st.integers(0, 3))],
+            "near 2**63": lambda: np.array(values + [2**63 - draw(st.integers(1, 3))], np.int64),
+            "uint64 beyond int64": lambda: np.array(values + [2**63 + draw(st.integers(0, 9))],
+                                                    np.uint64),
+            "python int 2**64": lambda: values + [2**64],
+            "mixed sign huge": lambda: [-1, 2**63] + values,
+            "floats": lambda: np.array(values + [0.5]),
+            "integral floats": lambda: [float(v) for v in values] or [0.0],
+            "bools": lambda: np.array([True] + [bool(v % 2) for v in values]),
+            "2-D": lambda: np.array(values + [0, 0]).reshape(1, -1),
+            "object array": lambda: np.array(values + [0], dtype=object),
+            "None": lambda: None,
+            "string": lambda: "0",
+            "ragged": lambda: [[0], [0, 0]],
+            "0-d": lambda: np.int64(0),
+            "float empty": lambda: np.zeros(0),
+            "complex": lambda: np.array(values + [0], np.complex64),
+            # out of range under the mask: argmin/argmax skip it, the kernel would not
+            "masked": lambda: np.ma.array(values + [n_rows + 10**6],
+                                          mask=[False] * len(values) + [True]),
+        }[bad]()
+        return wrong, None
+    form = draw(st.sampled_from(["list", "tuple", "dtype", "strided", "read-only", "int64",
+                                 "masked"]))
+    if form == "list":
+        rows = list(values)
+    elif form == "tuple":
+        rows = tuple(values)
+    elif form == "dtype":
+        dtype = np.dtype(draw(st.sampled_from(ROW_INT_DTYPES)))
+        assume(not values or max(values) <= np.iinfo(dtype).max)
+        rows = np.array(values, dtype)
+    elif form == "masked":  # its memory counts, as for every buffer argument
+        rows = np.ma.array(np.array(values, np.int64),
+                           mask=draw(st.lists(st.booleans(), min_size=k, max_size=k)))
+    elif form == "strided":
+        rows = np.repeat(np.array(values, np.int64), 2)[::2]
+    else:
+        rows = np.array(values, np.int64)
+        rows.flags.writeable = form != "read-only"
+    return rows, values
+
+
+def summed_rows(grad, rows, dtype):
+    """The reference's duplicate summing: each distinct row (in first-seen order) gets the
+    sum of its gradient rows, added left to right in the element dtype."""
+    sums = {}
+    for k, r in enumerate(rows):
+        sums[r] = grad[k].copy() if r not in sums else (sums[r] + grad[k]).astype(dtype)
+    return list(sums), np.array(list(sums.values()), dtype).reshape(len(sums), grad.shape[1])
+
+
+def rows_reference(before, rows, grad, hyper, row_size):
+    """Every buffer after a lazy step: the reference on the given rows, the rest as before."""
+    expected = {name: None if b is None else b.copy() for name, b in before.items()}
+    if not row_size:
+        return expected
+    dtype = before["param"].dtype
+    unique, summed = summed_rows(grad.reshape(len(rows), row_size), rows, dtype)
+    if not unique:
+        return expected
+    table = {name: None if b is None else b.reshape(-1, row_size) for name, b in before.items()}
+    expected = {name: None if b is None else b.copy() for name, b in table.items()}
+    picked = [None if table[name] is None else table[name][unique]
+              for name in ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")]
+    new = adam_reference(*picked[:1], summed, *picked[1:], dtype=dtype, **hyper)
+    for name, values in zip(("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"), new):
+        if values is not None:
+            expected[name][unique] = values.reshape(len(unique), row_size)
+    return expected
+
+
+@st.composite
+def grad_row_buffers(draw, mem, dtype, k, row_shape, broken):
+    """(the grad_rows object, a Buffer of it, valid?): shaped (k, *row_shape) or flat."""
+    row_size = math.prod(row_shape)
+    count = k * row_size
+    expected = (k,) + tuple(row_shape)
+    wrong_size = broken and draw(st.integers(0, 3)) == 0
+    if wrong_size:
+        count = max(0, count + draw(st.sampled_from([-row_size, -1, 1, row_size])))
+    kind = draw(kinds(broken))
+    buf = kind(values_for(draw, dtype, count), mem)
+    obj = buf.obj
+    if isinstance(obj, np.ndarray) and obj.flags.c_contiguous and buf.view is not None \
+            and obj.size == k * row_size and draw(st.booleans()):
+        obj = obj.reshape(expected)  # the documented shape
+    if broken and isinstance(obj, np.ndarray) and obj.ndim and obj.flags.c_contiguous \
+            and draw(st.integers(0, 3)) == 0:
+        obj = obj.reshape(obj.shape + (1,))  # one axis too many
+    shape = obj.shape if isinstance(obj, np.ndarray) else (
+        memoryview(obj).shape if buf.view is not None else None)
+    valid = buf.readable and buf.dtype == dtype and (
+        shape == expected or (len(shape) == 1 and buf.view.size == k * row_size))
+    return obj, buf, valid
+
+
+@st.composite
+def adam_step_rows_calls(draw):
+    mem = Memory()
+    broken = draw(st.sampled_from(["nothing", "nothing", "rows", "grad_rows", "state",
+                                   "overlap", "hyperparameters"]))
+    dtype = np.dtype(draw(st.sampled_from([np.float32, np.float64])))
+    shape = row_table_shape(draw)
+    size, row_shape = math.prod(shape), shape[1:]
+    row_size = math.prod(row_shape)
+    amsgrad = draw(st.booleans())
+    param = mem.keep(values_for(draw, dtype, size)).reshape(shape)
+    param_obj = memoryview(param) if draw(st.booleans()) else param
+    bufs = {"param": Buffer(param_obj, param.reshape(-1))}
+    for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")[:3 if amsgrad else 2]:
+        slot_dtype, slot_size = dtype, size
+        if broken == "state" and draw(st.integers(0, 2)) == 0:
+            slot_dtype = np.dtype(np.float64 if dtype == np.float32 else np.float32)
+        if broken == "state" and draw(st.integers(0, 2)) == 0:
+            slot_size = size + draw(st.sampled_from([-1, 1, 3]))
+            assume(slot_size >= 0)
+        bufs[name] = draw(kinds(broken == "state"))(
+            np.abs(values_for(draw, slot_dtype, slot_size)), mem)
+    rows, indices = draw(row_indices(shape[0], broken == "rows"))
+    k = len(indices) if indices is not None else draw(st.integers(0, 3))
+    grad_obj, grad_buf, grad_valid = draw(grad_row_buffers(mem, dtype, k, row_shape,
+                                                           broken == "grad_rows"))
+    overlap = False
+    if broken == "overlap":
+        what = draw(st.sampled_from(["grad_rows in param", "grad_rows in exp_avg",
+                                     "exp_avg is exp_avg_sq"]))
+        if what == "exp_avg is exp_avg_sq":
+            bufs["exp_avg_sq"] = bufs["exp_avg"]
+            overlap = size > 0
+        elif k <= shape[0]:  # a view of k rows of the param or of exp_avg
+            target = param if what == "grad_rows in param" else bufs["exp_avg"].view
+            if target is not None and target.flags.c_contiguous and target.flags.writeable:
+                grad_obj = target.reshape(shape)[:k]
+                grad_buf, grad_valid = Buffer(grad_obj, grad_obj.reshape(-1)), True
+                overlap = k * row_size > 0
+    state_valid = all(no_amsgrad(name, b) or b.writable and b.dtype == dtype
+                      and b.view.size == size for name, b in bufs.items() if name != "param")
+    hyper, hyper_valid = draw(hyperparameters(STEP_HYPER, broken == "hyperparameters"))
+    num_threads = draw(NUM_THREADS["valid"])
+    valid = indices is not None and grad_valid and state_valid and not overlap and hyper_valid
+    note(f"shape {shape}, rows {rows!r}, grad_rows {grad_buf}, valid {valid}")
+    return mem, bufs, rows, indices, grad_obj, grad_buf, row_size, hyper, num_threads, valid
+
+
+@fuzz
+@given(adam_step_rows_calls())
+def test_adam_step_rows(case):
+    mem, bufs, rows, indices, grad_obj, grad_buf, row_size, hyper, num_threads, valid = case
+    before = {name: None if b.view is None else b.view.copy() for name, b in bufs.items()}
+    before.setdefault("max_exp_avg_sq", None)
+    grad_before = None if grad_buf.view is None else grad_buf.view.copy()
+
+    def call():
+        fastadam.adam_step_rows(bufs["param"].obj, grad_obj, rows, bufs["exp_avg"].obj,
+                                bufs["exp_avg_sq"].obj,
+                                max_exp_avg_sq=bufs["max_exp_avg_sq"].obj
+                                if "max_exp_avg_sq" in bufs else None,
+                                num_threads=num_threads, **hyper)
+
+    accepted, exc = call_checked(call, mem)
+    assert accepted == valid, f"valid={valid} but the call raised {exc!r}"
+    if not accepted:
+        return
+    floats = as_float(hyper)
+    floats["step"] = int(hyper["step"])
+    event("accepted with duplicate rows" if len(set(indices)) < len(indices) else
+          "accepted, rows unique")
+    expected = rows_reference(before, indices, grad_before, floats, row_size)
+    for name, want in expected.items():
+        if want is not None:
+            np.testing.assert_array_equal(bufs[name].view, want.reshape(-1), err_msg=name)
+    np.testing.assert_array_equal(grad_buf.view, grad_before)
+
+
+@st.composite
+def row_step_calls(draw):
+    """An optimizer over params with rows, and a step's gradients: each dense or
+    row-sparse ``(rows, values)``, possibly malformed."""
+    mem = Memory()
+    shapes = [row_table_shape(draw) for _ in range(draw(st.integers(1, 3)))]
+    dtypes = [np.dtype(draw(st.sampled_from([np.float32, np.float64]))) for _ in shapes]
+    params = [mem.keep(values_for(draw, d, math.prod(s))).reshape(s)
+              for s, d in zip(shapes, dtypes)]
+    amsgrad = draw(st.booleans())
+    opt = draw(st.sampled_from([fastadam.Adam, fastadam.AdamW]))(params, lr=0.01,
+                                                                  amsgrad=amsgrad)
+    for t in range(draw(st.integers(0, 2))):
+        rng = np.random.default_rng(t)
+        opt.step([rng.standard_normal(s).astype(d) for s, d in zip(shapes, dtypes)])
+    broken = draw(st.sampled_from(["nothing", "nothing", "rows", "values", "tuple",
+                                   "overlap"]))
+    grads, sparse, valid = [], [], True
+    for i, (param, shape) in enumerate(zip(params, shapes)):
+        if not draw(st.booleans()):
+            grads.append(fresh(values_for(draw, param.dtype, param.size), mem).reshape(shape))
+            sparse.append(None)
+            continue
+        rows, indices = draw(row_indices(shape[0], broken == "rows"))
+        k = len(indices) if indices is not None else draw(st.integers(0, 3))
+        values, values_buf, values_valid = draw(grad_row_buffers(
+            mem, param.dtype, k, shape[1:], broken == "values"))
+        entry = (rows, values)
+        if broken == "tuple" and draw(st.booleans()):
+            entry = [(rows,), (rows, values, values), [rows, values]][draw(st.integers(0, 2))]
+            values_valid = False
+        if broken == "overlap" and k <= shape[0] and draw(st.booleans()):
+            target = [param, opt.state[i]["exp_avg"],
+                      opt.state[i]["exp_avg_sq"]][draw(st.integers(0, 2))]
+            values = target.reshape(shape)[:k]
+            entry, values_buf = (rows, values), Buffer(values, values.reshape(-1))
+            values_valid = values.size == 0  # memory the step writes
+        grads.append(entry)
+        sparse.append((indices, values_buf))
+        valid &= indices is not None and values_valid
+    kwargs = {}
+    if draw(st.booleans()):
+        kwargs["grad_scale"] = draw(st.sampled_from([None, 1.0, 2.0, 1024]))
+        kwargs["skip_if_nonfinite"] = draw(st.booleans())
+    return mem, opt, params, grads, sparse, kwargs, valid
+
+
+@fuzz
+@given(row_step_calls())
+def test_step_with_row_sparse_grads(case):
+    mem, opt, params, grads, sparse, kwargs, valid = case
+    state_before, skipped = optimizer_state(opt), opt.skipped_steps
+    params_before = [p.copy() for p in params]
+    values_before = [None if s is None or s[1].view is None else s[1].view.copy()
+                     for s in sparse]
+    result = []
+    accepted, exc = call_checked(lambda: result.append(opt.step(grads, **kwargs)), mem)
+    assert accepted == valid, f"valid={valid} but step raised {exc!r}"
+    if not accepted:
+        assert_same_state(optimizer_state(opt), state_before)
+        assert opt.skipped_steps == skipped
+        return
+    read = [np.asarray(g) if s is None else v for g, s, v in zip(grads, sparse, values_before)]
+    if kwargs.get("skip_if_nonfinite") and any(not np.isfinite(g).all() for g in read):
+        assert result == [False] and opt.skipped_steps == skipped + 1
+        assert_same_state(optimizer_state(opt), state_before)
+        return
+    assert result == [True]
+    group = opt.param_groups[0]
+    floats = as_float({"lr": group["lr"], "beta1": group["betas"][0],
+                       "beta2": group["betas"][1], "eps": group["eps"],
+                       "weight_decay": group["weight_decay"], "maximize": group["maximize"],
+                       "decoupled_weight_decay": group["decoupled_weight_decay"],
+                       "grad_scale": kwargs.get("grad_scale") or 1.0})
+    for i, (param, old, grad, rows, state) in enumerate(zip(params, params_before, read,
+                                                            sparse, state_before)):
+        floats["step"] = state["step"] + 1
+        before = {"param": old.reshape(-1), "exp_avg": state["exp_avg"].reshape(-1),
+                  "exp_avg_sq": state["exp_avg_sq"].reshape(-1),
+                  "max_exp_avg_sq": state.get("max_exp_avg_sq", np.zeros_like(old)).reshape(-1)
+                  if group["amsgrad"] else None}
+        row_size = math.prod(param.shape[1:])
+        indices = range(param.shape[0]) if rows is None else rows[0]
+        expected = rows_reference(before, indices, grad, floats, row_size)
+        np.testing.assert_array_equal(param.reshape(-1), expected["param"].reshape(-1))
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            if expected[key] is not None:
+                np.testing.assert_array_equal(opt.state[i][key].reshape(-1),
+                                              expected[key].reshape(-1), err_msg=key)
         assert opt.state[i]["step"] == state["step"] + 1
 
 

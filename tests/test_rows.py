@@ -345,6 +345,26 @@ def test_a_bad_row_sparse_gradient_rejects_the_whole_step():
                         [{k: (v.tobytes() if isinstance(v, np.ndarray) else v) for k, v in s.items()} for s in opt.state])
 
 
+def test_masked_row_indices_are_checked_as_the_memory_the_kernel_reads():
+    # A masked array's argmin/argmax skip masked entries: an out-of-range index under the
+    # mask passed the range check, and the kernel wrote row 10**9 (a segfault).
+    rows = np.ma.array([1, 3], mask=[False, True])
+    rows.data[1] = 10**9
+    param, m, v, _ = table(np.float32)
+    weights = param.copy()
+    opt = fastadam.Adam([weights])
+    before = [a.tobytes() for a in (param, m, v, weights)]
+    with pytest.raises(ValueError, match=r"rows must be in \[0, 20\).*got 1000000000 at position 1"):
+        fastadam.adam_step_rows(param, grad_rows(np.float32, 2), rows, m, v, step=1)
+    with pytest.raises(ValueError, match=r"grads\[0\]\[0\] \(rows\) must be in \[0, 20\)"):
+        opt.step([(rows, grad_rows(np.float32, 2))])
+    assert [a.tobytes() for a in (param, m, v, weights)] == before and opt.state[0]["step"] == 0
+    # in range, a masked array's memory is what counts (as for every buffer argument)
+    rows.data[1] = 4
+    expected = lazy((param, m, v, None), grad_rows(np.float32, 2), [1, 4], step=1)
+    assert_bitwise(lazy((param, m, v, None), grad_rows(np.float32, 2), rows, step=1), expected)
+
+
 def test_skip_if_nonfinite_sees_row_sparse_values():
     params = model_params(np.float32)
     opt = fastadam.Adam(params)

@@ -125,9 +125,16 @@ def check_buffers(
 def check_rows(rows: Any, n_rows: int, name: str = "rows") -> np.ndarray:
     """Row indices: a 1-D integer array-like (any integer dtype; bools and floats are
     refused), every entry in [0, n_rows) (negative indices are refused, not wrapped).
-    Returns a new int64 array: the kernels read their own copy, which nothing aliases."""
-    if isinstance(rows, np.ndarray):
+    Returns a new int64 array: the kernels read their own copy, which nothing aliases.
+
+    An ndarray subclass is checked as the plain array of its memory, which is what the
+    kernels read: a masked array's argmin/argmax skip masked entries, so an out-of-range
+    index under the mask passed the range check and the kernel wrote far out of bounds
+    (a segfault; found by review while extending tests/test_fuzz.py)."""
+    if type(rows) is np.ndarray:
         array = rows
+    elif isinstance(rows, np.ndarray):
+        array = np.asarray(rows)
     else:
         try:
             array = np.asarray(rows)
