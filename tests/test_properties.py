@@ -97,13 +97,14 @@ def error_bounds(param, grad, m, v, vmax, expected, *, step, lr, beta1, beta2, e
     w*(g - m) can cancel too (and 1 - w, with w cast to the element type, loses relative
     precision when beta1 is small): its error is u * (|m| + g_mag). v = beta2*v +
     (1-beta2)*g*g adds non-negative terms: u * v plus the gradient's error carried
-    through g*g, u * 2(1-beta2) g_mag^2. The denominator's error follows from v's through
+    through g*g, u * 2(1-beta2) g_mag^2, plus the cast of a beta2 that is subnormal in the
+    element type (an absolute error of the subnormal spacing, times |v|). The denominator's error follows from v's through
     the square root (sqrt(a + d) - sqrt(a) <= min(d / sqrt(a), sqrt(d))); the update's
     error is m's error over the denominator plus the update times the denominator's
     relative error; the parameter adds its own rounding (relative to |p| and the update).
     """
     u = ULPS * np.finfo(param.dtype).eps
-    p0, g0, m0 = (np.abs(x.astype(np.float64)) for x in (param, grad, m))
+    p0, g0, m0, v0 = (np.abs(x.astype(np.float64)) for x in (param, grad, m, v))
     g_mag = g0 / grad_scale + (0.0 if decoupled_weight_decay else weight_decay * p0)
     p_new, m_new, v_new, vmax_new = (None if x is None else np.abs(x) for x in expected)
     bc1, bc2 = 1.0 - beta1**step, 1.0 - beta2**step
@@ -120,7 +121,9 @@ def error_bounds(param, grad, m, v, vmax, expected, *, step, lr, beta1, beta2, e
     # division for the numerator.
     floor = np.finfo(param.dtype).smallest_subnormal
     m_error = u * (m0 + g_mag) + floor
-    v_error = u * (v_new + 2.0 * (1.0 - beta2) * g_mag**2) + floor
+    # beta2 cast to the element type is off by up to half the subnormal spacing when it
+    # is itself subnormal there (beta2=4e-43 in float32: 0.2% off), an error of v's size
+    v_error = u * (v_new + 2.0 * (1.0 - beta2) * g_mag**2) + floor * (1.0 + v0)
     vmax_error = None if vmax is None else u * vmax_new + v_error
     used_error = v_error if vmax is None else vmax_error
     with np.errstate(divide="ignore", invalid="ignore"):
