@@ -426,3 +426,18 @@ def test_row_sparse_param_takes_its_own_groups_hyperparameters_and_schedule():
     assert params[1].tobytes() == table_copy.tobytes()
     for key, values in state.items():
         assert opt.state[2][key].tobytes() == values.tobytes(), key
+
+
+def test_team_size_follows_the_elements_a_step_updates(monkeypatch):
+    # A step's team size is chosen from what it updates: one row of a large table is
+    # small work (one thread), the whole table is not.
+    import fastadam.optim
+
+    seen = []
+    real = fastadam.optim.threads_for
+    monkeypatch.setattr(fastadam.optim, "threads_for", lambda n, size: seen.append(size) or real(n, size))
+    table, bias = np.zeros((4096, 32), np.float32), np.zeros(10, np.float32)
+    opt = fastadam.Adam([table, bias])
+    opt.step([np.ones_like(table), np.ones_like(bias)])
+    opt.step([([7, 7, 9], np.ones((3, 32), np.float32)), np.ones_like(bias)])
+    assert seen == [table.size + bias.size, 2 * 32 + bias.size]

@@ -8,7 +8,7 @@ each row's update is independent of the others, so their order does not matter.
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Tuple
 
 import numpy as np
 
@@ -49,10 +49,3 @@ def _stable_sort(rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     order = np.argsort(rows, kind="stable")
     return rows[order], order
 
-
-def updated_elements(grads: Sequence, params: Sequence[np.ndarray], total: int) -> int:
-    """How many elements an optimizer step with these checked gradients updates (of
-    ``total`` in its params): a row-sparse gradient counts only its rows. Decides the
-    step's team size (fastadam._threads.threads_for)."""
-    return total - sum(params[i].size - grad[1].size
-                       for i, grad in enumerate(grads) if type(grad) is tuple)

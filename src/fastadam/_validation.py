@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -418,13 +418,17 @@ def check_group_hyperparameters(group: Mapping, name: str, step: int) -> GroupHy
     )
 
 
-def check_grads(table: Any, grads: Any, params: list, names: Optional[list] = None) -> list:
+def check_grads(table: Any, grads: Any, params: list,
+                names: Optional[list] = None) -> Tuple[list, int]:
     """The gradients of one optimizer step, checked against the params (count, dtype,
     shape, layout, overlap with any written buffer) before anything is written.
 
     A gradient may be row-sparse: a tuple ``(rows, values)`` for a param with rows (see
     :func:`check_row_grad`); it is returned ready for AdamTable.step: (unique int64
     rows, contiguous values), duplicates summed (fastadam._rows.sum_duplicate_rows).
+
+    Returns (the checked gradients, how many param elements the step leaves untouched:
+    those outside the rows of row-sparse gradients), the second for the team size.
 
     The common case (plain conforming ndarrays) is decided by one C scan; anything else
     goes through the full per-gradient checks, which name the offending gradient
@@ -434,12 +438,15 @@ def check_grads(table: Any, grads: Any, params: list, names: Optional[list] = No
     if len(grads) != len(params):
         raise ValueError(f"grads must have one gradient per param ({len(params)}), got {len(grads)}")
     if table.first_nonconforming(grads) < 0:
-        return grads
+        return grads, 0  # all dense: no per-gradient Python work on the common path
     checked: list = []
+    untouched = 0
     for i, (grad, param) in enumerate(zip(grads, params)):
         name = f"grads[{i}]" if names is None else names[i]
         if isinstance(grad, tuple):
-            checked.append(_check_row_grad_entry(table, grad, param, name))
+            rows, values = _check_row_grad_entry(table, grad, param, name)
+            checked.append((rows, values))
+            untouched += param.size - values.size
             continue
         array = as_array(grad, name, writable=False, flatten=False)
         if array.dtype != param.dtype:
@@ -451,7 +458,7 @@ def check_grads(table: Any, grads: Any, params: list, names: Optional[list] = No
             raise ValueError(f"{name} overlaps a parameter or optimizer-state buffer in memory")
         # Gradients are only read, so an aligned copy of an unaligned one is harmless.
         checked.append(array if array.flags.aligned else array.copy())
-    return checked
+    return checked, untouched
 
 
 def _check_row_grad_entry(table: Any, grad: tuple, param: np.ndarray, name: str) -> tuple:

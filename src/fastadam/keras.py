@@ -118,9 +118,9 @@ class Adam(keras.optimizers.Adam):
                                           maximize=False, eps_hat=True)
                      for decay in (0.0, wd)[: max(group_of) + 1]]
             steps[:] = int(self.iterations)  # Keras's step t is iterations + 1, for every variable
-            arrays = check_grads(table, [torch.as_tensor(grads[i]).detach().contiguous().numpy()
-                                         for i in order], params,
-                                 names=[f"the gradient of {trainable_variables[i].path}" for i in order])
+            arrays, _ = check_grads(table, [torch.as_tensor(grads[i]).detach().contiguous().numpy()
+                                            for i in order], params,
+                                    names=[f"the gradient of {trainable_variables[i].path}" for i in order])
             table.step(arrays, hyper, 1.0, threads_for(self.num_threads, sum(p.size for p in params)))
         self.kernel_steps += 1
 

@@ -27,7 +27,6 @@ import numpy as np
 
 from fastadam import _kernels
 from fastadam._memory import STATE_PAGE_OFFSETS, zeros_at
-from fastadam._rows import updated_elements
 from fastadam._threads import NumThreadsAttribute, threads_for
 from fastadam._validation import (
     HYPERPARAMETER_KEYS,
@@ -243,9 +242,8 @@ class Adam:
             scale = 1.0 if grad_scale is None else check_at_least(grad_scale, "grad_scale", 0.0,
                                                                   strict=True)
             skip_if_nonfinite = check_flag(skip_if_nonfinite, "skip_if_nonfinite")
-            grads = check_grads(self._current_table(), grads, self._params)
-            threads = threads_for(self._num_threads,
-                                  updated_elements(grads, self._params, self._total_size))
+            grads, untouched = check_grads(self._current_table(), grads, self._params)
+            threads = threads_for(self._num_threads, self._total_size - untouched)
             if skip_if_nonfinite and self._current_table().count_nonfinite(grads, threads):
                 self.skipped_steps += 1  # before any AMSGrad state is allocated: nothing changes
                 return False

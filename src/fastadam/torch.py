@@ -47,7 +47,6 @@ from torch.optim import Optimizer
 
 from fastadam import _kernels
 from fastadam._memory import STATE_PAGE_OFFSETS, zeros_at
-from fastadam._rows import updated_elements
 from fastadam._threads import NumThreadsAttribute, threads_for
 from fastadam._validation import (
     check_grads,
@@ -390,15 +389,14 @@ class _Engine:
         hyper = [check_group_hyperparameters(_fastadam_group(opt.param_groups[g]), f"param_groups[{g}]",
                                              int(self.steps[self.first_of_group[k]]) + 1)
                  for k, g in enumerate(self.groups)]
-        arrays = check_grads(self.table, [_kernel_grad(g) for g in grads], self.params,
-                             names=[f"the gradient of {n}" for n in self.names])
+        arrays, untouched = check_grads(self.table, [_kernel_grad(g) for g in grads], self.params,
+                                        names=[f"the gradient of {n}" for n in self.names])
         for (_, p, _), slot in zip(self.entries, self.slots):  # every check passed: commit
             if id(p) in self.new_slots:
                 slot.commit(opt.state[p])
                 opt._slots[id(p)] = slot
         self.new_slots = {}
-        self.table.step(arrays, hyper, grad_scale,
-                        threads_for(num_threads, updated_elements(arrays, self.params, self.size)))
+        self.table.step(arrays, hyper, grad_scale, threads_for(num_threads, self.size - untouched))
         for slot, step in zip(self.slots, self.steps):
             slot.step = int(step)
         torch._foreach_add_([s.step_tensor for s in self.slots], 1.0)
