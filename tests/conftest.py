@@ -13,6 +13,16 @@ import pytest
 
 DTYPES = [np.float32, np.float64]
 
+
+def default_capability_mark(torch):
+    """skipif for the tests of bit parity with torch: they need torch (the module, or None
+    when it is not installed) on ATen's default CPU capability, which the setdefault above
+    gives unless torch was imported before this file."""
+    return pytest.mark.skipif(
+        torch is None or torch.backends.cpu.get_cpu_capability() != "DEFAULT",
+        reason="needs torch on ATen's default CPU capability (ATEN_CPU_CAPABILITY=default, "
+               "set in conftest.py before torch is imported)")
+
 # Sizes that hit every vector-tail case (0, 1, 7, 31) and, with 1000003, many chunks
 # split between threads with a remainder.
 TAIL_SIZES = [0, 1, 7, 31]

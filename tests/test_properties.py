@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 import fastadam
 
+from conftest import default_capability_mark
 from reference import adam_reference
 
 DTYPES = [np.float32, np.float64]
@@ -239,9 +240,7 @@ try:
     import torch
 except ImportError:  # a test-only dependency: the tests above still run without it
     torch = None
-needs_default_capability = pytest.mark.skipif(
-    torch is None or torch.backends.cpu.get_cpu_capability() != "DEFAULT",
-    reason="needs torch on ATen's default CPU capability (set in conftest.py)")
+needs_default_capability = default_capability_mark(torch)
 
 TORCH_FLAGS = [
     {},

@@ -12,17 +12,14 @@ import pytest
 
 import fastadam
 
-from conftest import make_grads, make_state
+from conftest import default_capability_mark, make_grads, make_state
 
 torch = pytest.importorskip("torch")
 
 STEPS = 5
 SIZE = 1037  # a vector body and a scalar tail in both libraries
 
-needs_default_capability = pytest.mark.skipif(
-    torch.backends.cpu.get_cpu_capability() != "DEFAULT",
-    reason="torch was imported before conftest could set ATEN_CPU_CAPABILITY=default",
-)
+needs_default_capability = default_capability_mark(torch)
 
 FLAGS = [
     dict(zip(("amsgrad", "weight_decay", "decoupled", "maximize"), values))

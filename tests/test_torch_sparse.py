@@ -5,13 +5,12 @@ import copy
 
 import pytest
 
+from conftest import default_capability_mark
+
 torch = pytest.importorskip("torch")
 ft = pytest.importorskip("fastadam.torch")
 
-needs_default_capability = pytest.mark.skipif(
-    torch.backends.cpu.get_cpu_capability() != "DEFAULT",
-    reason="torch was imported before conftest could set ATEN_CPU_CAPABILITY=default",
-)
+needs_default_capability = default_capability_mark(torch)
 TORCH_DTYPES = [torch.float32, torch.float64]
 VOCAB, DIM, STEPS = 300, 16, 40
 
