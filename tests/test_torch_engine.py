@@ -234,7 +234,7 @@ def test_state_tensors_do_not_alias_torch_allocated_params_within_a_page():
             assert opt.state[p][key].data_ptr() % 4096 not in offsets
 
 
-def test_the_compiled_gather_takes_the_common_step():
+def test_the_compiled_gather_takes_the_common_step(monkeypatch):
     # After the first step (which creates state), steps with fresh autograd gradients
     # go through the compiled loop: nothing is re-registered or re-published.
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
@@ -244,11 +244,33 @@ def test_the_compiled_gather_takes_the_common_step():
     opt.step()
     front = opt._front
     entries = {id(p): opt.state[p] for p in model.parameters()}
+    monkeypatch.setattr(type(front), "_general_step", lambda *a: pytest.fail("general path"))
     for _ in range(3):
         opt.zero_grad()
         model(x).sum().backward()
         opt.step()
     assert opt._front is front
     assert all(opt.state[p] is entries[id(p)] for p in model.parameters())
-    first, active = front.gather.run(opt.state, np.zeros(4, np.int64))
+    first, active = front.gather.run(np.zeros(4, np.int64))
     assert first == -1 and active == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("edit", ["replace_entry", "delete_entry", "new_dict", "new_table"])
+def test_every_edit_of_opt_state_is_seen_by_the_next_step(edit):
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = ft.Adam([p], lr=0.1)
+    for _ in range(2):
+        p.grad = torch.ones(3)
+        opt.step()
+    if edit == "replace_entry":
+        opt.state[p]["step"] = torch.tensor(0.0)
+    elif edit == "delete_entry":
+        del opt.state[p]
+    elif edit == "new_dict":
+        opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros(3),
+                        "exp_avg_sq": torch.zeros(3)}
+    else:
+        opt.state = type(opt.state)()
+    p.grad = torch.ones(3)
+    opt.step()
+    assert opt.state[p]["step"].item() == 1  # each edit restarts the count, as in torch

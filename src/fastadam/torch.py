@@ -53,6 +53,7 @@ once). ``state_dict()`` is torch's: it returns the live state tensors.
 from __future__ import annotations
 
 import threading
+from collections import defaultdict
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
@@ -101,6 +102,47 @@ def _fastadam_group(group: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
+class _StateTable(defaultdict):
+    """``opt.state``: torch's ``defaultdict(dict)``, counting the edits that add, remove
+    or replace a parameter's entry, so that a step sees them without looking up every
+    parameter (edits inside an entry are checked per tensor, in compiled code)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(dict, *args)
+        self.edits = 0
+
+    def __reduce__(self) -> Any:  # pickles as torch's own
+        return (defaultdict, (dict,), None, None, iter(self.items()))
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.edits += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self.edits += 1
+        super().__delitem__(key)
+
+    def clear(self) -> None:
+        self.edits += 1
+        super().clear()
+
+    def pop(self, *args: Any) -> Any:
+        self.edits += 1
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        self.edits += 1
+        return super().popitem()
+
+    def setdefault(self, *args: Any) -> Any:
+        self.edits += 1
+        return super().setdefault(*args)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self.edits += 1
+        super().update(*args, **kwargs)
+
+
 class Adam(Optimizer):
     """Adam for PyTorch CPU tensors through fastadam's kernels (see the module docstring).
 
@@ -144,6 +186,7 @@ class Adam(Optimizer):
         self._lock = threading.RLock()
         self._front: Optional[_Registry] = None
         super().__init__(params, defaults)
+        self.state = _StateTable(self.state)
 
     num_threads = NumThreadsAttribute()
     _num_threads: Optional[int]  # the descriptor's storage
@@ -189,6 +232,7 @@ class Adam(Optimizer):
         super().__setstate__(state)
         self._lock = threading.RLock()  # a lock is never copied: each copy has its own
         self.__dict__.setdefault("_num_threads", None)
+        self.state = _StateTable(self.state)
         self._front = None
         for group in self.param_groups:  # groups saved before a key existed (torch does so)
             for key, value in GROUP_DEFAULTS.items():
@@ -271,6 +315,8 @@ class _Registry:
         self.unregistered: List[Tuple[str, torch.Tensor]] = []
         self.published: Dict[int, tuple] = {}  # what fastadam put into opt.state, per tensor
         self.published_generation = -1
+        self.watched: Any = None  # the opt.state whose edit count was last seen (and that count)
+        self.edits: Optional[int] = None
         # Loaded or copied state waits in opt.state: the first step copies it in.
         self.stale = any(opt.state.get(p) for g in opt.param_groups for p in g["params"])
         for g, group in enumerate(opt.param_groups):
@@ -313,14 +359,15 @@ class _Registry:
                 if problem is not None:
                     raise problem
         hypers = self._hyperparameters(opt)
-        if not self.stale:
-            first_irregular, active = self.gather.run(opt.state, self.addresses)
+        if not self.stale and opt.state is self.watched and opt.state.edits == self.edits:
+            first_irregular, active = self.gather.run(self.addresses)
             if first_irregular < 0:
                 if active:
                     self.engine.step_pointers(self.addresses, active, hypers, grad_scale=grad_scale,
                                               num_threads=opt._num_threads)
                     self._publish(opt)
                 return
+        self.watched = None
         self._general_step(opt, hypers, grad_scale)
 
     def _hyperparameters(self, opt: Adam) -> List[Hyperparameters]:
@@ -425,25 +472,28 @@ class _Registry:
 
     def _publish(self, opt: Adam) -> None:
         """Put torch views of the engine's state into ``opt.state`` for tensors whose
-        state is new since the last time (one dict per parameter, in torch's key order)."""
-        if self.engine.generation == self.published_generation:
+        state is new since the last time (one dict per parameter, in torch's key order),
+        then note ``opt.state``'s edit count: every edit up to now has been seen."""
+        if self.engine.generation != self.published_generation:
+            for i, p in enumerate(self.params):
+                if self.engine.has_moments(i):
+                    self._publish_one(opt, i, p)
+            self.published_generation = self.engine.generation
+        self.watched, self.edits = opt.state, getattr(opt.state, "edits", None)
+
+    def _publish_one(self, opt: Adam, i: int, p: torch.Tensor) -> None:
+        keys = ("step",) + tuple(k for k in STATE_KEYS if k in self.engine.state[i])
+        entry = self.published.get(i)
+        if entry is not None and entry[1] == keys and opt.state.get(p) is entry[0] and _holds(entry):
             return
-        for i, p in enumerate(self.params):
-            if not self.engine.has_moments(i):
-                continue
-            keys = ("step",) + tuple(k for k in STATE_KEYS if k in self.engine.state[i])
-            entry = self.published.get(i)
-            if entry is not None and entry[1] == keys and opt.state.get(p) is entry[0] and _holds(entry):
-                continue
-            tensors = (self.steps[i],) + tuple(_torch_view(self.engine.state[i][k], p)
-                                                for k in keys[1:])
-            state = opt.state[p]
-            state.clear()
-            state.update(zip(keys, tensors))
-            entry = (state, keys) + tensors
-            self.published[i] = entry
-            self.gather.publish(i, entry)
-        self.published_generation = self.engine.generation
+        tensors = (self.steps[i],) + tuple(_torch_view(self.engine.state[i][k], p)
+                                            for k in keys[1:])
+        state = opt.state[p]
+        state.clear()
+        state.update(zip(keys, tensors))
+        entry = (state, keys) + tensors
+        self.published[i] = entry
+        self.gather.publish(i, entry)
 
 
 def _holds(entry: tuple) -> bool:
