@@ -10,6 +10,7 @@ names the argument, what was expected and what was given.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import operator
@@ -17,9 +18,17 @@ from typing import Any, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from fastadam._checks import first_nonconforming, first_overlap, overlaps, sorted_ranges
+from fastadam._checks import (
+    first_nonconforming,
+    first_overlap,
+    overlaps,
+    plain_buffers,
+    sorted_ranges,
+)
 
-__all__ = ["sorted_ranges"]  # re-exported for the engine: the ranges its checks take
+# Re-exported: the ranges the engine's checks take, and the compiled test of adam_step's
+# common case (plain arrays that pass every check of check_buffers).
+__all__ = ["plain_buffers", "sorted_ranges"]
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 MAX_STEP = 2**63 - 1  # step counts are int64 in optimizer state and in PyTorch
@@ -309,6 +318,38 @@ def check_hyperparameters(
         eps_hat,
         eps_root,
     )
+
+
+def check_call_hyperparameters(lr: Any, beta1: Any, beta2: Any, eps: Any, weight_decay: Any,
+                               decoupled_weight_decay: Any, amsgrad: Any, maximize: Any,
+                               eps_hat: Any, eps_root: Any) -> Hyperparameters:
+    """:func:`check_hyperparameters` for a function call's arguments (adam_step), with a
+    memory: values that are exact floats and bools and were found valid before are not
+    checked again (a training loop passes the same ones every step). Only validity is
+    remembered; the record always holds the values given."""
+    args = (lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
+            eps_hat, eps_root)
+    if (type(lr) is float and type(beta1) is float and type(beta2) is float
+            and type(eps) is float and type(weight_decay) is float and type(eps_root) is float
+            and type(decoupled_weight_decay) is bool and type(amsgrad) is bool
+            and type(maximize) is bool and type(eps_hat) is bool):
+        _remembered_valid(*args)  # raises as check_hyperparameters does
+        return Hyperparameters(*args)
+    return _check_positional(*args)
+
+
+def _check_positional(lr: Any, beta1: Any, beta2: Any, eps: Any, weight_decay: Any,
+                      decoupled_weight_decay: Any, amsgrad: Any, maximize: Any, eps_hat: Any,
+                      eps_root: Any) -> Hyperparameters:
+    return check_hyperparameters(
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad, maximize=maximize,
+        eps_hat=eps_hat, eps_root=eps_root)
+
+
+# typed: 1 and 1.0 and True are different keys (only exact floats and bools come here);
+# an invalid call raises and is never remembered.
+_remembered_valid = functools.lru_cache(maxsize=256, typed=True)(_check_positional)
 
 
 def check_epsilon_forms(eps_hat: bool, eps_root: float, where: str = "") -> None:
