@@ -156,7 +156,8 @@ def plain_buffers(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq):
             and _plain(exp_avg, dtype, size, True) and _plain(exp_avg_sq, dtype, size, True)
             and (max_exp_avg_sq is None or _plain(max_exp_avg_sq, dtype, size, True))):
         return False
-    r[0], r[1], r[2], r[3] = _range(param, 0), _range(grad, 1), _range(exp_avg, 2), _range(exp_avg_sq, 3)
+    r[0], r[1] = _range(param, 0), _range(grad, 1)
+    r[2], r[3] = _range(exp_avg, 2), _range(exp_avg_sq, 3)
     if n == 5:
         r[4] = _range(max_exp_avg_sq, 4)
     for i in range(n):
