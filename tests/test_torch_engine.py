@@ -295,3 +295,46 @@ def test_torch_compile_sees_one_opaque_step():
     assert counters["stats"]["unique_graphs"] == 0
     assert sum(counters["graph_break"].values()) <= 2  # at the call, in torch's step wrapper
     assert opt.state[model.weight]["step"].item() == 1
+
+
+def test_a_load_state_dict_post_hook_may_add_any_entry():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = ft.Adam([p])
+    p.grad = torch.ones(3)
+    opt.step()
+    saved = opt.state_dict()
+    fresh = ft.Adam([p])
+    fresh.register_load_state_dict_post_hook(
+        lambda optimizer: optimizer.state.__setitem__("ran_post_hook", True))
+    fresh.load_state_dict(saved)
+    assert fresh.state["ran_post_hook"] is True
+    fresh.step()
+    assert fresh.state[p]["step"].item() == 2
+
+
+def test_an_interrupted_step_leaves_step_and_state_in_agreement(monkeypatch):
+    # A KeyboardInterrupt that lands right after the kernels ran: the counts and the
+    # state["step"] tensors changed together (in C), so the next step is the next one.
+    p, twin = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
+    opt, ref = ft.Adam([p], lr=0.1), ft.Adam([twin], lr=0.1)
+    for params, o in (([p], opt), ([twin], ref)):
+        params[0].grad = torch.ones(4)
+        o.step()
+    engine = opt._front.engine
+    table = engine.table
+
+    class Interrupting:
+        def step_pointers(self, *args):
+            table.step_pointers(*args)
+            raise KeyboardInterrupt  # the first Python bytecode after the kernels
+
+    monkeypatch.setattr(engine, "_table_as_is", lambda: Interrupting())
+    with pytest.raises(KeyboardInterrupt):
+        opt.step()
+    monkeypatch.undo()
+    ref.step()
+    assert opt.state[p]["step"].item() == 2 == ref.state[twin]["step"].item()
+    opt.step()
+    ref.step()
+    assert_same([p], [twin])
+    assert opt.state[p]["step"].item() == 3

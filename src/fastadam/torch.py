@@ -209,9 +209,10 @@ class Adam(Optimizer):
             # torch keeps the loaded tensors themselves (no copy when dtype and device
             # match): take a snapshot, so the source's later steps cannot leak in. The
             # next step copies the values into the engine.
-            for p, state in self.state.items():
-                self.state[p] = {k: v.clone() if isinstance(v, torch.Tensor) else v
-                                 for k, v in state.items()}
+            for key, state in self.state.items():  # (a post-hook may add other entries)
+                if isinstance(state, dict):
+                    self.state[key] = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                                       for k, v in state.items()}
 
     def state_dict(self) -> Dict[str, Any]:
         state_dict = super().state_dict()
@@ -337,7 +338,7 @@ class _Registry:
             self.names += names
         self.layouts = [_layout(p) for p in self.params]
         self.addresses = np.zeros(len(self.params), np.int64)
-        self.steps = torch.from_numpy(self.engine.float_steps(range(len(self.params))))
+        self.steps = torch.from_numpy(self.engine.float_steps())
         self.gather = self._new_gather()
 
     def _new_gather(self) -> Gather:
