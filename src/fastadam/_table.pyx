@@ -108,7 +108,8 @@ cdef class AdamTable:
             raise ValueError("AdamTable: one state, step count and group per param")
         if float_steps is not None and not (
                 cnp.PyArray_TYPE(<cnp.ndarray?>float_steps) == cnp.NPY_FLOAT
-                and cnp.PyArray_SIZE(float_steps) == n and cnp.PyArray_IS_C_CONTIGUOUS(float_steps)):
+                and cnp.PyArray_SIZE(float_steps) == n
+                and cnp.PyArray_IS_C_CONTIGUOUS(float_steps)):
             raise ValueError("AdamTable: float_steps must be a float32 array of one per param")
         self.n = n
         self.tensors = <AdamTensor*>calloc(max(n, 1), sizeof(AdamTensor))
