@@ -338,3 +338,33 @@ def test_an_interrupted_step_leaves_step_and_state_in_agreement(monkeypatch):
     ref.step()
     assert_same([p], [twin])
     assert opt.state[p]["step"].item() == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=str)
+def test_complex_params_are_updated_as_pairs_of_reals_like_torch(dtype):
+    torch.manual_seed(0)
+    w = torch.randn(6, 5, dtype=dtype)
+    ours = torch.nn.Parameter(w.clone())
+    pairs = torch.nn.Parameter(torch.view_as_real(w.clone()).clone())
+    theirs = torch.nn.Parameter(w.clone())
+    optimizers = [ft.Adam([ours], lr=0.01, amsgrad=True, weight_decay=0.1),
+                  ft.Adam([pairs], lr=0.01, amsgrad=True, weight_decay=0.1),
+                  torch.optim.Adam([theirs], lr=0.01, amsgrad=True, weight_decay=0.1,
+                                   foreach=False)]
+    for k in range(3):
+        grad = torch.randn(6, 5, dtype=dtype)
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        pairs.grad = torch.view_as_real(grad).clone()
+        for opt in optimizers:
+            opt.step()
+    assert torch.equal(torch.view_as_real(ours.detach()), pairs.detach())  # the same bits
+    torch.testing.assert_close(ours, theirs)
+    state = optimizers[0].state[ours]
+    assert state["exp_avg"].dtype == dtype and state["exp_avg"].shape == (6, 5)
+    torch.testing.assert_close(state["exp_avg_sq"], optimizers[2].state[theirs]["exp_avg_sq"])
+    # and the state dict moves to torch and back
+    resumed = ft.Adam([torch.nn.Parameter(w.clone())])
+    resumed.load_state_dict(optimizers[0].state_dict())
+    resumed.param_groups[0]["params"][0].grad = torch.ones(6, 5, dtype=dtype)
+    resumed.step()
+    assert resumed.state[resumed.param_groups[0]["params"][0]]["step"].item() == 4

@@ -72,6 +72,8 @@ from fastadam._validation import (
 __all__ = ["Adam", "AdamW"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
+# Updated as pairs of reals (torch.view_as_real), as torch's Adam does.
+COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 # What torch.optim.Adam's __setstate__ fills in for groups saved before a key existed.
 GROUP_DEFAULTS = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
                   "differentiable": False, "fused": None, "decoupled_weight_decay": False}
@@ -420,7 +422,7 @@ class _Registry:
             raise TypeError(f"{name} has a gradient on {grad.device}; fastadam.torch updates "
                             "CPU tensors only")
         if grad.layout == torch.sparse_coo:
-            if grad.sparse_dim() != 1 or p.dim() == 0 or not p.is_contiguous():
+            if grad.sparse_dim() != 1 or p.dim() == 0 or not p.is_contiguous() or p.is_complex():
                 raise TypeError(f"{name} has a sparse gradient with {grad.sparse_dim()} sparse "
                                 "dimensions; fastadam.torch takes row-sparse ones (sparse_dim=1, "
                                 "as nn.Embedding(sparse=True) gives) for contiguous parameters")
@@ -466,7 +468,7 @@ class _Registry:
             if value.shape != p.shape:
                 raise ValueError(f"{name}['{key}'] has shape {tuple(value.shape)}, the parameter "
                                  f"has {tuple(p.shape)}")
-            arrays[key] = value.detach().to(device="cpu", dtype=p.dtype).contiguous().numpy()
+            arrays[key] = value.detach().to(device="cpu", dtype=p.dtype).contiguous()
         if not {"exp_avg", "exp_avg_sq"} <= set(arrays):
             raise ValueError(f"{name} must have 'exp_avg' and 'exp_avg_sq' tensors")
         self.engine.load(i, step, _in_memory_order(arrays, p))
@@ -516,9 +518,9 @@ def _refusal(p: Any, name: str) -> Optional[Exception]:
                          "tensors (tensor subclasses such as DTensor are not supported yet)")
     if p.device.type != "cpu":
         return TypeError(f"{name} is on {p.device}; fastadam.torch updates CPU tensors only")
-    if p.dtype not in SUPPORTED_DTYPES:
-        return TypeError(f"{name} has dtype {p.dtype}; fastadam.torch updates float32 and "
-                         "float64 parameters")
+    if p.dtype not in SUPPORTED_DTYPES + COMPLEX_DTYPES:
+        return TypeError(f"{name} has dtype {p.dtype}; fastadam.torch updates float32, "
+                         "float64, complex64 and complex128 parameters")
     if p.layout != torch.strided:
         return TypeError(f"{name} has layout {p.layout}; fastadam.torch updates dense "
                          "(strided) parameters")
@@ -547,29 +549,37 @@ def _layout(p: torch.Tensor) -> Tuple[int, torch.dtype, torch.Size, Tuple[int, .
     return (p.data_ptr(), p.dtype, p.shape, p.stride())
 
 
+def _real(t: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as pairs of reals (a view: shape + (2,)); others as they are."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
 def _engine_view(t: torch.Tensor) -> np.ndarray:
-    """The NumPy view the engine takes of a dense tensor: the tensor itself when it is
-    contiguous (row-sparse gradients need its rows), else its memory in memory order
-    (1-D; its state and gradient are then laid out the same way)."""
-    t = t.detach()
+    """The NumPy view the engine takes of a dense tensor (a complex one as pairs of
+    reals): the tensor itself when it is contiguous (row-sparse gradients need its
+    rows), else its memory in memory order (1-D; its state and gradient are then laid
+    out the same way)."""
+    t = _real(t.detach())
     if t.is_contiguous():
         return t.numpy()
     return t.as_strided((t.numel(),), (1,)).numpy()
 
 
 def _torch_view(array: np.ndarray, p: torch.Tensor) -> torch.Tensor:
-    """The engine's 1-D state of ``p`` as a torch tensor with p's shape and strides."""
+    """The engine's 1-D state of ``p`` as a torch tensor of p's dtype, shape and strides."""
     flat = torch.from_numpy(array)
-    return flat.view(p.shape) if p.is_contiguous() else flat.as_strided(p.shape, p.stride())
+    if not p.is_complex():
+        return flat.view(p.shape) if p.is_contiguous() else flat.as_strided(p.shape, p.stride())
+    pairs = flat.as_strided(tuple(p.shape) + (2,), tuple(2 * s for s in p.stride()) + (1,))
+    return torch.view_as_complex(pairs)
 
 
-def _in_memory_order(arrays: Dict[str, np.ndarray], p: torch.Tensor) -> Dict[str, np.ndarray]:
-    """Contiguous (logical order) state as the engine stores it: in p's memory order."""
-    if p.is_contiguous():
-        return arrays
+def _in_memory_order(arrays: Dict[str, torch.Tensor], p: torch.Tensor) -> Dict[str, np.ndarray]:
+    """State tensors of p's shape and dtype as the engine stores them: in p's memory
+    order, complex ones as pairs of reals."""
     out = {}
-    for key, array in arrays.items():
-        strided = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype)
-        strided.copy_(torch.from_numpy(array))
-        out[key] = strided.as_strided((p.numel(),), (1,)).numpy()
+    for key, tensor in arrays.items():
+        if not p.is_contiguous():
+            tensor = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype).copy_(tensor)
+        out[key] = _engine_view(tensor)
     return out
