@@ -18,6 +18,7 @@ from fastadam._validation import (
     check_flag,
     check_hyperparameters,
     check_num_threads,
+    check_numerics,
     check_row_buffers,
 )
 
@@ -41,6 +42,7 @@ def adam_step(
     eps_root: float = 0.0,
     grad_scale: float = 1.0,
     num_threads: Optional[int] = None,
+    numerics: str = "exact",
 ) -> None:
     """One in-place Adam step (Kingma & Ba, Algorithm 1) on one set of buffers.
 
@@ -73,6 +75,15 @@ def adam_step(
     num_threads : int, optional
         OpenMP threads for this call; None uses :func:`fastadam.get_num_threads`.
         Buffers below a size threshold always use one thread.
+    numerics : {"exact", "torch"}
+        The rounding profile. "exact" (the default): DESIGN.md's operation order with no
+        FMA, bit-identical to ``torch.optim.Adam(fused=True)`` under
+        ``ATEN_CPU_CAPABILITY=default``. "torch": the same update with the FMAs of
+        torch's AVX2/AVX-512 fused CPU kernel, the code torch runs on any x86-64 CPU with
+        AVX2 (torch 2.13), so bit-identical to ``torch.optim.Adam(fused=True)`` there;
+        ``param`` is treated as one torch tensor (its last ``size % 8`` float32 or
+        ``size % 4`` float64 elements get torch's scalar-tail rounding). Not with
+        ``eps_root > 0``. See docs/numerics-torch.md.
 
     Raises
     ------
@@ -98,6 +109,7 @@ def adam_step(
         eps_root=eps_root,
         grad_scale=grad_scale,
     )
+    torch_numerics = check_numerics(numerics, hp.eps_root)
     threads = check_num_threads(num_threads)
     buffers = check_buffers(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)
     size = buffers.param.size
@@ -105,7 +117,8 @@ def adam_step(
         return
     aligned = _aligned(buffers)
     # mypy cannot line up two star-unpacked NamedTuples with positional parameters
-    _kernels.adam_step(*aligned, *hp, threads_for(threads, size))  # type: ignore[arg-type]
+    _kernels.adam_step(*aligned, *hp, threads_for(threads, size),  # type: ignore[arg-type]
+                       torch_numerics)
     _copy_back(aligned, buffers)
 
 

@@ -23,6 +23,7 @@ def adam_step(
     eps_root: float,
     grad_scale: float,
     num_threads: int,
+    torch_numerics: bool = ...,
 ) -> None: ...
 def adam_step_rows(
     param: np.ndarray,

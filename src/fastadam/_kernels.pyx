@@ -19,9 +19,10 @@ Design (see DESIGN.md "Layers"):
   ``RowUpdate`` runs each given row through ``run_chunk`` exactly as a dense update of
   that row alone would (``run_rows``: one OpenMP team over the rows).
 * The per-element loop is ``_update``. Every option of DESIGN.md (grad_scale/maximize,
-  L2 or decoupled decay, the lerp branch, AMSGrad, the eps_root form) is a *compile-time*
-  switch: a fused type of two empty tag structs, resolved with ``if Tag is On:`` by
-  Cython, so each of the 2 x 32 specializations is straight-line arithmetic that the C
+  L2 or decoupled decay, the lerp branch, AMSGrad, the form: paper, eps_root or the two
+  of the torch numerics profile) is a *compile-time* switch: a fused type of empty tag
+  structs, resolved with ``if Tag is On:`` by Cython, so each of the 2 x 64
+  specializations is straight-line arithmetic that the C
   compiler vectorizes (checked by .github/scripts/check_vectorization.py). The
   ``_by_*`` functions walk the run-time flags down to the right specialization once per
   chunk, never per element.
@@ -155,6 +156,7 @@ cdef void fill_coefficients(Coefficients* c, double step, double lr, double beta
     c.eps = eps
     c.amsgrad = amsgrad
     c.root_form = eps_root > 0.0
+    c.torch_numerics = False      # the "exact" order; adam_step(torch_numerics=True) sets it
     c.bc1 = bc1
     c.bc2 = bc2
     c.eps_root = eps_root
@@ -459,10 +461,12 @@ cdef int _fill_tensor(AdamTensor* t, object param, object grad, object exp_avg,
 def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, double step, double lr,
               double beta1, double beta2, double eps, double weight_decay,
               bint decoupled_weight_decay, bint maximize, bint eps_hat, double eps_root,
-              double grad_scale, int num_threads):
+              double grad_scale, int num_threads, bint torch_numerics=False):
     """One Adam step on validated, contiguous, aligned, same-dtype 1-D NumPy arrays.
 
-    ``max_exp_avg_sq`` is None or an array (AMSGrad). Releases the GIL while it runs.
+    ``max_exp_avg_sq`` is None or an array (AMSGrad). ``torch_numerics``: the FMAs of
+    torch's AVX2/AVX-512 fused Adam (paper and eps_hat forms only: eps_root must be 0).
+    Releases the GIL while it runs.
     """
     cdef AdamTensor t
     cdef int status
@@ -470,6 +474,7 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, double step, dou
     fill_coefficients(&t.coef, step, lr, beta1, beta2, eps, weight_decay,
                       decoupled_weight_decay, max_exp_avg_sq is not None, maximize,
                       eps_hat, eps_root, grad_scale)
+    t.coef.torch_numerics = torch_numerics and not t.coef.root_form
     with nogil:
         status = run_tensors(&t, 1, num_threads)
     if status != 0:

@@ -312,6 +312,27 @@ def check_epsilon_forms(eps_hat: bool, eps_root: float, where: str = "") -> None
         )
 
 
+NUMERICS = ("exact", "torch")
+
+
+def check_numerics(value: Any, eps_root: float, name: str = "numerics") -> bool:
+    """Whether ``numerics`` selects the torch profile (True) or the exact one (False).
+
+    "exact": DESIGN.md's order without FMA. "torch": the FMAs of torch's AVX2/AVX-512
+    fused CPU Adam (docs/numerics-torch.md), which has no eps_root form.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {NUMERICS}, got {type(value).__name__}")
+    if value not in NUMERICS:
+        raise ValueError(f"{name} must be one of {NUMERICS}, got {value!r}")
+    if value == "torch" and eps_root > 0.0:
+        raise ValueError(
+            f"{name}='torch' reproduces torch's fused Adam, which has no eps_root form; "
+            f"use numerics='exact' with eps_root > 0, got eps_root={eps_root!r}"
+        )
+    return value == "torch"
+
+
 # --- optimizer objects ------------------------------------------------------------------
 
 HYPERPARAMETER_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "eps_hat",
