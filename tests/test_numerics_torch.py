@@ -79,6 +79,14 @@ for _d, (_i, _v) in itertools.product(DTYPES, enumerate(VARIANTS)):
     if _v["grad_scale"] == 1.0 and _v["beta1"] == 0.9:  # the optimizer has no grad_scale here
         CASES[("optimizer", _d, _i, 0)] = make_case_spec(_v, _d, 0, seed=len(CASES), steps=5,
                                                          sizes=OPTIMIZER_SIZES)
+# Edges of the hyperparameters: the lerp branch at 1 - beta1 == 0.5 and at beta1 = 0, a
+# small beta2, lr = 0, a large L2 decay, a late step.
+EDGES = [dict(beta1=0.5), dict(beta1=0.0), dict(beta1=0.99, beta2=0.5), dict(lr=0.0),
+         dict(weight_decay=1.5), dict(decoupled_weight_decay=True, weight_decay=1.5),
+         dict(eps=1e-3, step_offset=10**6)]
+for _d, (_i, _e) in itertools.product(DTYPES, enumerate(EDGES)):
+    CASES[("edge", _d, _i, 0)] = dict(make_case_spec(VARIANTS[_i % 2 * 36], _d, 1037,
+                                                     seed=len(CASES)), **_e)
 CASE_INDEX = {key: k for k, key in enumerate(CASES)}
 
 
@@ -124,7 +132,7 @@ def restore_levels():
 
 def fastadam_run(case, numerics="torch", num_threads=None):
     param, exp_avg, exp_avg_sq, vmax, grads = make_inputs(case)
-    for step, grad in enumerate(grads, start=1):
+    for step, grad in enumerate(grads, start=1 + case.get("step_offset", 0)):
         fastadam.adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=vmax, step=step,
                            lr=case["lr"], beta1=case["beta1"], beta2=case["beta2"],
                            eps=case["eps"], weight_decay=case["weight_decay"],
@@ -159,6 +167,14 @@ def test_bit_identical_to_torch_fused_kernel_at_native_capability(torch_out, dty
         if key in CASES:
             k = CASE_INDEX[key]
             assert_bits(k, fastadam_run(CASES[key]), torch_out, f"size {size}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index", range(len(EDGES)),
+                         ids=lambda i: "-".join(f"{k}={v:g}" for k, v in EDGES[i].items()))
+def test_bit_identical_to_torch_fused_kernel_at_hyperparameter_edges(torch_out, dtype, index):
+    key = ("edge", dtype, index, 0)
+    assert_bits(CASE_INDEX[key], fastadam_run(CASES[key]), torch_out, str(EDGES[index]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -49,7 +49,7 @@ def run_torch(torch, case):
     param, exp_avg, exp_avg_sq, vmax, grads = make_inputs(case)
     state = [torch.from_numpy(x) for x in (param, exp_avg, exp_avg_sq)]
     vmax_t = [torch.from_numpy(vmax)] if vmax is not None else []
-    step_t = torch.zeros((), dtype=torch.float32)
+    step_t = torch.full((), case.get("step_offset", 0), dtype=torch.float32)
     kernel = torch._fused_adamw_ if case["decoupled_weight_decay"] else torch._fused_adam_
     grad_scale = None
     if case["grad_scale"] != 1.0:
