@@ -36,6 +36,13 @@ def make_inputs(case):
     # the gradients as the caller hands them over: scaled by grad_scale (loss scaling)
     grads = [(rng.standard_normal(size) * case["grad_scale"]).astype(dtype)
              for _ in range(case["steps"])]
+    if case.get("nonfinite"):  # NaN and +-Inf gradients, NaN already in max_exp_avg_sq
+        for t, grad in enumerate(grads):
+            grad[t::5] = np.nan
+            grad[t + 1::7] = np.inf
+            grad[t + 2::11] = -np.inf
+        if vmax is not None:
+            vmax[::13] = np.nan
     return param, exp_avg, exp_avg_sq, vmax, grads
 
 

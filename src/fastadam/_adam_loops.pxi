@@ -66,8 +66,8 @@ cdef struct RootForm:       # eps_root > 0 (Optax)
 # tensor's tail elements through TorchTailForm (_by_form).
 cdef struct TorchForm:      # g = fma(p, wd, g); m = fma(w, g - m, m) (or fma(w - 1, g - m, g));
     char unused             # v = fma((1 - beta2) * g, g, v * beta2)
-cdef struct TorchTailForm:  # as TorchForm, but v = fma(v, beta2, ((1 - beta2) * g) * g)
-    char unused
+cdef struct TorchTailForm:  # as TorchForm, but v = fma(v, beta2, ((1 - beta2) * g) * g),
+    char unused             # and AMSGrad's max keeps vmax when v is NaN (as "exact" does)
 ctypedef fused FormTag:
     PaperForm
     RootForm
@@ -82,6 +82,27 @@ cdef inline floating _sqrt(floating x) noexcept nogil:
         return sqrtf(x)
     else:
         return sqrt(x)
+
+
+cdef extern from *:
+    """
+    /* The NaN whose bits are all ones: what ATen's vector maximum() returns for a NaN. */
+    static inline float fa_nan_all_ones_f(void) {
+        union { uint32_t bits; float value; } x; x.bits = 0xffffffffu; return x.value;
+    }
+    static inline double fa_nan_all_ones_d(void) {
+        union { uint64_t bits; double value; } x; x.bits = ~(uint64_t)0; return x.value;
+    }
+    """
+    float fa_nan_all_ones_f() noexcept nogil
+    double fa_nan_all_ones_d() noexcept nogil
+
+
+cdef inline floating _nan_all_ones(floating like) noexcept nogil:
+    if floating is float:
+        return fa_nan_all_ones_f()
+    else:
+        return fa_nan_all_ones_d()
 
 
 cdef inline floating _fma(floating a, floating b, floating c) noexcept nogil:
@@ -120,7 +141,8 @@ cdef void _update(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
     cdef floating bc1 = <floating>t.coef.bc1
     cdef floating bc2 = <floating>t.coef.bc2
     cdef floating eps_root = <floating>t.coef.eps_root
-    cdef floating g, pi, mi, vi, vmi
+    cdef floating g, pi, mi, vi, vmi, larger
+    cdef floating nan_all_ones = _nan_all_ones(<floating>0)
 
     for i in range(n):  # vectorized: kernel loop
         g = grad[i]
@@ -156,7 +178,15 @@ cdef void _update(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
         v[i] = vi
         if MaxTag is MaxV:
             vmi = vmax[i]
-            vi = vi if vmi < vi else vmi
+            if FormTag is TorchForm:
+                # ATen's vector maximum(): a NaN in either operand gives the NaN whose
+                # bits are all ones (its scalar tail, std::max, is the order below).
+                # Both tests run unconditionally: GCC does not if-convert a comparison
+                # that only one branch makes (it may trap), and would not vectorize.
+                larger = vi if vmi < vi else vmi
+                vi = nan_all_ones if (vi != vi) | (vmi != vmi) else larger
+            else:
+                vi = vi if vmi < vi else vmi
             vmax[i] = vi
         if FormTag is RootForm:
             p[i] = pi - step_coef * (mi / bc1) / (_sqrt(vi / bc2 + eps_root) + eps)
