@@ -31,8 +31,8 @@ WORKER = Path(__file__).with_name("torch_native_worker.py")
 FMA_CAPABILITIES = ("AVX2", "AVX512")
 
 DTYPES = ["float32", "float64"]
-SMALL_SIZES = [0, 1, 7, 31, 1037]  # tails of every kind: 31 and 1037 reach AVX-512's
-LARGE_SIZE = 1000003               # vectorized remainder; 1000003: threads in both libraries
+SMALL_SIZES = [0, 1, 7, 31, 1037]  # a tail only, a body and a tail, tails of every length
+LARGE_SIZE = 1000003               # mod 8 and mod 16; 1000003: threads in both libraries
 STEPS = 3
 
 

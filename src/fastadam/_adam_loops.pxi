@@ -200,10 +200,10 @@ cdef void _by_form(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop, float
                    GradTag* a, DecayTag* b, LerpTag* c, MaxTag* d) noexcept nogil:
     cdef Py_ssize_t tail
     if t.coef.torch_numerics:
-        # torch's vector loops (AVX2: 8 floats / 4 doubles; AVX-512: 16 / 8, then a
-        # GCC-vectorized 8 / 4 remainder) cover all of a tensor but its last size % 8
-        # float32 (size % 4 float64) elements, which its scalar tail computes. Its
-        # threads split tensors at multiples of 64 bytes, so no other element is a tail.
+        # torch's vector loop (its AVX2 build, 8 floats / 4 doubles per vector, which it
+        # runs at its AVX512 capability too) covers all of a tensor but its last
+        # size % 8 float32 (size % 4 float64) elements, which its scalar tail computes.
+        # Its threads split tensors at multiples of 64 bytes: no other element is a tail.
         tail = t.size - t.size % (8 if floating is float else 4)
         if start < tail:
             _update(t, start, min(stop, tail), dtype, a, b, c, d, <TorchForm*>NULL)
