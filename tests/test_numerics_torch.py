@@ -21,9 +21,9 @@ from hypothesis import given, settings
 import fastadam
 from fastadam import _kernels, _simd
 
+from reference import adam_reference
 from test_properties import assert_within, error_bounds, make_case, random_cases
 from torch_native_worker import digest, make_inputs
-from reference import adam_reference
 
 torch = pytest.importorskip("torch")
 
