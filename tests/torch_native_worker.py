@@ -94,6 +94,46 @@ def run_optimizer(torch, case):
     return out
 
 
+def run_training(torch, case):
+    """A small MLP trained in this process (so the gradients come from torch's kernels at
+    this capability) twice from the same start: with torch.optim.Adam/AdamW(fused=True),
+    and with fastadam.adam_step(numerics="torch") on each parameter tensor. Returns the
+    parameters of both runs, torch's first."""
+    import fastadam
+
+    torch.manual_seed(case["seed"])
+    dtype = getattr(torch, case["dtype"])
+    model = torch.nn.Sequential(torch.nn.Linear(13, 37), torch.nn.Tanh(),
+                                torch.nn.Linear(37, 5)).to(dtype)
+    twin = torch.nn.Sequential(torch.nn.Linear(13, 37), torch.nn.Tanh(),
+                               torch.nn.Linear(37, 5)).to(dtype)
+    twin.load_state_dict(model.state_dict())
+    x, y = torch.randn(64, 13, dtype=dtype), torch.randn(64, 5, dtype=dtype)
+    cls = torch.optim.AdamW if case["decoupled_weight_decay"] else torch.optim.Adam
+    opt = cls(model.parameters(), lr=case["lr"], betas=(case["beta1"], case["beta2"]),
+              eps=case["eps"], weight_decay=case["weight_decay"], amsgrad=case["amsgrad"],
+              maximize=case["maximize"], fused=True)
+    state = {p: [torch.zeros_like(p) for _ in range(3 if case["amsgrad"] else 2)]
+             for p in twin.parameters()}
+    for step in range(1, case["steps"] + 1):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        twin.zero_grad()
+        torch.nn.functional.mse_loss(twin(x), y).backward()
+        for p in twin.parameters():
+            moments = [t.numpy() for t in state[p]]
+            fastadam.adam_step(p.detach().numpy(), p.grad.numpy(), moments[0], moments[1],
+                               max_exp_avg_sq=moments[2] if case["amsgrad"] else None,
+                               step=step, lr=case["lr"], beta1=case["beta1"],
+                               beta2=case["beta2"], eps=case["eps"],
+                               weight_decay=case["weight_decay"],
+                               decoupled_weight_decay=case["decoupled_weight_decay"],
+                               maximize=case["maximize"], numerics="torch")
+    return ([p.detach().numpy() for p in model.parameters()]
+            + [p.detach().numpy() for p in twin.parameters()])
+
+
 def main(argv):
     import torch  # here, after the caller chose ATEN_CPU_CAPABILITY
 
@@ -105,7 +145,12 @@ def main(argv):
         # all threads for the large cases (torch splits a tensor among them); one for the
         # small ones, where forking an OpenMP team per call on a busy machine costs ~10 ms
         torch.set_num_threads(threads if case["size"] >= 65536 else 1)
-        results = run_optimizer(torch, case) if "sizes" in case else run_torch(torch, case)
+        if case.get("train"):
+            results = run_training(torch, case)
+        elif "sizes" in case:
+            results = run_optimizer(torch, case)
+        else:
+            results = run_torch(torch, case)
         for j, array in enumerate(results):
             if case.get("digest"):
                 out[f"{k}_digest_{j}"] = np.array(digest(array))
