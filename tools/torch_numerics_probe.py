@@ -14,9 +14,11 @@ and in fastadam's numerics="torch" profile; rerun this after a torch upgrade.
 
 Needs torch, NumPy and a C compiler (cc). Regions of a tensor of n elements (torch's
 threads split tensors at multiples of 64 bytes, so only the end of a tensor has a tail):
-"vector": [0, n - n % W), W = torch's vector width (AVX-512: 16 float32 / 8 float64,
-AVX2: 8 / 4); "remainder 32 B": [n - n % W, n - n % V), V = 32 bytes of elements (empty
-at AVX2); "scalar tail": [n - n % V, n).
+"vector": [0, n - n % W), W = the vector width of the capability (AVX-512: 16 float32 /
+8 float64, AVX2: 8 / 4); "remainder 32 B": [n - n % W, n - n % V), V = 32 bytes of
+elements (empty at AVX2); "scalar tail": [n - n % V, n). With torch 2.13 the remainder
+behaves like the vector loop: the wheel has no AVX-512 build of this kernel and runs its
+AVX2 build at the AVX512 capability (docs/numerics-torch.md).
 """
 
 from __future__ import annotations
