@@ -206,15 +206,18 @@ cdef class AdamTable:
             self.tensors[i].grad = <const char*><size_t>addresses[i]
         return 0
 
-    cdef void _build_records(self) noexcept:
+    cdef void _build_records(self, const Hyper* hyper) noexcept:
         """Each run as one record if all its gradients are dense and lie back to back and
-        its step counts agree, else its dense tensors one by one."""
+        its step counts agree, else its dense tensors one by one. Never merged under the
+        torch numerics profile (``hyper`` given): torch treats each tensor's last
+        elements apart (its scalar tail), so a tensor's end must stay a record's end."""
         cdef Py_ssize_t i = 0, k, stop
         cdef bint merge
         self.n_records = 0
         while i < self.n:
             stop = self.run_stop[i]
-            merge = stop - i > 1 and self.kind[i] == DENSE
+            merge = (stop - i > 1 and self.kind[i] == DENSE
+                     and (hyper == NULL or not hyper[self.group_of[i]].torch_numerics))
             k = i + 1
             while merge and k < stop:
                 merge = (self.kind[k] == DENSE and self.steps[k] == self.steps[i] and
@@ -251,7 +254,7 @@ cdef class AdamTable:
 
     cdef Py_ssize_t _count_nonfinite(self, int num_threads) except -2:
         cdef Py_ssize_t bad, more, k = 0
-        self._build_records()
+        self._build_records(NULL)
         with nogil:
             bad = count_nonfinite_grads(self.records, self.n_records, num_threads)
             while bad >= 0 and k < self.n_row_updates:
@@ -317,7 +320,7 @@ cdef class AdamTable:
                 if self.kind[i] != INACTIVE and self.steps[i] >= MAX_STEP:
                     raise ValueError(f"the step count of tensor {i} is {self.steps[i]}, the "
                                      "largest an int64 holds: it cannot advance")
-            self._build_records()
+            self._build_records(hyper)
             for k in range(self.n_records):
                 r = &self.records[k]
                 first = self.record_first[k]  # its group and step count are the record's
