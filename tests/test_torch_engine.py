@@ -351,7 +351,7 @@ def test_complex_params_are_updated_as_pairs_of_reals_like_torch(dtype):
                   ft.Adam([pairs], lr=0.01, amsgrad=True, weight_decay=0.1),
                   torch.optim.Adam([theirs], lr=0.01, amsgrad=True, weight_decay=0.1,
                                    foreach=False)]
-    for k in range(3):
+    for _ in range(3):
         grad = torch.randn(6, 5, dtype=dtype)
         ours.grad, theirs.grad = grad.clone(), grad.clone()
         pairs.grad = torch.view_as_real(grad).clone()
