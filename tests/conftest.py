@@ -98,3 +98,12 @@ def make_grads(size, dtype, steps, *, seed=1):
 @pytest.fixture(params=DTYPES, ids=lambda d: np.dtype(d).name)
 def dtype(request):
     return request.param
+
+
+@pytest.fixture
+def restore_levels():
+    """Give the SIMD dispatch back its default levels after a test that forced one."""
+    yield
+    from fastadam import _simd
+
+    _simd.use(*_simd.default_levels())
