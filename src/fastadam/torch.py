@@ -29,7 +29,9 @@ edit (``state["step"].zero_()``) is honoured by the next step, as in torch.
 Layouts: a parameter may have any dense, non-overlapping layout (contiguous,
 ``channels_last``, transposed): its state takes the same strides and its gradient must
 have them too (autograd's gradients do; another layout is copied once per step). A
-parameter with gaps in its memory (a strided slice) is refused.
+parameter with gaps in its memory (a strided slice of a larger tensor) is updated
+through a dense copy, copied in before and back after each step; its state is
+contiguous, as torch's is.
 
 Sparse gradients: a gradient in sparse COO layout with one sparse dimension (what
 ``nn.Embedding(sparse=True)`` produces) takes fastadam's lazy row path, like
@@ -54,9 +56,10 @@ once). ``state_dict()`` is torch's: it returns the live state tensors.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import defaultdict
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -72,7 +75,7 @@ from fastadam._validation import (
     check_step_count,
 )
 
-__all__ = ["Adam", "AdamW", "default_numerics"]
+__all__ = ["Adam", "AdamW", "UnsupportedParameter", "default_numerics"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 # Updated as pairs of reals (torch.view_as_real), as torch's Adam does.
@@ -114,6 +117,19 @@ def _fastadam_group(group: Dict[str, Any], numerics: str) -> Dict[str, Any]:
         "eps_root": 0.0,
         "numerics": numerics,
     }
+
+
+class UnsupportedParameter(TypeError, RuntimeError):
+    """A parameter fastadam.torch cannot update (device, dtype, layout): a TypeError, as
+    every fastadam refusal of a kind is, and a RuntimeError, as torch's fused Adam raises
+    for the same parameters (code written for torch catches it)."""
+
+
+def _check_arguments_like_torch(**arguments: Any) -> None:
+    """torch.optim.Adam's own checks of its constructor arguments, in its order, with its
+    types and messages: torch's constructor itself runs them, on a placeholder parameter
+    (so they follow the installed torch version)."""
+    torch.optim.Adam([torch.empty(0, requires_grad=True)], **arguments)
 
 
 class _StateTable(defaultdict):
@@ -189,6 +205,11 @@ class Adam(Optimizer):
         num_threads: Optional[int] = None,
         numerics: Optional[str] = None,
     ) -> None:
+        _check_arguments_like_torch(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            foreach=foreach, maximize=maximize, capturable=capturable,
+            differentiable=differentiable, fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay)
         self.numerics = default_numerics() if numerics is None else numerics
         check_numerics(self.numerics, 0.0)
         if capturable:
@@ -343,6 +364,9 @@ class _Registry:
         self.names: List[str] = []
         self.unregistered: List[Tuple[str, torch.Tensor]] = []
         self.published: Dict[int, tuple] = {}  # what fastadam put into opt.state, per tensor
+        # Parameters with gaps in their memory: the engine updates a dense copy of each,
+        # copied in before and back after every step (torch's state for them is dense).
+        self.staged: Dict[int, torch.Tensor] = {}
         self.published_generation = -1
         self.watched: Any = None  # the opt.state whose edit count was last seen (and that count)
         self.edits: Optional[int] = None
@@ -357,7 +381,9 @@ class _Registry:
                     names.append(name)
                 else:
                     self.unregistered.append((name, p))
-            self.engine.add([_engine_view(p) for p in tensors], g, names)
+            first = len(self.params)
+            self.engine.add([self._engine_view_of(first + k, p) for k, p in enumerate(tensors)],
+                            g, names)
             self.params += tensors
             self.names += names
         self.layouts = [_layout(p) for p in self.params]
@@ -365,9 +391,18 @@ class _Registry:
         self.steps = torch.from_numpy(self.engine.float_steps())
         self.gather = self._new_gather()
 
+    def _engine_view_of(self, i: int, p: torch.Tensor) -> np.ndarray:
+        """The memory the engine updates for parameter i: its own, or a dense copy."""
+        if _is_dense(p):
+            self.staged.pop(i, None)
+            return _engine_view(p)
+        self.staged[i] = torch.empty(p.shape, dtype=p.dtype)
+        return _engine_view(self.staged[i])
+
     def _new_gather(self) -> Gather:
         gather = Gather(self.params, [lay[1] for lay in self.layouts],
-                        [lay[2] for lay in self.layouts], [lay[3] for lay in self.layouts],
+                        [lay[2] for lay in self.layouts],
+                        [_state_strides(p) for p in self.params],
                         np.array([lay[0] for lay in self.layouts], np.int64),
                         np.array([p.numel() for p in self.params], np.int64), torch.Tensor)
         for i, entry in self.published.items():
@@ -392,8 +427,10 @@ class _Registry:
             first_irregular, active = self.gather.run(self.addresses)
             if first_irregular < 0:
                 if active:
-                    self.engine.step_pointers(self.addresses, active, hypers, grad_scale=grad_scale,
-                                              num_threads=opt._num_threads)
+                    with self._staged():
+                        self.engine.step_pointers(self.addresses, active, hypers,
+                                                  grad_scale=grad_scale,
+                                                  num_threads=opt._num_threads)
                     self._publish(opt)
                 return
         self.watched = None
@@ -415,9 +452,21 @@ class _Registry:
             self._adopt_user_state(opt, i, p)
         self.stale = False
         names = [f"the gradient of {n}" for n in self.names]
-        self.engine.step(grads, hypers, grad_scale=grad_scale, num_threads=opt._num_threads,
-                         names=names, allow_none=True)
+        with self._staged():
+            self.engine.step(grads, hypers, grad_scale=grad_scale, num_threads=opt._num_threads,
+                             names=names, allow_none=True)
         self._publish(opt)
+
+    @contextlib.contextmanager
+    def _staged(self) -> Iterator[None]:
+        """Around a step: the dense copies of parameters with gaps take the parameters'
+        values first and give them back after a step that ran (a refused one leaves the
+        parameters as they were)."""
+        for i, copy in self.staged.items():
+            copy.copy_(self.params[i])
+        yield
+        for i, copy in self.staged.items():
+            self.params[i].copy_(copy)
 
     def _follow_storage(self, i: int, p: torch.Tensor) -> None:
         """Re-point the engine when the parameter's storage was replaced (``p.data =``,
@@ -429,7 +478,7 @@ class _Registry:
         problem = _refusal(p, self.names[i])
         if problem is not None:
             raise problem
-        self.engine.rebind(i, _engine_view(p))
+        self.engine.rebind(i, self._engine_view_of(i, p))
         self.layouts[i] = layout
         self.gather = self._new_gather()
 
@@ -460,8 +509,9 @@ class _Registry:
         if grad.shape != p.shape:
             raise ValueError(f"{name} has a gradient of shape {tuple(grad.shape)} for a "
                              f"parameter of shape {tuple(p.shape)}")
-        if grad.stride() != p.stride():  # read in the param's memory order: one copy
-            grad = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype).copy_(grad)
+        strides = _state_strides(p)
+        if grad.stride() != strides:  # read in the engine's memory order: one copy
+            grad = torch.empty_strided(p.shape, strides, dtype=p.dtype).copy_(grad)
         return _engine_view(grad)
 
     def _adopt_user_state(self, opt: Adam, i: int, p: torch.Tensor) -> None:
@@ -533,23 +583,25 @@ def _holds(entry: tuple) -> bool:
 def _refusal(p: Any, name: str) -> Optional[Exception]:
     """Why the engine cannot update this parameter in place (an exception to raise), or
     None when it can."""
+    # (what torch's fused Adam says of such parameters, for code that matches on it)
+    torch_says = ("`fused=True` requires all the params to be floating point Tensors of "
+                  "supported devices")
     if not isinstance(p, torch.Tensor):
         return TypeError(f"{name} must be a torch.Tensor, got {type(p).__name__}")
     if type(p) not in (torch.Tensor, torch.nn.Parameter):
-        return TypeError(f"{name} is a {type(p).__name__}; fastadam.torch updates plain CPU "
-                         "tensors (tensor subclasses such as DTensor are not supported yet)")
+        return UnsupportedParameter(
+            f"{name} is a {type(p).__name__}; fastadam.torch updates plain CPU tensors "
+            "(tensor subclasses such as DTensor are not supported yet)")
     if p.device.type != "cpu":
-        return TypeError(f"{name} is on {p.device}; fastadam.torch updates CPU tensors only")
+        return UnsupportedParameter(f"{name} is on {p.device}; fastadam.torch updates CPU "
+                                    f"tensors only ({torch_says})")
     if p.dtype not in SUPPORTED_DTYPES + COMPLEX_DTYPES:
-        return TypeError(f"{name} has dtype {p.dtype}; fastadam.torch updates float32, "
-                         "float64, complex64 and complex128 parameters")
+        return UnsupportedParameter(
+            f"{name} has dtype {p.dtype}; fastadam.torch updates float32, float64, complex64 "
+            f"and complex128 parameters ({torch_says})")
     if p.layout != torch.strided:
-        return TypeError(f"{name} has layout {p.layout}; fastadam.torch updates dense "
-                         "(strided) parameters")
-    if not _is_dense(p):
-        return ValueError(f"{name} is not dense (its memory has gaps: a strided slice?); "
-                          "fastadam.torch updates parameters whose elements fill their memory "
-                          "(contiguous, channels_last, transposed)")
+        return UnsupportedParameter(f"{name} has layout {p.layout}; fastadam.torch updates "
+                                    "dense (strided) parameters")
     return None
 
 
@@ -564,6 +616,13 @@ def _is_dense(t: torch.Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+def _state_strides(p: torch.Tensor) -> Tuple[int, ...]:
+    """The strides of p's state and of the gradient the engine reads: p's own when its
+    elements fill their memory (contiguous, channels_last, transposed), else contiguous
+    (as torch's zeros_like gives for a parameter with gaps)."""
+    return tuple(p.stride()) if _is_dense(p) else tuple(torch.empty(p.shape, device="meta").stride())
 
 
 def _layout(p: torch.Tensor) -> Tuple[int, torch.dtype, torch.Size, Tuple[int, ...]]:
@@ -590,9 +649,10 @@ def _engine_view(t: torch.Tensor) -> np.ndarray:
 def _torch_view(array: np.ndarray, p: torch.Tensor) -> torch.Tensor:
     """The engine's 1-D state of ``p`` as a torch tensor of p's dtype, shape and strides."""
     flat = torch.from_numpy(array)
+    strides = _state_strides(p)
     if not p.is_complex():
-        return flat.view(p.shape) if p.is_contiguous() else flat.as_strided(p.shape, p.stride())
-    pairs = flat.as_strided(tuple(p.shape) + (2,), tuple(2 * s for s in p.stride()) + (1,))
+        return flat.view(p.shape) if p.is_contiguous() else flat.as_strided(p.shape, strides)
+    pairs = flat.as_strided(tuple(p.shape) + (2,), tuple(2 * s for s in strides) + (1,))
     return torch.view_as_complex(pairs)
 
 
@@ -602,6 +662,6 @@ def _in_memory_order(arrays: Dict[str, torch.Tensor], p: torch.Tensor) -> Dict[s
     out = {}
     for key, tensor in arrays.items():
         if not p.is_contiguous():
-            tensor = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype).copy_(tensor)
+            tensor = torch.empty_strided(p.shape, _state_strides(p), dtype=p.dtype).copy_(tensor)
         out[key] = _engine_view(tensor)
     return out
