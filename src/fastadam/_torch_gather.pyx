@@ -53,8 +53,9 @@ cdef class Gather:
         dict, then the tensors it holds, in the order the dict's keys were given)."""
         self.published[i] = entry
 
-    def run(self, int64_t[::1] out):
-        """Fill ``out[i]`` with tensor i's gradient address (0 without a gradient).
+    def run(self, int64_t[::1] out, list grads=None):
+        """Fill ``out[i]`` with tensor i's gradient address (0 without a gradient): its
+        ``.grad``, or ``grads[i]`` when a list is given (Keras hands gradients over).
 
         Returns (index of the first tensor this loop cannot take, or -1; the elements
         of the tensors with a gradient). ``opt.state`` itself is watched by the caller
@@ -62,9 +63,11 @@ cdef class Gather:
         per-parameter dict is checked to still hold fastadam's tensors."""
         cdef Py_ssize_t i, n = len(self.params)
         cdef Py_ssize_t active = 0
+        if grads is not None and len(grads) != n:
+            return 0, 0
         for i in range(n):
             p = self.params[i]
-            g = p.grad
+            g = p.grad if grads is None else grads[i]
             if g is None:
                 out[i] = 0
                 continue

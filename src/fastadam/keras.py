@@ -79,7 +79,7 @@ class Adam(keras.optimizers.Adam):
             gradient_accumulation_steps=gradient_accumulation_steps, name=name, **kwargs,
         )
         self.num_threads = num_threads
-        self._fastadam: Optional[tuple] = None  # (key, engine, order): see _engine_for
+        self._fastadam: Optional[tuple] = None  # (key, kernel table or None): _kernel_table
         self.kernel_steps = 0  # steps that ran through fastadam's kernels (for tests)
 
     def get_config(self) -> Dict[str, Any]:
@@ -92,8 +92,8 @@ class Adam(keras.optimizers.Adam):
             return False
         import torch
 
-        return all(v.value.device.type == "cpu" and v.value.dtype in (torch.float32, torch.float64)
-                   and v.value.is_contiguous() for v in variables)
+        # eager under jit_compile too: the table is Python bookkeeping, not graph work
+        return torch.compiler.disable(self._kernel_table)(variables) is not None
 
     def _apply_weight_decay(self, variables: List[Any]) -> None:
         if self._uses_kernels(variables):
@@ -118,30 +118,79 @@ class Adam(keras.optimizers.Adam):
         import torch
 
         with torch.no_grad():
-            engine, order = self._engine_for(trainable_variables)
+            table = self._kernel_table(trainable_variables)
+            assert table is not None  # (_backend_update_step asked _uses_kernels)
+            engine, order, gather, addresses = table
             lr = check_at_least(float(learning_rate), "learning_rate", 0.0)
             wd = 0.0 if self.weight_decay is None else check_real(self.weight_decay, "weight_decay")
             hypers = [check_hyperparameters(
                 lr=lr, beta1=float(self.beta_1), beta2=float(self.beta_2), eps=float(self.epsilon),
                 weight_decay=decay, decoupled_weight_decay=True, amsgrad=bool(self.amsgrad),
                 maximize=False, eps_hat=True, eps_root=0.0) for decay in (0.0, wd)]
+            ordered = [grads[i] for i in order]
+            first_irregular, active = gather.run(addresses, ordered)
+            if first_irregular >= 0:  # a variable moved, or a gradient the loop does not take
+                self._general_update(ordered, trainable_variables, learning_rate, hypers)
+                return
             engine.steps.fill(int(self.iterations))  # Keras's t is iterations + 1, for every variable
-            engine.step([torch.as_tensor(grads[i]).detach().contiguous().numpy() for i in order],
-                        hypers, grad_scale=1.0, num_threads=self.num_threads,
-                        names=[f"the gradient of {trainable_variables[i].path}" for i in order])
+            engine.step_pointers(addresses, active, hypers, grad_scale=1.0,
+                                 num_threads=self.num_threads)
         self.kernel_steps += 1
 
-    def _engine_for(self, variables: List[Any]) -> tuple:
-        """The engine over these variables, with Keras's moment variables as its state
-        (cached while the variables and their memory stay)."""
-        key: List[Any] = [self.weight_decay is not None, bool(self.amsgrad)]
-        key += [(id(v), v.value.data_ptr()) for v in variables]
-        if self._fastadam is not None and self._fastadam[0] == key:
-            return self._fastadam[1:]
-        # Group 0: no weight decay; group 1: decayed (Keras's per-variable exclusions). The
-        # engine holds the variables in this order (stable sort: groups contiguous).
+    def _general_update(self, ordered: List[Any], variables: List[Any], learning_rate: Any,
+                        hypers: List[Any]) -> None:
+        """The update with every check by name: the engine is rebuilt over the variables'
+        memory as it is now, or, where the kernels cannot update them any more, Keras's
+        own update (weight decay included: the kernel path had left it out)."""
+        import torch
+
+        self._fastadam = None
+        table = self._kernel_table(variables)
+        if table is None:
+            super()._apply_weight_decay(variables)
+            super()._backend_update_step([g for _, g in sorted(zip(self._order_of(variables),
+                                                                     ordered))],
+                                         variables, learning_rate)
+            return
+        engine, order, _, _ = table
+        engine.steps.fill(int(self.iterations))
+        engine.step([torch.as_tensor(g).detach().contiguous().numpy() for g in ordered],
+                    hypers, grad_scale=1.0, num_threads=self.num_threads,
+                    names=[f"the gradient of {variables[i].path}" for i in order])
+        self.kernel_steps += 1
+
+    def _order_of(self, variables: List[Any]) -> List[int]:
+        """The engine's order of the variables: no weight decay first (stable)."""
         decayed = [self.weight_decay is not None and self._use_weight_decay(v) for v in variables]
-        order = sorted(range(len(variables)), key=lambda i: decayed[i])
+        return sorted(range(len(variables)), key=lambda i: decayed[i])
+
+    def _kernel_table(self, variables: List[Any]) -> Optional[tuple]:
+        """(engine, order, gather, addresses) over these variables, with Keras's moment
+        variables as the engine's state; None when the kernels cannot update them (not
+        CPU float32/float64 contiguous tensors). Cached while the same variables come:
+        the compiled gather then checks their memory and gradients every step."""
+        import torch
+
+        key = (self.weight_decay is not None, bool(self.amsgrad), tuple(map(id, variables)))
+        if self._fastadam is not None and self._fastadam[0] == key:
+            return self._fastadam[1]
+        values = [v.value for v in variables]
+        usable = all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
+                     and t.dtype in (torch.float32, torch.float64) and t.is_contiguous()
+                     for t in values)
+        table = self._build_table(variables, values) if usable else None
+        self._fastadam = (key, table)
+        return table
+
+    def _build_table(self, variables: List[Any], values: List[Any]) -> tuple:
+        import numpy as np
+        import torch
+
+        from fastadam._torch_gather import Gather
+
+        # Group 0: no weight decay; group 1: decayed (Keras's per-variable exclusions).
+        order = self._order_of(variables)
+        decayed = [self.weight_decay is not None and self._use_weight_decay(v) for v in variables]
 
         def view(variable: Any) -> Any:
             return variable.value.detach().numpy()
@@ -156,5 +205,9 @@ class Adam(keras.optimizers.Adam):
             engine.adopt(i, "exp_avg_sq", view(self._velocities[k]))
             if self.amsgrad:
                 engine.adopt(i, "max_exp_avg_sq", view(self._velocity_hats[k]))
-        self._fastadam = (key, engine, order)
-        return engine, order
+        tensors = [values[i] for i in order]
+        gather = Gather(tensors, [t.dtype for t in tensors], [t.shape for t in tensors],
+                        [t.stride() for t in tensors],
+                        np.array([t.data_ptr() for t in tensors], np.int64),
+                        np.array([t.numel() for t in tensors], np.int64), torch.Tensor)
+        return engine, order, gather, np.zeros(len(tensors), np.int64)
