@@ -34,7 +34,10 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
-from mpi4py import MPI  # noqa: E402
+
+from _requirements import require  # noqa: E402
+
+MPI = require("mpi4py.MPI")
 
 from fastadam import demo  # noqa: E402
 from fastadam.distributed import ShardedAdam  # noqa: E402

@@ -17,6 +17,7 @@ from typing import Any, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
 
+from fastadam._hints import framework_hint
 from fastadam._kernels import first_overlap
 from fastadam._rows import sum_duplicate_rows
 
@@ -68,7 +69,7 @@ def as_array(obj: Any, name: str, *, writable: bool, flatten: bool = True) -> np
         except TypeError:
             raise TypeError(
                 f"{name} must be a NumPy array or an object supporting the buffer protocol "
-                f"(float32 or float64), got {type(obj).__name__}"
+                f"(float32 or float64), got {type(obj).__name__}{framework_hint(obj)}"
             ) from None
         try:
             array = np.asarray(view)

@@ -73,6 +73,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
         f"mpi4py built against your system's MPI); importing mpi4py.MPI failed: {exc}"
     ) from exc
 
+from fastadam._hints import keyword_names
 from fastadam._memory import ALIGNMENT, zeros_at
 from fastadam._threads import threads_for
 from fastadam._validation import (
@@ -266,7 +267,8 @@ class ShardedAdam:
         hyperparameters: Dict[str, Any] = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                amsgrad=amsgrad, maximize=maximize, eps_hat=eps_hat,
                                eps_root=eps_root, decoupled_weight_decay=decoupled_weight_decay)
-        check_group_hyperparameters(hyperparameters, "defaults", 1)
+        with keyword_names():
+            check_group_hyperparameters(hyperparameters, "defaults", 1)
         check_num_threads(num_threads)
         self.comm = comm
         self.rank, self.world_size = comm.Get_rank(), comm.Get_size()

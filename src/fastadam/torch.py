@@ -42,7 +42,13 @@ import threading
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
-import torch
+
+from fastadam._hints import check_torch_params, missing_framework
+
+try:
+    import torch
+except ImportError as exc:  # say what to install (issue 23), as fastadam.distributed does
+    raise missing_framework("torch", exc) from exc
 from torch.optim import Optimizer
 
 from fastadam import _kernels
@@ -145,6 +151,11 @@ class Adam(Optimizer):
                 raise ValueError(f"param_groups[{index}]: {flag}=True is not supported by fastadam.torch")
         check_group_hyperparameters(_fastadam_group(candidate), f"param_groups[{index}]", 1)
         super().add_param_group(param_group)
+        try:  # a float16 or GPU parameter fails here, named, not at the first step()
+            check_torch_params(self.param_groups[-1], index, SUPPORTED_DTYPES)
+        except TypeError:
+            self.param_groups.pop()  # a rejected call changes nothing
+            raise
         self._engine = None
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
