@@ -73,7 +73,7 @@ cdef inline floating _sqrt(floating x) noexcept nogil:
 cdef void _update(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
                   floating* dtype, GradTag* grad_tag, DecayTag* decay_tag,
                   LerpTag* lerp_tag, MaxTag* max_tag, FormTag* form_tag) noexcept nogil:
-    """Elements [start, stop) of one tensor: DESIGN.md's update, in its order."""
+    """Elements [start, stop) of one tensor: docs/design.md's update, in its order."""
     cdef floating* p = (<floating*>t.param) + start
     cdef const floating* grad = (<const floating*>t.grad) + start
     cdef floating* m = (<floating*>t.exp_avg) + start

@@ -20,6 +20,9 @@ from typing import List, Optional, Tuple, Union
 
 import numpy as np
 
+__all__ = ["CLASSES", "DownloadError", "cache_dir", "download_fashion_mnist",
+           "load_fashion_mnist", "read_idx", "search_dirs"]
+
 PathLike = Union[str, "os.PathLike[str]"]
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 OFFICIAL_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -27,6 +30,7 @@ FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+#: The ten class names, indexed by label.
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
            "Sneaker", "Bag", "Ankle boot")
 # IDX type codes (the third byte of the magic number) and their big-endian dtypes

@@ -3,7 +3,7 @@
 Drop-in ``torch.optim.Optimizer`` subclasses with torch's signatures and defaults. Each
 ``step()`` hands every CPU float32/float64 parameter that has a gradient to fastadam's
 kernels in ONE call (all groups, one OpenMP team, GIL released), zero-copy: NumPy views of
-the tensors' memory. The adapter computes no Adam math; the update is DESIGN.md's, the
+the tensors' memory. The adapter computes no Adam math; the update is docs/design.md's, the
 operation order of torch's fused CPU Adam (bit-identical to ``fused=True`` on ATen's
 default CPU capability).
 
