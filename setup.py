@@ -28,6 +28,7 @@ FASTADAM_SANITIZE=1 (GCC/Clang; tools/sanitize.sh sets it, never set it for a re
 
 import os
 import platform
+import runpy
 import shutil
 import subprocess
 import sys
@@ -44,12 +45,10 @@ MSVC_FLAGS = ["/O2", "/fp:precise"]
 SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
                   "-fno-omit-frame-pointer", "-g"]
 
-# Per-level flags of the SIMD twins of the kernel module. x86-64-v4 alone makes GCC prefer
-# 512-bit vectors; the explicit preference keeps that true for every compiler version.
-SIMD_FLAGS = {
-    "avx2": {"unix": ["-march=x86-64-v3"], "msvc": ["/arch:AVX2"]},
-    "avx512": {"unix": ["-march=x86-64-v4", "-mprefer-vector-width=512"], "msvc": ["/arch:AVX512"]},
-}
+# The SIMD twins of the kernel module and their flags: src/fastadam/_simd_levels.py, the
+# one table the build, the run-time dispatch and the vectorization check all read.
+LEVELS = runpy.run_path(os.path.join("src", "fastadam", "_simd_levels.py"))["LEVELS"]
+SIMD_LEVELS = {level.module: level for level in LEVELS if level.cpu is not None}
 
 OPENMP_PROBE = textwrap.dedent(
     """
@@ -118,7 +117,7 @@ def compiles_and_links(compiler, compile_args, link_args, program=OPENMP_PROBE):
 class BuildExt(build_ext):
     def finalize_options(self):
         super().finalize_options()
-        # The three kernel modules compile in parallel, one per core (pip passes no -j):
+        # The compiled modules build in parallel, one compiler per core (pip passes no -j):
         # `pip install .` took about 90 s with no output otherwise (issue 23).
         if not self.parallel:
             self.parallel = os.cpu_count() or 1
@@ -130,10 +129,10 @@ class BuildExt(build_ext):
         sanitize = self._sanitize(compiler_type)
         flavour = "msvc" if compiler_type == "msvc" else "unix"
         for ext in list(self.extensions):
-            simd = SIMD_MODULES.get(ext.name)
-            simd_flags = SIMD_FLAGS[simd][flavour] if simd else []
+            simd = SIMD_LEVELS.get(ext.name)
+            simd_flags = list(getattr(simd, f"{flavour}_flags")) if simd else []
             if simd and not compiles_and_links(self.compiler, simd_flags, [], "int main(void){return 0;}"):
-                warn(f"the compiler cannot target {simd} ({' '.join(simd_flags)}): "
+                warn(f"the compiler cannot target {simd.name} ({' '.join(simd_flags)}): "
                      f"skipping {ext.name}; that SIMD level will not be used")
                 self.extensions.remove(ext)
                 continue
@@ -179,9 +178,6 @@ class BuildExt(build_ext):
         return [], []
 
 
-SIMD_MODULES = {"fastadam._kernels_avx2": "avx2", "fastadam._kernels_avx512": "avx512"}
-
-
 def kernel_extension(name):
     return Extension(
         name,
@@ -200,9 +196,13 @@ def targets_x86_64():
     return platform.machine().lower() in ("x86_64", "amd64", "x64")
 
 
-extensions = [kernel_extension("fastadam._kernels")]
-if targets_x86_64():
-    extensions += [kernel_extension(name) for name in SIMD_MODULES]
+# The kernels (and their SIMD twins below), the engine's compiled core, the compiled
+# checks of the validation layer, and fastadam.torch's compiled gather (no torch needed
+# to build it: it calls tensors' Python methods).
+extensions = [kernel_extension(name) for name in
+              ("fastadam._kernels", "fastadam._table", "fastadam._checks", "fastadam._torch_gather")]
+extensions += [kernel_extension(name) for name, level in SIMD_LEVELS.items()
+               if not level.x86_64_only or targets_x86_64()]
 
 setup(
     ext_modules=cythonize(

@@ -4,7 +4,8 @@
 Workloads: single tensors of 2^10 .. 2^26 elements, the parameter shapes of ResNet-18 (62
 tensors, 11.7M elements) and GPT-2 small (148 tensors, 124M elements), and 2000 tensors of
 512 elements. Implementations: fastadam.Adam.step (one call for all tensors; the reference
-of every ratio), fastadam.adam_step (single tensors), an in-place NumPy Adam (quick.py's
+of every ratio), fastadam.torch.Adam (on torch-allocated tensors, as a model has them),
+fastadam.adam_step (single tensors), an in-place NumPy Adam (quick.py's
 NumpyAdam, one per tensor), torch.optim.Adam (default, foreach=True, fused=True), thinc's
 NumpyOps.adam, optax.adam under jax.jit and DeepSpeedCPUAdam. A peer that is not
 installed, or does not support the dtype, is skipped with a printed note.
@@ -138,6 +139,15 @@ def build_fastadam_optimizer(params, grads, threads: int) -> Runner:
     return lambda: opt.step(grads)
 
 
+def build_fastadam_torch(params, grads, threads: int) -> Runner:
+    """fastadam.torch.Adam on torch-allocated params and grads, as a model has them."""
+    import fastadam.torch
+
+    opt = fastadam.torch.Adam(torch_parameters(params, grads), lr=LR, betas=(BETA1, BETA2),
+                              eps=EPS, num_threads=threads)
+    return opt.step
+
+
 def build_fastadam_function(params, grads, threads: int) -> Runner:
     param, grad = params[0].copy(), grads[0].copy()
     return fastadam_runner(param, grad, np.zeros_like(param), np.zeros_like(param), threads)
@@ -268,6 +278,7 @@ class Implementation:
 TORCH_THREADS = "torch.set_num_threads(T)"
 IMPLEMENTATIONS = [
     Implementation(REFERENCE, build_fastadam_optimizer, "fastadam", 4, "num_threads=T"),
+    Implementation("fastadam.torch.Adam", build_fastadam_torch, "torch", 4, "num_threads=T"),
     Implementation("fastadam.adam_step", build_fastadam_function, "fastadam", 4, "num_threads=T",
                    single_tensor_only=True),
     Implementation("numpy in place", build_numpy, "numpy", 5, "single-threaded"),

@@ -11,14 +11,18 @@ import argparse
 import numpy as np
 
 from fastadam import _kernels
+from fastadam._validation import check_hyperparameters
 
 from quick import make_buffers, measure
+
+HYPER = check_hyperparameters(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                              decoupled_weight_decay=False, amsgrad=False, maximize=False,
+                              eps_hat=False, eps_root=0.0)
 
 
 def kernel_runner(buffers, threads):
     def run():
-        _kernels.adam_step(*buffers, None, 1.0, 1e-3, 0.9, 0.999, 1e-8, 0.0,
-                           False, False, False, 0.0, 1.0, threads)
+        _kernels.adam_step(*buffers, None, HYPER, 1.0, 1.0, threads)
     return run
 
 

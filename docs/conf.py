@@ -30,6 +30,9 @@ exclude_patterns = ["_build"]
 myst_heading_anchors = 3
 napoleon_numpy_docstring = True
 napoleon_google_docstring = False
+# "Attributes" sections as fields of the class, not separate entries: a property that is
+# both listed there and documented by :members: would otherwise be described twice.
+napoleon_use_ivar = True
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_mock_imports = [name for name in ("torch", "keras", "mpi4py")

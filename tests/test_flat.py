@@ -78,8 +78,8 @@ def test_flat_model_steps_as_one_stream_with_identical_results(dtype, amsgrad):
         fill_grads(flat, t)
         opt_flat.step(flat.grads)
         opt_separate.step([g.copy() for g in flat.grads])
-    assert opt_flat._table.runs() == [(0, 5)]
-    assert opt_flat._table.records_in_last_pass == 1
+    assert opt_flat.engine.table.runs() == [(0, 5)]
+    assert opt_flat.engine.table.records_in_last_pass == 1
     for a, b in zip(flat.params, separate):
         np.testing.assert_array_equal(a, b)
 
@@ -89,7 +89,7 @@ def test_scattered_grads_fall_back_to_tensor_by_tensor():
     opt = fastadam.Adam(flat.params)
     fill_grads(flat, 0)
     opt.step([g.copy() for g in flat.grads])
-    assert opt._table.records_in_last_pass == 5
+    assert opt.engine.table.records_in_last_pass == 5
 
 
 def test_groups_split_runs_and_uneven_steps_split_merges():
@@ -97,14 +97,14 @@ def test_groups_split_runs_and_uneven_steps_split_merges():
     opt = fastadam.Adam([{"params": flat.params[:2]}, {"params": flat.params[2:], "lr": 0.1}])
     fill_grads(flat, 0)
     opt.step(flat.grads)
-    assert opt._table.runs() == [(0, 2), (2, 5)] and opt._table.records_in_last_pass == 2
+    assert opt.engine.table.runs() == [(0, 2), (2, 5)] and opt.engine.table.records_in_last_pass == 2
     sd = opt.state_dict()
     sd["state"][3]["step"] = 7
     opt.load_state_dict(sd)
     reference = [p.copy() for p in flat.params]
     steps = [s["step"] for s in opt.state]
     opt.step(flat.grads)
-    assert opt._table.records_in_last_pass == 4  # run (2, 5) split: steps 1, 7, 1
+    assert opt.engine.table.records_in_last_pass == 4  # run (2, 5) split: steps 1, 7, 1
     for p, r, g, s, state in zip(flat.params, reference, flat.grads, steps, sd["state"].values()):
         lr = 0.1 if p.size in (8, 1000, 1) else 1e-3
         expected_m, expected_v = state["exp_avg"].copy(), state["exp_avg_sq"].copy()

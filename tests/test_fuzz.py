@@ -630,7 +630,7 @@ def test_step(case):
     assert result == [True]
     for i, (view, old, grad, state) in enumerate(zip(views, params_before, grad_copies,
                                                      state_before)):
-        group = opt.param_groups[opt._group_of[i]]
+        group = opt.param_groups[opt.engine.group_of[i]]
         floats = as_float({"lr": group["lr"], "beta1": group["betas"][0],
                            "beta2": group["betas"][1], "eps": group["eps"],
                            "weight_decay": group["weight_decay"], "maximize": group["maximize"],

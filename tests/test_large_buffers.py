@@ -77,12 +77,12 @@ def test_chunks_past_2_to_the_32_elements_are_updated_in_place(sparse_buffers):
         array[first:] = tail
         values[name] = tail
         array[:4 * CHUNK] = -7.0  # where a 32-bit index would land (2**32 -> 0)
-    hp = check_hyperparameters(step=4, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8,
-                               weight_decay=0.0, decoupled_weight_decay=False, maximize=False,
-                               eps_hat=False, eps_root=0.0, grad_scale=1.0)
+    hp = check_hyperparameters(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                               decoupled_weight_decay=False, amsgrad=False, maximize=False,
+                               eps_hat=False, eps_root=0.0)
 
     n_chunks, ran = _kernels.run_chunks_from(first, param, grad, exp_avg, exp_avg_sq, None,
-                                             *hp, 2)
+                                             hp, 4.0, 1.0, 2)
 
     assert n_chunks == -(-HUGE // CHUNK)
     assert ran == [(first, 2**32), (2**32, 2**32 + CHUNK), (2**32 + CHUNK, HUGE)]

@@ -97,8 +97,8 @@ def test_steps_leak_no_references_to_params_grads_or_state():
     # must not add any: the counts after 1000 steps equal those after the first.
     params, grads, opt = small_optimizer()
     opt.step(grads)
-    tracked = params + grads + [a for s in opt._state for a in s.values() if a is not None]
-    tracked += [opt._steps, *opt.param_groups]
+    tracked = params + grads + [a for s in opt.engine.state for a in s.values()]
+    tracked += [opt.engine.steps, *opt.param_groups]
     counts = [sys.getrefcount(x) for x in tracked]
     for _ in range(1000):
         opt.step(grads)

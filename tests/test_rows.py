@@ -298,7 +298,7 @@ def test_optimizer_step_equals_adam_step_and_adam_step_rows(dtype, cls, hp, num_
 def test_a_row_sparse_param_inside_a_run_of_back_to_back_params():
     flat = fastadam.FlatParams.from_arrays(model_params(np.float32))
     opt = fastadam.Adam(flat.params)
-    assert opt._current_table().runs() == [(0, 3)]  # one run: merged when all grads are dense
+    assert opt.engine.table.runs() == [(0, 3)]  # one run: merged when all grads are dense
     before = [p.copy() for p in flat.params]
     rows = np.array([2, 5])
     grads = [np.ones((5, 3), np.float32), (rows, np.ones((2, DIM), np.float32)), np.ones(11, np.float32)]
@@ -431,11 +431,11 @@ def test_row_sparse_param_takes_its_own_groups_hyperparameters_and_schedule():
 def test_team_size_follows_the_elements_a_step_updates(monkeypatch):
     # A step's team size is chosen from what it updates: one row of a large table is
     # small work (one thread), the whole table is not.
-    import fastadam.optim
+    import fastadam._engine
 
     seen = []
-    real = fastadam.optim.threads_for
-    monkeypatch.setattr(fastadam.optim, "threads_for", lambda n, size: seen.append(size) or real(n, size))
+    real = fastadam._engine.threads_for
+    monkeypatch.setattr(fastadam._engine, "threads_for", lambda n, size: seen.append(size) or real(n, size))
     table, bias = np.zeros((4096, 32), np.float32), np.zeros(10, np.float32)
     opt = fastadam.Adam([table, bias])
     opt.step([np.ones_like(table), np.ones_like(bias)])

@@ -65,7 +65,7 @@ def test_default_policy_and_report():
 
 
 def test_cpu_levels_are_ordered_prefixes():
-    levels = _kernels.cpu_levels()
+    levels = _simd.cpu_levels()
     assert levels == ["baseline", "avx2", "avx512"][: len(levels)]
 
 

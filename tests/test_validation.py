@@ -196,6 +196,6 @@ def test_keyword_only_step_is_required():
 
 
 def test_overlap_helper_refuses_non_arrays():
-    from fastadam import _kernels
+    from fastadam import _checks
     with pytest.raises(TypeError):
-        _kernels.first_overlap([None, None])
+        _checks.first_overlap([None, None])

@@ -85,7 +85,7 @@ cd "$out"  # never the source tree: `import fastadam` must find the installed wh
 "$out/venv-wheel/bin/python" - "$out/venv-wheel" <<'EOF'
 import os, subprocess, sys
 import fastadam
-from fastadam import _kernels
+from fastadam import _kernels, _simd
 venv = os.path.realpath(sys.argv[1])
 assert os.path.realpath(fastadam.__file__).startswith(venv), fastadam.__file__
 linked = subprocess.run(["ldd", _kernels.__file__], capture_output=True, text=True).stdout
@@ -99,8 +99,8 @@ step "portable speed: the wheel's SIMD choice on this CPU, and its compiler flag
 "$out/venv-wheel/bin/python" -m fastadam config
 "$out/venv-wheel/bin/python" - <<'EOF'
 import fastadam
-from fastadam import _kernels
-cpu = _kernels.cpu_levels()
+from fastadam import _kernels, _simd
+cpu = _simd.cpu_levels()
 simd = fastadam.show_config("dicts")["simd"]
 assert simd["available"] == cpu, (simd, cpu)  # every level the CPU runs is in the wheel
 assert simd["small_tensors"] == cpu[-1], simd

@@ -18,6 +18,7 @@ import argparse
 import collections
 import platform
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -28,11 +29,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE_DIR = ROOT / "src" / "fastadam"
 LOOPS = SOURCE_DIR / "_adam_loops.pxi"
-MODULES = {  # module -> the flags setup.py adds for its SIMD level (x86-64)
-    "_kernels": [],
-    "_kernels_avx2": ["-march=x86-64-v3"],
-    "_kernels_avx512": ["-march=x86-64-v4", "-mprefer-vector-width=512"],
-}
+# module -> the flags setup.py adds for its SIMD level: the table they both read
+LEVELS = runpy.run_path(str(SOURCE_DIR / "_simd_levels.py"))["LEVELS"]
+MODULES = {level.module.split(".")[-1]: list(level.unix_flags) for level in LEVELS}
+X86_64_ONLY = {level.module.split(".")[-1] for level in LEVELS if level.x86_64_only}
 MARKER = "# vectorized: kernel loop"
 RELEASE_FLAGS = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
 WIDTH_NAMES = {8: "64-bit", 16: "128-bit xmm", 32: "256-bit ymm", 64: "512-bit zmm"}
@@ -49,7 +49,7 @@ def is_gcc() -> bool:
 def default_modules() -> list[str]:
     """The modules setup.py builds here: the SIMD twins exist on x86-64 only."""
     x86_64 = platform.machine().lower() in ("x86_64", "amd64")
-    return list(MODULES) if x86_64 else ["_kernels"]
+    return [m for m in MODULES if x86_64 or m not in X86_64_ONLY]
 
 
 def kernel_loop_lines() -> set[int]:

@@ -14,11 +14,13 @@ from fastadam._threads import threads_for
 from fastadam._validation import (
     AdamBuffers,
     as_array,
+    check_at_least,
     check_buffers,
     check_flag,
     check_hyperparameters,
     check_num_threads,
     check_row_buffers,
+    check_step,
 )
 
 
@@ -86,26 +88,26 @@ def adam_step(
     through aligned temporary copies.
     """
     hp = check_hyperparameters(
-        step=step,
         lr=lr,
         beta1=beta1,
         beta2=beta2,
         eps=eps,
         weight_decay=weight_decay,
         decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=max_exp_avg_sq is not None,
         maximize=maximize,
         eps_hat=eps_hat,
         eps_root=eps_root,
-        grad_scale=grad_scale,
     )
+    step_number = float(check_step(step))
+    scale = check_at_least(grad_scale, "grad_scale", 0.0, strict=True)
     threads = check_num_threads(num_threads)
     buffers = check_buffers(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)
     size = buffers.param.size
     if size == 0:
         return
     aligned = _aligned(buffers)
-    # mypy cannot line up two star-unpacked NamedTuples with positional parameters
-    _kernels.adam_step(*aligned, *hp, threads_for(threads, size))  # type: ignore[arg-type]
+    _kernels.adam_step(*aligned, hp, step_number, scale, threads_for(threads, size))
     _copy_back(aligned, buffers)
 
 
@@ -182,18 +184,19 @@ def adam_step_rows(
         nothing is written then.
     """
     hp = check_hyperparameters(
-        step=step,
         lr=lr,
         beta1=beta1,
         beta2=beta2,
         eps=eps,
         weight_decay=weight_decay,
         decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=max_exp_avg_sq is not None,
         maximize=maximize,
         eps_hat=eps_hat,
         eps_root=eps_root,
-        grad_scale=grad_scale,
     )
+    step_number = float(check_step(step))
+    scale = check_at_least(grad_scale, "grad_scale", 0.0, strict=True)
     threads = check_num_threads(num_threads)
     buffers, indices, row_size = check_row_buffers(param, grad_rows, rows, exp_avg, exp_avg_sq,
                                                    max_exp_avg_sq)
@@ -203,7 +206,7 @@ def adam_step_rows(
     indices, summed = sum_duplicate_rows(indices, aligned.grad, row_size)
     aligned = aligned._replace(grad=summed)
     _kernels.adam_step_rows(aligned.param, aligned.grad, indices, row_size, aligned.exp_avg,
-                            aligned.exp_avg_sq, aligned.max_exp_avg_sq, *hp,
+                            aligned.exp_avg_sq, aligned.max_exp_avg_sq, hp, step_number, scale,
                             threads_for(threads, indices.size * row_size))
     _copy_back(aligned, buffers)
 

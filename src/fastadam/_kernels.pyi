@@ -1,9 +1,11 @@
 # Stubs of the compiled module fastadam._kernels (private: fastadam._functional,
-# fastadam._validation and fastadam._threads call it with validated arguments).
-from typing import Any, Optional, Sequence, Union
+# fastadam._rows, fastadam._simd and fastadam._threads call it with validated arguments;
+# fastadam._table cimports its C functions).
+from typing import Any, Optional, Sequence
 
 import numpy as np
-from typing_extensions import disjoint_base
+
+from fastadam._validation import Hyperparameters
 
 def adam_step(
     param: np.ndarray,
@@ -11,16 +13,8 @@ def adam_step(
     exp_avg: np.ndarray,
     exp_avg_sq: np.ndarray,
     max_exp_avg_sq: Optional[np.ndarray],
+    hyper: Hyperparameters,
     step: float,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    maximize: bool,
-    eps_hat: bool,
-    eps_root: float,
     grad_scale: float,
     num_threads: int,
 ) -> None: ...
@@ -32,16 +26,8 @@ def adam_step_rows(
     exp_avg: np.ndarray,
     exp_avg_sq: np.ndarray,
     max_exp_avg_sq: Optional[np.ndarray],
+    hyper: Hyperparameters,
     step: float,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    maximize: bool,
-    eps_hat: bool,
-    eps_root: float,
     grad_scale: float,
     num_threads: int,
 ) -> None: ...
@@ -54,22 +40,13 @@ def run_chunks_from(
     exp_avg: np.ndarray,
     exp_avg_sq: np.ndarray,
     max_exp_avg_sq: Optional[np.ndarray],
+    hyper: Hyperparameters,
     step: float,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    maximize: bool,
-    eps_hat: bool,
-    eps_root: float,
     grad_scale: float,
     num_threads: int,
 ) -> tuple[int, list[tuple[int, int]]]: ...
-def first_overlap(arrays: list[np.ndarray]) -> Optional[tuple[int, int]]: ...
 def set_kernels(small: tuple[Any, Any], large: tuple[Any, Any], small_limit: int) -> None: ...
-def cpu_levels() -> list[str]: ...
+def cpu_supports(feature: str) -> bool: ...
 
 run_chunk_capsule: Any
 count_nonfinite_capsule: Any
@@ -78,31 +55,3 @@ def openmp_version() -> int: ...
 def max_threads() -> int: ...
 def team_size(num_threads: int) -> int: ...
 def build_info() -> dict[str, Any]: ...
-
-@disjoint_base
-class AdamTable:
-    # A cdef class: its arguments go to __cinit__, which Cython runs from __new__.
-    def __new__(
-        cls,
-        params: list[np.ndarray],
-        exp_avgs: list[np.ndarray],
-        exp_avg_sqs: list[np.ndarray],
-        max_exp_avg_sqs: list[Optional[np.ndarray]],
-        steps: np.ndarray,
-        group_of: list[int],
-    ) -> AdamTable: ...
-    def overlaps_written(self, array: np.ndarray) -> bool: ...
-    def runs(self) -> list[tuple[int, int]]: ...
-    @property
-    def records_in_last_pass(self) -> int: ...
-    def first_nonconforming(self, grads: list[Any]) -> int: ...
-    def count_nonfinite(
-        self, grads: list[Union[np.ndarray, tuple[np.ndarray, np.ndarray]]], num_threads: int
-    ) -> int: ...
-    def step(
-        self,
-        grads: Sequence[Union[np.ndarray, tuple[np.ndarray, np.ndarray]]],
-        groups: Sequence[tuple[float, float, float, float, float, float, bool, bool, bool, bool]],
-        grad_scale: float,
-        num_threads: int,
-    ) -> None: ...

@@ -7,14 +7,17 @@ Design (see docs/design.md "Layers"):
 * Everything here assumes validated input. fastadam._validation has already checked
   dtypes, element counts, contiguity, alignment, writability, overlap and every
   hyperparameter; nothing in this module raises for bad data, so a rejected call never
-  reaches a write.
+  reaches a write. Hyperparameters arrive as one record (``Hyper``, read from the
+  validated ``Hyperparameters`` by ``hyper_from_record``), never as positional lists.
 * One update is described by an ``AdamTensor`` record: raw pointers, a length, a dtype
   flag and the step's ``Coefficients`` (computed once, in double, by
   ``fill_coefficients``). ``run_tensors`` takes a table of them, cuts every tensor into
   fixed-size chunks and lets one OpenMP team work through the chunk table with the GIL
   released. ``adam_step`` is a table of one; the multi-tensor optimizer step reuses
   the same engine.
-* Lazy sparse rows (``adam_step_rows``, row-sparse gradients in ``AdamTable``) reuse it
+* The engine's compiled core (fastadam._table) cimports ``run_tensors``, ``run_rows``
+  and their non-finite scans through _kernels.pxd.
+* Lazy sparse rows (``adam_step_rows``, row-sparse gradients of an optimizer step) reuse it
   too: a row of a C-contiguous tensor is a contiguous run of ``row_size`` elements, so a
   ``RowUpdate`` runs each given row through ``run_chunk`` exactly as a dense update of
   that row alone would (``run_rows``: one OpenMP team over the rows).
@@ -38,14 +41,13 @@ Design (see docs/design.md "Layers"):
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid
 from libc.math cimport pow, sqrt
 from libc.stdint cimport int64_t
-from libc.stdlib cimport calloc, free, malloc, qsort
+from libc.stdlib cimport calloc, free, malloc
 from cython cimport floating
 from cython.parallel cimport prange
 
 cimport numpy as cnp
 import numpy
 
-from fastadam._adam_types cimport AdamTensor, Coefficients
 
 cnp.import_array()
 
@@ -122,50 +124,63 @@ def set_kernels(small, large, Py_ssize_t small_limit):
     _small_limit = small_limit
 
 
-def cpu_levels():
-    """The SIMD levels this CPU and OS can run, widest last (cpuid and xgetbv)."""
-    levels = ["baseline"]
-    if fa_cpu_has_x86_64_v3():
-        levels.append("avx2")
-        if fa_cpu_has_x86_64_v4():
-            levels.append("avx512")
-    return levels
+def cpu_supports(str feature):
+    """Can this CPU and OS run code built for ``feature`` ("x86-64-v3" or "x86-64-v4",
+    the ``cpu`` of fastadam._simd_levels)? Asked with cpuid and xgetbv."""
+    if feature == "x86-64-v3":
+        return bool(fa_cpu_has_x86_64_v3())
+    if feature == "x86-64-v4":
+        return bool(fa_cpu_has_x86_64_v3() and fa_cpu_has_x86_64_v4())
+    raise ValueError(f"unknown CPU feature set {feature!r}")
 
 
 # --- coefficients and the chunk engine ------------------------------------------------
 
-cdef void fill_coefficients(Coefficients* c, double step, double lr, double beta1,
-                            double beta2, double eps, double weight_decay,
-                            bint decoupled_weight_decay, bint amsgrad, bint maximize,
-                            bint eps_hat, double eps_root, double grad_scale) noexcept nogil:
+cdef int hyper_from_record(Hyper* h, object record) except -1:
+    """Fill ``h`` from a validated Hyperparameters record, by field name."""
+    h.lr = record.lr
+    h.beta1 = record.beta1
+    h.beta2 = record.beta2
+    h.eps = record.eps
+    h.weight_decay = record.weight_decay
+    h.eps_root = record.eps_root
+    h.decoupled_weight_decay = record.decoupled_weight_decay
+    h.amsgrad = record.amsgrad
+    h.maximize = record.maximize
+    h.eps_hat = record.eps_hat
+    return 0
+
+
+cdef void fill_coefficients(Coefficients* c, const Hyper* h, double step,
+                            double grad_scale) noexcept nogil:
     """docs/design.md's per-step constants, in double precision, outside every loop."""
-    cdef double bc1 = 1.0 - pow(beta1, step)
-    cdef double bc2 = 1.0 - pow(beta2, step)
+    cdef double bc1 = 1.0 - pow(h.beta1, step)
+    cdef double bc2 = 1.0 - pow(h.beta2, step)
     cdef double r2 = sqrt(bc2)
-    cdef double sign = -1.0 if maximize else 1.0
+    cdef double sign = -1.0 if h.maximize else 1.0
 
     c.grad_scaled = grad_scale != 1.0
     c.grad_factor = sign * grad_scale if c.grad_scaled else sign
-    c.l2_decay = weight_decay != 0.0 and not decoupled_weight_decay
-    c.l2 = weight_decay if c.l2_decay else 0.0
-    c.param_scale = 1.0 - lr * weight_decay if decoupled_weight_decay else 1.0
-    c.w = 1.0 - beta1
-    c.beta2 = beta2
-    c.one_minus_beta2 = 1.0 - beta2
-    c.eps = eps
-    c.amsgrad = amsgrad
-    c.root_form = eps_root > 0.0
+    c.l2_decay = h.weight_decay != 0.0 and not h.decoupled_weight_decay
+    c.l2 = h.weight_decay if c.l2_decay else 0.0
+    c.param_scale = 1.0 - h.lr * h.weight_decay if h.decoupled_weight_decay else 1.0
+    c.w = 1.0 - h.beta1
+    c.beta2 = h.beta2
+    c.one_minus_beta2 = 1.0 - h.beta2
+    c.eps = h.eps
+    c.amsgrad = h.amsgrad
+    c.root_form = h.eps_root > 0.0
     c.bc1 = bc1
     c.bc2 = bc2
-    c.eps_root = eps_root
+    c.eps_root = h.eps_root
     if c.root_form:
-        c.step_coef = lr
+        c.step_coef = h.lr
         c.denom_div = 1.0
-    elif eps_hat:
-        c.step_coef = -((lr * r2) / bc1)
+    elif h.eps_hat:
+        c.step_coef = -((h.lr * r2) / bc1)
         c.denom_div = 1.0
     else:
-        c.step_coef = -(lr / bc1)
+        c.step_coef = -(h.lr / bc1)
         c.denom_div = r2
 
 
@@ -257,17 +272,6 @@ cdef Py_ssize_t count_nonfinite_grads(const AdamTensor* tensors, Py_ssize_t n_te
 
 
 # --- lazy sparse rows ------------------------------------------------------------------
-
-cdef struct RowUpdate:
-    # One tensor's lazy row update. ``tensor`` has the whole tensor's param and state
-    # pointers and the step's coefficients; its grad points at n_rows gradient rows of
-    # row_size elements, row i of them for tensor row rows[i] (unique and in range:
-    # validated, duplicates already summed).
-    AdamTensor tensor
-    const int64_t* rows     # IN
-    Py_ssize_t n_rows
-    Py_ssize_t row_size
-
 
 cdef extern from *:
     """
@@ -377,66 +381,6 @@ def sum_sorted_rows(floating[:, ::1] out, const floating[:, ::1] values,
                     target[i] = target[i] + source[i]
 
 
-# --- memory ranges ---------------------------------------------------------------------------
-
-cdef struct Interval:
-    size_t start
-    size_t stop
-    Py_ssize_t index
-
-
-cdef int _by_start(const void* a, const void* b) noexcept nogil:
-    cdef size_t x = (<const Interval*>a).start, y = (<const Interval*>b).start
-    return -1 if x < y else (1 if x > y else 0)
-
-
-cdef inline Interval _interval(object array, Py_ssize_t index) except *:
-    cdef Interval r
-    r.start = <size_t>cnp.PyArray_DATA(<cnp.ndarray?>array)
-    r.stop = r.start + <size_t>cnp.PyArray_NBYTES(<cnp.ndarray>array)
-    r.index = index
-    return r
-
-
-cdef Interval* _sorted_intervals(list arrays, Py_ssize_t* n_out) except NULL:
-    """Address ranges of the non-empty arrays, sorted by start (malloc'ed)."""
-    cdef Py_ssize_t n = len(arrays), i, k = 0
-    cdef Interval* intervals = <Interval*>malloc(max(n, 1) * sizeof(Interval))
-    if intervals == NULL:
-        raise MemoryError()
-    try:
-        for i in range(n):
-            intervals[k] = _interval(arrays[i], i)
-            if intervals[k].stop > intervals[k].start:
-                k += 1
-    except BaseException:
-        free(intervals)
-        raise
-    qsort(intervals, k, sizeof(Interval), _by_start)
-    n_out[0] = k
-    return intervals
-
-
-def first_overlap(list arrays):
-    """(i, j), i < j, of two contiguous ndarrays whose memory overlaps, or None.
-
-    A helper of fastadam._validation (which owns the error message): sorts the address
-    ranges, so it is O(n log n) for the thousands of tensors of a model.
-    """
-    cdef Py_ssize_t n, k, widest = 0
-    cdef Interval* intervals = _sorted_intervals(arrays, &n)
-    try:
-        for k in range(1, n):
-            if intervals[k].start < intervals[widest].stop:
-                a, b = intervals[widest].index, intervals[k].index
-                return (min(a, b), max(a, b))
-            if intervals[k].stop > intervals[widest].stop:
-                widest = k
-        return None
-    finally:
-        free(intervals)
-
-
 # --- Python entry points (private; callers validate first) --------------------------------
 
 cdef inline char* _data(object array) except? NULL:
@@ -456,20 +400,28 @@ cdef int _fill_tensor(AdamTensor* t, object param, object grad, object exp_avg,
     return 0
 
 
-def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, double step, double lr,
-              double beta1, double beta2, double eps, double weight_decay,
-              bint decoupled_weight_decay, bint maximize, bint eps_hat, double eps_root,
+cdef int _coefficients(Coefficients* c, object hyper, double step, double grad_scale,
+                       object max_exp_avg_sq) except -1:
+    """The coefficients of one update from a validated Hyperparameters record; AMSGrad
+    follows the presence of its buffer (never a NULL pointer behind amsgrad=True)."""
+    cdef Hyper h
+    hyper_from_record(&h, hyper)
+    h.amsgrad = max_exp_avg_sq is not None
+    fill_coefficients(c, &h, step, grad_scale)
+    return 0
+
+
+def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, double step,
               double grad_scale, int num_threads):
     """One Adam step on validated, contiguous, aligned, same-dtype 1-D NumPy arrays.
 
-    ``max_exp_avg_sq`` is None or an array (AMSGrad). Releases the GIL while it runs.
+    ``max_exp_avg_sq`` is None or an array (AMSGrad); ``hyper`` a validated
+    Hyperparameters record. Releases the GIL while it runs.
     """
     cdef AdamTensor t
     cdef int status
     _fill_tensor(&t, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)
-    fill_coefficients(&t.coef, step, lr, beta1, beta2, eps, weight_decay,
-                      decoupled_weight_decay, max_exp_avg_sq is not None, maximize,
-                      eps_hat, eps_root, grad_scale)
+    _coefficients(&t.coef, hyper, step, grad_scale, max_exp_avg_sq)
     with nogil:
         status = run_tensors(&t, 1, num_threads)
     if status != 0:
@@ -477,13 +429,11 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, double step, dou
 
 
 def adam_step_rows(param, grad_rows, rows, Py_ssize_t row_size, exp_avg, exp_avg_sq,
-                   max_exp_avg_sq, double step, double lr, double beta1, double beta2,
-                   double eps, double weight_decay, bint decoupled_weight_decay,
-                   bint maximize, bint eps_hat, double eps_root, double grad_scale,
-                   int num_threads):
+                   max_exp_avg_sq, hyper, double step, double grad_scale, int num_threads):
     """One lazy Adam step of the rows ``rows`` of validated, contiguous, aligned,
     same-dtype 1-D NumPy arrays (param and state: the whole tensor, row_size elements
-    per row; grad_rows: len(rows) rows). ``rows``: int64, unique, in range."""
+    per row; grad_rows: len(rows) rows). ``rows``: int64, unique, in range, owned by
+    fastadam (checked after copying: nobody else writes them)."""
     cdef RowUpdate u
     u.tensor.size = cnp.PyArray_SIZE(<cnp.ndarray>param)
     u.tensor.is_double = cnp.PyArray_TYPE(<cnp.ndarray>param) == cnp.NPY_DOUBLE
@@ -495,9 +445,7 @@ def adam_step_rows(param, grad_rows, rows, Py_ssize_t row_size, exp_avg, exp_avg
     u.rows = <const int64_t*>_data(rows)
     u.n_rows = cnp.PyArray_SIZE(<cnp.ndarray>rows)
     u.row_size = row_size
-    fill_coefficients(&u.tensor.coef, step, lr, beta1, beta2, eps, weight_decay,
-                      decoupled_weight_decay, max_exp_avg_sq is not None, maximize,
-                      eps_hat, eps_root, grad_scale)
+    _coefficients(&u.tensor.coef, hyper, step, grad_scale, max_exp_avg_sq)
     with nogil:
         run_rows(&u, num_threads)
 
@@ -532,10 +480,7 @@ def chunk_table(sizes):
 
 
 def run_chunks_from(Py_ssize_t first_element, param, grad, exp_avg, exp_avg_sq,
-                    max_exp_avg_sq, double step, double lr, double beta1, double beta2,
-                    double eps, double weight_decay, bint decoupled_weight_decay,
-                    bint maximize, bint eps_hat, double eps_root, double grad_scale,
-                    int num_threads):
+                    max_exp_avg_sq, hyper, double step, double grad_scale, int num_threads):
     """adam_step's chunk engine on one tensor, skipping the chunks that start before
     ``first_element``: elements past 2**31 of a sparse (mostly untouched) memory map are
     updated through the same chunk table, prange loop and kernels as every step.
@@ -544,9 +489,7 @@ def run_chunks_from(Py_ssize_t first_element, param, grad, exp_avg, exp_avg_sq,
     cdef Py_ssize_t n_chunks, first = 0, k
     cdef Chunk* chunks
     _fill_tensor(&t, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)
-    fill_coefficients(&t.coef, step, lr, beta1, beta2, eps, weight_decay,
-                      decoupled_weight_decay, max_exp_avg_sq is not None, maximize,
-                      eps_hat, eps_root, grad_scale)
+    _coefficients(&t.coef, hyper, step, grad_scale, max_exp_avg_sq)
     n_chunks = _count_chunks(&t, 1)
     chunks = _make_chunks(&t, 1, n_chunks)
     if chunks == NULL:
@@ -559,293 +502,6 @@ def run_chunks_from(Py_ssize_t first_element, param, grad, exp_avg, exp_avg_sq,
         return n_chunks, [(chunks[k].start, chunks[k].stop) for k in range(first, n_chunks)]
     finally:
         free(chunks)
-
-
-cdef struct GroupHyperparameters:
-    double lr, beta1, beta2, eps, weight_decay, eps_root
-    bint decoupled_weight_decay, amsgrad, maximize, eps_hat
-
-
-cdef class AdamTable:
-    """The optimizer's tensors as one C table, stepped in one pass (fastadam.optim).
-
-    Holds, per tensor, the pointers of param and state, its group and (in the int64
-    array ``steps``, shared with the optimizer) its step count. ``step`` fills in the
-    gradients and per-tensor coefficients, releases the GIL once and runs every tensor
-    of every group through one OpenMP team. Arguments are validated by the caller
-    (fastadam._validation); ``first_nonconforming`` is the fast scan that lets it skip
-    the per-gradient Python checks when all gradients are plain conforming ndarrays.
-
-    Runs: consecutive tensors of one group and dtype whose params lie back to back in
-    memory, and whose states do too (the optimizer allocates each group's state as one
-    block), form a run. When a step's gradients for a run also lie back to back (as
-    fastadam.FlatParams lays them out) and the run's step counts agree, the run is
-    updated as ONE tensor: one long stream instead of many short loops. Only memory
-    that belongs to the tensors is touched either way (runs have no gaps).
-
-    Row-sparse gradients: a gradient given as a tuple ``(rows, values)`` (int64 rows,
-    unique and in range; values of those rows, contiguous: validated) makes its tensor a
-    ``RowUpdate`` of this pass instead of a record: only those rows and their moments
-    change, with the tensor's step count and group coefficients. Its step count still
-    advances by one (it is the tensor's step, as in TensorFlow's LazyAdam and PyTorch's
-    SparseAdam).
-    """
-    cdef AdamTensor* tensors      # one record per tensor (grad pointers set per step)
-    cdef AdamTensor* records      # what a step runs: whole runs, or single tensors
-    cdef Py_ssize_t* record_first  # the tensor each record starts with
-    cdef Py_ssize_t n_records
-    cdef Py_ssize_t n
-    cdef Py_ssize_t* run_stop     # at a run's first tensor: one past its last tensor
-    cdef Py_ssize_t* group_of
-    cdef Py_ssize_t n_groups
-    cdef int64_t* steps
-    cdef RowUpdate* row_updates   # this pass's row-sparse tensors
-    cdef Py_ssize_t* row_update_of  # the tensor of each row update
-    cdef Py_ssize_t n_row_updates
-    cdef bint* sparse             # per tensor: has a row-sparse gradient in this pass
-    cdef Interval* written        # address ranges of every written buffer, sorted
-    cdef Py_ssize_t n_written
-    cdef list params              # the params as given (N-d), for shape checks
-    cdef object keep_alive
-
-    def __cinit__(self, list params, list exp_avgs, list exp_avg_sqs, list max_exp_avg_sqs,
-                  cnp.ndarray steps, list group_of):
-        cdef Py_ssize_t i, n = len(params)
-        self.n = n
-        self.tensors = <AdamTensor*>calloc(max(n, 1), sizeof(AdamTensor))
-        self.records = <AdamTensor*>calloc(max(n, 1), sizeof(AdamTensor))
-        self.record_first = <Py_ssize_t*>malloc(max(n, 1) * sizeof(Py_ssize_t))
-        self.run_stop = <Py_ssize_t*>malloc(max(n, 1) * sizeof(Py_ssize_t))
-        self.group_of = <Py_ssize_t*>malloc(max(n, 1) * sizeof(Py_ssize_t))
-        self.row_updates = <RowUpdate*>calloc(max(n, 1), sizeof(RowUpdate))
-        self.row_update_of = <Py_ssize_t*>malloc(max(n, 1) * sizeof(Py_ssize_t))
-        self.sparse = <bint*>calloc(max(n, 1), sizeof(bint))
-        if (self.tensors == NULL or self.records == NULL or self.record_first == NULL
-                or self.run_stop == NULL or self.group_of == NULL or self.row_updates == NULL
-                or self.row_update_of == NULL or self.sparse == NULL):
-            raise MemoryError()
-        self.n_row_updates = 0
-        self.n_groups = 0
-        for i in range(n):
-            t = &self.tensors[i]
-            t.size = cnp.PyArray_SIZE(<cnp.ndarray?>params[i])
-            t.is_double = cnp.PyArray_TYPE(<cnp.ndarray>params[i]) == cnp.NPY_DOUBLE
-            t.param = _data(params[i])
-            t.exp_avg = _data(exp_avgs[i])
-            t.exp_avg_sq = _data(exp_avg_sqs[i])
-            t.max_exp_avg_sq = NULL if max_exp_avg_sqs[i] is None else _data(max_exp_avg_sqs[i])
-            self.group_of[i] = group_of[i]
-            self.n_groups = max(self.n_groups, self.group_of[i] + 1)
-        self._find_runs()
-        self.steps = <int64_t*>cnp.PyArray_DATA(steps)
-        written = params + exp_avgs + exp_avg_sqs + [a for a in max_exp_avg_sqs if a is not None]
-        self.written = _sorted_intervals(written, &self.n_written)
-        self.params = params
-        self.keep_alive = (written, steps)
-
-    def __dealloc__(self):
-        free(self.tensors)
-        free(self.records)
-        free(self.record_first)
-        free(self.run_stop)
-        free(self.group_of)
-        free(self.row_updates)
-        free(self.row_update_of)
-        free(self.sparse)
-        free(self.written)
-
-    cdef void _find_runs(self):
-        cdef Py_ssize_t i = 0, j
-        while i < self.n:
-            j = i + 1
-            while (j < self.n and self.group_of[j] == self.group_of[i]
-                   and self.tensors[j].is_double == self.tensors[i].is_double
-                   and _follows(&self.tensors[j], &self.tensors[j - 1])):
-                j += 1
-            self.run_stop[i] = j
-            i = j
-
-    def runs(self):
-        """[(first, stop), ...]: the runs of tensors (see the class docstring)."""
-        result, i = [], 0
-        while i < self.n:
-            result.append((i, self.run_stop[i]))
-            i = self.run_stop[i]
-        return result
-
-    @property
-    def records_in_last_pass(self):
-        """How many records (whole runs or single tensors) the last pass ran."""
-        return self.n_records
-
-    cdef int _overlaps_written(self, object array) except -1:
-        """Does this array's memory overlap any param or state buffer? (binary search)"""
-        cdef Interval r = _interval(array, 0)
-        cdef Py_ssize_t lo = 0, hi = self.n_written, mid
-        if r.stop == r.start:
-            return False
-        while lo < hi:  # the first written range starting at or after r.stop
-            mid = (lo + hi) // 2
-            if self.written[mid].start < r.stop:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo > 0 and self.written[lo - 1].stop > r.start
-
-    def overlaps_written(self, array):
-        return self._overlaps_written(array)
-
-    def first_nonconforming(self, list grads):
-        """Index of the first gradient that is not a C-contiguous, aligned ndarray of its
-        param's dtype and shape and clear of every written buffer; -1 if all are."""
-        cdef Py_ssize_t i
-        cdef cnp.ndarray g, p
-        for i in range(self.n):
-            obj = grads[i]
-            if type(obj) is not cnp.ndarray:
-                return i
-            g = <cnp.ndarray>obj
-            p = <cnp.ndarray>self.params[i]
-            if (cnp.PyArray_TYPE(g) != cnp.PyArray_TYPE(p) or not cnp.PyArray_SAMESHAPE(g, p)
-                    or not cnp.PyArray_IS_C_CONTIGUOUS(g) or not cnp.PyArray_ISALIGNED(g)
-                    or not cnp.PyArray_ISNOTSWAPPED(g) or self._overlaps_written(g)):
-                return i
-        return -1
-
-    cdef int _prepare(self, list grads) except -1:
-        """Set the gradient pointers, then build this pass's records: each run as one
-        record if its gradients lie back to back and its step counts agree, else its
-        (dense) tensors one by one; and a row update per row-sparse gradient."""
-        cdef Py_ssize_t i, k, stop
-        cdef bint merge
-        self.n_row_updates = 0
-        for i in range(self.n):
-            grad = grads[i]
-            self.sparse[i] = type(grad) is tuple
-            if self.sparse[i]:
-                self._add_row_update(i, grad[0], grad[1])
-            else:
-                self.tensors[i].grad = _data(grad)
-        self.n_records = 0
-        i = 0
-        while i < self.n:
-            stop = self.run_stop[i]
-            merge = stop - i > 1 and not self.sparse[i]
-            k = i + 1
-            while merge and k < stop:
-                merge = (not self.sparse[k] and self.steps[k] == self.steps[i] and
-                         self.tensors[k].grad
-                         == self.tensors[k - 1].grad + _nbytes(&self.tensors[k - 1]))
-                k += 1
-            if merge:
-                self.records[self.n_records] = self.tensors[i]
-                self.record_first[self.n_records] = i
-                for k in range(i + 1, stop):
-                    self.records[self.n_records].size += self.tensors[k].size
-                self.n_records += 1
-            else:
-                for k in range(i, stop):
-                    if self.sparse[k]:
-                        continue
-                    self.records[self.n_records] = self.tensors[k]
-                    self.record_first[self.n_records] = k
-                    self.n_records += 1
-            i = stop
-        return 0
-
-    cdef int _add_row_update(self, Py_ssize_t i, object rows, object values) except -1:
-        cdef RowUpdate* u = &self.row_updates[self.n_row_updates]
-        cdef cnp.ndarray param = <cnp.ndarray>self.params[i]
-        u.tensor = self.tensors[i]
-        u.tensor.grad = _data(values)
-        u.rows = <const int64_t*>_data(rows)
-        u.n_rows = cnp.PyArray_SIZE(<cnp.ndarray?>rows)
-        # (row-sparse gradients are validated to have a param of at least one axis)
-        u.row_size = u.tensor.size // param.shape[0] if param.shape[0] else 0
-        self.row_update_of[self.n_row_updates] = i
-        self.n_row_updates += 1
-        return 0
-
-    def count_nonfinite(self, list grads, int num_threads):
-        """How many elements of the (validated) gradients are NaN or Inf."""
-        cdef Py_ssize_t bad, more, k = 0
-        self._prepare(grads)
-        with nogil:
-            bad = count_nonfinite_grads(self.records, self.n_records, num_threads)
-            while bad >= 0 and k < self.n_row_updates:
-                more = count_nonfinite_rows(&self.row_updates[k], num_threads)
-                bad = -1 if more < 0 else bad + more
-                k += 1
-        if bad < 0:
-            raise MemoryError("fastadam: could not allocate the chunk table")
-        return bad
-
-    def step(self, list grads, list groups, double grad_scale, int num_threads):
-        """One Adam step of every tensor. ``groups``: one tuple per param group,
-        (lr, beta1, beta2, eps, weight_decay, eps_root, decoupled_weight_decay, amsgrad,
-        maximize, eps_hat), validated; grads validated and conforming (dense arrays, or
-        (rows, values) tuples: see the class docstring)."""
-        cdef Py_ssize_t i = 0, k, first
-        cdef int status
-        cdef GroupHyperparameters* h
-        cdef AdamTensor* r
-        cdef GroupHyperparameters* hyper = <GroupHyperparameters*>malloc(
-            max(len(groups), 1) * sizeof(GroupHyperparameters))
-        if hyper == NULL:
-            raise MemoryError()
-        try:
-            if len(groups) != self.n_groups:  # never index past the groups given
-                raise ValueError(f"expected hyperparameters for {self.n_groups} groups, "
-                                 f"got {len(groups)}")
-            for k, values in enumerate(groups):
-                (hyper[k].lr, hyper[k].beta1, hyper[k].beta2, hyper[k].eps,
-                 hyper[k].weight_decay, hyper[k].eps_root, hyper[k].decoupled_weight_decay,
-                 hyper[k].amsgrad, hyper[k].maximize, hyper[k].eps_hat) = values
-            self._prepare(grads)
-            for k in range(self.n_records):
-                r = &self.records[k]
-                first = self.record_first[k]  # its group and step count are the record's
-                if (k > 0 and self.group_of[first] == self.group_of[i]
-                        and self.steps[first] == self.steps[i]):
-                    r.coef = self.records[k - 1].coef  # the usual case: once per group
-                else:
-                    h = &hyper[self.group_of[first]]
-                    fill_coefficients(&r.coef, <double>(self.steps[first] + 1), h.lr, h.beta1,
-                                      h.beta2, h.eps, h.weight_decay, h.decoupled_weight_decay,
-                                      h.amsgrad, h.maximize, h.eps_hat, h.eps_root, grad_scale)
-                i = first
-            for k in range(self.n_row_updates):
-                r = &self.row_updates[k].tensor
-                first = self.row_update_of[k]
-                h = &hyper[self.group_of[first]]
-                fill_coefficients(&r.coef, <double>(self.steps[first] + 1), h.lr, h.beta1,
-                                  h.beta2, h.eps, h.weight_decay, h.decoupled_weight_decay,
-                                  h.amsgrad, h.maximize, h.eps_hat, h.eps_root, grad_scale)
-            with nogil:
-                status = run_tensors(self.records, self.n_records, num_threads)
-                if status == 0:
-                    for k in range(self.n_row_updates):
-                        run_rows(&self.row_updates[k], num_threads)
-            if status != 0:
-                raise MemoryError("fastadam: could not allocate the chunk table")
-            for i in range(self.n):
-                self.steps[i] += 1
-        finally:
-            free(hyper)
-
-
-cdef inline size_t _nbytes(const AdamTensor* t) noexcept nogil:
-    return <size_t>t.size * (8 if t.is_double else 4)
-
-
-cdef inline bint _follows(const AdamTensor* t, const AdamTensor* previous) noexcept nogil:
-    """Do t's param and state buffers start exactly where previous's end?"""
-    cdef size_t gap = _nbytes(previous)
-    if (previous.max_exp_avg_sq == NULL) != (t.max_exp_avg_sq == NULL):
-        return False
-    return (t.param == previous.param + gap and t.exp_avg == previous.exp_avg + gap
-            and t.exp_avg_sq == previous.exp_avg_sq + gap
-            and (t.max_exp_avg_sq == NULL or t.max_exp_avg_sq == previous.max_exp_avg_sq + gap))
 
 
 def openmp_enabled():

@@ -27,10 +27,10 @@ import os
 from typing import Dict, List, Optional
 
 from fastadam import _kernels
+from fastadam._simd_levels import LEVELS as _LEVELS
 
-LEVELS = ("baseline", "avx2", "avx512")
-MODULES = {"baseline": "fastadam._kernels", "avx2": "fastadam._kernels_avx2",
-           "avx512": "fastadam._kernels_avx512"}
+LEVELS = tuple(level.name for level in _LEVELS)
+MODULES = {level.name: level.module for level in _LEVELS}
 SMALL_TENSOR_ELEMENTS = 4096
 
 _chosen: Dict[str, str] = {}
@@ -41,9 +41,23 @@ def _built(level: str) -> bool:
     return importlib.util.find_spec(MODULES[level]) is not None
 
 
+def cpu_levels() -> List[str]:
+    """The levels this CPU and OS can run, widest last (whether built or not)."""
+    return [level.name for level in _LEVELS
+            if level.cpu is None or (_is_x86_64() or not level.x86_64_only)
+            and _kernels.cpu_supports(level.cpu)]
+
+
+@functools.cache
+def _is_x86_64() -> bool:
+    import platform
+
+    return platform.machine().lower() in ("x86_64", "amd64", "x64")
+
+
 def available_levels() -> List[str]:
     """Levels that are both built into this installation and runnable on this CPU/OS."""
-    return [level for level in _kernels.cpu_levels() if _built(level)]
+    return [level for level in cpu_levels() if _built(level)]
 
 
 def _capsules(level: str) -> tuple:

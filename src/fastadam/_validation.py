@@ -17,9 +17,10 @@ from typing import Any, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
 
+from fastadam._checks import first_nonconforming, first_overlap, overlaps, sorted_ranges
 from fastadam._hints import framework_hint
-from fastadam._kernels import first_overlap
-from fastadam._rows import sum_duplicate_rows
+
+__all__ = ["sorted_ranges"]  # re-exported for the engine: the ranges its checks take
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 MAX_STEP = 2**63 - 1  # step counts are int64 in optimizer state and in PyTorch
@@ -36,20 +37,23 @@ class AdamBuffers(NamedTuple):
     max_exp_avg_sq: Optional[np.ndarray]
 
 
-class AdamHyperparameters(NamedTuple):
-    """Validated hyperparameters of one step, as Python floats and bools."""
+class Hyperparameters(NamedTuple):
+    """One update's validated hyperparameters, as Python floats and bools: the one record
+    every front end builds (through :func:`check_hyperparameters` or
+    :func:`check_group_hyperparameters`) and the kernels read by field name
+    (fastadam._kernels.hyper_from_record). The step number and ``grad_scale`` belong to
+    a call, not to a group, and travel beside it."""
 
-    step: float
     lr: float
     beta1: float
     beta2: float
     eps: float
     weight_decay: float
     decoupled_weight_decay: bool
+    amsgrad: bool
     maximize: bool
     eps_hat: bool
     eps_root: float
-    grad_scale: float
 
 
 def _describe_dtype(dtype: np.dtype) -> str:
@@ -273,35 +277,38 @@ def check_num_threads(value: Any, name: str = "num_threads") -> Optional[int]:
 
 def check_hyperparameters(
     *,
-    step: Any,
     lr: Any,
     beta1: Any,
     beta2: Any,
     eps: Any,
     weight_decay: Any,
     decoupled_weight_decay: Any,
+    amsgrad: Any,
     maximize: Any,
     eps_hat: Any,
     eps_root: Any,
-    grad_scale: Any,
-) -> AdamHyperparameters:
-    eps_hat = check_flag(eps_hat, "eps_hat")
-    eps_root = check_at_least(eps_root, "eps_root", 0.0)
-    if eps_hat:
-        check_epsilon_forms(eps_hat, eps_root)
+    where: str = "",
+) -> Hyperparameters:
+    """The record of one update's hyperparameters, each checked and named in messages
+    as ``{where}{name}`` (``where`` is e.g. ``"param_groups[0]"`` with dict-style names)."""
+    def name(key: str) -> str:
+        return f"{where}[{key!r}]" if where else key
+
+    eps_hat = check_flag(eps_hat, name("eps_hat"))
+    eps_root = check_at_least(eps_root, name("eps_root"), 0.0)
+    check_epsilon_forms(eps_hat, eps_root, f"{where}: " if where else "")
     # positional: this runs on every adam_step call, and keyword construction costs more
-    return AdamHyperparameters(
-        float(check_step(step)),
-        check_at_least(lr, "lr", 0.0),
-        check_beta(beta1, "beta1"),
-        check_beta(beta2, "beta2"),
-        check_at_least(eps, "eps", 0.0),
-        check_at_least(weight_decay, "weight_decay", 0.0),
-        check_flag(decoupled_weight_decay, "decoupled_weight_decay"),
-        check_flag(maximize, "maximize"),
+    return Hyperparameters(
+        check_at_least(lr, name("lr"), 0.0),
+        check_beta(beta1, name("beta1") if not where else f"{where}['betas'][0]"),
+        check_beta(beta2, name("beta2") if not where else f"{where}['betas'][1]"),
+        check_at_least(eps, name("eps"), 0.0),
+        check_at_least(weight_decay, name("weight_decay"), 0.0),
+        check_flag(decoupled_weight_decay, name("decoupled_weight_decay")),
+        check_flag(amsgrad, name("amsgrad")),
+        check_flag(maximize, name("maximize")),
         eps_hat,
         eps_root,
-        check_at_least(grad_scale, "grad_scale", 0.0, strict=True),
     )
 
 
@@ -318,22 +325,6 @@ def check_epsilon_forms(eps_hat: bool, eps_root: float, where: str = "") -> None
 HYPERPARAMETER_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "eps_hat",
                        "eps_root", "decoupled_weight_decay")
 NOT_A_SEQUENCE = (np.ndarray, memoryview, bytes, bytearray, str, Mapping)
-
-
-class GroupHyperparameters(NamedTuple):
-    """One param group's validated values for one step, in the order
-    fastadam._kernels.AdamTable.step unpacks them."""
-
-    lr: float
-    beta1: float
-    beta2: float
-    eps: float
-    weight_decay: float
-    eps_root: float
-    decoupled_weight_decay: bool
-    amsgrad: bool
-    maximize: bool
-    eps_hat: bool
 
 
 def check_sequence(value: Any, name: str, what: str) -> list:
@@ -392,44 +383,34 @@ def _is_whole(value: Any) -> bool:
         return False
 
 
-def check_group_hyperparameters(group: Mapping, name: str, step: int) -> GroupHyperparameters:
+def check_group_hyperparameters(group: Mapping, name: str, step: int) -> Hyperparameters:
     """A param group's hyperparameters for step ``step`` (lr schedules are called with it)."""
     lr = group["lr"]
     if callable(lr):
         lr = check_at_least(lr(step), f"{name}['lr'] (the schedule's value at step {step})", 0.0)
-    else:
-        lr = check_at_least(lr, f"{name}['lr']", 0.0)
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise TypeError(f"{name}['betas'] must be a pair (beta1, beta2), got {betas!r}")
-    eps_hat = check_flag(group["eps_hat"], f"{name}['eps_hat']")
-    eps_root = check_at_least(group["eps_root"], f"{name}['eps_root']", 0.0)
-    check_epsilon_forms(eps_hat, eps_root, f"{name}: ")
-    return GroupHyperparameters(
-        lr=lr,
-        beta1=check_beta(betas[0], f"{name}['betas'][0]"),
-        beta2=check_beta(betas[1], f"{name}['betas'][1]"),
-        eps=check_at_least(group["eps"], f"{name}['eps']", 0.0),
-        weight_decay=check_at_least(group["weight_decay"], f"{name}['weight_decay']", 0.0),
-        eps_root=eps_root,
-        decoupled_weight_decay=check_flag(group["decoupled_weight_decay"], f"{name}['decoupled_weight_decay']"),
-        amsgrad=check_flag(group["amsgrad"], f"{name}['amsgrad']"),
-        maximize=check_flag(group["maximize"], f"{name}['maximize']"),
-        eps_hat=eps_hat,
-    )
+    return check_hyperparameters(
+        lr=lr, beta1=betas[0], beta2=betas[1], eps=group["eps"],
+        weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
+        amsgrad=group["amsgrad"], maximize=group["maximize"], eps_hat=group["eps_hat"],
+        eps_root=group["eps_root"], where=name)
 
 
-def check_grads(table: Any, grads: Any, params: list,
-                names: Optional[list] = None) -> Tuple[list, int]:
+def check_grads(grads: Any, params: list, written: np.ndarray, names: Optional[list] = None,
+                allow_none: bool = False) -> Tuple[list, int]:
     """The gradients of one optimizer step, checked against the params (count, dtype,
-    shape, layout, overlap with any written buffer) before anything is written.
+    shape, layout, overlap with any ``written`` range: sorted_ranges of the params and
+    state) before anything is written.
 
     A gradient may be row-sparse: a tuple ``(rows, values)`` for a param with rows (see
-    :func:`check_row_grad`); it is returned ready for AdamTable.step: (unique int64
-    rows, contiguous values), duplicates summed (fastadam._rows.sum_duplicate_rows).
+    :func:`check_row_grad`); it is returned as (int64 rows in fastadam's own copy, flat
+    aligned values). With ``allow_none``, None stands for "no gradient this step".
 
     Returns (the checked gradients, how many param elements the step leaves untouched:
-    those outside the rows of row-sparse gradients), the second for the team size.
+    those outside the rows of row-sparse gradients and of params without a gradient),
+    the second for the team size.
 
     The common case (plain conforming ndarrays) is decided by one C scan; anything else
     goes through the full per-gradient checks, which name the offending gradient
@@ -438,14 +419,19 @@ def check_grads(table: Any, grads: Any, params: list,
     grads = check_sequence(grads, "grads", "buffers, one per param")
     if len(grads) != len(params):
         raise ValueError(f"grads must have one gradient per param ({len(params)}), got {len(grads)}")
-    if table.first_nonconforming(grads) < 0:
-        return grads, 0  # all dense: no per-gradient Python work on the common path
+    first = first_nonconforming(grads, params, written)
+    if first < 0 and (allow_none or all(g is not None for g in grads)):
+        return grads, sum(p.size for p, g in zip(params, grads) if g is None) if allow_none else 0
     checked: list = []
     untouched = 0
     for i, (grad, param) in enumerate(zip(grads, params)):
         name = f"grads[{i}]" if names is None else names[i]
+        if grad is None and allow_none:
+            checked.append(None)
+            untouched += param.size
+            continue
         if isinstance(grad, tuple):
-            rows, values = _check_row_grad_entry(table, grad, param, name)
+            rows, values = _check_row_grad_entry(written, grad, param, name)
             checked.append((rows, values))
             untouched += param.size - values.size
             continue
@@ -455,22 +441,21 @@ def check_grads(table: Any, grads: Any, params: list,
                             f"got {array.dtype.name}")
         if array.shape != param.shape:
             raise ValueError(f"{name} must have the shape of params[{i}] {param.shape}, got {array.shape}")
-        if table.overlaps_written(array):
+        if overlaps(written, array):
             raise ValueError(f"{name} overlaps a parameter or optimizer-state buffer in memory")
         # Gradients are only read, so an aligned copy of an unaligned one is harmless.
         checked.append(array if array.flags.aligned else array.copy())
     return checked, untouched
 
 
-def _check_row_grad_entry(table: Any, grad: tuple, param: np.ndarray, name: str) -> tuple:
-    """One ``(rows, values)`` gradient of an optimizer step, ready for AdamTable.step."""
+def _check_row_grad_entry(written: np.ndarray, grad: tuple, param: np.ndarray, name: str) -> tuple:
+    """One ``(rows, values)`` gradient of an optimizer step: (rows, flat aligned values)."""
     if len(grad) != 2:
         raise TypeError(f"{name} is a tuple, so it must be a row-sparse gradient (rows, values), "
                         f"got a tuple of {len(grad)} items")
     rows, values = check_row_grad(param, grad[0], grad[1], name, f"{name}[0] (rows)",
                                   f"{name}[1] (values)")
-    if table.overlaps_written(values):
+    if overlaps(written, values):
         raise ValueError(f"{name}[1] (values) overlaps a parameter or optimizer-state buffer in memory")
     # Only read, so an aligned copy of an unaligned array is harmless.
-    flat = values.reshape(-1) if values.flags.aligned else values.reshape(-1).copy()
-    return sum_duplicate_rows(rows, flat, flat.size // rows.size if rows.size else 0)
+    return rows, values.reshape(-1) if values.flags.aligned else values.reshape(-1).copy()

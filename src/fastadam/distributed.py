@@ -75,7 +75,6 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
 
 from fastadam._hints import keyword_names
 from fastadam._memory import ALIGNMENT, zeros_at
-from fastadam._threads import threads_for
 from fastadam._validation import (
     as_array,
     check_at_least,
@@ -86,7 +85,7 @@ from fastadam._validation import (
 )
 from fastadam.checkpoint import _json_hyperparameters, _state_dict, read_npz, write_npz_atomically
 from fastadam.flat import GRAD_PAGE_OFFSET, FlatParams
-from fastadam.optim import Adam, LearningRate, _stage_state_dict
+from fastadam.optim import Adam, LearningRate
 
 __all__ = ["ShardedAdam", "load", "save", "shard_bounds"]
 
@@ -351,7 +350,7 @@ class ShardedAdam:
         scale = 1.0 if grad_scale is None else check_at_least(grad_scale, "grad_scale", 0.0, strict=True)
         skip_if_nonfinite = check_flag(skip_if_nonfinite, "skip_if_nonfinite")
         grad = self._gradient_block(grads)
-        self._adam._group_hyperparameters()  # a bad hyperparameter raises before communicating
+        self._hyperparameters()  # a bad hyperparameter raises before communicating
 
         t0 = time.perf_counter()
         reduced = self._reduce(grad)
@@ -366,6 +365,11 @@ class ShardedAdam:
         self._gather()
         self.seconds["gather"] += time.perf_counter() - t2
         return True
+
+    def _hyperparameters(self) -> Any:
+        """The group's validated values for the next step (raises on a bad one)."""
+        return check_group_hyperparameters(self.param_groups[0], "param_groups[0]",
+                                           self._adam.engine.group_step(0))
 
     def _gradient_block(self, grads: Any) -> np.ndarray:
         if grads is None:
@@ -430,8 +434,7 @@ class ShardedAdam:
                 np.add(out, row, out=out)
 
     def _any_nonfinite(self, reduced: np.ndarray) -> bool:
-        threads = threads_for(self._adam.num_threads, reduced.size)
-        local = self._adam._current_table().count_nonfinite([reduced], threads) if reduced.size else 0
+        local = self._adam.engine.count_nonfinite([reduced], self._adam.num_threads)
         return bool(self.comm.allreduce(int(local > 0), op=MPI.MAX))
 
     def _gather(self) -> None:
@@ -637,6 +640,6 @@ def _read_shard_state(directory: str, opt: ShardedAdam, header: Dict[str, Any]) 
     arrays = {name: np.concatenate(parts) if parts else np.zeros(0, opt.params.dtype)
               for name, parts in pieces.items()}
     state_dict = _state_dict(opt._adam, header, arrays, os.path.join(directory, INDEX))
-    _stage_state_dict(opt._adam, state_dict)
+    opt._adam.check_state_dict(state_dict)
     return state_dict
 

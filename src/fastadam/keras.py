@@ -27,13 +27,12 @@ try:
 except ImportError as exc:  # say what to install (issue 23)
     raise missing_framework("keras", exc) from exc
 
-from fastadam import _kernels
-from fastadam._threads import NumThreadsAttribute, threads_for
+from fastadam._engine import Engine
+from fastadam._threads import NumThreadsAttribute
 from fastadam._validation import (
-    GroupHyperparameters,
     check_at_least,
     check_beta,
-    check_grads,
+    check_hyperparameters,
     check_real,
 )
 
@@ -85,7 +84,7 @@ class Adam(keras.optimizers.Adam):
             gradient_accumulation_steps=gradient_accumulation_steps, name=name, **kwargs,
         )
         self.num_threads = num_threads
-        self._fastadam_table: Optional[tuple] = None
+        self._fastadam: Optional[tuple] = None  # (key, engine, order): see _engine_for
         self.kernel_steps = 0  # steps that ran through fastadam's kernels (for tests)
 
     def get_config(self) -> Dict[str, Any]:
@@ -114,48 +113,43 @@ class Adam(keras.optimizers.Adam):
         import torch
 
         with torch.no_grad():
-            table, order, params, steps, group_of = self._table(trainable_variables)
+            engine, order = self._engine_for(trainable_variables)
             lr = check_at_least(float(learning_rate), "learning_rate", 0.0)
             wd = 0.0 if self.weight_decay is None else check_real(self.weight_decay, "weight_decay")
-            hyper = [GroupHyperparameters(lr=lr, beta1=float(self.beta_1), beta2=float(self.beta_2),
-                                          eps=float(self.epsilon), weight_decay=decay, eps_root=0.0,
-                                          decoupled_weight_decay=True, amsgrad=bool(self.amsgrad),
-                                          maximize=False, eps_hat=True)
-                     for decay in (0.0, wd)[: max(group_of) + 1]]
-            steps[:] = int(self.iterations)  # Keras's step t is iterations + 1, for every variable
-            arrays, _ = check_grads(table, [torch.as_tensor(grads[i]).detach().contiguous().numpy()
-                                            for i in order], params,
-                                    names=[f"the gradient of {trainable_variables[i].path}" for i in order])
-            table.step(arrays, hyper, 1.0, threads_for(self.num_threads, sum(p.size for p in params)))
+            hypers = [check_hyperparameters(
+                lr=lr, beta1=float(self.beta_1), beta2=float(self.beta_2), eps=float(self.epsilon),
+                weight_decay=decay, decoupled_weight_decay=True, amsgrad=bool(self.amsgrad),
+                maximize=False, eps_hat=True, eps_root=0.0) for decay in (0.0, wd)]
+            engine.steps.fill(int(self.iterations))  # Keras's t is iterations + 1, for every variable
+            engine.step([torch.as_tensor(grads[i]).detach().contiguous().numpy() for i in order],
+                        hypers, grad_scale=1.0, num_threads=self.num_threads,
+                        names=[f"the gradient of {trainable_variables[i].path}" for i in order])
         self.kernel_steps += 1
 
-    def _table(self, variables: List[Any]) -> tuple:
-        """The kernel table for these variables (cached while they and their memory stay)."""
-        import numpy as np
-
+    def _engine_for(self, variables: List[Any]) -> tuple:
+        """The engine over these variables, with Keras's moment variables as its state
+        (cached while the variables and their memory stay)."""
         key: List[Any] = [self.weight_decay is not None, bool(self.amsgrad)]
         key += [(id(v), v.value.data_ptr()) for v in variables]
-        if self._fastadam_table is not None and self._fastadam_table[0] == key:
-            return self._fastadam_table[1:]
+        if self._fastadam is not None and self._fastadam[0] == key:
+            return self._fastadam[1:]
         # Group 0: no weight decay; group 1: decayed (Keras's per-variable exclusions). The
-        # table holds the variables in this order (stable sort: groups contiguous).
+        # engine holds the variables in this order (stable sort: groups contiguous).
         decayed = [self.weight_decay is not None and self._use_weight_decay(v) for v in variables]
         order = sorted(range(len(variables)), key=lambda i: decayed[i])
 
-        def view(variable: Any) -> np.ndarray:
+        def view(variable: Any) -> Any:
             return variable.value.detach().numpy()
 
-        index = [self._get_variable_index(variables[i]) for i in order]
-        params = [view(variables[i]) for i in order]
-        steps = np.zeros(len(order), np.int64)
-        group_of = [int(decayed[i]) for i in order]
-        table = _kernels.AdamTable(
-            params,
-            [view(self._momentums[k]).reshape(-1) for k in index],
-            [view(self._velocities[k]).reshape(-1) for k in index],
-            [view(self._velocity_hats[k]).reshape(-1) if self.amsgrad else None for k in index],
-            steps,
-            group_of,
-        )
-        self._fastadam_table = (key, table, order, params, steps, group_of)
-        return self._fastadam_table[1:]
+        engine = Engine()
+        for group in (0, 1):
+            members = [i for i in order if int(decayed[i]) == group]
+            engine.add([view(variables[i]) for i in members], group,
+                       [variables[i].path for i in members])
+        for i, k in enumerate(self._get_variable_index(variables[j]) for j in order):
+            engine.adopt(i, "exp_avg", view(self._momentums[k]))
+            engine.adopt(i, "exp_avg_sq", view(self._velocities[k]))
+            if self.amsgrad:
+                engine.adopt(i, "max_exp_avg_sq", view(self._velocity_hats[k]))
+        self._fastadam = (key, engine, order)
+        return engine, order

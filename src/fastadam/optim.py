@@ -1,8 +1,10 @@
-"""Adam and AdamW optimizer objects: param groups, state, step counts, schedules.
+"""Adam and AdamW over NumPy arrays and buffer-protocol objects: the NumPy front end.
 
-One ``step()`` validates everything first (fastadam._validation), then makes a single
-call into the kernels for all tensors of all groups (fastadam._kernels.AdamTable): one
-GIL release, one OpenMP team, per-tensor coefficients computed in C.
+It turns buffers into validated NumPy views and param-group dicts into hyperparameter
+records; everything else (state, step counts, the one-pass step) is the engine's
+(fastadam._engine), as for every other front end. One ``step()`` validates everything
+first, then makes a single call into the kernels for all tensors of all groups: one GIL
+release, one OpenMP team, per-tensor coefficients computed in C.
 """
 
 from __future__ import annotations
@@ -25,25 +27,22 @@ from typing import (
 
 import numpy as np
 
-from fastadam import _kernels
+from fastadam._engine import STATE_KEYS, Engine
 from fastadam._hints import keyword_names
-from fastadam._memory import STATE_PAGE_OFFSETS, zeros_at
-from fastadam._threads import NumThreadsAttribute, threads_for
+from fastadam._threads import NumThreadsAttribute
 from fastadam._validation import (
     HYPERPARAMETER_KEYS,
-    GroupHyperparameters,
+    Hyperparameters,
+    as_array,
     check_at_least,
     check_flag,
-    check_grads,
     check_group_hyperparameters,
-    check_no_overlap,
     check_params,
     check_sequence,
     check_step_count,
 )
 
 LearningRate = Union[float, Callable[[int], float]]
-STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 Method = TypeVar("Method", bound=Callable[..., Any])
 
 
@@ -125,14 +124,8 @@ class Adam:
         self.num_threads = num_threads
         self.param_groups: List[Dict[str, Any]] = []
         self.skipped_steps = 0
-        self._params: List[np.ndarray] = []   # N-d views, in group order
-        self._state: List[Dict[str, Any]] = []  # np.ndarray, or None for an absent max_exp_avg_sq   # 1-D views into blocks
-        self._steps = np.zeros(0, np.int64)
-        self._group_of: List[int] = []
+        self.engine = Engine()
         self._group_params: List[tuple] = []  # each group's params tuple, to detect edits
-        self._table: Optional[_kernels.AdamTable] = None
-        self._amsgrad_ready: set = set()       # groups whose max_exp_avg_sq is complete
-        self._total_size = 0
 
         params = check_sequence(params, "params", "buffers or of param-group dicts "
                                 "(wrap a single array in a list)")
@@ -149,15 +142,26 @@ class Adam:
 
     @_serialised
     def __getstate__(self) -> Dict[str, Any]:
-        # The kernel table holds raw pointers: never copy it, rebuild it on the next step.
-        # A lock cannot be copied: the copy gets its own (__setstate__).
-        state = {**self.__dict__, "_table": None}
+        # A lock cannot be copied: the copy gets its own (__setstate__). The engine
+        # copies without its kernel table (raw pointers), rebuilt on the copy's next step.
+        state = dict(self.__dict__)
         del state["_lock"]
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.RLock()
+        # A copy updates the buffers of its own param_groups: re-point the engine at
+        # them (for a buffer that is not an ndarray, the engine's view was copied apart
+        # from the copied buffer, and the copy would otherwise update a private array).
+        i = 0
+        for g, params in enumerate(self._group_params):
+            for k, obj in enumerate(params):
+                view = as_array(obj, f"param_groups[{g}]['params'][{k}]", writable=True,
+                                flatten=False)
+                if view is not self.engine.params[i]:
+                    self.engine.rebind(i, view)
+                i += 1
 
     num_threads = NumThreadsAttribute()
     _num_threads: Optional[int]  # the descriptor's storage
@@ -183,41 +187,14 @@ class Adam:
         params = tuple(check_sequence(params, f"{name}['params']", "buffers"))
         arrays = check_params(list(params), f"{name}['params']")
         check_group_hyperparameters(group, name, 1)
-        names = [f"params[{i}]" for i in range(len(self._params) + len(arrays))]
-        check_no_overlap([a.reshape(-1) for a in self._params + arrays], names)
 
         group["params"] = params
         group["betas"] = tuple(group["betas"])
-        first = len(self._params)
+        names = [f"{name}['params'][{i}]" for i in range(len(arrays))]
+        added = self.engine.add(arrays, index, names)  # refuses overlap with params and state
+        self.engine.allocate(added)  # moments from the start (AMSGrad's on first use)
         self.param_groups.append(group)
         self._group_params.append(params)
-        self._params += arrays
-        self._state += [{"max_exp_avg_sq": None} for _ in arrays]
-        self._group_of += [index] * len(arrays)
-        self._steps = np.concatenate([self._steps, np.zeros(len(arrays), np.int64)])
-        self._total_size += sum(a.size for a in arrays)
-        for key in ("exp_avg", "exp_avg_sq"):
-            self._allocate_state(range(first, first + len(arrays)), key)
-        self._table = None
-
-    def _allocate_state(self, indices: Iterable[int], key: str) -> None:
-        """Zeroed state ``key`` for these params: one block per dtype, in param order, at
-        the key's page offset (fastadam._memory), so adjacent params get adjacent state."""
-        by_dtype: Dict[np.dtype, List[int]] = {}
-        for i in indices:
-            by_dtype.setdefault(self._params[i].dtype, []).append(i)
-        for dtype, members in by_dtype.items():
-            block = zeros_at(sum(self._params[i].size for i in members), dtype, STATE_PAGE_OFFSETS[key])
-            offset = 0
-            for i in members:
-                size = self._params[i].size
-                self._state[i][key] = block[offset:offset + size]
-                offset += size
-        self._table = None
-
-    def _group_indices(self, group: int) -> range:
-        first = self._group_of.index(group)
-        return range(first, first + len(self._group_params[group]))
 
     # --- stepping ----------------------------------------------------------------------
 
@@ -240,81 +217,51 @@ class Adam:
         written. Returns True when the step was applied.
         """
         with self._lock:  # as @_serialised does, inline: one call less on the hot path
-            hyper = self._group_hyperparameters()
+            hypers = self._hyperparameters()
             scale = 1.0 if grad_scale is None else check_at_least(grad_scale, "grad_scale", 0.0,
                                                                   strict=True)
-            skip_if_nonfinite = check_flag(skip_if_nonfinite, "skip_if_nonfinite")
-            grads, untouched = check_grads(self._current_table(), grads, self._params)
-            threads = threads_for(self._num_threads, self._total_size - untouched)
-            if skip_if_nonfinite and self._current_table().count_nonfinite(grads, threads):
-                self.skipped_steps += 1  # before any AMSGrad state is allocated: nothing changes
-                return False
-            table = self._table_with_amsgrad_state(hyper)  # allocates only after every check
-            table.step(grads, hyper, scale, threads)
-            return True
+            applied = self.engine.step(check_sequence(grads, "grads", "buffers, one per param"),
+                                       hypers, grad_scale=scale,
+                                       num_threads=self._num_threads,
+                                       skip_if_nonfinite=check_flag(skip_if_nonfinite,
+                                                                    "skip_if_nonfinite"))
+            if not applied:
+                self.skipped_steps += 1
+            return applied
 
     @_serialised
     def zero_state(self) -> None:
         """Forget the moments and step counts (keeps the parameters and groups)."""
-        for state in self._state:
-            for array in state.values():
-                if array is not None:
-                    array.fill(0)
-        self._steps.fill(0)
+        self.engine.zero()
         self.skipped_steps = 0
 
-    def _group_hyperparameters(self) -> List[GroupHyperparameters]:
+    def _hyperparameters(self) -> List[Hyperparameters]:
         """Every group's values for this step; refuses groups edited in ways the state
         cannot follow (removed, reordered, params replaced)."""
         if len(self.param_groups) != len(self._group_params):
             raise ValueError(f"param_groups has {len(self.param_groups)} groups, the optimizer "
                              f"was built with {len(self._group_params)}; add groups with "
                              "add_param_group and never remove them")
-        hyper, first = [], 0
+        hypers = []
         for index, (group, params) in enumerate(zip(self.param_groups, self._group_params)):
             name = f"param_groups[{index}]"
             if group.get("params") is not params:
                 raise ValueError(f"{name}['params'] was replaced or the groups reordered; the "
                                  "params of a group are fixed once added")
-            hyper.append(check_group_hyperparameters(group, name, int(self._steps[first]) + 1))
-            first += len(params)
-        return hyper
-
-    def _current_table(self) -> _kernels.AdamTable:
-        if self._table is None:
-            self._table = _kernels.AdamTable(
-                self._params,
-                [s["exp_avg"] for s in self._state],
-                [s["exp_avg_sq"] for s in self._state],
-                [s["max_exp_avg_sq"] for s in self._state],
-                self._steps,
-                self._group_of,
-            )
-        return self._table
-
-    def _table_with_amsgrad_state(self, hyper: List[GroupHyperparameters]) -> _kernels.AdamTable:
-        """The table, after allocating AMSGrad state for groups that newly need it."""
-        for group, h in enumerate(hyper):
-            if h.amsgrad and group not in self._amsgrad_ready:
-                missing = [i for i in self._group_indices(group)
-                           if self._state[i]["max_exp_avg_sq"] is None]
-                if missing:
-                    self._allocate_state(missing, "max_exp_avg_sq")
-                self._amsgrad_ready.add(group)
-        return self._current_table()
+            hypers.append(check_group_hyperparameters(group, name, self.engine.group_step(index)))
+        return hypers
 
     # --- state -------------------------------------------------------------------------
 
     @property
     def state(self) -> List[Dict[str, Any]]:
-        result = []
-        for param, state, step in zip(self._params, self._state, self._steps):
-            entry: Dict[str, Any] = {"step": int(step)}
-            for key in STATE_KEYS:
-                if state[key] is not None:
-                    entry[key] = state[key].reshape(param.shape)
-            result.append(entry)
-        return result
+        """Per parameter, in group order: ``step`` and live views of its state, shaped
+        like the parameter."""
+        engine = self.engine
+        return [{"step": int(engine.steps[i]),
+                 **{key: array.reshape(engine.params[i].shape)
+                    for key, array in engine.state[i].items()}}
+                for i in range(len(engine))]
 
     @_serialised
     def state_dict(self) -> Dict[str, Any]:
@@ -339,23 +286,84 @@ class Adam:
         steps, hyperparameters); a mismatch raises ValueError (TypeError for a malformed
         dict) naming it, and changes nothing. Parameters without saved state start fresh.
         """
-        groups, states = _stage_state_dict(self, state_dict)
+        groups, states = self._check_state_dict(state_dict)
         for group, saved in zip(self.param_groups, groups):
             group.update(saved)
-        missing_max = [i for i, entry in states.items()
-                       if "max_exp_avg_sq" in entry and self._state[i]["max_exp_avg_sq"] is None]
-        if missing_max:
-            self._allocate_state(missing_max, "max_exp_avg_sq")
-        for i in range(len(self._params)):
+        for i in range(len(self.engine)):
             entry = states.get(i, {"step": 0})
-            self._steps[i] = entry["step"]
-            for key, array in self._state[i].items():
-                if array is None:
+            self.engine.load(i, entry["step"], {k: v for k, v in entry.items() if k != "step"})
+
+    def check_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Raise as :meth:`load_state_dict` would for ``state_dict``, loading nothing."""
+        with self._lock:
+            self._check_state_dict(state_dict)
+
+    def _check_state_dict(self, state_dict: Any) -> tuple:
+        """Check a state dict against this optimizer completely; return what
+        load_state_dict applies: (per-group hyperparameters, {param index: {"step": int,
+        key: array}})."""
+        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
+            raise TypeError("state_dict must be a mapping with 'state' and 'param_groups' entries")
+        saved_groups = check_sequence(state_dict["param_groups"], "state_dict['param_groups']", "dicts")
+        if not isinstance(state_dict["state"], Mapping):
+            raise TypeError(f"state_dict['state'] must be a mapping, got {type(state_dict['state']).__name__}")
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} param groups, "
+                             f"the optimizer has {len(self.param_groups)}")
+        groups, index_map, first = [], {}, 0
+        for g, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            name = f"state_dict['param_groups'][{g}]"
+            if not isinstance(saved, Mapping):
+                raise TypeError(f"{name} must be a dict, got {type(saved).__name__}")
+            ids = check_sequence(saved.get("params", ()), f"{name}['params']", "parameter ids")
+            if len(ids) != len(group["params"]):
+                raise ValueError(f"{name} has {len(ids)} params, the optimizer's group {g} has "
+                                 f"{len(group['params'])}")
+            missing = [k for k in HYPERPARAMETER_KEYS if k not in saved and k != "decoupled_weight_decay"]
+            if missing:
+                raise ValueError(f"{name} lacks {missing}")
+            values = {k: saved[k] for k in HYPERPARAMETER_KEYS if k in saved}
+            check_group_hyperparameters({**group, **values}, name, 1)
+            values["betas"] = tuple(values["betas"])
+            groups.append(values)
+            for offset, saved_id in enumerate(ids):
+                try:
+                    duplicate = saved_id in index_map
+                except TypeError:
+                    raise TypeError(f"{name}['params'][{offset}] must be a hashable id, got "
+                                    f"{type(saved_id).__name__}") from None
+                if duplicate:
+                    raise ValueError(f"{name}['params'] repeats the parameter id {saved_id!r}")
+                index_map[saved_id] = first + offset
+            first += len(ids)
+
+        states = {}
+        for saved_id, entry in state_dict["state"].items():
+            name = f"state_dict['state'][{saved_id!r}]"
+            if saved_id not in index_map:
+                raise ValueError(f"{name} belongs to no parameter of state_dict['param_groups']")
+            i = index_map[saved_id]
+            param = self.engine.params[i]
+            if not isinstance(entry, Mapping) or not {"step", "exp_avg", "exp_avg_sq"} <= set(entry):
+                raise ValueError(f"{name} must have 'step', 'exp_avg' and 'exp_avg_sq'")
+            staged: Dict[str, Any] = {"step": check_step_count(entry["step"], f"{name}['step']")}
+            for key in STATE_KEYS:
+                if key not in entry:
                     continue
-                if key in entry:
-                    np.copyto(array, entry[key].reshape(-1))
-                else:
-                    array.fill(0)
+                array = np.asarray(entry[key])
+                if array.dtype != param.dtype:
+                    raise ValueError(f"{name}['{key}'] has dtype {array.dtype}, parameter {i} has "
+                                     f"{param.dtype}")
+                if array.shape != param.shape:
+                    raise ValueError(f"{name}['{key}'] has shape {array.shape}, parameter {i} has "
+                                     f"{param.shape}")
+                staged[key] = array
+            g = self.engine.group_of[i]
+            amsgrad = {**self.param_groups[g], **groups[g]}["amsgrad"]
+            if amsgrad and staged["step"] > 0 and "max_exp_avg_sq" not in staged:
+                raise ValueError(f"{name} lacks 'max_exp_avg_sq' but its group uses amsgrad")
+            states[i] = staged
+        return groups, states
 
 
 class AdamW(Adam):
@@ -376,69 +384,3 @@ class AdamW(Adam):
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize, eps_hat,
                          eps_root, num_threads, decoupled_weight_decay=True)
-
-
-def _stage_state_dict(opt: Adam, state_dict: Any) -> tuple:
-    """Check a state dict against ``opt`` completely; return what load_state_dict applies:
-    (per-group hyperparameters, {param index: {"step": int, key: array}})."""
-    if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
-        raise TypeError("state_dict must be a mapping with 'state' and 'param_groups' entries")
-    saved_groups = check_sequence(state_dict["param_groups"], "state_dict['param_groups']", "dicts")
-    if not isinstance(state_dict["state"], Mapping):
-        raise TypeError(f"state_dict['state'] must be a mapping, got {type(state_dict['state']).__name__}")
-    if len(saved_groups) != len(opt.param_groups):
-        raise ValueError(f"state_dict has {len(saved_groups)} param groups, "
-                         f"the optimizer has {len(opt.param_groups)}")
-    groups, index_map, first = [], {}, 0
-    for g, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
-        name = f"state_dict['param_groups'][{g}]"
-        if not isinstance(saved, Mapping):
-            raise TypeError(f"{name} must be a dict, got {type(saved).__name__}")
-        ids = check_sequence(saved.get("params", ()), f"{name}['params']", "parameter ids")
-        if len(ids) != len(group["params"]):
-            raise ValueError(f"{name} has {len(ids)} params, the optimizer's group {g} has "
-                             f"{len(group['params'])}")
-        missing = [k for k in HYPERPARAMETER_KEYS if k not in saved and k != "decoupled_weight_decay"]
-        if missing:
-            raise ValueError(f"{name} lacks {missing}")
-        values = {k: saved[k] for k in HYPERPARAMETER_KEYS if k in saved}
-        check_group_hyperparameters({**group, **values}, name, 1)
-        values["betas"] = tuple(values["betas"])
-        groups.append(values)
-        for offset, saved_id in enumerate(ids):
-            try:
-                duplicate = saved_id in index_map
-            except TypeError:
-                raise TypeError(f"{name}['params'][{offset}] must be a hashable id, got "
-                                f"{type(saved_id).__name__}") from None
-            if duplicate:
-                raise ValueError(f"{name}['params'] repeats the parameter id {saved_id!r}")
-            index_map[saved_id] = first + offset
-        first += len(ids)
-
-    states = {}
-    for saved_id, entry in state_dict["state"].items():
-        name = f"state_dict['state'][{saved_id!r}]"
-        if saved_id not in index_map:
-            raise ValueError(f"{name} belongs to no parameter of state_dict['param_groups']")
-        i = index_map[saved_id]
-        param = opt._params[i]
-        if not isinstance(entry, Mapping) or not {"step", "exp_avg", "exp_avg_sq"} <= set(entry):
-            raise ValueError(f"{name} must have 'step', 'exp_avg' and 'exp_avg_sq'")
-        staged: Dict[str, Any] = {"step": check_step_count(entry["step"], f"{name}['step']")}
-        for key in STATE_KEYS:
-            if key not in entry:
-                continue
-            array = np.asarray(entry[key])
-            if array.dtype != param.dtype:
-                raise ValueError(f"{name}['{key}'] has dtype {array.dtype}, parameter {i} has "
-                                 f"{param.dtype}")
-            if array.shape != param.shape:
-                raise ValueError(f"{name}['{key}'] has shape {array.shape}, parameter {i} has "
-                                 f"{param.shape}")
-            staged[key] = array
-        amsgrad = {**opt.param_groups[opt._group_of[i]], **groups[opt._group_of[i]]}["amsgrad"]
-        if amsgrad and staged["step"] > 0 and "max_exp_avg_sq" not in staged:
-            raise ValueError(f"{name} lacks 'max_exp_avg_sq' but its group uses amsgrad")
-        states[i] = staged
-    return groups, states

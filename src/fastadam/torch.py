@@ -1,17 +1,33 @@
-"""PyTorch adapter: ``fastadam.torch.Adam`` and ``fastadam.torch.AdamW``.
+"""PyTorch front end: ``fastadam.torch.Adam`` and ``fastadam.torch.AdamW``.
 
 Drop-in ``torch.optim.Optimizer`` subclasses with torch's signatures and defaults. Each
 ``step()`` hands every CPU float32/float64 parameter that has a gradient to fastadam's
-kernels in ONE call (all groups, one OpenMP team, GIL released), zero-copy: NumPy views of
-the tensors' memory. The adapter computes no Adam math; the update is docs/design.md's, the
-operation order of torch's fused CPU Adam (bit-identical to ``fused=True`` on ATen's
-default CPU capability).
+engine in ONE call (all groups, one OpenMP team, GIL released), zero-copy. The adapter
+computes no Adam math and keeps no state of its own: parameters are registered with the
+engine (fastadam._engine) as views of their memory, and ``opt.state`` shows the engine's
+state as torch tensors. The update is docs/design.md's operation order, that of torch's fused CPU
+Adam (bit-identical to ``fused=True`` on ATen's default CPU capability).
+
+The per-step work over the parameters (finding each gradient, checking its dtype, shape,
+strides and device, checking that the parameter and its ``opt.state`` entry are still
+what the engine holds, taking the address) runs in one compiled loop
+(fastadam._torch_gather). Anything it does not recognise sends that step down the
+general path, which handles it (a parameter whose storage moved is re-pointed, state the
+user replaced or loaded is copied in, a sparse gradient takes the row path) or refuses it
+with an error naming the parameter, before anything is written.
 
 State is torch tensors in torch's layout (``step``, ``exp_avg``, ``exp_avg_sq``,
 ``max_exp_avg_sq``), so ``torch.save(opt.state_dict())`` works and state dicts move both
 ways between these classes and ``torch.optim.Adam``/``AdamW``. The moment tensors are
-views of blocks fastadam allocates (one per group and dtype, at staggered page offsets),
-and ``step`` tensors are float32 views kept in step with exact int64 counters.
+views of blocks the engine allocates (one per group and dtype, at staggered page offsets,
+so they never 4K-alias torch's own allocations), with the parameter's strides. ``step``
+tensors are float32 views of the engine's mirror of its exact int64 counts: an in-place
+edit (``state["step"].zero_()``) is honoured by the next step, as in torch.
+
+Layouts: a parameter may have any dense, non-overlapping layout (contiguous,
+``channels_last``, transposed): its state takes the same strides and its gradient must
+have them too (autograd's gradients do; another layout is copied once per step). A
+parameter with gaps in its memory (a strided slice) is refused.
 
 Sparse gradients: a gradient in sparse COO layout with one sparse dimension (what
 ``nn.Embedding(sparse=True)`` produces) takes fastadam's lazy row path, like
@@ -20,11 +36,9 @@ indices (an uncoalesced gradient) are summed first; the step count advances by o
 SparseAdam the update is Adam's full one (weight decay, AMSGrad, maximize) in the
 paper's epsilon form, as for dense gradients; SparseAdam adds eps to the un-corrected
 sqrt(v), so the two agree exactly in the math for eps=0 and differ by O(eps) otherwise.
-Dense gradients in the same step are unaffected (still bit-identical to ``fused=True``).
 
-Differences from torch, by design: parameters must be dense CPU float32/float64 tensors
-(anything else is a TypeError naming the parameter); gradients dense or sparse COO (other
-sparse layouts are refused); ``capturable=True`` and
+Differences from torch, by design: parameters must be CPU float32/float64 tensors
+(anything else is a TypeError naming the parameter); ``capturable=True`` and
 ``differentiable=True`` are refused (they concern CUDA graphs and autograd through the
 step); ``foreach`` and ``fused`` are accepted and change nothing. With ``grad_scale``
 (as ``torch.amp.GradScaler`` passes it) the gradients are divided inside the kernel and
@@ -51,20 +65,21 @@ except ImportError as exc:  # say what to install (issue 23), as fastadam.distri
     raise missing_framework("torch", exc) from exc
 from torch.optim import Optimizer
 
-from fastadam import _kernels
-from fastadam._memory import STATE_PAGE_OFFSETS, zeros_at
-from fastadam._threads import NumThreadsAttribute, threads_for
+from fastadam._engine import STATE_KEYS, Engine
+from fastadam._threads import NumThreadsAttribute
+from fastadam._torch_gather import Gather
 from fastadam._validation import (
-    check_grads,
+    Hyperparameters,
     check_group_hyperparameters,
-    check_no_overlap,
     check_step_count,
 )
 
 __all__ = ["Adam", "AdamW"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
-MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+# What torch.optim.Adam's __setstate__ fills in for groups saved before a key existed.
+GROUP_DEFAULTS = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
+                  "differentiable": False, "fused": None, "decoupled_weight_decay": False}
 
 
 def _scalar(value: Any) -> Any:
@@ -102,6 +117,7 @@ class Adam(Optimizer):
     # torch.amp.GradScaler passes grad_scale= and found_inf= to step() instead of
     # unscaling the gradients itself, as it does for torch's fused optimizers.
     _step_supports_amp_scaling = True
+    _forces_decoupled_weight_decay = False
 
     def __init__(
         self,
@@ -132,8 +148,7 @@ class Adam(Optimizer):
                         decoupled_weight_decay=decoupled_weight_decay)
         self.num_threads = num_threads
         self._lock = threading.RLock()
-        self._engine: Optional[_Engine] = None
-        self._slots: Dict[int, _Slot] = {}  # id(param) -> its fastadam-owned state
+        self._front: Optional[_Registry] = None
         super().__init__(params, defaults)
 
     num_threads = NumThreadsAttribute()
@@ -141,47 +156,56 @@ class Adam(Optimizer):
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         with self._lock:
-            self._add_param_group(param_group)
-
-    def _add_param_group(self, param_group: Dict[str, Any]) -> None:
-        index = len(self.param_groups)
-        candidate = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
-        for flag in ("capturable", "differentiable"):
-            if candidate.get(flag):
-                raise ValueError(f"param_groups[{index}]: {flag}=True is not supported by fastadam.torch")
-        check_group_hyperparameters(_fastadam_group(candidate), f"param_groups[{index}]", 1)
-        super().add_param_group(param_group)
-        try:  # a float16 or GPU parameter fails here, named, not at the first step()
-            check_torch_params(self.param_groups[-1], index, SUPPORTED_DTYPES)
-        except TypeError:
-            self.param_groups.pop()  # a rejected call changes nothing
-            raise
-        self._engine = None
+            index = len(self.param_groups)
+            candidate = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+            for flag in ("capturable", "differentiable"):
+                if candidate.get(flag):
+                    raise ValueError(f"param_groups[{index}]: {flag}=True is not supported by "
+                                     "fastadam.torch")
+            check_group_hyperparameters(_fastadam_group(candidate), f"param_groups[{index}]", 1)
+            super().add_param_group(param_group)
+            try:  # a float16 or GPU parameter fails here, named, not at the first step()
+                check_torch_params(self.param_groups[-1], index, SUPPORTED_DTYPES)
+            except TypeError:
+                self.param_groups.pop()  # a rejected call changes nothing
+                raise
+            self._front = None  # the next step registers the new parameters
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         with self._lock:
-            self._load_state_dict(state_dict)
+            super().load_state_dict(state_dict)
+            # torch keeps the loaded tensors themselves (no copy when dtype and device
+            # match): take a snapshot, so the source's later steps cannot leak in. The
+            # next step copies the values into the engine.
+            for p, state in self.state.items():
+                self.state[p] = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                                 for k, v in state.items()}
 
-    def _load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        # torch keeps the loaded tensors themselves (no copy when dtype and device
-        # match): take a snapshot, so the source's later steps cannot leak in. The
-        # values move into fastadam's blocks on the next step.
-        for p, state in self.state.items():
-            self.state[p] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
-        self._engine = None
+    def state_dict(self) -> Dict[str, Any]:
+        state_dict = super().state_dict()
+        # torch.optim.Adam(fused=True) resuming from this state dict takes the group's
+        # "fused" value: None would send it down its slow path.
+        for group in state_dict["param_groups"]:
+            if group.get("fused") is None and group.get("foreach") is None:
+                group["fused"] = True
+        return state_dict
 
     def __getstate__(self) -> Dict[str, Any]:
-        # torch's Optimizer.__getstate__ keeps only defaults, state and param_groups
-        return {**super().__getstate__(), "_num_threads": self._num_threads, "_engine": None,
-                "_slots": {}}
+        # torch's Optimizer.__getstate__ keeps only defaults, state and param_groups;
+        # the copy's state tensors are its own (deepcopy/pickle copy them), so the copy
+        # registers them with an engine of its own on its first step.
+        return {**super().__getstate__(), "_num_threads": self._num_threads}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         self._lock = threading.RLock()  # a lock is never copied: each copy has its own
         self.__dict__.setdefault("_num_threads", None)
-        self.__dict__.setdefault("_engine", None)
-        self.__dict__.setdefault("_slots", {})
+        self._front = None
+        for group in self.param_groups:  # groups saved before a key existed (torch does so)
+            for key, value in GROUP_DEFAULTS.items():
+                group.setdefault(key, value)
+            if self._forces_decoupled_weight_decay:
+                group["decoupled_weight_decay"] = True
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None, *,
@@ -205,70 +229,20 @@ class Adam(Optimizer):
         # GradScaler hands these over as attributes (torch.optim.Adam reads them so too).
         grad_scale = getattr(self, "grad_scale", None) if grad_scale is None else grad_scale
         found_inf = getattr(self, "found_inf", None) if found_inf is None else found_inf
-        entries = self._with_grads()
-        if not entries:
-            return
         if found_inf is not None and float(found_inf) != 0.0:
             return
         scale = 1.0 if grad_scale is None else float(grad_scale)
         if not scale > 0.0 or scale != scale or scale == float("inf"):
             raise ValueError(f"grad_scale must be a finite number > 0, got {scale!r}")
-        engine = self._engine_for(entries)   # checks everything; commits state only then
-        engine.step(self, [e[2] for e in entries], scale, self._num_threads)
-
-    def _with_grads(self) -> List[Tuple[int, torch.Tensor, torch.Tensor]]:
-        """(group, param, grad) of every param with a gradient, checked for what the
-        kernels can update: dense, CPU, float32/float64, grad matching the param, dense
-        or sparse COO with one sparse dimension (row-sparse)."""
-        entries = []
-        for g, group in enumerate(self.param_groups):
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                name = f"param_groups[{g}]['params'][{i}]"
-                grad = p.grad
-                if p.device.type != "cpu" or grad.device.type != "cpu":
-                    raise TypeError(f"{name} is on {p.device}; fastadam.torch updates CPU tensors only")
-                if p.dtype not in SUPPORTED_DTYPES:
-                    raise TypeError(f"{name} has dtype {p.dtype}; fastadam.torch updates float32 "
-                                    "and float64 parameters")
-                if p.layout != torch.strided:
-                    raise TypeError(f"{name} has layout {p.layout}; fastadam.torch updates dense "
-                                    "(strided) parameters")
-                if grad.layout not in (torch.strided, torch.sparse_coo):
-                    raise TypeError(f"{name} has a {grad.layout} gradient; fastadam.torch takes dense "
-                                    "gradients and sparse COO ones (as nn.Embedding(sparse=True) gives)")
-                if grad.is_sparse and (grad.sparse_dim() != 1 or p.dim() == 0):
-                    raise TypeError(f"{name} has a sparse gradient with {grad.sparse_dim()} sparse "
-                                    "dimensions; fastadam.torch takes row-sparse ones (sparse_dim=1, "
-                                    "as nn.Embedding(sparse=True) gives)")
-                if grad.dtype != p.dtype:
-                    raise TypeError(f"{name} has a {grad.dtype} gradient for a {p.dtype} parameter")
-                if grad.shape != p.shape:
-                    raise ValueError(f"{name} has a gradient of shape {tuple(grad.shape)} for a "
-                                     f"parameter of shape {tuple(p.shape)}")
-                if not p.is_contiguous():
-                    raise ValueError(f"{name} is not contiguous; fastadam.torch updates contiguous "
-                                     "parameters in place")
-                entries.append((g, p, grad if grad.is_sparse or grad.is_contiguous() else grad.contiguous()))
-        return entries
-
-    def _engine_for(self, entries: List[Tuple[int, torch.Tensor, torch.Tensor]]) -> "_Engine":
-        """The kernel table for this step's (group, param, grad) entries, rebuilt when the
-        params with grads, their storage, a group's AMSGrad flag, or a param's state
-        tensors (replaced by the user or by load_state_dict) changed. Moments stay where
-        they are across rebuilds: only the table of pointers is new."""
-        key = [(g, id(p), p.data_ptr(), bool(self.param_groups[g]["amsgrad"])) for g, p, _ in entries]
-        if self._engine is not None and self._engine.key == key and all(
-                id(p) in self._slots and self._slots[id(p)].owns(self.state.get(p, {}))
-                for _, p, _ in entries):
-            return self._engine
-        self._engine = _Engine(self, entries, key)
-        return self._engine
+        if self._front is None or self._front.outdated(self):
+            self._front = _Registry(self)
+        self._front.step(self, scale)
 
 
 class AdamW(Adam):
     """AdamW (decoupled weight decay, default 1e-2) for PyTorch CPU tensors."""
+
+    _forces_decoupled_weight_decay = True  # as torch.optim.AdamW, whatever a state dict says
 
     def __init__(
         self,
@@ -291,131 +265,267 @@ class AdamW(Adam):
                          fused=fused, decoupled_weight_decay=True, num_threads=num_threads)
 
 
-class _Slot:
-    """One parameter's state as fastadam keeps it: moments in fastadam-allocated blocks
-    (NumPy views for the kernels, torch views for ``opt.state``), the float32 ``step``
-    tensor torch's layout wants, and the exact int64 step count behind it."""
+class _Registry:
+    """The optimizer's parameters as the engine's tensors: what this front end maps
+    between torch's objects and the engine's inputs (and nothing else).
 
-    def __init__(self, moments: Dict[str, Tuple[np.ndarray, torch.Tensor]], step: int):
-        self.arrays = {k: a for k, (a, _) in moments.items()}
-        self.tensors = {k: t for k, (_, t) in moments.items()}
-        self.step = step
-        self.step_tensor = torch.tensor(float(step), dtype=torch.float32)
-
-    def owns(self, state: Dict[str, Any]) -> bool:
-        """Is ``state`` still exactly what this slot put there?"""
-        return (state.get("step") is self.step_tensor
-                and all(state.get(k) is t for k, t in self.tensors.items())
-                and set(state) <= {"step", *self.tensors})
-
-    def commit(self, state: Dict[str, Any]) -> None:
-        state.clear()
-        state.update(self.tensors, step=self.step_tensor)
-
-
-def _param_names(opt: Optimizer) -> Dict[int, str]:
-    """id(param) -> "param_groups[g]['params'][i]", for messages."""
-    return {id(p): f"param_groups[{g}]['params'][{i}]"
-            for g, group in enumerate(opt.param_groups) for i, p in enumerate(group["params"])}
-
-
-class _Engine:
-    """The kernel table of one step's (group, param, grad) entries.
-
-    Building it checks everything the kernels assume (no two params overlap; hyper-
-    parameters valid) and prepares slots for params whose state fastadam does not hold
-    yet (new params, or state replaced by the user or a loaded state dict: their values
-    are copied in). New slots are written into ``opt.state`` only by :meth:`step`, after
-    every check passed, so a rejected step changes nothing.
+    Every parameter of every group that the engine can update (a dense CPU float32/
+    float64 tensor) is registered at construction, in group order; the others are
+    checked at each step and refused once they have a gradient. State is created by
+    the engine on a tensor's first gradient and shown in ``opt.state`` as torch views.
     """
 
-    def __init__(self, opt: Adam, entries: List[Tuple[int, torch.Tensor, torch.Tensor]], key: list):
-        self.key = key
-        names = _param_names(opt)
-        self.names = [names[id(p)] for _, p, _ in entries]
-        self.params = [p.detach().numpy() for _, p, _ in entries]
-        check_no_overlap([a.reshape(-1) for a in self.params], self.names)
-        self.groups = sorted({g for g, _, _ in entries})
-        dense = {g: k for k, g in enumerate(self.groups)}
-        self.group_of = [dense[g] for g, _, _ in entries]
-        self.first_of_group = [self.group_of.index(k) for k in range(len(self.groups))]  # schedules' step
-        self.entries = entries
-        self.slots: List[_Slot] = []
-        self.new_slots: Dict[int, _Slot] = {}
-        kept: Dict[int, _Slot] = {}
-        fresh = []
-        for i, (g, p, _) in enumerate(entries):
-            slot = opt._slots.get(id(p))
-            state = opt.state.get(p, {})  # .get: a rejected step must not add entries
-            amsgrad = bool(opt.param_groups[g]["amsgrad"]) or "max_exp_avg_sq" in state
-            if slot is None or not slot.owns(state) or (amsgrad and "max_exp_avg_sq" not in slot.arrays):
-                fresh.append((i, amsgrad))
-            else:
-                kept[i] = slot
-        allocated = self._allocate(opt, fresh)
-        for i, slot in allocated.items():
-            self.new_slots[id(entries[i][1])] = slot
-        self.slots = [kept[i] if i in kept else allocated[i] for i in range(len(entries))]
-        self.steps = np.array([s.step for s in self.slots], np.int64)
-        self.table = _kernels.AdamTable(
-            self.params,
-            [s.arrays["exp_avg"] for s in self.slots],
-            [s.arrays["exp_avg_sq"] for s in self.slots],
-            [s.arrays.get("max_exp_avg_sq") for s in self.slots],
-            self.steps, self.group_of)
-        self.size = sum(p.size for p in self.params)
+    def __init__(self, opt: Adam) -> None:
+        self.engine = Engine()
+        self.params: List[torch.Tensor] = []
+        self.names: List[str] = []
+        self.unregistered: List[Tuple[str, torch.Tensor]] = []
+        self.published: Dict[int, tuple] = {}  # what fastadam put into opt.state, per tensor
+        self.published_generation = -1
+        # Loaded or copied state waits in opt.state: the first step copies it in.
+        self.stale = any(opt.state.get(p) for g in opt.param_groups for p in g["params"])
+        for g, group in enumerate(opt.param_groups):
+            tensors, names = [], []
+            for i, p in enumerate(group["params"]):
+                name = f"param_groups[{g}]['params'][{i}]"
+                if _refusal(p, name) is None:
+                    tensors.append(p)
+                    names.append(name)
+                else:
+                    self.unregistered.append((name, p))
+            self.engine.add([_engine_view(p) for p in tensors], g, names)
+            self.params += tensors
+            self.names += names
+        self.layouts = [_layout(p) for p in self.params]
+        self.addresses = np.zeros(len(self.params), np.int64)
+        self.steps = torch.from_numpy(self.engine.float_steps(range(len(self.params))))
+        self.gather = self._new_gather()
 
-    def _allocate(self, opt: Adam, fresh: List[Tuple[int, bool]]) -> Dict[int, _Slot]:
-        """Slots for these entries: zeroed blocks per (group, dtype) and key, in entry
-        order so that adjacent params get adjacent state; existing values copied in."""
-        moments: Dict[int, Dict[str, Tuple[np.ndarray, torch.Tensor]]] = {i: {} for i, _ in fresh}
-        for key in MOMENT_KEYS:
-            by_block: Dict[tuple, List[int]] = {}
-            for i, amsgrad in fresh:
-                if key != "max_exp_avg_sq" or amsgrad:
-                    g, p, _ = self.entries[i]
-                    by_block.setdefault((g, p.dtype), []).append(i)
-            for members in by_block.values():
-                block = zeros_at(sum(self.params[i].size for i in members), self.params[members[0]].dtype,
-                                 STATE_PAGE_OFFSETS[key])
-                tensor_block, offset = torch.from_numpy(block), 0
-                for i in members:
-                    p, size = self.entries[i][1], self.params[i].size
-                    view = tensor_block[offset:offset + size].view(p.shape)
-                    old = opt.state.get(p, {}).get(key)
-                    if old is not None:
-                        view.copy_(old)
-                    moments[i][key] = (block[offset:offset + size], view)
-                    offset += size
-        slots = {}
-        for i, _ in fresh:
-            p = self.entries[i][1]
-            old_step = opt.state.get(p, {}).get("step")
-            step = 0 if old_step is None else check_step_count(_scalar(old_step), f"the state of {self.names[i]}['step']")
-            slots[i] = _Slot(moments[i], step)
-        return slots
+    def _new_gather(self) -> Gather:
+        gather = Gather(self.params, [lay[1] for lay in self.layouts],
+                        [lay[2] for lay in self.layouts], [lay[3] for lay in self.layouts],
+                        np.array([lay[0] for lay in self.layouts], np.int64),
+                        np.array([p.numel() for p in self.params], np.int64), torch.Tensor)
+        for i, entry in self.published.items():
+            gather.publish(i, entry)
+        return gather
 
-    def step(self, opt: Adam, grads: List[torch.Tensor], grad_scale: float,
-             num_threads: Optional[int]) -> None:
-        hyper = [check_group_hyperparameters(_fastadam_group(opt.param_groups[g]), f"param_groups[{g}]",
-                                             int(self.steps[self.first_of_group[k]]) + 1)
-                 for k, g in enumerate(self.groups)]
-        arrays, untouched = check_grads(self.table, [_kernel_grad(g) for g in grads], self.params,
-                                        names=[f"the gradient of {n}" for n in self.names])
-        for (_, p, _), slot in zip(self.entries, self.slots):  # every check passed: commit
-            if id(p) in self.new_slots:
-                slot.commit(opt.state[p])
-                opt._slots[id(p)] = slot
-        self.new_slots = {}
-        self.table.step(arrays, hyper, grad_scale, threads_for(num_threads, self.size - untouched))
-        for slot, step in zip(self.slots, self.steps):
-            slot.step = int(step)
-        torch._foreach_add_([s.step_tensor for s in self.slots], 1.0)
+    def outdated(self, opt: Adam) -> bool:
+        """Has a parameter the engine could not take before become one it can?"""
+        return any(p.grad is not None and _refusal(p, name) is None
+                   for name, p in self.unregistered)
+
+    # --- a step ------------------------------------------------------------------------
+
+    def step(self, opt: Adam, grad_scale: float) -> None:
+        for name, p in self.unregistered:
+            if p.grad is not None:
+                problem = _refusal(p, name)
+                if problem is not None:
+                    raise problem
+        hypers = self._hyperparameters(opt)
+        if not self.stale:
+            first_irregular, active = self.gather.run(opt.state, self.addresses)
+            if first_irregular < 0:
+                if active:
+                    self.engine.step_pointers(self.addresses, active, hypers, grad_scale=grad_scale,
+                                              num_threads=opt._num_threads)
+                    self._publish(opt)
+                return
+        self._general_step(opt, hypers, grad_scale)
+
+    def _hyperparameters(self, opt: Adam) -> List[Hyperparameters]:
+        return [check_group_hyperparameters(_fastadam_group(group), f"param_groups[{g}]",
+                                            self.engine.group_step(g))
+                for g, group in enumerate(opt.param_groups)]
+
+    def _general_step(self, opt: Adam, hypers: List[Hyperparameters], grad_scale: float) -> None:
+        """The step for everything the compiled gather does not take: parameters whose
+        storage moved, state replaced or loaded, sparse or differently laid out
+        gradients. Each is handled, or refused before anything is written."""
+        for i, p in enumerate(self.params):
+            self._follow_storage(i, p)
+        grads = [self._kernel_grad(i, p) for i, p in enumerate(self.params)]
+        for i, p in enumerate(self.params):
+            self._adopt_user_state(opt, i, p)
+        self.stale = False
+        names = [f"the gradient of {n}" for n in self.names]
+        self.engine.step(grads, hypers, grad_scale=grad_scale, num_threads=opt._num_threads,
+                         names=names, allow_none=True)
+        self._publish(opt)
+
+    def _follow_storage(self, i: int, p: torch.Tensor) -> None:
+        """Re-point the engine when the parameter's storage was replaced (``p.data =``,
+        ``model.double()``, a resize); the engine refuses a new dtype or shape once it
+        holds state for the parameter, and nothing is ever read past the new memory."""
+        layout = _layout(p)
+        if layout == self.layouts[i]:
+            return
+        problem = _refusal(p, self.names[i])
+        if problem is not None:
+            raise problem
+        self.engine.rebind(i, _engine_view(p))
+        self.layouts[i] = layout
+        self.gather = self._new_gather()
+
+    def _kernel_grad(self, i: int, p: torch.Tensor) -> Any:
+        """A NumPy view of the gradient's memory in the engine's order, (rows, values)
+        views of a row-sparse COO gradient, or None; refuses anything else by name."""
+        grad = p.grad
+        if grad is None:
+            return None
+        name = self.names[i]
+        if grad.device.type != "cpu":
+            raise TypeError(f"{name} has a gradient on {grad.device}; fastadam.torch updates "
+                            "CPU tensors only")
+        if grad.layout == torch.sparse_coo:
+            if grad.sparse_dim() != 1 or p.dim() == 0 or not p.is_contiguous():
+                raise TypeError(f"{name} has a sparse gradient with {grad.sparse_dim()} sparse "
+                                "dimensions; fastadam.torch takes row-sparse ones (sparse_dim=1, "
+                                "as nn.Embedding(sparse=True) gives) for contiguous parameters")
+            if grad.dtype != p.dtype:
+                raise TypeError(f"{name} has a {grad.dtype} gradient for a {p.dtype} parameter")
+            # Uncoalesced is fine: the engine sums duplicate rows itself (left to right).
+            return (grad._indices()[0].numpy(), grad._values().contiguous().numpy())
+        if grad.layout != torch.strided:
+            raise TypeError(f"{name} has a {grad.layout} gradient; fastadam.torch takes dense "
+                            "gradients and sparse COO ones (as nn.Embedding(sparse=True) gives)")
+        if grad.dtype != p.dtype:
+            raise TypeError(f"{name} has a {grad.dtype} gradient for a {p.dtype} parameter")
+        if grad.shape != p.shape:
+            raise ValueError(f"{name} has a gradient of shape {tuple(grad.shape)} for a "
+                             f"parameter of shape {tuple(p.shape)}")
+        if grad.stride() != p.stride():  # read in the param's memory order: one copy
+            grad = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype).copy_(grad)
+        return _engine_view(grad)
+
+    def _adopt_user_state(self, opt: Adam, i: int, p: torch.Tensor) -> None:
+        """Copy into the engine what ``opt.state[p]`` holds when it is not what fastadam
+        published (loaded, or replaced by the user), checked as torch would."""
+        state = opt.state.get(p)
+        published = self.published.get(i)
+        if published is not None and state is published[0] and _holds(published):
+            return
+        if not state:
+            if published is not None:  # the user cleared it: start afresh, as torch does
+                self.engine.load(i, 0, {})
+                self.published.pop(i)
+            return
+        name = f"opt.state[{self.names[i]}]"
+        if "step" not in state:
+            raise ValueError(f"{name} has no 'step'")
+        step = check_step_count(_scalar(state["step"]), f"{name}['step']")
+        arrays = {}
+        for key in STATE_KEYS:
+            value = state.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name}['{key}'] must be a tensor, got {type(value).__name__}")
+            if value.shape != p.shape:
+                raise ValueError(f"{name}['{key}'] has shape {tuple(value.shape)}, the parameter "
+                                 f"has {tuple(p.shape)}")
+            arrays[key] = value.detach().to(device="cpu", dtype=p.dtype).contiguous().numpy()
+        if not {"exp_avg", "exp_avg_sq"} <= set(arrays):
+            raise ValueError(f"{name} must have 'exp_avg' and 'exp_avg_sq' tensors")
+        self.engine.load(i, step, _in_memory_order(arrays, p))
+        self.published.pop(i, None)
+        self.published_generation = -1
+
+    # --- showing the engine's state in opt.state -------------------------------------
+
+    def _publish(self, opt: Adam) -> None:
+        """Put torch views of the engine's state into ``opt.state`` for tensors whose
+        state is new since the last time (one dict per parameter, in torch's key order)."""
+        if self.engine.generation == self.published_generation:
+            return
+        for i, p in enumerate(self.params):
+            if not self.engine.has_moments(i):
+                continue
+            keys = ("step",) + tuple(k for k in STATE_KEYS if k in self.engine.state[i])
+            entry = self.published.get(i)
+            if entry is not None and entry[1] == keys and opt.state.get(p) is entry[0] and _holds(entry):
+                continue
+            tensors = (self.steps[i],) + tuple(_torch_view(self.engine.state[i][k], p)
+                                                for k in keys[1:])
+            state = opt.state[p]
+            state.clear()
+            state.update(zip(keys, tensors))
+            entry = (state, keys) + tensors
+            self.published[i] = entry
+            self.gather.publish(i, entry)
+        self.published_generation = self.engine.generation
 
 
-def _kernel_grad(grad: torch.Tensor) -> Any:
-    """A NumPy view of a dense gradient, or (rows, values) views of a row-sparse COO one.
-    Uncoalesced is fine: fastadam sums duplicate rows itself (left to right)."""
-    if grad.is_sparse:
-        return (grad._indices()[0].numpy(), grad._values().contiguous().numpy())
-    return grad.numpy()
+def _holds(entry: tuple) -> bool:
+    state, keys = entry[0], entry[1]
+    return len(state) == len(keys) and all(state.get(k) is t for k, t in zip(keys, entry[2:]))
+
+
+def _refusal(p: Any, name: str) -> Optional[Exception]:
+    """Why the engine cannot update this parameter in place (an exception to raise), or
+    None when it can."""
+    if not isinstance(p, torch.Tensor):
+        return TypeError(f"{name} must be a torch.Tensor, got {type(p).__name__}")
+    if type(p) not in (torch.Tensor, torch.nn.Parameter):
+        return TypeError(f"{name} is a {type(p).__name__}; fastadam.torch updates plain CPU "
+                         "tensors (tensor subclasses such as DTensor are not supported yet)")
+    if p.device.type != "cpu":
+        return TypeError(f"{name} is on {p.device}; fastadam.torch updates CPU tensors only")
+    if p.dtype not in SUPPORTED_DTYPES:
+        return TypeError(f"{name} has dtype {p.dtype}; fastadam.torch updates float32 and "
+                         "float64 parameters")
+    if p.layout != torch.strided:
+        return TypeError(f"{name} has layout {p.layout}; fastadam.torch updates dense "
+                         "(strided) parameters")
+    if not _is_dense(p):
+        return ValueError(f"{name} is not dense (its memory has gaps: a strided slice?); "
+                          "fastadam.torch updates parameters whose elements fill their memory "
+                          "(contiguous, channels_last, transposed)")
+    return None
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """Do the tensor's elements fill one range of memory, each once (any dimension order)?"""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride()) if s != 1),
+                               key=lambda d: d[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _layout(p: torch.Tensor) -> Tuple[int, torch.dtype, torch.Size, Tuple[int, ...]]:
+    """What the engine's view of a parameter depends on: address, dtype, shape, strides."""
+    return (p.data_ptr(), p.dtype, p.shape, p.stride())
+
+
+def _engine_view(t: torch.Tensor) -> np.ndarray:
+    """The NumPy view the engine takes of a dense tensor: the tensor itself when it is
+    contiguous (row-sparse gradients need its rows), else its memory in memory order
+    (1-D; its state and gradient are then laid out the same way)."""
+    t = t.detach()
+    if t.is_contiguous():
+        return t.numpy()
+    return t.as_strided((t.numel(),), (1,)).numpy()
+
+
+def _torch_view(array: np.ndarray, p: torch.Tensor) -> torch.Tensor:
+    """The engine's 1-D state of ``p`` as a torch tensor with p's shape and strides."""
+    flat = torch.from_numpy(array)
+    return flat.view(p.shape) if p.is_contiguous() else flat.as_strided(p.shape, p.stride())
+
+
+def _in_memory_order(arrays: Dict[str, np.ndarray], p: torch.Tensor) -> Dict[str, np.ndarray]:
+    """Contiguous (logical order) state as the engine stores it: in p's memory order."""
+    if p.is_contiguous():
+        return arrays
+    out = {}
+    for key, array in arrays.items():
+        strided = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype)
+        strided.copy_(torch.from_numpy(array))
+        out[key] = strided.as_strided((p.numel(),), (1,)).numpy()
+    return out

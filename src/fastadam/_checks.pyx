@@ -1,0 +1,123 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+# cython: cdivision=True, nonecheck=False, embedsignature=True
+"""The compiled part of fastadam._validation: checks over many buffers at once.
+
+Address arithmetic on NumPy arrays, in C because a model has thousands of tensors and
+these run on every step: the memory ranges of a set of arrays (sorted, for overlap tests
+in O(log n)), the first pair that overlaps, and the one-pass scan that tells whether a
+step's gradients are all plain conforming arrays. Nothing here writes to a buffer or
+calls into the kernels: like fastadam._validation, this is a leaf.
+"""
+
+from libc.stdint cimport uint64_t
+from libc.stdlib cimport free, malloc, qsort
+
+cimport numpy as cnp
+import numpy
+
+cnp.import_array()
+
+
+cdef struct Range:
+    uint64_t start
+    uint64_t stop
+    uint64_t index
+
+
+cdef int _by_start(const void* a, const void* b) noexcept nogil:
+    cdef uint64_t x = (<const Range*>a).start, y = (<const Range*>b).start
+    return -1 if x < y else (1 if x > y else 0)
+
+
+cdef inline Range _range(object array, Py_ssize_t index) except *:
+    cdef Range r
+    r.start = <uint64_t><size_t>cnp.PyArray_DATA(<cnp.ndarray?>array)
+    r.stop = r.start + <uint64_t>cnp.PyArray_NBYTES(<cnp.ndarray>array)
+    r.index = <uint64_t>index
+    return r
+
+
+def sorted_ranges(list arrays):
+    """The memory ranges of the non-empty contiguous ndarrays ``arrays``, sorted by
+    start: an (n, 3) uint64 array of rows (start, stop, index into ``arrays``)."""
+    cdef Py_ssize_t n = len(arrays), i, k = 0
+    cdef Range* ranges = <Range*>malloc(max(n, 1) * sizeof(Range))
+    cdef cnp.ndarray result
+    if ranges == NULL:
+        raise MemoryError()
+    try:
+        for i in range(n):
+            ranges[k] = _range(arrays[i], i)
+            if ranges[k].stop > ranges[k].start:
+                k += 1
+        qsort(ranges, k, sizeof(Range), _by_start)
+        result = numpy.empty((k, 3), numpy.uint64)
+        for i in range(k):
+            (<uint64_t*>cnp.PyArray_GETPTR2(result, i, 0))[0] = ranges[i].start
+            (<uint64_t*>cnp.PyArray_GETPTR2(result, i, 1))[0] = ranges[i].stop
+            (<uint64_t*>cnp.PyArray_GETPTR2(result, i, 2))[0] = ranges[i].index
+        return result
+    finally:
+        free(ranges)
+
+
+def first_overlap(list arrays):
+    """(i, j), i < j, of two contiguous ndarrays whose memory overlaps, or None.
+    O(n log n): the ranges are sorted once."""
+    cdef const uint64_t[:, ::1] r = sorted_ranges(arrays)
+    cdef Py_ssize_t k, widest = 0
+    for k in range(1, r.shape[0]):
+        if r[k, 0] < r[widest, 1]:
+            a, b = r[widest, 2], r[k, 2]
+            return (int(min(a, b)), int(max(a, b)))
+        if r[k, 1] > r[widest, 1]:
+            widest = k
+    return None
+
+
+cdef bint _overlaps(const uint64_t[:, ::1] ranges, uint64_t start, uint64_t stop) noexcept:
+    """Does [start, stop) overlap one of the sorted, disjoint ranges? (binary search)"""
+    cdef Py_ssize_t lo = 0, hi = ranges.shape[0], mid
+    if stop == start:
+        return False
+    while lo < hi:  # the first range starting at or after stop
+        mid = (lo + hi) // 2
+        if ranges[mid, 0] < stop:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo > 0 and ranges[lo - 1, 1] > start
+
+
+def overlaps(const uint64_t[:, ::1] ranges, array):
+    """Does the contiguous ndarray ``array`` overlap any of ``ranges`` (sorted_ranges of
+    arrays that do not overlap each other)?"""
+    cdef Range r = _range(array, 0)
+    return _overlaps(ranges, r.start, r.stop)
+
+
+def first_nonconforming(list grads, list params, const uint64_t[:, ::1] written):
+    """Index of the first gradient that is neither None nor a C-contiguous, aligned,
+    native-order ndarray of its param's dtype and shape clear of every ``written``
+    range; -1 if there is none. The common case of a step, decided in one C loop."""
+    cdef Py_ssize_t i, n = len(params)
+    cdef cnp.ndarray g, p
+    cdef Range r
+    if len(grads) != n:
+        return 0
+    for i in range(n):
+        obj = grads[i]
+        if obj is None:
+            continue
+        if type(obj) is not cnp.ndarray:
+            return i
+        g = <cnp.ndarray>obj
+        p = <cnp.ndarray?>params[i]
+        if (cnp.PyArray_TYPE(g) != cnp.PyArray_TYPE(p) or not cnp.PyArray_SAMESHAPE(g, p)
+                or not cnp.PyArray_IS_C_CONTIGUOUS(g) or not cnp.PyArray_ISALIGNED(g)
+                or not cnp.PyArray_ISNOTSWAPPED(g)):
+            return i
+        r = _range(g, i)
+        if _overlaps(written, r.start, r.stop):
+            return i
+    return -1

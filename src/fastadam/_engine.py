@@ -1,0 +1,324 @@
+"""The engine: an optimizer's bookkeeping, written once for every front end.
+
+Layers (docs/design.md): front ends (fastadam.optim, .torch, .keras, .distributed) turn
+their framework's objects into the engine's inputs; the engine keeps the state; the
+validation layer (fastadam._validation) checks; the kernels (fastadam._kernels) compute.
+Front ends never compute Adam math, never keep state of their own and never call each
+other's privates.
+
+An :class:`Engine` holds, per tensor (a registered parameter, as an N-d NumPy view of its
+memory, with the number of its group):
+
+* its state: ``exp_avg``, ``exp_avg_sq`` and AMSGrad's ``max_exp_avg_sq``, 1-D views into
+  blocks the engine allocates (one block per group, dtype and key, the keys at staggered
+  page offsets so that state never 4K-aliases the params or each other), or memory a
+  front end adopts (Keras owns its variables);
+* its step count, in one int64 array; front ends that show steps as floats (torch's
+  ``state["step"]``) get float32 mirrors whose in-place edits the next step adopts.
+
+A step (:meth:`Engine.step` with arrays, :meth:`Engine.step_pointers` with addresses a
+compiled gather took) checks everything first, scans for non-finite values if asked,
+allocates missing state (moments on a tensor's first gradient, AMSGrad's buffer when its
+group turns AMSGrad on), and only then runs the kernels: a rejected step changes nothing.
+Row-sparse gradients have their duplicate rows summed here.
+
+Thread-safety: none of its own; every front end serialises calls with its own lock.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from fastadam._memory import STATE_PAGE_OFFSETS, zeros_at
+from fastadam._rows import sum_duplicate_rows
+from fastadam._table import AdamTable
+from fastadam._threads import threads_for
+from fastadam._validation import (
+    MAX_STEP,
+    Hyperparameters,
+    check_grads,
+    check_no_overlap,
+    check_step_count,
+    sorted_ranges,
+)
+
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+MOMENT_KEYS = STATE_KEYS[:2]
+# Stands in for the state of a tensor that has none yet: the table never touches it
+# (such a tensor has no gradient in that pass, or gets its state before the pass runs).
+_NO_STATE = np.zeros(0, np.float32)
+
+
+class Engine:
+    """Tensors, their state and step counts, and the one-pass step over all of them."""
+
+    def __init__(self) -> None:
+        self.params: List[np.ndarray] = []
+        self.names: List[str] = []
+        self.group_of: List[int] = []
+        self.state: List[Dict[str, np.ndarray]] = []  # 1-D views; a missing key: not allocated
+        self.steps = np.zeros(0, np.int64)
+        self.generation = 0  # bumped whenever state is allocated, adopted or loaded
+        self._mirrors: List[Tuple[np.ndarray, np.ndarray]] = []  # (indices, float32 steps)
+        self._table: Optional[AdamTable] = None
+        self._written: Optional[np.ndarray] = None
+        self._without_moments = 0  # tensors without exp_avg yet
+        self._amsgrad_ready: set = set()  # groups whose every tensor has max_exp_avg_sq
+        self._first_of_group: Dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # A copy rebuilds its kernel table (raw pointers into the original's memory).
+        return {**self.__dict__, "_table": None, "_written": None}
+
+    @property
+    def size(self) -> int:
+        return sum(p.size for p in self.params)
+
+    # --- registration --------------------------------------------------------------------
+
+    def add(self, arrays: Sequence[np.ndarray], group: int, names: Sequence[str]) -> range:
+        """Register validated, aligned, writable N-d arrays of group ``group``; raises
+        ValueError, changing nothing, if one overlaps another parameter or any state
+        the engine holds (an ``exp_avg`` given back as a parameter, say)."""
+        self._check_clear_of_everything(list(arrays), list(names))
+        first = len(self.params)
+        if len(arrays):
+            self._first_of_group.setdefault(group, first)
+        self.params += list(arrays)
+        self.names += list(names)
+        self.group_of += [group] * len(arrays)
+        self.state += [{} for _ in arrays]
+        self.steps = np.concatenate([self.steps, np.zeros(len(arrays), np.int64)])
+        self._without_moments += len(arrays)
+        self._amsgrad_ready.discard(group)
+        self._invalidate()
+        return range(first, first + len(arrays))
+
+    def rebind(self, i: int, array: np.ndarray) -> None:
+        """Point tensor ``i`` at new memory (its framework replaced the storage). With
+        state, the dtype and shape must stay (ValueError otherwise); without, anything
+        the validation layer accepted goes."""
+        old = self.params[i]
+        if "exp_avg" in self.state[i] and (array.dtype != old.dtype or array.shape != old.shape):
+            raise ValueError(
+                f"{self.names[i]} changed from {old.dtype.name} {old.shape} to "
+                f"{array.dtype.name} {array.shape} after the optimizer had state for it; the "
+                "state no longer fits: convert the model before creating the optimizer, or "
+                "create a new one")
+        others = [j for j in range(len(self.params)) if j != i]
+        check_no_overlap(
+            [self.params[j].reshape(-1) for j in others] + self._state_arrays() + [array.reshape(-1)],
+            [self.names[j] for j in others]
+            + [f"the optimizer's {label}" for label in self._state_labels()] + [self.names[i]])
+        self.params[i] = array
+        self._invalidate()
+
+    def _check_clear_of_everything(self, arrays: List[np.ndarray], names: List[str]) -> None:
+        # the new arrays last: first_overlap names the later of two, so the message's
+        # subject is the array being added
+        check_no_overlap(
+            [a.reshape(-1) for a in self.params] + self._state_arrays()
+            + [a.reshape(-1) for a in arrays],
+            self.names + [f"the optimizer's {label}" for label in self._state_labels()] + names)
+
+    def _state_arrays(self) -> List[np.ndarray]:
+        return [a for s in self.state for a in s.values()]
+
+    def _state_labels(self) -> List[str]:
+        return [f"{key} of {self.names[i]}" for i, s in enumerate(self.state) for key in s]
+
+    def _invalidate(self) -> None:
+        self._table = None
+        self._written = None
+
+    # --- state ---------------------------------------------------------------------------
+
+    def has_moments(self, i: int) -> bool:
+        return "exp_avg" in self.state[i]
+
+    def allocate(self, indices: Iterable[int], keys: Sequence[str] = MOMENT_KEYS) -> None:
+        """Zeroed state ``keys`` for these tensors where missing: one block per (group,
+        dtype) and key, in index order (adjacent params get adjacent state), at the
+        key's page offset."""
+        for key in keys:
+            blocks: Dict[Tuple[int, np.dtype], List[int]] = {}
+            for i in indices:
+                if key not in self.state[i]:
+                    blocks.setdefault((self.group_of[i], self.params[i].dtype), []).append(i)
+            for (_, dtype), members in blocks.items():
+                block = zeros_at(sum(self.params[i].size for i in members), dtype,
+                                 STATE_PAGE_OFFSETS[key])
+                offset = 0
+                for i in members:
+                    size = self.params[i].size
+                    self.state[i][key] = block[offset:offset + size]
+                    offset += size
+                if key == "exp_avg":
+                    self._without_moments -= len(members)
+                self.generation += 1
+                self._invalidate()
+
+    def adopt(self, i: int, key: str, array: np.ndarray) -> None:
+        """Use ``array`` (validated: the param's dtype and size, contiguous, writable,
+        clear of every other buffer) as tensor ``i``'s state ``key``."""
+        if key == "exp_avg" and key not in self.state[i]:
+            self._without_moments -= 1
+        self.state[i][key] = array.reshape(-1)
+        self.generation += 1
+        self._invalidate()
+
+    def load(self, i: int, step: int, arrays: Dict[str, Any]) -> None:
+        """Tensor ``i``'s state from checked values (``step`` a valid count; ``arrays``
+        key -> array-like of the param's shape): copied in; keys not given are zeroed
+        where they exist."""
+        missing = [k for k in arrays if k not in self.state[i]]
+        if missing:
+            self.allocate([i], [k for k in STATE_KEYS if k in missing or k in MOMENT_KEYS])
+        for key, array in self.state[i].items():
+            if key in arrays:
+                np.copyto(array, np.asarray(arrays[key]).reshape(-1))
+            else:
+                array.fill(0)
+        self.steps[i] = step
+        self._refresh_mirrors()
+        self.generation += 1
+
+    def zero(self) -> None:
+        """Forget every moment and step count (the buffers stay)."""
+        for array in self._state_arrays():
+            array.fill(0)
+        self.steps.fill(0)
+        self._refresh_mirrors()
+
+    def float_steps(self, indices: Sequence[int]) -> np.ndarray:
+        """A float32 array mirroring these tensors' step counts, kept in step by every
+        pass; an element a front end edits in place is adopted by the next step."""
+        index = np.asarray(indices, np.int64)
+        mirror = self.steps[index].astype(np.float32)
+        self._mirrors.append((index, mirror))
+        return mirror
+
+    def _adopt_step_edits(self) -> None:
+        for index, mirror in self._mirrors:
+            edited = np.flatnonzero(mirror != self.steps[index].astype(np.float32))
+            for k in edited:  # rare: a user restarting a schedule
+                i = int(index[k])
+                self.steps[i] = check_step_count(float(mirror[k]), f"the step count of {self.names[i]}")
+
+    def _refresh_mirrors(self) -> None:
+        for index, mirror in self._mirrors:
+            mirror[...] = self.steps[index]
+
+    # --- stepping ------------------------------------------------------------------------
+
+    def group_step(self, group: int) -> int:
+        """The next step number of ``group`` (its first tensor's count + 1): what lr
+        schedules are called with."""
+        first = self._first_of_group.get(group)
+        return 1 if first is None else int(self.steps[first]) + 1
+
+    def written_ranges(self) -> np.ndarray:
+        """The sorted memory ranges of every buffer a step writes (params and state)."""
+        if self._written is None:
+            self._written = sorted_ranges([p.reshape(-1) for p in self.params] + self._state_arrays())
+        return self._written
+
+    def step(self, grads: List[Any], hypers: List[Hyperparameters], *, grad_scale: float,
+             num_threads: Optional[int], skip_if_nonfinite: bool = False,
+             names: Optional[List[str]] = None, allow_none: bool = False) -> bool:
+        """One pass over every tensor with a gradient (``grads`` in tensor order: buffers,
+        ``(rows, values)`` row-sparse pairs, or with ``allow_none`` None for no gradient).
+        ``hypers``: one validated record per group. Returns False, changing nothing, when
+        ``skip_if_nonfinite`` finds NaN or Inf."""
+        self._adopt_step_edits()
+        checked, untouched = check_grads(grads, self.params, self.written_ranges(),
+                                         names=names, allow_none=allow_none)
+        if untouched:  # row-sparse gradients: sum duplicate rows (fastadam owns the copy)
+            checked = [_summed(g) if type(g) is tuple else g for g in checked]
+            untouched = sum(p.size - (0 if g is None else g[1].size if type(g) is tuple else p.size)
+                            for p, g in zip(self.params, checked))
+        self._check_can_advance(lambda: [i for i, g in enumerate(checked) if g is not None])
+        threads = threads_for(num_threads, self.size - untouched)
+        if skip_if_nonfinite and self._table_as_is().count_nonfinite(checked, threads):
+            return False
+        self._ensure_state(lambda: [i for i, g in enumerate(checked) if g is not None], hypers)
+        self._table_as_is().step(checked, hypers, grad_scale, threads)
+        self._refresh_mirrors()
+        return True
+
+    def step_pointers(self, addresses: np.ndarray, active_elements: int,
+                      hypers: List[Hyperparameters], *, grad_scale: float,
+                      num_threads: Optional[int], skip_if_nonfinite: bool = False) -> bool:
+        """:meth:`step` with dense gradients given as int64 addresses (0: none), which a
+        front end's compiled gather took from gradients it checked against each tensor's
+        dtype, shape and layout (fastadam._torch_gather)."""
+        self._adopt_step_edits()
+        self._check_can_advance(lambda: np.flatnonzero(addresses).tolist())
+        threads = threads_for(num_threads, active_elements)
+        if skip_if_nonfinite and self._table_as_is().count_nonfinite_pointers(addresses, threads):
+            return False
+        self._ensure_state(lambda: np.flatnonzero(addresses).tolist(), hypers)
+        self._table_as_is().step_pointers(addresses, hypers, grad_scale, threads)
+        self._refresh_mirrors()
+        return True
+
+    def count_nonfinite(self, grads: List[Any], num_threads: Optional[int]) -> int:
+        """How many elements of these gradients (checked as :meth:`step` checks them)
+        are NaN or Inf; nothing is written."""
+        checked, untouched = check_grads(grads, self.params, self.written_ranges())
+        return self._table_as_is().count_nonfinite(checked, threads_for(num_threads,
+                                                                        self.size - untouched))
+
+    def _check_can_advance(self, active: Callable[[], List[int]]) -> None:
+        """Refuse, before anything is written, a pass that would take a step count past
+        the int64 range (a loaded count of 2**63 - 1)."""
+        if len(self.steps) and int(self.steps.max()) >= MAX_STEP:
+            for i in active():
+                if self.steps[i] >= MAX_STEP:
+                    raise ValueError(f"the step count of {self.names[i]} is 2**63 - 1, the "
+                                     "largest an int64 holds: it cannot advance")
+
+    def _ensure_state(self, active: Callable[[], List[int]], hypers: List[Hyperparameters]) -> None:
+        """Allocate what the active tensors miss: moments on a tensor's first gradient,
+        AMSGrad's buffer where its group uses AMSGrad (``active`` is only called when
+        something may be missing)."""
+        pending = [k for k, h in enumerate(hypers) if h.amsgrad and k not in self._amsgrad_ready]
+        if not self._without_moments and not pending:
+            return
+        indices = active()
+        self.allocate([i for i in indices if "exp_avg" not in self.state[i]])
+        for k in pending:
+            self.allocate([i for i in indices if self.group_of[i] == k], ("max_exp_avg_sq",))
+            if all("max_exp_avg_sq" in self.state[i]
+                   for i, g in enumerate(self.group_of) if g == k):
+                self._amsgrad_ready.add(k)
+
+    def _table_as_is(self) -> AdamTable:
+        """The kernel table over the current tensors and state (built when they changed;
+        a tensor without state stands on a placeholder it is never run with)."""
+        if self._table is None:
+            self._table = AdamTable(
+                self.params,
+                [s.get("exp_avg", _NO_STATE) for s in self.state],
+                [s.get("exp_avg_sq", _NO_STATE) for s in self.state],
+                [s.get("max_exp_avg_sq") for s in self.state],
+                self.steps,
+                self.group_of,
+            )
+        return self._table
+
+    @property
+    def table(self) -> AdamTable:
+        """The kernel table over the current tensors (its runs, its last pass's records)."""
+        return self._table_as_is()
+
+
+def _summed(grad: Tuple[np.ndarray, np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+    """A checked row-sparse gradient with its duplicate rows summed (unique rows)."""
+    rows, values = grad
+    return sum_duplicate_rows(rows, values, values.size // rows.size if rows.size else 0)

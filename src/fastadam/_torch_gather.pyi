@@ -1,0 +1,21 @@
+# Stubs of the compiled module fastadam._torch_gather (private: fastadam.torch's
+# per-step loop over its parameters).
+from typing import Any
+
+import numpy as np
+from typing_extensions import disjoint_base
+
+@disjoint_base
+class Gather:
+    def __init__(
+        self,
+        params: list[Any],
+        dtypes: list[Any],
+        shapes: list[Any],
+        strides: list[tuple[int, ...]],
+        addresses: np.ndarray,
+        sizes: np.ndarray,
+        tensor_type: type,
+    ) -> None: ...
+    def publish(self, i: int, entry: tuple[Any, ...]) -> None: ...
+    def run(self, opt_state: dict[Any, Any], out: np.ndarray) -> tuple[int, int]: ...

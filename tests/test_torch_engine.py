@@ -1,0 +1,254 @@
+"""fastadam.torch on the engine: parameters whose storage changes between steps, layouts
+other than contiguous, state edited in place, and the state dicts torch loads back."""
+
+import io
+
+import numpy as np
+import pytest
+
+from conftest import default_capability_mark
+
+torch = pytest.importorskip("torch")
+ft = pytest.importorskip("fastadam.torch")
+
+needs_default_capability = default_capability_mark(torch)
+
+
+def assert_same(a, b):
+    for x, y in zip(a, b):
+        assert torch.equal(x, y), (x - y).abs().max()
+
+
+def twin_optimizers(make_params, lr=0.01, ours=ft.Adam, theirs=torch.optim.Adam, **kw):
+    a, b = make_params(), make_params()
+    return (a, ours(a, lr=lr, **kw)), (b, theirs(b, lr=lr, fused=True, **kw))
+
+
+def set_grads(params, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+
+
+# --- storage that changes between steps: a correct step or a clear error, never a crash ---
+
+def stepped(params, steps=2):
+    opt = ft.Adam(params, lr=0.1)
+    for k in range(steps):
+        set_grads(params, k)
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("convert", ["double", "half"])
+def test_a_model_converted_after_steps_is_refused_by_name(convert):
+    model = torch.nn.Linear(4, 3)
+    opt = stepped(list(model.parameters()))
+    before = {k: v.clone() for k, v in opt.state[model.weight].items()}
+    getattr(model, convert)()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    exc = ValueError if convert == "double" else TypeError
+    with pytest.raises(exc, match=r"param_groups\[0\]\['params'\]\[0\]"):
+        opt.step()
+    for key, value in opt.state[model.weight].items():  # nothing changed
+        assert torch.equal(value, before[key])
+
+
+def test_a_model_converted_before_the_first_step_just_works():
+    model = torch.nn.Linear(4, 3)
+    opt = ft.Adam(model.parameters(), lr=0.1)
+    model.double()
+    twin = torch.nn.Linear(4, 3).double()
+    twin.load_state_dict(model.state_dict())
+    ref = torch.optim.Adam(twin.parameters(), lr=0.1)
+    for params in (list(model.parameters()), list(twin.parameters())):
+        set_grads(params, 0)
+    opt.step()
+    ref.step()
+    torch.testing.assert_close(model.weight, twin.weight, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [5, 40])
+def test_data_replaced_by_another_size_is_refused(size):
+    p = torch.nn.Parameter(torch.randn(20))
+    opt = stepped([p])
+    p.data = torch.randn(size)
+    p.grad = torch.ones(size)
+    with pytest.raises(ValueError, match=rf"changed from float32 \(20,\) to float32 \({size},\)"):
+        opt.step()
+
+
+def test_data_replaced_by_the_same_shape_is_followed():
+    p = torch.nn.Parameter(torch.randn(20))
+    twin = torch.nn.Parameter(p.detach().clone())
+    ours, ref = ft.Adam([p], lr=0.1), torch.optim.Adam([twin], lr=0.1)
+    for k in range(2):
+        set_grads([p], k)
+        set_grads([twin], k)
+        ours.step()
+        ref.step()
+    fresh = torch.randn(20)
+    p.data = fresh.clone()
+    twin.data = fresh.clone()
+    set_grads([p], 5)
+    set_grads([twin], 5)
+    ours.step()
+    ref.step()
+    torch.testing.assert_close(p, twin, rtol=1e-6, atol=1e-7)
+    assert p.data_ptr() != 0 and ours.state[p]["step"].item() == 3
+
+
+def test_a_parameter_resized_in_place_is_refused():
+    p = torch.nn.Parameter(torch.randn(64))
+    opt = stepped([p])
+    p.data = p.data[:8]  # the same address, fewer elements
+    p.grad = torch.ones(8)
+    with pytest.raises(ValueError, match=r"changed from float32 \(64,\) to float32 \(8,\)"):
+        opt.step()
+
+
+# --- layouts --------------------------------------------------------------------------
+
+@needs_default_capability
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+def test_dense_non_contiguous_params_match_torch_fused(layout):
+    def make():
+        torch.manual_seed(3)
+        if layout == "channels_last":
+            w = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)
+        else:
+            w = torch.randn(6, 9).t()
+        return [torch.nn.Parameter(w)]
+    (a, ours), (b, theirs) = twin_optimizers(make, amsgrad=True, weight_decay=0.1)
+    assert not a[0].is_contiguous()
+    for k in range(4):
+        for params, opt in ((a, ours), (b, theirs)):
+            torch.manual_seed(k)
+            params[0].grad = torch.randn_like(params[0])  # keeps the param's layout
+            opt.step()
+    assert_same(a, b)
+    state = ours.state[a[0]]
+    assert state["exp_avg"].stride() == a[0].stride()
+    torch.testing.assert_close(state["exp_avg"], theirs.state[b[0]]["exp_avg"], rtol=0, atol=0)
+
+
+def test_a_gradient_in_another_layout_than_its_param():
+    # torch's fused kernel pairs elements by memory position here (a different result);
+    # fastadam pairs them by index, as torch's single-tensor Adam does.
+    w = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)
+    p, same, twin = (torch.nn.Parameter(w.clone(memory_format=torch.preserve_format))
+                     for _ in range(3))
+    grad = torch.randn(4, 3, 5, 5)  # contiguous
+    p.grad = grad.clone()
+    same.grad = grad.clone(memory_format=torch.channels_last)  # the param's layout
+    twin.grad = grad.clone()
+    for opt in (ft.Adam([p], lr=0.1), ft.Adam([same], lr=0.1),
+                torch.optim.Adam([twin], lr=0.1, foreach=False)):
+        opt.step()
+    assert_same([p], [same])
+    torch.testing.assert_close(p, twin)
+
+
+# --- state, as torch users edit and load it ----------------------------------------------
+
+@needs_default_capability
+def test_an_in_place_edit_of_step_restarts_the_schedule_like_torch():
+    def make():
+        torch.manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(10))]
+    (a, ours), (b, theirs) = twin_optimizers(make, lr=0.1)
+    for k in range(3):
+        for params, opt in ((a, ours), (b, theirs)):
+            set_grads(params, k)
+            opt.step()
+    for params, opt in ((a, ours), (b, theirs)):
+        state = opt.state[params[0]]
+        state["step"].zero_()
+        state["exp_avg"].zero_()
+        state["exp_avg_sq"].zero_()
+        set_grads(params, 9)
+        opt.step()
+    assert_same(a, b)
+    assert ours.state[a[0]]["step"].item() == 1 == theirs.state[b[0]]["step"].item()
+
+
+def test_adamw_loading_a_torch_adam_state_dict_stays_decoupled():
+    p = torch.nn.Parameter(torch.ones(3))
+    source = torch.optim.Adam([torch.nn.Parameter(torch.ones(3))], weight_decay=0.1)
+    opt = ft.AdamW([p], weight_decay=0.1)
+    opt.load_state_dict(source.state_dict())
+    assert opt.param_groups[0]["decoupled_weight_decay"] is True
+
+
+def test_a_state_dict_saved_before_a_key_existed_loads_with_torchs_defaults():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = ft.Adam([p])
+    p.grad = torch.ones(3)
+    opt.step()
+    old = opt.state_dict()
+    for key in ("maximize", "foreach", "fused", "decoupled_weight_decay", "differentiable"):
+        del old["param_groups"][0][key]
+    fresh = ft.Adam([p])
+    fresh.load_state_dict(old)
+    fresh.step()
+    assert fresh.param_groups[0]["maximize"] is False
+    assert fresh.state[p]["step"].item() == 2
+
+
+def test_torch_fused_resumes_from_our_state_dict_on_its_fused_path():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = ft.AdamW([p])
+    p.grad = torch.ones(3)
+    opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], fused=True)
+    resumed.load_state_dict(torch.load(buffer))
+    assert resumed.param_groups[0]["fused"] is True
+
+
+def test_state_of_the_wrong_shape_is_refused_like_torch():
+    p = torch.nn.Parameter(torch.ones(4, 3))
+    opt = ft.Adam([p])
+    p.grad = torch.ones(4, 3)
+    opt.step()
+    state = opt.state_dict()
+    state["state"][0]["exp_avg"] = torch.ones(3)  # would broadcast
+    fresh = ft.Adam([p])
+    fresh.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"\['exp_avg'\] has shape \(3,\), the parameter has \(4, 3\)"):
+        fresh.step()
+
+
+def test_state_tensors_do_not_alias_torch_allocated_params_within_a_page():
+    params = [torch.nn.Parameter(torch.randn(1 << 20)) for _ in range(2)]
+    opt = ft.Adam(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    offsets = {p.data_ptr() % 4096 for p in params} | {p.grad.data_ptr() % 4096 for p in params}
+    for p in params:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert opt.state[p][key].data_ptr() % 4096 not in offsets
+
+
+def test_the_compiled_gather_takes_the_common_step():
+    # After the first step (which creates state), steps with fresh autograd gradients
+    # go through the compiled loop: nothing is re-registered or re-published.
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    opt = ft.Adam(model.parameters())
+    x = torch.randn(4, 8)
+    model(x).sum().backward()
+    opt.step()
+    front = opt._front
+    entries = {id(p): opt.state[p] for p in model.parameters()}
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).sum().backward()
+        opt.step()
+    assert opt._front is front
+    assert all(opt.state[p] is entries[id(p)] for p in model.parameters())
+    first, active = front.gather.run(opt.state, np.zeros(4, np.int64))
+    assert first == -1 and active == sum(p.numel() for p in model.parameters())
