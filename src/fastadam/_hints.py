@@ -70,13 +70,13 @@ def check_torch_params(group: Mapping[str, Any], index: int, dtypes: Sequence[An
             where += f" ({names[i]!r})"
         shape = f"shape {tuple(p.shape)}"
         if p.device.type != "cpu":
-            raise TypeError(f"{where} is on {p.device} ({shape}); fastadam.torch updates CPU "
-                            "tensors only (use torch.optim.Adam for the others)")
+            raise TypeError(f"{where} is on {p.device}; fastadam.torch updates CPU tensors only "
+                            f"({shape}; use torch.optim.Adam for the others)")
         if p.dtype not in dtypes:
             allowed = " and ".join(str(d).replace("torch.", "") for d in dtypes)
             raise TypeError(f"{where} has dtype {p.dtype} ({shape}); fastadam.torch updates "
                             f"{allowed} parameters: convert the model first (model.float()) "
                             "or use torch.optim.Adam for it")
         if str(p.layout) != "torch.strided":
-            raise TypeError(f"{where} has layout {p.layout} ({shape}); fastadam.torch updates "
-                            "dense (strided) parameters")
+            raise TypeError(f"{where} has layout {p.layout}; fastadam.torch updates dense "
+                            f"(strided) parameters ({shape})")
