@@ -122,3 +122,24 @@ def test_importing_fastadam_does_not_import_keras():
     out = subprocess.run([sys.executable, "-c", "import sys, fastadam; print('keras' in sys.modules)"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_jit_compile_compiles_the_train_step_once():
+    # Keras's jit_compile=True on torch is torch.compile of the train step; the kernel
+    # update runs in it as one eager call, so no step's numbers trigger a recompilation.
+    torch = pytest.importorskip("torch")
+    from torch._dynamo.utils import counters
+
+    model = make_model(fk.Adam())
+    model.compile(optimizer=model.optimizer, jit_compile=True,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = data()
+    torch._dynamo.reset()
+    model.fit(x, y, batch_size=64, epochs=1, verbose=0, shuffle=False)
+    graphs = counters["stats"]["unique_graphs"]
+    model.fit(x, y, batch_size=64, epochs=2, verbose=0, shuffle=False)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert model.optimizer.kernel_steps == 24
+    reference = make_model(keras.optimizers.Adam())
+    reference.fit(x, y, batch_size=64, epochs=3, verbose=0, shuffle=False)
+    assert_weights_close(model, reference)

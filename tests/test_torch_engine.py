@@ -234,7 +234,7 @@ def test_state_tensors_do_not_alias_torch_allocated_params_within_a_page():
             assert opt.state[p][key].data_ptr() % 4096 not in offsets
 
 
-def test_the_compiled_gather_takes_the_common_step():
+def test_the_compiled_gather_takes_the_common_step(monkeypatch):
     # After the first step (which creates state), steps with fresh autograd gradients
     # go through the compiled loop: nothing is re-registered or re-published.
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
@@ -244,11 +244,127 @@ def test_the_compiled_gather_takes_the_common_step():
     opt.step()
     front = opt._front
     entries = {id(p): opt.state[p] for p in model.parameters()}
+    monkeypatch.setattr(type(front), "_general_step", lambda *a: pytest.fail("general path"))
     for _ in range(3):
         opt.zero_grad()
         model(x).sum().backward()
         opt.step()
     assert opt._front is front
     assert all(opt.state[p] is entries[id(p)] for p in model.parameters())
-    first, active = front.gather.run(opt.state, np.zeros(4, np.int64))
+    first, active = front.gather.run(np.zeros(4, np.int64))
     assert first == -1 and active == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("edit", ["replace_entry", "delete_entry", "new_dict", "new_table"])
+def test_every_edit_of_opt_state_is_seen_by_the_next_step(edit):
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = ft.Adam([p], lr=0.1)
+    for _ in range(2):
+        p.grad = torch.ones(3)
+        opt.step()
+    if edit == "replace_entry":
+        opt.state[p]["step"] = torch.tensor(0.0)
+    elif edit == "delete_entry":
+        del opt.state[p]
+    elif edit == "new_dict":
+        opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros(3),
+                        "exp_avg_sq": torch.zeros(3)}
+    else:
+        opt.state = type(opt.state)()
+    p.grad = torch.ones(3)
+    opt.step()
+    assert opt.state[p]["step"].item() == 1  # each edit restarts the count, as in torch
+
+
+def test_torch_compile_sees_one_opaque_step():
+    # Dynamo calls the step as one eager function: it traces nothing inside fastadam
+    # (tracing into it made 12 graphs and 20 graph breaks for this one call).
+    from torch._dynamo.utils import counters
+
+    model = torch.nn.Linear(8, 2)
+    opt = ft.Adam(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+
+    def only_step():
+        opt.step()
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.compile(only_step)()
+    assert counters["stats"]["unique_graphs"] == 0
+    assert sum(counters["graph_break"].values()) <= 2  # at the call, in torch's step wrapper
+    assert opt.state[model.weight]["step"].item() == 1
+
+
+def test_a_load_state_dict_post_hook_may_add_any_entry():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = ft.Adam([p])
+    p.grad = torch.ones(3)
+    opt.step()
+    saved = opt.state_dict()
+    fresh = ft.Adam([p])
+    fresh.register_load_state_dict_post_hook(
+        lambda optimizer: optimizer.state.__setitem__("ran_post_hook", True))
+    fresh.load_state_dict(saved)
+    assert fresh.state["ran_post_hook"] is True
+    fresh.step()
+    assert fresh.state[p]["step"].item() == 2
+
+
+def test_an_interrupted_step_leaves_step_and_state_in_agreement(monkeypatch):
+    # A KeyboardInterrupt that lands right after the kernels ran: the counts and the
+    # state["step"] tensors changed together (in C), so the next step is the next one.
+    p, twin = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
+    opt, ref = ft.Adam([p], lr=0.1), ft.Adam([twin], lr=0.1)
+    for params, o in (([p], opt), ([twin], ref)):
+        params[0].grad = torch.ones(4)
+        o.step()
+    engine = opt._front.engine
+    table = engine.table
+
+    class Interrupting:
+        def step_pointers(self, *args):
+            table.step_pointers(*args)
+            raise KeyboardInterrupt  # the first Python bytecode after the kernels
+
+    monkeypatch.setattr(engine, "_table_as_is", lambda: Interrupting())
+    with pytest.raises(KeyboardInterrupt):
+        opt.step()
+    monkeypatch.undo()
+    ref.step()
+    assert opt.state[p]["step"].item() == 2 == ref.state[twin]["step"].item()
+    opt.step()
+    ref.step()
+    assert_same([p], [twin])
+    assert opt.state[p]["step"].item() == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=str)
+def test_complex_params_are_updated_as_pairs_of_reals_like_torch(dtype):
+    torch.manual_seed(0)
+    w = torch.randn(6, 5, dtype=dtype)
+    ours = torch.nn.Parameter(w.clone())
+    pairs = torch.nn.Parameter(torch.view_as_real(w.clone()).clone())
+    theirs = torch.nn.Parameter(w.clone())
+    optimizers = [ft.Adam([ours], lr=0.01, amsgrad=True, weight_decay=0.1),
+                  ft.Adam([pairs], lr=0.01, amsgrad=True, weight_decay=0.1),
+                  torch.optim.Adam([theirs], lr=0.01, amsgrad=True, weight_decay=0.1,
+                                   foreach=False)]
+    for k in range(3):
+        grad = torch.randn(6, 5, dtype=dtype)
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        pairs.grad = torch.view_as_real(grad).clone()
+        for opt in optimizers:
+            opt.step()
+    assert torch.equal(torch.view_as_real(ours.detach()), pairs.detach())  # the same bits
+    torch.testing.assert_close(ours, theirs)
+    state = optimizers[0].state[ours]
+    assert state["exp_avg"].dtype == dtype and state["exp_avg"].shape == (6, 5)
+    torch.testing.assert_close(state["exp_avg_sq"], optimizers[2].state[theirs]["exp_avg_sq"])
+    # and the state dict moves to torch and back
+    resumed = ft.Adam([torch.nn.Parameter(w.clone())])
+    resumed.load_state_dict(optimizers[0].state_dict())
+    resumed.param_groups[0]["params"][0].grad = torch.ones(6, 5, dtype=dtype)
+    resumed.step()
+    assert resumed.state[resumed.param_groups[0]["params"][0]]["step"].item() == 4

@@ -199,3 +199,30 @@ def test_overlap_helper_refuses_non_arrays():
     from fastadam import _checks
     with pytest.raises(TypeError):
         _checks.first_overlap([None, None])
+
+
+def test_remembered_hyperparameters_never_let_a_bad_value_through():
+    # adam_step remembers which exact-float/bool hyperparameters were valid; a value of
+    # another type that compares equal (True == 1.0) is still checked, and so is every
+    # invalid one.
+    p, g, m, v = (np.ones(8, np.float32) for _ in range(4))
+    fastadam.adam_step(p, g, m, v, step=1, lr=1.0)
+    with pytest.raises(TypeError, match="lr must be a real number, got bool"):
+        fastadam.adam_step(p, g, m, v, step=2, lr=True)
+    fastadam.adam_step(p, g, m, v, step=2, beta1=0.5)
+    with pytest.raises(ValueError, match=r"beta1 must be in \[0, 1\)"):
+        fastadam.adam_step(p, g, m, v, step=3, beta1=1.5)
+    with pytest.raises(ValueError, match=r"beta1 must be in \[0, 1\)"):
+        fastadam.adam_step(p, g, m, v, step=3, beta1=1.5)  # twice: errors are not remembered
+
+
+def test_the_plain_array_path_and_the_general_path_give_the_same_bits():
+    rng = np.random.default_rng(0)
+    values = [rng.standard_normal(1000).astype(np.float32) for _ in range(2)]
+    plain = [values[0].copy(), values[1].copy(), np.zeros(1000, np.float32), np.zeros(1000, np.float32)]
+    general = [memoryview(a.copy()) for a in plain]  # buffer-protocol objects: the checks
+    for t in range(1, 4):
+        fastadam.adam_step(*plain, step=t, lr=0.01, weight_decay=0.1)
+        fastadam.adam_step(*general, step=t, lr=0.01, weight_decay=0.1)
+    for a, b in zip(plain, general):
+        assert a.tobytes() == bytes(b)

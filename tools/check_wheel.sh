@@ -44,7 +44,8 @@ echo "wheel: $wheel"
 
 step "sdist contents"
 listing=$(tar -tzf "$sdist")
-for wanted in _kernels.pyx _kernels_avx2.pyx _kernels_avx512.pyx _adam_loops.pxi \
+for wanted in _kernels.pyx _kernels_avx2.pyx _kernels_avx512.pyx _adam_loops.pxi _kernels.pxd \
+              _table.pyx _checks.pyx _torch_gather.pyx _simd_levels.py \
               _adam_types.pxd _omp_shim.h _cpu_features.h _kernels.pyi py.typed; do
     grep -q "src/fastadam/$wanted\$" <<<"$listing" || fail "sdist lacks src/fastadam/$wanted"
 done

@@ -6,10 +6,13 @@
 # no Python objects, nothing that raises.
 #
 # Loops marked "# vectorized: kernel loop" must vectorize at every level
-# (.github/scripts/check_vectorization.py).
+# (.github/scripts/check_vectorization.py). The loops of the torch numerics profile call
+# fma/fmaf: with -ffp-contract=off these are still the only FMAs, one instruction each at
+# the avx2/avx512 levels (and vectorized there), and a correctly rounded libm call at the
+# baseline, where they do not vectorize (the checker knows; the bits are the same).
 
 from cpython.pycapsule cimport PyCapsule_New
-from libc.math cimport sqrt, sqrtf
+from libc.math cimport fma, fmaf, sqrt, sqrtf
 from libc.stdint cimport uint32_t, uint64_t
 from cython cimport floating
 
@@ -52,13 +55,24 @@ ctypedef fused MaxTag:
     PlainV
     MaxV
 
-cdef struct PaperForm:      # default and eps_hat
+cdef struct PaperForm:      # default and eps_hat, docs/design.md's order without FMA ("exact")
     char unused
 cdef struct RootForm:       # eps_root > 0 (Optax)
     char unused
+# numerics="torch": the paper (or eps_hat) form with the FMAs of torch's AVX2/AVX-512
+# fused CPU Adam, found by experiment (docs/numerics-torch.md). torch's vector loops and
+# its scalar tail (the last size % 8 float32 / size % 4 float64 elements of a tensor)
+# fuse the second-moment update differently, so each has its own tag; the engine runs a
+# tensor's tail elements through TorchTailForm (_by_form).
+cdef struct TorchForm:      # g = fma(p, wd, g); m = fma(w, g - m, m) (or fma(w - 1, g - m, g));
+    char unused             # v = fma((1 - beta2) * g, g, v * beta2)
+cdef struct TorchTailForm:  # as TorchForm, but v = fma(v, beta2, ((1 - beta2) * g) * g),
+    char unused             # and AMSGrad's max keeps vmax when v is NaN (as "exact" does)
 ctypedef fused FormTag:
     PaperForm
     RootForm
+    TorchForm
+    TorchTailForm
 
 
 # --- the per-element loop ---------------------------------------------------------------
@@ -68,6 +82,35 @@ cdef inline floating _sqrt(floating x) noexcept nogil:
         return sqrtf(x)
     else:
         return sqrt(x)
+
+
+cdef extern from *:
+    """
+    /* The NaN whose bits are all ones: what ATen's vector maximum() returns for a NaN. */
+    static inline float fa_nan_all_ones_f(void) {
+        union { uint32_t bits; float value; } x; x.bits = 0xffffffffu; return x.value;
+    }
+    static inline double fa_nan_all_ones_d(void) {
+        union { uint64_t bits; double value; } x; x.bits = ~(uint64_t)0; return x.value;
+    }
+    """
+    float fa_nan_all_ones_f() noexcept nogil
+    double fa_nan_all_ones_d() noexcept nogil
+
+
+cdef inline floating _nan_all_ones(floating like) noexcept nogil:
+    if floating is float:
+        return fa_nan_all_ones_f()
+    else:
+        return fa_nan_all_ones_d()
+
+
+cdef inline floating _fma(floating a, floating b, floating c) noexcept nogil:
+    """a * b + c, rounded once (an explicit FMA: the build forbids implicit ones)."""
+    if floating is float:
+        return fmaf(a, b, c)
+    else:
+        return fma(a, b, c)
 
 
 cdef void _update(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
@@ -98,7 +141,8 @@ cdef void _update(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
     cdef floating bc1 = <floating>t.coef.bc1
     cdef floating bc2 = <floating>t.coef.bc2
     cdef floating eps_root = <floating>t.coef.eps_root
-    cdef floating g, pi, mi, vi, vmi
+    cdef floating g, pi, mi, vi, vmi, larger
+    cdef floating nan_all_ones = _nan_all_ones(<floating>0)
 
     for i in range(n):  # vectorized: kernel loop
         g = grad[i]
@@ -108,32 +152,64 @@ cdef void _update(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
             g = g * grad_factor
         pi = p[i]
         if DecayTag is L2:
-            g = g + l2 * pi
+            if FormTag is TorchForm or FormTag is TorchTailForm:
+                g = _fma(pi, l2, g)
+            else:
+                g = g + l2 * pi
         else:
             pi = pi * param_scale
         mi = m[i]
-        if LerpTag is SmallWeight:
+        if FormTag is TorchForm or FormTag is TorchTailForm:
+            if LerpTag is SmallWeight:
+                mi = _fma(w, g - mi, mi)
+            else:
+                mi = _fma(-one_minus_w, g - mi, g)   # w - 1 == -(1 - w) exactly
+        elif LerpTag is SmallWeight:
             mi = mi + w * (g - mi)
         else:
             mi = g - (g - mi) * one_minus_w
-        vi = v[i] * beta2 + (one_minus_beta2 * g) * g
+        if FormTag is TorchForm:
+            vi = _fma(one_minus_beta2 * g, g, v[i] * beta2)
+        elif FormTag is TorchTailForm:
+            vi = _fma(v[i], beta2, (one_minus_beta2 * g) * g)
+        else:
+            vi = v[i] * beta2 + (one_minus_beta2 * g) * g
         m[i] = mi
         v[i] = vi
         if MaxTag is MaxV:
             vmi = vmax[i]
-            vi = vi if vmi < vi else vmi
+            if FormTag is TorchForm:
+                # ATen's vector maximum(): a NaN in either operand gives the NaN whose
+                # bits are all ones (its scalar tail, std::max, is the order below).
+                # Both tests run unconditionally: GCC does not if-convert a comparison
+                # that only one branch makes (it may trap), and would not vectorize.
+                larger = vi if vmi < vi else vmi
+                vi = nan_all_ones if (vi != vi) | (vmi != vmi) else larger
+            else:
+                vi = vi if vmi < vi else vmi
             vmax[i] = vi
-        if FormTag is PaperForm:
-            p[i] = pi + (step_coef * mi) / (_sqrt(vi) / denom_div + eps)
-        else:
+        if FormTag is RootForm:
             p[i] = pi - step_coef * (mi / bc1) / (_sqrt(vi / bc2 + eps_root) + eps)
+        else:
+            p[i] = pi + (step_coef * mi) / (_sqrt(vi) / denom_div + eps)
 
 
 # --- run-time flags -> compile-time specialization, once per chunk ------------------------
 
 cdef void _by_form(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop, floating* dtype,
                    GradTag* a, DecayTag* b, LerpTag* c, MaxTag* d) noexcept nogil:
-    if t.coef.root_form:
+    cdef Py_ssize_t tail
+    if t.coef.torch_numerics:
+        # torch's vector loop (its AVX2 build, 8 floats / 4 doubles per vector, which it
+        # runs at its AVX512 capability too) covers all of a tensor but its last
+        # size % 8 float32 (size % 4 float64) elements, which its scalar tail computes.
+        # Its threads split tensors at multiples of 64 bytes: no other element is a tail.
+        tail = t.size - t.size % (8 if floating is float else 4)
+        if start < tail:
+            _update(t, start, min(stop, tail), dtype, a, b, c, d, <TorchForm*>NULL)
+        if stop > tail:
+            _update(t, max(start, tail), stop, dtype, a, b, c, d, <TorchTailForm*>NULL)
+    elif t.coef.root_form:
         _update(t, start, stop, dtype, a, b, c, d, <RootForm*>NULL)
     else:
         _update(t, start, stop, dtype, a, b, c, d, <PaperForm*>NULL)

@@ -21,6 +21,9 @@ cdef struct Coefficients:
     bint l2_decay           # weight decay in the L2 form (else the decoupled form)
     bint amsgrad
     bint root_form          # eps_root > 0: the Optax form
+    # numerics="torch": the FMAs of torch's AVX2/AVX-512 fused Adam (paper and eps_hat
+    # forms only; docs/numerics-torch.md), else docs/design.md's order without FMA
+    bint torch_numerics
 
 cdef struct AdamTensor:
     # One contiguous, aligned, validated set of buffers and its coefficients.

@@ -121,3 +121,47 @@ def first_nonconforming(list grads, list params, const uint64_t[:, ::1] written)
         if _overlaps(written, r.start, r.stop):
             return i
     return -1
+
+
+cdef bint _plain(object obj, int dtype, Py_ssize_t size, bint writable) noexcept:
+    """Is ``obj`` an exact ndarray of this dtype and size, native, C-contiguous, aligned,
+    and writable if asked? (What as_array would return unchanged.)"""
+    cdef cnp.ndarray a
+    if type(obj) is not cnp.ndarray:
+        return False
+    a = <cnp.ndarray>obj
+    return (cnp.PyArray_TYPE(a) == dtype and cnp.PyArray_SIZE(a) == size
+            and cnp.PyArray_IS_C_CONTIGUOUS(a) and cnp.PyArray_ISALIGNED(a)
+            and cnp.PyArray_ISNOTSWAPPED(a) and (not writable or cnp.PyArray_ISWRITEABLE(a)))
+
+
+def plain_buffers(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq):
+    """True when adam_step's buffers need no coercion and pass every check: exact 1-D
+    or N-d ndarrays of one float32/float64 native dtype and size, C-contiguous, aligned,
+    writable (grad excepted), no two overlapping. False sends the call through the
+    general checks of fastadam._validation, which own the messages. The common case of
+    a call, decided in C."""
+    cdef cnp.ndarray p
+    cdef int dtype
+    cdef Py_ssize_t size, i, j, n = 4 if max_exp_avg_sq is None else 5
+    cdef Range r[5]
+    if type(param) is not cnp.ndarray:
+        return False
+    p = <cnp.ndarray>param
+    dtype = cnp.PyArray_TYPE(p)
+    if dtype != cnp.NPY_FLOAT and dtype != cnp.NPY_DOUBLE:
+        return False
+    size = cnp.PyArray_SIZE(p)
+    if not (_plain(param, dtype, size, True) and _plain(grad, dtype, size, False)
+            and _plain(exp_avg, dtype, size, True) and _plain(exp_avg_sq, dtype, size, True)
+            and (max_exp_avg_sq is None or _plain(max_exp_avg_sq, dtype, size, True))):
+        return False
+    r[0], r[1] = _range(param, 0), _range(grad, 1)
+    r[2], r[3] = _range(exp_avg, 2), _range(exp_avg_sq, 3)
+    if n == 5:
+        r[4] = _range(max_exp_avg_sq, 4)
+    for i in range(n):
+        for j in range(i + 1, n):
+            if r[i].start < r[j].stop and r[j].start < r[i].stop and size > 0:
+                return False
+    return True

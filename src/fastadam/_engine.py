@@ -61,7 +61,7 @@ class Engine:
         self.state: List[Dict[str, np.ndarray]] = []  # 1-D views; a missing key: not allocated
         self.steps = np.zeros(0, np.int64)
         self.generation = 0  # bumped whenever state is allocated, adopted or loaded
-        self._mirrors: List[Tuple[np.ndarray, np.ndarray]] = []  # (indices, float32 steps)
+        self._mirror: Optional[np.ndarray] = None  # float32 steps, for front ends that show them
         self._table: Optional[AdamTable] = None
         self._written: Optional[np.ndarray] = None
         self._without_moments = 0  # tensors without exp_avg yet
@@ -195,24 +195,27 @@ class Engine:
         self.steps.fill(0)
         self._refresh_mirrors()
 
-    def float_steps(self, indices: Sequence[int]) -> np.ndarray:
-        """A float32 array mirroring these tensors' step counts, kept in step by every
-        pass; an element a front end edits in place is adopted by the next step."""
-        index = np.asarray(indices, np.int64)
-        mirror = self.steps[index].astype(np.float32)
-        self._mirrors.append((index, mirror))
-        return mirror
+    def float_steps(self) -> np.ndarray:
+        """A float32 array mirroring every tensor's step count (torch shows steps as
+        float32 tensors): the kernel table updates it with the counts, in the same C
+        loop, so an interrupt never leaves the two apart; an element a front end edits
+        in place is adopted by the next step. Call it once all tensors are registered."""
+        if self._mirror is None or self._mirror.size != len(self.params):
+            self._mirror = self.steps.astype(np.float32)
+            self._invalidate()
+        return self._mirror
 
     def _adopt_step_edits(self) -> None:
-        for index, mirror in self._mirrors:
-            edited = np.flatnonzero(mirror != self.steps[index].astype(np.float32))
-            for k in edited:  # rare: a user restarting a schedule
-                i = int(index[k])
-                self.steps[i] = check_step_count(float(mirror[k]), f"the step count of {self.names[i]}")
+        mirror = self._mirror
+        if mirror is None:
+            return
+        for i in np.flatnonzero(mirror != self.steps.astype(np.float32)):  # rare: a user
+            self.steps[i] = check_step_count(float(mirror[i]),                # restarting a
+                                             f"the step count of {self.names[i]}")  # schedule
 
     def _refresh_mirrors(self) -> None:
-        for index, mirror in self._mirrors:
-            mirror[...] = self.steps[index]
+        if self._mirror is not None:
+            self._mirror[...] = self.steps
 
     # --- stepping ------------------------------------------------------------------------
 
@@ -248,7 +251,6 @@ class Engine:
             return False
         self._ensure_state(lambda: [i for i, g in enumerate(checked) if g is not None], hypers)
         self._table_as_is().step(checked, hypers, grad_scale, threads)
-        self._refresh_mirrors()
         return True
 
     def step_pointers(self, addresses: np.ndarray, active_elements: int,
@@ -264,7 +266,6 @@ class Engine:
             return False
         self._ensure_state(lambda: np.flatnonzero(addresses).tolist(), hypers)
         self._table_as_is().step_pointers(addresses, hypers, grad_scale, threads)
-        self._refresh_mirrors()
         return True
 
     def count_nonfinite(self, grads: List[Any], num_threads: Optional[int]) -> int:
@@ -309,6 +310,7 @@ class Engine:
                 [s.get("max_exp_avg_sq") for s in self.state],
                 self.steps,
                 self.group_of,
+                self._mirror,
             )
         return self._table
 

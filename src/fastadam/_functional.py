@@ -16,11 +16,13 @@ from fastadam._validation import (
     as_array,
     check_at_least,
     check_buffers,
+    check_call_hyperparameters,
     check_flag,
     check_hyperparameters,
     check_num_threads,
     check_row_buffers,
     check_step,
+    plain_buffers,
 )
 
 
@@ -43,6 +45,7 @@ def adam_step(
     eps_root: float = 0.0,
     grad_scale: float = 1.0,
     num_threads: Optional[int] = None,
+    numerics: str = "exact",
 ) -> None:
     """One in-place Adam step (Kingma & Ba, Algorithm 1) on one set of buffers.
 
@@ -75,6 +78,15 @@ def adam_step(
     num_threads : int, optional
         OpenMP threads for this call; None uses :func:`fastadam.get_num_threads`.
         Buffers below a size threshold always use one thread.
+    numerics : {"exact", "torch"}
+        The rounding profile. "exact" (the default): docs/design.md's operation order with no
+        FMA, bit-identical to ``torch.optim.Adam(fused=True)`` under
+        ``ATEN_CPU_CAPABILITY=default``. "torch": the same update with the FMAs of
+        torch's AVX2/AVX-512 fused CPU kernel, the code torch runs on any x86-64 CPU with
+        AVX2 (torch 2.13), so bit-identical to ``torch.optim.Adam(fused=True)`` there;
+        ``param`` is treated as one torch tensor (its last ``size % 8`` float32 or
+        ``size % 4`` float64 elements get torch's scalar-tail rounding). Not with
+        ``eps_root > 0``. See docs/numerics-torch.md.
 
     Raises
     ------
@@ -87,21 +99,18 @@ def adam_step(
     thread count. Unaligned buffers (possible with buffer-protocol objects) are updated
     through aligned temporary copies.
     """
-    hp = check_hyperparameters(
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled_weight_decay,
-        amsgrad=max_exp_avg_sq is not None,
-        maximize=maximize,
-        eps_hat=eps_hat,
-        eps_root=eps_root,
-    )
+    hp = check_call_hyperparameters(lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
+                                    max_exp_avg_sq is not None, maximize, eps_hat, eps_root,
+                                    numerics)
     step_number = float(check_step(step))
-    scale = check_at_least(grad_scale, "grad_scale", 0.0, strict=True)
+    scale = 1.0 if grad_scale == 1.0 and type(grad_scale) is float else check_at_least(
+        grad_scale, "grad_scale", 0.0, strict=True)
     threads = check_num_threads(num_threads)
+    if plain_buffers(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq):  # the common case
+        if param.size:
+            _kernels.adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hp, step_number,
+                               scale, threads_for(threads, param.size))
+        return
     buffers = check_buffers(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)
     size = buffers.param.size
     if size == 0:

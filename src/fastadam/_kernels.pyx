@@ -22,9 +22,10 @@ Design (see docs/design.md "Layers"):
   ``RowUpdate`` runs each given row through ``run_chunk`` exactly as a dense update of
   that row alone would (``run_rows``: one OpenMP team over the rows).
 * The per-element loop is ``_update``. Every option of docs/design.md (grad_scale/maximize,
-  L2 or decoupled decay, the lerp branch, AMSGrad, the eps_root form) is a *compile-time*
-  switch: a fused type of two empty tag structs, resolved with ``if Tag is On:`` by
-  Cython, so each of the 2 x 32 specializations is straight-line arithmetic that the C
+  L2 or decoupled decay, the lerp branch, AMSGrad, the form: paper, eps_root or the two
+  of the torch numerics profile) is a *compile-time* switch: a fused type of empty tag
+  structs, resolved with ``if Tag is On:`` by Cython, so each of the 2 x 64
+  specializations is straight-line arithmetic that the C
   compiler vectorizes (checked by .github/scripts/check_vectorization.py). The
   ``_by_*`` functions walk the run-time flags down to the right specialization once per
   chunk, never per element.
@@ -148,6 +149,7 @@ cdef int hyper_from_record(Hyper* h, object record) except -1:
     h.amsgrad = record.amsgrad
     h.maximize = record.maximize
     h.eps_hat = record.eps_hat
+    h.torch_numerics = record.torch_numerics
     return 0
 
 
@@ -170,6 +172,7 @@ cdef void fill_coefficients(Coefficients* c, const Hyper* h, double step,
     c.eps = h.eps
     c.amsgrad = h.amsgrad
     c.root_form = h.eps_root > 0.0
+    c.torch_numerics = h.torch_numerics and not c.root_form  # no torch form of eps_root
     c.bc1 = bc1
     c.bc2 = bc2
     c.eps_root = h.eps_root

@@ -20,6 +20,7 @@ class AdamTable:
         max_exp_avg_sqs: list[Optional[np.ndarray]],
         steps: np.ndarray,
         group_of: list[int],
+        float_steps: Optional[np.ndarray] = None,
     ) -> AdamTable: ...
     def runs(self) -> list[tuple[int, int]]: ...
     @property

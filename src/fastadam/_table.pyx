@@ -90,6 +90,7 @@ cdef class AdamTable:
     cdef Py_ssize_t* group_of
     cdef Py_ssize_t n_groups
     cdef int64_t* steps
+    cdef float* float_steps       # NULL, or a float32 mirror of steps (torch's state["step"])
     cdef RowUpdate* row_updates   # this pass's row-sparse tensors
     cdef Py_ssize_t* row_update_of  # the tensor of each row update
     cdef Py_ssize_t n_row_updates
@@ -98,13 +99,18 @@ cdef class AdamTable:
     cdef object keep_alive
 
     def __cinit__(self, list params, list exp_avgs, list exp_avg_sqs, list max_exp_avg_sqs,
-                  cnp.ndarray steps, list group_of):
+                  cnp.ndarray steps, list group_of, float_steps=None):
         cdef Py_ssize_t i, n = len(params)
         cdef AdamTensor* t
         if not (len(exp_avgs) == len(exp_avg_sqs) == len(max_exp_avg_sqs) == len(group_of) == n
                 and cnp.PyArray_TYPE(steps) == cnp.NPY_INT64 and cnp.PyArray_SIZE(steps) == n
                 and cnp.PyArray_IS_C_CONTIGUOUS(steps)):
             raise ValueError("AdamTable: one state, step count and group per param")
+        if float_steps is not None and not (
+                cnp.PyArray_TYPE(<cnp.ndarray?>float_steps) == cnp.NPY_FLOAT
+                and cnp.PyArray_SIZE(float_steps) == n
+                and cnp.PyArray_IS_C_CONTIGUOUS(float_steps)):
+            raise ValueError("AdamTable: float_steps must be a float32 array of one per param")
         self.n = n
         self.tensors = <AdamTensor*>calloc(max(n, 1), sizeof(AdamTensor))
         self.records = <AdamTensor*>calloc(max(n, 1), sizeof(AdamTensor))
@@ -132,8 +138,9 @@ cdef class AdamTable:
             self.n_groups = max(self.n_groups, self.group_of[i] + 1)
         self._find_runs()
         self.steps = <int64_t*>cnp.PyArray_DATA(steps)
+        self.float_steps = NULL if float_steps is None else <float*>cnp.PyArray_DATA(float_steps)
         self.params = params
-        self.keep_alive = (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+        self.keep_alive = (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, float_steps)
 
     def __dealloc__(self):
         free(self.tensors)
@@ -199,15 +206,18 @@ cdef class AdamTable:
             self.tensors[i].grad = <const char*><size_t>addresses[i]
         return 0
 
-    cdef void _build_records(self) noexcept:
+    cdef void _build_records(self, const Hyper* hyper) noexcept:
         """Each run as one record if all its gradients are dense and lie back to back and
-        its step counts agree, else its dense tensors one by one."""
+        its step counts agree, else its dense tensors one by one. Never merged under the
+        torch numerics profile (``hyper`` given): torch treats each tensor's last
+        elements apart (its scalar tail), so a tensor's end must stay a record's end."""
         cdef Py_ssize_t i = 0, k, stop
         cdef bint merge
         self.n_records = 0
         while i < self.n:
             stop = self.run_stop[i]
-            merge = stop - i > 1 and self.kind[i] == DENSE
+            merge = (stop - i > 1 and self.kind[i] == DENSE
+                     and (hyper == NULL or not hyper[self.group_of[i]].torch_numerics))
             k = i + 1
             while merge and k < stop:
                 merge = (self.kind[k] == DENSE and self.steps[k] == self.steps[i] and
@@ -244,7 +254,7 @@ cdef class AdamTable:
 
     cdef Py_ssize_t _count_nonfinite(self, int num_threads) except -2:
         cdef Py_ssize_t bad, more, k = 0
-        self._build_records()
+        self._build_records(NULL)
         with nogil:
             bad = count_nonfinite_grads(self.records, self.n_records, num_threads)
             while bad >= 0 and k < self.n_row_updates:
@@ -310,7 +320,7 @@ cdef class AdamTable:
                 if self.kind[i] != INACTIVE and self.steps[i] >= MAX_STEP:
                     raise ValueError(f"the step count of tensor {i} is {self.steps[i]}, the "
                                      "largest an int64 holds: it cannot advance")
-            self._build_records()
+            self._build_records(hyper)
             for k in range(self.n_records):
                 r = &self.records[k]
                 first = self.record_first[k]  # its group and step count are the record's
@@ -332,9 +342,11 @@ cdef class AdamTable:
                         run_rows(&self.row_updates[k], num_threads)
             if status != 0:
                 raise MemoryError("fastadam: could not allocate the chunk table")
-            for i in range(self.n):
+            for i in range(self.n):  # no Python code runs between the update and here
                 if self.kind[i] != INACTIVE:
                     self.steps[i] += 1
+                    if self.float_steps != NULL:
+                        self.float_steps[i] = <float>self.steps[i]
         finally:
             free(hyper)
         return 0

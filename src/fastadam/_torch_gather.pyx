@@ -53,14 +53,15 @@ cdef class Gather:
         dict, then the tensors it holds, in the order the dict's keys were given)."""
         self.published[i] = entry
 
-    def run(self, object opt_state, int64_t[::1] out):
+    def run(self, int64_t[::1] out):
         """Fill ``out[i]`` with tensor i's gradient address (0 without a gradient).
 
         Returns (index of the first tensor this loop cannot take, or -1; the elements
-        of the tensors with a gradient)."""
+        of the tensors with a gradient). ``opt.state`` itself is watched by the caller
+        (its entries are never added, removed or replaced unseen); here each published
+        per-parameter dict is checked to still hold fastadam's tensors."""
         cdef Py_ssize_t i, n = len(self.params)
         cdef Py_ssize_t active = 0
-        cdef PyObject* found
         for i in range(n):
             p = self.params[i]
             g = p.grad
@@ -78,10 +79,8 @@ cdef class Gather:
             except Exception:  # a sparse gradient has no strides: the general path
                 return i, active
             entry = self.published[i]
-            if entry is not None:
-                found = PyDict_GetItem(opt_state, p)
-                if found == NULL or <object>found is not entry[0] or not _holds(entry):
-                    return i, active
+            if entry is not None and not _holds(entry):
+                return i, active
             active += self.sizes[i]
         return -1, active
 

@@ -10,6 +10,7 @@ names the argument, what was expected and what was given.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import operator
@@ -17,10 +18,18 @@ from typing import Any, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from fastadam._checks import first_nonconforming, first_overlap, overlaps, sorted_ranges
+from fastadam._checks import (
+    first_nonconforming,
+    first_overlap,
+    overlaps,
+    plain_buffers,
+    sorted_ranges,
+)
 from fastadam._hints import framework_hint
 
-__all__ = ["sorted_ranges"]  # re-exported for the engine: the ranges its checks take
+# Re-exported: the ranges the engine's checks take, and the compiled test of adam_step's
+# common case (plain arrays that pass every check of check_buffers).
+__all__ = ["plain_buffers", "sorted_ranges"]
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 MAX_STEP = 2**63 - 1  # step counts are int64 in optimizer state and in PyTorch
@@ -54,6 +63,7 @@ class Hyperparameters(NamedTuple):
     maximize: bool
     eps_hat: bool
     eps_root: float
+    torch_numerics: bool = False  # numerics="torch": the FMAs of torch's fused CPU Adam
 
 
 def _describe_dtype(dtype: np.dtype) -> str:
@@ -287,6 +297,7 @@ def check_hyperparameters(
     maximize: Any,
     eps_hat: Any,
     eps_root: Any,
+    numerics: Any = "exact",
     where: str = "",
 ) -> Hyperparameters:
     """The record of one update's hyperparameters, each checked and named in messages
@@ -309,7 +320,40 @@ def check_hyperparameters(
         check_flag(maximize, name("maximize")),
         eps_hat,
         eps_root,
+        check_numerics(numerics, eps_root, name("numerics")),
     )
+
+
+def check_call_hyperparameters(lr: Any, beta1: Any, beta2: Any, eps: Any, weight_decay: Any,
+                               decoupled_weight_decay: Any, amsgrad: Any, maximize: Any,
+                               eps_hat: Any, eps_root: Any, numerics: Any) -> Hyperparameters:
+    """:func:`check_hyperparameters` for a function call's arguments (adam_step), with a
+    memory: values that are exact floats and bools and were found valid before are not
+    checked again (a training loop passes the same ones every step). Only validity is
+    remembered; the record always holds the values given."""
+    args = (lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
+            eps_hat, eps_root, numerics)
+    if (type(lr) is float and type(beta1) is float and type(beta2) is float
+            and type(eps) is float and type(weight_decay) is float and type(eps_root) is float
+            and type(decoupled_weight_decay) is bool and type(amsgrad) is bool
+            and type(maximize) is bool and type(eps_hat) is bool and type(numerics) is str):
+        _remembered_valid(*args)  # raises as check_hyperparameters does
+        return Hyperparameters(*args[:-1], numerics == "torch")
+    return _check_positional(*args)
+
+
+def _check_positional(lr: Any, beta1: Any, beta2: Any, eps: Any, weight_decay: Any,
+                      decoupled_weight_decay: Any, amsgrad: Any, maximize: Any, eps_hat: Any,
+                      eps_root: Any, numerics: Any) -> Hyperparameters:
+    return check_hyperparameters(
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad, maximize=maximize,
+        eps_hat=eps_hat, eps_root=eps_root, numerics=numerics)
+
+
+# typed: 1 and 1.0 and True are different keys (only exact floats and bools come here);
+# an invalid call raises and is never remembered.
+_remembered_valid = functools.lru_cache(maxsize=256, typed=True)(_check_positional)
 
 
 def check_epsilon_forms(eps_hat: bool, eps_root: float, where: str = "") -> None:
@@ -318,6 +362,27 @@ def check_epsilon_forms(eps_hat: bool, eps_root: float, where: str = "") -> None
             f"{where}eps_hat=True and eps_root > 0 select two different epsilon forms "
             f"(Keras's and Optax's); pass one of them, got eps_root={eps_root!r}"
         )
+
+
+NUMERICS = ("exact", "torch")
+
+
+def check_numerics(value: Any, eps_root: float, name: str = "numerics") -> bool:
+    """Whether ``numerics`` selects the torch profile (True) or the exact one (False).
+
+    "exact": docs/design.md's order without FMA. "torch": the FMAs of torch's AVX2/AVX-512
+    fused CPU Adam (docs/numerics-torch.md), which has no eps_root form.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {NUMERICS}, got {type(value).__name__}")
+    if value not in NUMERICS:
+        raise ValueError(f"{name} must be one of {NUMERICS}, got {value!r}")
+    if value == "torch" and eps_root > 0.0:
+        raise ValueError(
+            f"{name}='torch' reproduces torch's fused Adam, which has no eps_root form; "
+            f"use numerics='exact' with eps_root > 0, got eps_root={eps_root!r}"
+        )
+    return value == "torch"
 
 
 # --- optimizer objects ------------------------------------------------------------------
@@ -395,7 +460,7 @@ def check_group_hyperparameters(group: Mapping, name: str, step: int) -> Hyperpa
         lr=lr, beta1=betas[0], beta2=betas[1], eps=group["eps"],
         weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
         amsgrad=group["amsgrad"], maximize=group["maximize"], eps_hat=group["eps_hat"],
-        eps_root=group["eps_root"], where=name)
+        eps_root=group["eps_root"], numerics=group.get("numerics", "exact"), where=name)
 
 
 def check_grads(grads: Any, params: list, written: np.ndarray, names: Optional[list] = None,

@@ -112,6 +112,16 @@ class Adam(keras.optimizers.Adam):
             return
         import torch
 
+        # Under jit_compile=True (torch.compile of Keras's train step) the update runs
+        # as one eager call: traced, its Python numbers (the iteration count, the
+        # learning rate) specialised the graph, which was compiled again every step.
+        torch.compiler.disable(self._update_with_kernels)(grads, trainable_variables,
+                                                          learning_rate)
+
+    def _update_with_kernels(self, grads: List[Any], trainable_variables: List[Any],
+                             learning_rate: Any) -> None:
+        import torch
+
         with torch.no_grad():
             engine, order = self._engine_for(trainable_variables)
             lr = check_at_least(float(learning_rate), "learning_rate", 0.0)

@@ -53,6 +53,7 @@ once). ``state_dict()`` is torch's: it returns the live state tensors.
 from __future__ import annotations
 
 import threading
+from collections import defaultdict
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
@@ -77,6 +78,8 @@ from fastadam._validation import (
 __all__ = ["Adam", "AdamW"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
+# Updated as pairs of reals (torch.view_as_real), as torch's Adam does.
+COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 # What torch.optim.Adam's __setstate__ fills in for groups saved before a key existed.
 GROUP_DEFAULTS = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
                   "differentiable": False, "fused": None, "decoupled_weight_decay": False}
@@ -105,6 +108,47 @@ def _fastadam_group(group: Dict[str, Any]) -> Dict[str, Any]:
         "eps_hat": False,
         "eps_root": 0.0,
     }
+
+
+class _StateTable(defaultdict):
+    """``opt.state``: torch's ``defaultdict(dict)``, counting the edits that add, remove
+    or replace a parameter's entry, so that a step sees them without looking up every
+    parameter (edits inside an entry are checked per tensor, in compiled code)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(dict, *args)
+        self.edits = 0
+
+    def __reduce__(self) -> Any:  # pickles as torch's own
+        return (defaultdict, (dict,), None, None, iter(self.items()))
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.edits += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self.edits += 1
+        super().__delitem__(key)
+
+    def clear(self) -> None:
+        self.edits += 1
+        super().clear()
+
+    def pop(self, *args: Any) -> Any:
+        self.edits += 1
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        self.edits += 1
+        return super().popitem()
+
+    def setdefault(self, *args: Any) -> Any:
+        self.edits += 1
+        return super().setdefault(*args)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self.edits += 1
+        super().update(*args, **kwargs)
 
 
 class Adam(Optimizer):
@@ -150,6 +194,7 @@ class Adam(Optimizer):
         self._lock = threading.RLock()
         self._front: Optional[_Registry] = None
         super().__init__(params, defaults)
+        self.state = _StateTable(self.state)
 
     num_threads = NumThreadsAttribute()
     _num_threads: Optional[int]  # the descriptor's storage
@@ -177,9 +222,10 @@ class Adam(Optimizer):
             # torch keeps the loaded tensors themselves (no copy when dtype and device
             # match): take a snapshot, so the source's later steps cannot leak in. The
             # next step copies the values into the engine.
-            for p, state in self.state.items():
-                self.state[p] = {k: v.clone() if isinstance(v, torch.Tensor) else v
-                                 for k, v in state.items()}
+            for key, state in self.state.items():  # (a post-hook may add other entries)
+                if isinstance(state, dict):
+                    self.state[key] = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                                       for k, v in state.items()}
 
     def state_dict(self) -> Dict[str, Any]:
         state_dict = super().state_dict()
@@ -200,6 +246,7 @@ class Adam(Optimizer):
         super().__setstate__(state)
         self._lock = threading.RLock()  # a lock is never copied: each copy has its own
         self.__dict__.setdefault("_num_threads", None)
+        self.state = _StateTable(self.state)
         self._front = None
         for group in self.param_groups:  # groups saved before a key existed (torch does so)
             for key, value in GROUP_DEFAULTS.items():
@@ -207,6 +254,10 @@ class Adam(Optimizer):
             if self._forces_decoupled_weight_decay:
                 group["decoupled_weight_decay"] = True
 
+    # Under torch.compile the step runs eagerly as one opaque call: Dynamo cannot trace
+    # the lock and the compiled kernels, and tracing into them cost 7 graph breaks and
+    # made a compiled training step slower than eager.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None, *,
              grad_scale: Optional[torch.Tensor] = None,
@@ -282,6 +333,8 @@ class _Registry:
         self.unregistered: List[Tuple[str, torch.Tensor]] = []
         self.published: Dict[int, tuple] = {}  # what fastadam put into opt.state, per tensor
         self.published_generation = -1
+        self.watched: Any = None  # the opt.state whose edit count was last seen (and that count)
+        self.edits: Optional[int] = None
         # Loaded or copied state waits in opt.state: the first step copies it in.
         self.stale = any(opt.state.get(p) for g in opt.param_groups for p in g["params"])
         for g, group in enumerate(opt.param_groups):
@@ -298,7 +351,7 @@ class _Registry:
             self.names += names
         self.layouts = [_layout(p) for p in self.params]
         self.addresses = np.zeros(len(self.params), np.int64)
-        self.steps = torch.from_numpy(self.engine.float_steps(range(len(self.params))))
+        self.steps = torch.from_numpy(self.engine.float_steps())
         self.gather = self._new_gather()
 
     def _new_gather(self) -> Gather:
@@ -324,14 +377,15 @@ class _Registry:
                 if problem is not None:
                     raise problem
         hypers = self._hyperparameters(opt)
-        if not self.stale:
-            first_irregular, active = self.gather.run(opt.state, self.addresses)
+        if not self.stale and opt.state is self.watched and opt.state.edits == self.edits:
+            first_irregular, active = self.gather.run(self.addresses)
             if first_irregular < 0:
                 if active:
                     self.engine.step_pointers(self.addresses, active, hypers, grad_scale=grad_scale,
                                               num_threads=opt._num_threads)
                     self._publish(opt)
                 return
+        self.watched = None
         self._general_step(opt, hypers, grad_scale)
 
     def _hyperparameters(self, opt: Adam) -> List[Hyperparameters]:
@@ -379,7 +433,7 @@ class _Registry:
             raise TypeError(f"{name} has a gradient on {grad.device}; fastadam.torch updates "
                             "CPU tensors only")
         if grad.layout == torch.sparse_coo:
-            if grad.sparse_dim() != 1 or p.dim() == 0 or not p.is_contiguous():
+            if grad.sparse_dim() != 1 or p.dim() == 0 or not p.is_contiguous() or p.is_complex():
                 raise TypeError(f"{name} has a sparse gradient with {grad.sparse_dim()} sparse "
                                 "dimensions; fastadam.torch takes row-sparse ones (sparse_dim=1, "
                                 "as nn.Embedding(sparse=True) gives) for contiguous parameters")
@@ -425,7 +479,7 @@ class _Registry:
             if value.shape != p.shape:
                 raise ValueError(f"{name}['{key}'] has shape {tuple(value.shape)}, the parameter "
                                  f"has {tuple(p.shape)}")
-            arrays[key] = value.detach().to(device="cpu", dtype=p.dtype).contiguous().numpy()
+            arrays[key] = value.detach().to(device="cpu", dtype=p.dtype).contiguous()
         if not {"exp_avg", "exp_avg_sq"} <= set(arrays):
             raise ValueError(f"{name} must have 'exp_avg' and 'exp_avg_sq' tensors")
         self.engine.load(i, step, _in_memory_order(arrays, p))
@@ -436,25 +490,28 @@ class _Registry:
 
     def _publish(self, opt: Adam) -> None:
         """Put torch views of the engine's state into ``opt.state`` for tensors whose
-        state is new since the last time (one dict per parameter, in torch's key order)."""
-        if self.engine.generation == self.published_generation:
+        state is new since the last time (one dict per parameter, in torch's key order),
+        then note ``opt.state``'s edit count: every edit up to now has been seen."""
+        if self.engine.generation != self.published_generation:
+            for i, p in enumerate(self.params):
+                if self.engine.has_moments(i):
+                    self._publish_one(opt, i, p)
+            self.published_generation = self.engine.generation
+        self.watched, self.edits = opt.state, getattr(opt.state, "edits", None)
+
+    def _publish_one(self, opt: Adam, i: int, p: torch.Tensor) -> None:
+        keys = ("step",) + tuple(k for k in STATE_KEYS if k in self.engine.state[i])
+        entry = self.published.get(i)
+        if entry is not None and entry[1] == keys and opt.state.get(p) is entry[0] and _holds(entry):
             return
-        for i, p in enumerate(self.params):
-            if not self.engine.has_moments(i):
-                continue
-            keys = ("step",) + tuple(k for k in STATE_KEYS if k in self.engine.state[i])
-            entry = self.published.get(i)
-            if entry is not None and entry[1] == keys and opt.state.get(p) is entry[0] and _holds(entry):
-                continue
-            tensors = (self.steps[i],) + tuple(_torch_view(self.engine.state[i][k], p)
-                                                for k in keys[1:])
-            state = opt.state[p]
-            state.clear()
-            state.update(zip(keys, tensors))
-            entry = (state, keys) + tensors
-            self.published[i] = entry
-            self.gather.publish(i, entry)
-        self.published_generation = self.engine.generation
+        tensors = (self.steps[i],) + tuple(_torch_view(self.engine.state[i][k], p)
+                                            for k in keys[1:])
+        state = opt.state[p]
+        state.clear()
+        state.update(zip(keys, tensors))
+        entry = (state, keys) + tensors
+        self.published[i] = entry
+        self.gather.publish(i, entry)
 
 
 def _holds(entry: tuple) -> bool:
@@ -472,9 +529,9 @@ def _refusal(p: Any, name: str) -> Optional[Exception]:
                          "tensors (tensor subclasses such as DTensor are not supported yet)")
     if p.device.type != "cpu":
         return TypeError(f"{name} is on {p.device}; fastadam.torch updates CPU tensors only")
-    if p.dtype not in SUPPORTED_DTYPES:
-        return TypeError(f"{name} has dtype {p.dtype}; fastadam.torch updates float32 and "
-                         "float64 parameters")
+    if p.dtype not in SUPPORTED_DTYPES + COMPLEX_DTYPES:
+        return TypeError(f"{name} has dtype {p.dtype}; fastadam.torch updates float32, "
+                         "float64, complex64 and complex128 parameters")
     if p.layout != torch.strided:
         return TypeError(f"{name} has layout {p.layout}; fastadam.torch updates dense "
                          "(strided) parameters")
@@ -503,29 +560,37 @@ def _layout(p: torch.Tensor) -> Tuple[int, torch.dtype, torch.Size, Tuple[int, .
     return (p.data_ptr(), p.dtype, p.shape, p.stride())
 
 
+def _real(t: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as pairs of reals (a view: shape + (2,)); others as they are."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
 def _engine_view(t: torch.Tensor) -> np.ndarray:
-    """The NumPy view the engine takes of a dense tensor: the tensor itself when it is
-    contiguous (row-sparse gradients need its rows), else its memory in memory order
-    (1-D; its state and gradient are then laid out the same way)."""
-    t = t.detach()
+    """The NumPy view the engine takes of a dense tensor (a complex one as pairs of
+    reals): the tensor itself when it is contiguous (row-sparse gradients need its
+    rows), else its memory in memory order (1-D; its state and gradient are then laid
+    out the same way)."""
+    t = _real(t.detach())
     if t.is_contiguous():
         return t.numpy()
     return t.as_strided((t.numel(),), (1,)).numpy()
 
 
 def _torch_view(array: np.ndarray, p: torch.Tensor) -> torch.Tensor:
-    """The engine's 1-D state of ``p`` as a torch tensor with p's shape and strides."""
+    """The engine's 1-D state of ``p`` as a torch tensor of p's dtype, shape and strides."""
     flat = torch.from_numpy(array)
-    return flat.view(p.shape) if p.is_contiguous() else flat.as_strided(p.shape, p.stride())
+    if not p.is_complex():
+        return flat.view(p.shape) if p.is_contiguous() else flat.as_strided(p.shape, p.stride())
+    pairs = flat.as_strided(tuple(p.shape) + (2,), tuple(2 * s for s in p.stride()) + (1,))
+    return torch.view_as_complex(pairs)
 
 
-def _in_memory_order(arrays: Dict[str, np.ndarray], p: torch.Tensor) -> Dict[str, np.ndarray]:
-    """Contiguous (logical order) state as the engine stores it: in p's memory order."""
-    if p.is_contiguous():
-        return arrays
+def _in_memory_order(arrays: Dict[str, torch.Tensor], p: torch.Tensor) -> Dict[str, np.ndarray]:
+    """State tensors of p's shape and dtype as the engine stores them: in p's memory
+    order, complex ones as pairs of reals."""
     out = {}
-    for key, array in arrays.items():
-        strided = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype)
-        strided.copy_(torch.from_numpy(array))
-        out[key] = strided.as_strided((p.numel(),), (1,)).numpy()
+    for key, tensor in arrays.items():
+        if not p.is_contiguous():
+            tensor = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype).copy_(tensor)
+        out[key] = _engine_view(tensor)
     return out
