@@ -351,7 +351,7 @@ def test_complex_params_are_updated_as_pairs_of_reals_like_torch(dtype):
                   ft.Adam([pairs], lr=0.01, amsgrad=True, weight_decay=0.1),
                   torch.optim.Adam([theirs], lr=0.01, amsgrad=True, weight_decay=0.1,
                                    foreach=False)]
-    for k in range(3):
+    for _ in range(3):
         grad = torch.randn(6, 5, dtype=dtype)
         ours.grad, theirs.grad = grad.clone(), grad.clone()
         pairs.grad = torch.view_as_real(grad).clone()
@@ -368,3 +368,77 @@ def test_complex_params_are_updated_as_pairs_of_reals_like_torch(dtype):
     resumed.param_groups[0]["params"][0].grad = torch.ones(6, 5, dtype=dtype)
     resumed.step()
     assert resumed.state[resumed.param_groups[0]["params"][0]]["step"].item() == 4
+
+
+NATIVE_TRAINING = r"""
+import itertools, sys
+import torch
+import fastadam.torch as ft
+
+assert "ATEN_CPU_CAPABILITY" not in __import__("os").environ
+capability = torch.backends.cpu.get_cpu_capability()
+
+
+def models():
+    torch.manual_seed(0)
+    conv = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.BatchNorm2d(32),
+        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(32, 10)).to(memory_format=torch.channels_last)
+    torch.manual_seed(1)
+    transformer = torch.nn.Sequential(
+        torch.nn.Embedding(50, 32),
+        torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True),
+        torch.nn.Flatten(), torch.nn.Linear(32 * 7, 10))
+    return {"conv": conv, "transformer": transformer}
+
+
+def batches(name):
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(STEPS):
+        if name == "conv":
+            yield torch.randn(8, 3, 12, 12, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+        else:
+            yield torch.randint(0, 50, (8, 7), generator=gen), torch.randint(0, 10, (8,), generator=gen)
+
+
+def train(name, make_opt):
+    model = models()[name]
+    opt = make_opt(model.parameters())
+    for x, y in batches(name):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return [p.detach() for p in model.parameters()]
+
+
+STEPS = int(sys.argv[1])
+bad = []
+for name, (ours, theirs), (amsgrad, wd, maximize) in itertools.product(
+        ("conv", "transformer"), ((ft.Adam, torch.optim.Adam), (ft.AdamW, torch.optim.AdamW)),
+        itertools.product((False, True), (0.0, 0.1), (False, True))):
+    kw = dict(lr=1e-2, amsgrad=amsgrad, weight_decay=wd, maximize=maximize)
+    got = train(name, lambda ps: ours(ps, **kw))
+    want = train(name, lambda ps: theirs(ps, fused=True, **kw))
+    if not all(torch.equal(a, b) for a, b in zip(got, want)):
+        bad.append((name, ours.__name__, kw))
+print(capability, ft.default_numerics(), "mismatches:", bad)
+"""
+
+
+@pytest.mark.slow
+def test_default_numerics_give_torch_fused_bits_at_the_native_capability():
+    # A CNN (channels_last) and a transformer layer, 50 steps, every flag, Adam and AdamW.
+    # conftest pins ATen's default capability for the other tests: run torch as users do.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    out = subprocess.run([sys.executable, "-c", NATIVE_TRAINING, "50"], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    capability, numerics, _, mismatches = out.stdout.split(" ", 3)
+    assert numerics == ("torch" if capability in ("AVX2", "AVX512") else "exact")
+    assert mismatches.strip() == "[]", out.stdout

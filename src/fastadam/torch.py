@@ -5,8 +5,10 @@ Drop-in ``torch.optim.Optimizer`` subclasses with torch's signatures and default
 engine in ONE call (all groups, one OpenMP team, GIL released), zero-copy. The adapter
 computes no Adam math and keeps no state of its own: parameters are registered with the
 engine (fastadam._engine) as views of their memory, and ``opt.state`` shows the engine's
-state as torch tensors. The update is docs/design.md's operation order, that of torch's fused CPU
-Adam (bit-identical to ``fused=True`` on ATen's default CPU capability).
+state as torch tensors. The update is torch's fused CPU Adam's, bit for bit: by default
+the numerics profile that matches ``torch.optim.Adam(fused=True)`` at the capability ATen
+runs here ("torch", with the FMAs of its AVX2/AVX-512 kernel, or "exact" on its default
+capability; see :func:`default_numerics` and docs/numerics-torch.md).
 
 The per-step work over the parameters (finding each gradient, checking its dtype, shape,
 strides and device, checking that the parameter and its ``opt.state`` entry are still
@@ -72,10 +74,11 @@ from fastadam._torch_gather import Gather
 from fastadam._validation import (
     Hyperparameters,
     check_group_hyperparameters,
+    check_numerics,
     check_step_count,
 )
 
-__all__ = ["Adam", "AdamW"]
+__all__ = ["Adam", "AdamW", "default_numerics"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 # Updated as pairs of reals (torch.view_as_real), as torch's Adam does.
@@ -94,7 +97,15 @@ def _scalar(value: Any) -> Any:
     return value
 
 
-def _fastadam_group(group: Dict[str, Any]) -> Dict[str, Any]:
+def default_numerics() -> str:
+    """The numerics profile that reproduces ``torch.optim.Adam(fused=True)`` bit for bit in
+    this process: "torch" (the FMAs of torch's vectorized fused kernel) where ATen runs its
+    AVX2 or AVX-512 kernels, "exact" (no FMA) on its default capability
+    (docs/numerics-torch.md)."""
+    return "torch" if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else "exact"
+
+
+def _fastadam_group(group: Dict[str, Any], numerics: str) -> Dict[str, Any]:
     """A torch param group's hyperparameters in fastadam's terms."""
     lr = group["lr"]
     return {
@@ -107,6 +118,7 @@ def _fastadam_group(group: Dict[str, Any]) -> Dict[str, Any]:
         "decoupled_weight_decay": group.get("decoupled_weight_decay", False),
         "eps_hat": False,
         "eps_root": 0.0,
+        "numerics": numerics,
     }
 
 
@@ -155,7 +167,9 @@ class Adam(Optimizer):
     """Adam for PyTorch CPU tensors through fastadam's kernels (see the module docstring).
 
     Takes torch.optim.Adam's arguments, plus ``num_threads`` (OpenMP threads of each
-    step; None follows :func:`fastadam.get_num_threads`).
+    step; None follows :func:`fastadam.get_num_threads`) and ``numerics`` ("exact" or
+    "torch"; None: :func:`default_numerics`, the profile that gives the bits of
+    ``torch.optim.Adam(fused=True)`` in this process).
     """
 
     # torch.amp.GradScaler passes grad_scale= and found_inf= to step() instead of
@@ -179,7 +193,10 @@ class Adam(Optimizer):
         fused: Optional[bool] = None,
         decoupled_weight_decay: bool = False,
         num_threads: Optional[int] = None,
+        numerics: Optional[str] = None,
     ) -> None:
+        self.numerics = default_numerics() if numerics is None else numerics
+        check_numerics(self.numerics, 0.0)
         if capturable:
             raise ValueError("capturable=True is for CUDA graph capture; fastadam.torch updates "
                              "CPU tensors (use torch.optim.Adam for GPU parameters)")
@@ -207,7 +224,8 @@ class Adam(Optimizer):
                 if candidate.get(flag):
                     raise ValueError(f"param_groups[{index}]: {flag}=True is not supported by "
                                      "fastadam.torch")
-            check_group_hyperparameters(_fastadam_group(candidate), f"param_groups[{index}]", 1)
+            check_group_hyperparameters(_fastadam_group(candidate, self.numerics),
+                                        f"param_groups[{index}]", 1)
             super().add_param_group(param_group)
             try:  # a float16 or GPU parameter fails here, named, not at the first step()
                 check_torch_params(self.param_groups[-1], index, SUPPORTED_DTYPES)
@@ -240,12 +258,14 @@ class Adam(Optimizer):
         # torch's Optimizer.__getstate__ keeps only defaults, state and param_groups;
         # the copy's state tensors are its own (deepcopy/pickle copy them), so the copy
         # registers them with an engine of its own on its first step.
-        return {**super().__getstate__(), "_num_threads": self._num_threads}
+        return {**super().__getstate__(), "_num_threads": self._num_threads,
+                "numerics": self.numerics}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         self._lock = threading.RLock()  # a lock is never copied: each copy has its own
         self.__dict__.setdefault("_num_threads", None)
+        self.__dict__.setdefault("numerics", default_numerics())
         self.state = _StateTable(self.state)
         self._front = None
         for group in self.param_groups:  # groups saved before a key existed (torch does so)
@@ -310,10 +330,12 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: Optional[bool] = None,
         num_threads: Optional[int] = None,
+        numerics: Optional[str] = None,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable, differentiable=differentiable,
-                         fused=fused, decoupled_weight_decay=True, num_threads=num_threads)
+                         fused=fused, decoupled_weight_decay=True, num_threads=num_threads,
+                         numerics=numerics)
 
 
 class _Registry:
@@ -389,8 +411,8 @@ class _Registry:
         self._general_step(opt, hypers, grad_scale)
 
     def _hyperparameters(self, opt: Adam) -> List[Hyperparameters]:
-        return [check_group_hyperparameters(_fastadam_group(group), f"param_groups[{g}]",
-                                            self.engine.group_step(g))
+        return [check_group_hyperparameters(_fastadam_group(group, opt.numerics),
+                                            f"param_groups[{g}]", self.engine.group_step(g))
                 for g, group in enumerate(opt.param_groups)]
 
     def _general_step(self, opt: Adam, hypers: List[Hyperparameters], grad_scale: float) -> None:
