@@ -73,7 +73,8 @@ def check_torch_params(group: Mapping[str, Any], index: int, dtypes: Sequence[An
             raise TypeError(f"{where} is on {p.device}; fastadam.torch updates CPU tensors only "
                             f"({shape}; use torch.optim.Adam for the others)")
         if p.dtype not in dtypes:
-            allowed = " and ".join(str(d).replace("torch.", "") for d in dtypes)
+            names = [str(d).replace("torch.", "") for d in dtypes]
+            allowed = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
             raise TypeError(f"{where} has dtype {p.dtype} ({shape}); fastadam.torch updates "
                             f"{allowed} parameters: convert the model first (model.float()) "
                             "or use torch.optim.Adam for it")

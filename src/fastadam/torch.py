@@ -228,7 +228,7 @@ class Adam(Optimizer):
                                         f"param_groups[{index}]", 1)
             super().add_param_group(param_group)
             try:  # a float16 or GPU parameter fails here, named, not at the first step()
-                check_torch_params(self.param_groups[-1], index, SUPPORTED_DTYPES)
+                check_torch_params(self.param_groups[-1], index, SUPPORTED_DTYPES + COMPLEX_DTYPES)
             except TypeError:
                 self.param_groups.pop()  # a rejected call changes nothing
                 raise
