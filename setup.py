@@ -3,7 +3,7 @@
 Only the extension list and the compiler flags live here; metadata is in pyproject.toml.
 
 Flags, per compiler (chosen in BuildExt.build_extensions, where the compiler is known):
-  GCC/Clang  -O3 -fno-math-errno -ffp-contract=off, OpenMP with -fopenmp
+  GCC/Clang  -O3 -fno-math-errno -ffp-contract=off -g0, OpenMP with -fopenmp
              (-fno-math-errno lets sqrt vectorize and changes no IEEE result;
               -ffp-contract=off forbids silent FMA so results are bit-identical for every
               thread count and vector width; never -ffast-math, never -march=native)
@@ -40,7 +40,9 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-UNIX_FLAGS = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
+# -g0: no debug information (Python's own CFLAGS add -g, which made each module about six
+# times larger than its code; tools/sanitize.sh's build adds -g back after these).
+UNIX_FLAGS = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-g0"]
 MSVC_FLAGS = ["/O2", "/fp:precise"]
 SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
                   "-fno-omit-frame-pointer", "-g"]

@@ -100,6 +100,15 @@ def dtype(request):
     return request.param
 
 
+@pytest.fixture
+def restore_levels():
+    """Give the SIMD dispatch back its default levels after a test that forced one."""
+    yield
+    from fastadam import _simd
+
+    _simd.use(*_simd.default_levels())
+
+
 # `python -m pytest -m quick`, README's quick test line: the core (kernels against the
 # reference for every option, validation, optimizers, buffers, schedules, checkpoints) and
 # the PyTorch and Keras adapters, in about 3 minutes on 2 busy cores (1.5 quiet). The full

@@ -15,12 +15,6 @@ from conftest import VARIANTS, make_grads, make_state, variant_id, variant_kwarg
 LEVELS = _simd.available_levels()
 
 
-@pytest.fixture
-def restore_levels():
-    yield
-    _simd.use(*_simd.default_levels())
-
-
 def run(variant, dtype, size, steps=2):
     param, m, v, vmax = make_state(size, dtype, amsgrad=variant["amsgrad"])
     for t, grad in enumerate(make_grads(size, dtype, steps), start=1):

@@ -16,7 +16,7 @@ from libc.math cimport fma, fmaf, sqrt, sqrtf
 from libc.stdint cimport uint32_t, uint64_t
 from cython cimport floating
 
-from fastadam._adam_types cimport AdamTensor
+from fastadam._adam_types cimport NUMERICS_FAST, NUMERICS_TORCH, AdamTensor
 
 
 # --- compile-time switches ------------------------------------------------------------
@@ -57,6 +57,9 @@ ctypedef fused MaxTag:
 
 cdef struct PaperForm:      # default and eps_hat, docs/design.md's order without FMA ("exact")
     char unused
+cdef struct FastForm:       # numerics="fast": the paper form with one division, not two:
+    # p + (step_coef * m) / (sqrt(v) * (1 / denom_div) + eps)
+    char unused
 cdef struct RootForm:       # eps_root > 0 (Optax)
     char unused
 # numerics="torch": the paper (or eps_hat) form with the FMAs of torch's AVX2/AVX-512
@@ -70,6 +73,7 @@ cdef struct TorchTailForm:  # as TorchForm, but v = fma(v, beta2, ((1 - beta2) *
     char unused             # and AMSGrad's max keeps vmax when v is NaN (as "exact" does)
 ctypedef fused FormTag:
     PaperForm
+    FastForm
     RootForm
     TorchForm
     TorchTailForm
@@ -137,6 +141,7 @@ cdef void _update(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
     cdef floating one_minus_beta2 = <floating>t.coef.one_minus_beta2
     cdef floating step_coef = <floating>t.coef.step_coef
     cdef floating denom_div = <floating>t.coef.denom_div
+    cdef floating inv_denom_div = <floating>t.coef.inv_denom_div
     cdef floating eps = <floating>t.coef.eps
     cdef floating bc1 = <floating>t.coef.bc1
     cdef floating bc2 = <floating>t.coef.bc2
@@ -190,6 +195,8 @@ cdef void _update(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
             vmax[i] = vi
         if FormTag is RootForm:
             p[i] = pi - step_coef * (mi / bc1) / (_sqrt(vi / bc2 + eps_root) + eps)
+        elif FormTag is FastForm:
+            p[i] = pi + (step_coef * mi) / (_sqrt(vi) * inv_denom_div + eps)
         else:
             p[i] = pi + (step_coef * mi) / (_sqrt(vi) / denom_div + eps)
 
@@ -199,7 +206,7 @@ cdef void _update(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
 cdef void _by_form(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop, floating* dtype,
                    GradTag* a, DecayTag* b, LerpTag* c, MaxTag* d) noexcept nogil:
     cdef Py_ssize_t tail
-    if t.coef.torch_numerics:
+    if t.coef.numerics == NUMERICS_TORCH:
         # torch's vector loop (its AVX2 build, 8 floats / 4 doubles per vector, which it
         # runs at its AVX512 capability too) covers all of a tensor but its last
         # size % 8 float32 (size % 4 float64) elements, which its scalar tail computes.
@@ -211,6 +218,8 @@ cdef void _by_form(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop, float
             _update(t, max(start, tail), stop, dtype, a, b, c, d, <TorchTailForm*>NULL)
     elif t.coef.root_form:
         _update(t, start, stop, dtype, a, b, c, d, <RootForm*>NULL)
+    elif t.coef.numerics == NUMERICS_FAST:
+        _update(t, start, stop, dtype, a, b, c, d, <FastForm*>NULL)
     else:
         _update(t, start, stop, dtype, a, b, c, d, <PaperForm*>NULL)
 

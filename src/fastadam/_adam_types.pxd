@@ -2,6 +2,12 @@
 # _kernels_avx2/_kernels_avx512, which include _adam_loops.pxi). Types only: cimporting
 # this file creates no run-time dependency, and every module lays the structs out alike.
 
+# The numerics profiles (fastadam._validation.NUMERICS, in this order).
+cdef enum:
+    NUMERICS_EXACT = 0
+    NUMERICS_TORCH = 1
+    NUMERICS_FAST = 2
+
 cdef struct Coefficients:
     # Per-tensor, per-step constants, computed once in double precision by
     # fill_coefficients() and cast to the element type once per chunk.
@@ -13,6 +19,7 @@ cdef struct Coefficients:
     double one_minus_beta2
     double step_coef        # paper form: -lr/bc1 (eps_hat: -lr*sqrt(bc2)/bc1); eps_root form: lr
     double denom_div        # paper form: sqrt(bc2) (eps_hat: 1)
+    double inv_denom_div    # fast profile: 1 / denom_div, rounded once (in double)
     double eps
     double bc1              # eps_root form only
     double bc2              # eps_root form only
@@ -23,7 +30,7 @@ cdef struct Coefficients:
     bint root_form          # eps_root > 0: the Optax form
     # numerics="torch": the FMAs of torch's AVX2/AVX-512 fused Adam (paper and eps_hat
     # forms only; docs/numerics-torch.md), else docs/design.md's order without FMA
-    bint torch_numerics
+    int numerics            # NUMERICS_EXACT, _TORCH (its FMAs) or _FAST (one division)
 
 cdef struct AdamTensor:
     # One contiguous, aligned, validated set of buffers and its coefficients.

@@ -239,12 +239,12 @@ class Engine:
         ``hypers``: one validated record per group. Returns False, changing nothing, when
         ``skip_if_nonfinite`` finds NaN or Inf."""
         self._adopt_step_edits()
-        checked, untouched = check_grads(grads, self.params, self.written_ranges(),
-                                         names=names, allow_none=allow_none)
-        if untouched:  # row-sparse gradients: sum duplicate rows (fastadam owns the copy)
+        checked, untouched, rows_given = check_grads(grads, self.params, self.written_ranges(),
+                                                     names=names, allow_none=allow_none)
+        if rows_given:  # sum duplicate rows (in fastadam's own copy); count the rows left out
             checked = [_summed(g) if type(g) is tuple else g for g in checked]
-            untouched = sum(p.size - (0 if g is None else g[1].size if type(g) is tuple else p.size)
-                            for p, g in zip(self.params, checked))
+            untouched += sum(p.size - g[1].size for p, g in zip(self.params, checked)
+                             if type(g) is tuple)
         self._check_can_advance(lambda: [i for i, g in enumerate(checked) if g is not None])
         threads = threads_for(num_threads, self.size - untouched)
         if skip_if_nonfinite and self._table_as_is().count_nonfinite(checked, threads):
@@ -271,7 +271,7 @@ class Engine:
     def count_nonfinite(self, grads: List[Any], num_threads: Optional[int]) -> int:
         """How many elements of these gradients (checked as :meth:`step` checks them)
         are NaN or Inf; nothing is written."""
-        checked, untouched = check_grads(grads, self.params, self.written_ranges())
+        checked, untouched, _ = check_grads(grads, self.params, self.written_ranges())
         return self._table_as_is().count_nonfinite(checked, threads_for(num_threads,
                                                                         self.size - untouched))
 

@@ -12,7 +12,8 @@ cdef struct Hyper:
     # One update's hyperparameters: the validated fastadam._validation.Hyperparameters
     # record, read into C once by hyper_from_record (the only place that knows its fields).
     double lr, beta1, beta2, eps, weight_decay, eps_root
-    bint decoupled_weight_decay, amsgrad, maximize, eps_hat, torch_numerics
+    bint decoupled_weight_decay, amsgrad, maximize, eps_hat
+    int numerics            # NUMERICS_* (_adam_types.pxd)
 
 
 cdef struct RowUpdate:

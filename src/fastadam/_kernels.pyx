@@ -49,6 +49,8 @@ from cython.parallel cimport prange
 cimport numpy as cnp
 import numpy
 
+from fastadam._adam_types cimport NUMERICS_EXACT, NUMERICS_FAST, NUMERICS_TORCH
+
 
 cnp.import_array()
 
@@ -149,8 +151,19 @@ cdef int hyper_from_record(Hyper* h, object record) except -1:
     h.amsgrad = record.amsgrad
     h.maximize = record.maximize
     h.eps_hat = record.eps_hat
-    h.torch_numerics = record.torch_numerics
+    h.numerics = _numerics_code(record.numerics)
     return 0
+
+
+cdef int _numerics_code(str name) except -1:
+    """The C code of a numerics profile (fastadam._validation.NUMERICS)."""
+    if name == "exact":
+        return NUMERICS_EXACT
+    if name == "torch":
+        return NUMERICS_TORCH
+    if name == "fast":
+        return NUMERICS_FAST
+    raise ValueError(f"no kernels for numerics={name!r}")
 
 
 cdef void fill_coefficients(Coefficients* c, const Hyper* h, double step,
@@ -172,7 +185,7 @@ cdef void fill_coefficients(Coefficients* c, const Hyper* h, double step,
     c.eps = h.eps
     c.amsgrad = h.amsgrad
     c.root_form = h.eps_root > 0.0
-    c.torch_numerics = h.torch_numerics and not c.root_form  # no torch form of eps_root
+    c.numerics = NUMERICS_EXACT if c.root_form else h.numerics  # eps_root has one order
     c.bc1 = bc1
     c.bc2 = bc2
     c.eps_root = h.eps_root
@@ -185,6 +198,7 @@ cdef void fill_coefficients(Coefficients* c, const Hyper* h, double step,
     else:
         c.step_coef = -(h.lr / bc1)
         c.denom_div = r2
+    c.inv_denom_div = 1.0 / c.denom_div
 
 
 cdef struct Chunk:

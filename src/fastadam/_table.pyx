@@ -13,7 +13,7 @@ from libc.stdlib cimport calloc, free, malloc
 
 cimport numpy as cnp
 
-from fastadam._adam_types cimport AdamTensor
+from fastadam._adam_types cimport NUMERICS_TORCH, AdamTensor
 from fastadam._kernels cimport (
     Hyper,
     RowUpdate,
@@ -217,7 +217,7 @@ cdef class AdamTable:
         while i < self.n:
             stop = self.run_stop[i]
             merge = (stop - i > 1 and self.kind[i] == DENSE
-                     and (hyper == NULL or not hyper[self.group_of[i]].torch_numerics))
+                     and (hyper == NULL or hyper[self.group_of[i]].numerics != NUMERICS_TORCH))
             k = i + 1
             while merge and k < stop:
                 merge = (self.kind[k] == DENSE and self.steps[k] == self.steps[i] and

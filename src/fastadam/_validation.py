@@ -63,7 +63,7 @@ class Hyperparameters(NamedTuple):
     maximize: bool
     eps_hat: bool
     eps_root: float
-    torch_numerics: bool = False  # numerics="torch": the FMAs of torch's fused CPU Adam
+    numerics: str = "exact"  # a profile of NUMERICS: the operation order of the update
 
 
 def _describe_dtype(dtype: np.dtype) -> str:
@@ -338,7 +338,7 @@ def check_call_hyperparameters(lr: Any, beta1: Any, beta2: Any, eps: Any, weight
             and type(decoupled_weight_decay) is bool and type(amsgrad) is bool
             and type(maximize) is bool and type(eps_hat) is bool and type(numerics) is str):
         _remembered_valid(*args)  # raises as check_hyperparameters does
-        return Hyperparameters(*args[:-1], numerics == "torch")
+        return Hyperparameters(*args)
     return _check_positional(*args)
 
 
@@ -364,31 +364,37 @@ def check_epsilon_forms(eps_hat: bool, eps_root: float, where: str = "") -> None
         )
 
 
-NUMERICS = ("exact", "torch")
+NUMERICS = ("exact", "torch", "fast")
 
 
-def check_numerics(value: Any, eps_root: float, name: str = "numerics") -> bool:
-    """Whether ``numerics`` selects the torch profile (True) or the exact one (False).
+def check_numerics(value: Any, eps_root: float, name: str = "numerics") -> str:
+    """A numerics profile: the operation order of the update.
 
-    "exact": docs/design.md's order without FMA. "torch": the FMAs of torch's AVX2/AVX-512
-    fused CPU Adam (docs/numerics-torch.md), which has no eps_root form.
+    "exact": docs/design.md's order without FMA (torch's fused Adam at ATen's default
+    capability). "torch": the FMAs of torch's AVX2/AVX-512 fused CPU Adam
+    (docs/numerics-torch.md). "fast": the paper form with one division per element
+    instead of two (``sqrt(v) * (1/sqrt(bc2))`` for ``sqrt(v) / sqrt(bc2)``): at most a
+    few units in the last place from "exact" (docs/guide/numerics.md). Neither of the last two
+    has an eps_root form.
     """
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a str, one of {NUMERICS}, got {type(value).__name__}")
     if value not in NUMERICS:
         raise ValueError(f"{name} must be one of {NUMERICS}, got {value!r}")
-    if value == "torch" and eps_root > 0.0:
+    if value != "exact" and eps_root > 0.0:
         raise ValueError(
-            f"{name}='torch' reproduces torch's fused Adam, which has no eps_root form; "
-            f"use numerics='exact' with eps_root > 0, got eps_root={eps_root!r}"
+            f"{name}={value!r} has no eps_root form (Optax's); use numerics='exact' with "
+            f"eps_root > 0, got eps_root={eps_root!r}"
         )
-    return value == "torch"
+    return value
 
 
 # --- optimizer objects ------------------------------------------------------------------
 
 HYPERPARAMETER_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "eps_hat",
-                       "eps_root", "decoupled_weight_decay")
+                       "eps_root", "decoupled_weight_decay", "numerics")
+# Keys a saved param group may lack (it was saved before they existed): their defaults.
+OPTIONAL_KEYS = {"decoupled_weight_decay": False, "numerics": "exact"}
 NOT_A_SEQUENCE = (np.ndarray, memoryview, bytes, bytearray, str, Mapping)
 
 
@@ -464,7 +470,7 @@ def check_group_hyperparameters(group: Mapping, name: str, step: int) -> Hyperpa
 
 
 def check_grads(grads: Any, params: list, written: np.ndarray, names: Optional[list] = None,
-                allow_none: bool = False) -> Tuple[list, int]:
+                allow_none: bool = False) -> Tuple[list, int, bool]:
     """The gradients of one optimizer step, checked against the params (count, dtype,
     shape, layout, overlap with any ``written`` range: sorted_ranges of the params and
     state) before anything is written.
@@ -474,8 +480,8 @@ def check_grads(grads: Any, params: list, written: np.ndarray, names: Optional[l
     aligned values). With ``allow_none``, None stands for "no gradient this step".
 
     Returns (the checked gradients, how many param elements the step leaves untouched:
-    those outside the rows of row-sparse gradients and of params without a gradient),
-    the second for the team size.
+    those outside the rows of row-sparse gradients and of params without a gradient,
+    whether any gradient is row-sparse); the count is for the team size.
 
     The common case (plain conforming ndarrays) is decided by one C scan; anything else
     goes through the full per-gradient checks, which name the offending gradient
@@ -486,9 +492,9 @@ def check_grads(grads: Any, params: list, written: np.ndarray, names: Optional[l
         raise ValueError(f"grads must have one gradient per param ({len(params)}), got {len(grads)}")
     first = first_nonconforming(grads, params, written)
     if first < 0 and (allow_none or all(g is not None for g in grads)):
-        return grads, sum(p.size for p, g in zip(params, grads) if g is None) if allow_none else 0
+        return grads, sum(p.size for p, g in zip(params, grads) if g is None) if allow_none else 0, False
     checked: list = []
-    untouched = 0
+    untouched, rows_given = 0, False
     for i, (grad, param) in enumerate(zip(grads, params)):
         name = f"grads[{i}]" if names is None else names[i]
         if grad is None and allow_none:
@@ -498,7 +504,7 @@ def check_grads(grads: Any, params: list, written: np.ndarray, names: Optional[l
         if isinstance(grad, tuple):
             rows, values = _check_row_grad_entry(written, grad, param, name)
             checked.append((rows, values))
-            untouched += param.size - values.size
+            rows_given = True
             continue
         array = as_array(grad, name, writable=False, flatten=False)
         if array.dtype != param.dtype:
@@ -510,7 +516,7 @@ def check_grads(grads: Any, params: list, written: np.ndarray, names: Optional[l
             raise ValueError(f"{name} overlaps a parameter or optimizer-state buffer in memory")
         # Gradients are only read, so an aligned copy of an unaligned one is harmless.
         checked.append(array if array.flags.aligned else array.copy())
-    return checked, untouched
+    return checked, untouched, rows_given
 
 
 def _check_row_grad_entry(written: np.ndarray, grad: tuple, param: np.ndarray, name: str) -> tuple:

@@ -42,6 +42,8 @@ def _json_hyperparameters(group: Dict[str, Any]) -> Dict[str, Any]:
             values[key] = [float(v) for v in value]
         elif isinstance(value, (bool, np.bool_)):
             values[key] = bool(value)
+        elif isinstance(value, str):  # numerics
+            values[key] = value
         else:
             values[key] = float(value)
     return values

@@ -205,7 +205,7 @@ class ShardedAdam:
         skip it): every rank must apply the same update to every element.
     comm : mpi4py.MPI.Intracomm, optional
         The ranks that train together (default ``MPI.COMM_WORLD``).
-    lr, betas, eps, weight_decay, amsgrad, maximize, eps_hat, eps_root, decoupled_weight_decay
+    lr, betas, eps, weight_decay, amsgrad, maximize, eps_hat, eps_root, decoupled_weight_decay, numerics
         As in :class:`fastadam.Adam` (``lr`` may be a schedule).
     num_threads : int, optional
         OpenMP threads of each rank's update (None: :func:`fastadam.get_num_threads`). With
@@ -255,6 +255,7 @@ class ShardedAdam:
         num_threads: Optional[int] = None,
         *,
         decoupled_weight_decay: bool = False,
+        numerics: str = "exact",
         collectives: str = "fastadam",
     ) -> None:
         if comm is None:
@@ -265,7 +266,8 @@ class ShardedAdam:
             raise ValueError(f"collectives must be one of {COLLECTIVES}, got {collectives!r}")
         hyperparameters: Dict[str, Any] = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                amsgrad=amsgrad, maximize=maximize, eps_hat=eps_hat,
-                               eps_root=eps_root, decoupled_weight_decay=decoupled_weight_decay)
+                               eps_root=eps_root, decoupled_weight_decay=decoupled_weight_decay,
+                               numerics=numerics)
         with keyword_names():
             check_group_hyperparameters(hyperparameters, "defaults", 1)
         check_num_threads(num_threads)

@@ -32,6 +32,7 @@ from fastadam._hints import keyword_names
 from fastadam._threads import NumThreadsAttribute
 from fastadam._validation import (
     HYPERPARAMETER_KEYS,
+    OPTIONAL_KEYS,
     Hyperparameters,
     as_array,
     check_at_least,
@@ -70,8 +71,8 @@ class Adam:
         A learning rate, or a schedule ``step -> lr`` (see :mod:`fastadam.schedules`)
         called once per group per step with the group's 1-based step number (the step
         count of the group's first parameter).
-    betas, eps, weight_decay, amsgrad, maximize, eps_hat, eps_root, decoupled_weight_decay
-        As in :func:`fastadam.adam_step`.
+    betas, eps, weight_decay, amsgrad, maximize, eps_hat, eps_root, decoupled_weight_decay, numerics
+        As in :func:`fastadam.adam_step` (each may differ per group).
     num_threads : int, optional
         OpenMP threads for each step; None follows :func:`fastadam.get_num_threads`.
 
@@ -111,11 +112,12 @@ class Adam:
         num_threads: Optional[int] = None,
         *,
         decoupled_weight_decay: bool = False,
+        numerics: str = "exact",
     ) -> None:
         self.defaults: Dict[str, Any] = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, eps_hat=eps_hat, eps_root=eps_root,
-            decoupled_weight_decay=decoupled_weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay, numerics=numerics,
         )
         with keyword_names():  # errors name the keyword: betas, not defaults['betas']
             check_group_hyperparameters(self.defaults, "defaults", 1)
@@ -319,7 +321,7 @@ class Adam:
             if len(ids) != len(group["params"]):
                 raise ValueError(f"{name} has {len(ids)} params, the optimizer's group {g} has "
                                  f"{len(group['params'])}")
-            missing = [k for k in HYPERPARAMETER_KEYS if k not in saved and k != "decoupled_weight_decay"]
+            missing = [k for k in HYPERPARAMETER_KEYS if k not in saved and k not in OPTIONAL_KEYS]
             if missing:
                 raise ValueError(f"{name} lacks {missing}")
             values = {k: saved[k] for k in HYPERPARAMETER_KEYS if k in saved}
@@ -381,6 +383,8 @@ class AdamW(Adam):
         eps_hat: bool = False,
         eps_root: float = 0.0,
         num_threads: Optional[int] = None,
+        *,
+        numerics: str = "exact",
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize, eps_hat,
-                         eps_root, num_threads, decoupled_weight_decay=True)
+                         eps_root, num_threads, decoupled_weight_decay=True, numerics=numerics)
