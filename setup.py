@@ -117,6 +117,13 @@ def compiles_and_links(compiler, compile_args, link_args, program=OPENMP_PROBE):
 
 
 class BuildExt(build_ext):
+    def finalize_options(self):
+        super().finalize_options()
+        # The compiled modules build in parallel, one compiler per core (pip passes no -j):
+        # `pip install .` took about 90 s with no output otherwise (issue 23).
+        if not self.parallel:
+            self.parallel = os.cpu_count() or 1
+
     def build_extensions(self):
         compiler_type = self.compiler.compiler_type
         opt_flags = MSVC_FLAGS if compiler_type == "msvc" else UNIX_FLAGS

@@ -26,7 +26,7 @@ numba, skipped otherwise): a "7-stream" kernel that reads 4 arrays and writes 3 
 pass with almost no arithmetic (p, m, v = p/2 + g, m/2 + g, v/2 + g), i.e. exactly an Adam
 step's memory traffic, and a STREAM triad a = b + s*c. Both run over one flat buffer of
 the workload's total size, compiled by numba (prange, numba.set_num_threads), on arrays
-staggered within their 4 KiB pages so that 4K aliasing (PERF.md) does not slow them: a
+staggered within their 4 KiB pages so that 4K aliasing (docs/guide/performance.md) does not slow them: a
 bound should be the best this memory does. GB/s counts 28 bytes per float32 element for
 Adam and the 7-stream kernel, 12 for the triad (STREAM's convention, no write-allocate).
 
@@ -326,7 +326,7 @@ def numba_kernels():
 
 def staggered_arrays(count: int, elements: int, dtype: np.dtype) -> List[np.ndarray]:
     """count arrays starting 1 KiB + 64 B apart modulo 4 KiB, so that loads never wait on
-    stores to another array at the same page offset (4K aliasing, PERF.md)."""
+    stores to another array at the same page offset (4K aliasing, docs/guide/performance.md)."""
     arrays = []
     page = 4096 // dtype.itemsize
     for k in range(count):

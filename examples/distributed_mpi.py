@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import os
 
-# Before NumPy loads its BLAS: one thread per rank (ranks are the parallelism; and see the
-# comment on --threads in fastadam/demo.py on BLAS threads spinning between the matmuls).
+# Before NumPy loads its BLAS: one thread per rank (ranks are the parallelism; and idle BLAS
+# threads spin between the matmuls and take the cores from the other ranks, as the demo's
+# --blas-threads help says).
 for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(variable, "1")
 
@@ -34,7 +35,10 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
-from mpi4py import MPI  # noqa: E402
+
+from _requirements import require  # noqa: E402
+
+MPI = require("mpi4py.MPI")
 
 from fastadam import demo  # noqa: E402
 from fastadam.distributed import ShardedAdam  # noqa: E402
@@ -106,13 +110,15 @@ def main(argv=None) -> float:
         order = rng.permutation(len(x_train))
         steps = len(x_train) // global_batch  # every rank takes the same number of steps
         losses = []
-        for i in demo.progress(range(steps), not args.no_progress and rank == 0,
-                               desc=f"epoch {epoch}/{args.epochs}", unit="step", leave=False):
+        bar = demo.Progress(f"epoch {epoch}/{args.epochs}", steps, not args.no_progress and rank == 0)
+        for i in range(steps):
+            bar.update(i)
             idx = order[i * global_batch + rank * per_rank:][:per_rank]
             t0 = time.perf_counter()
             losses.append(model.loss_and_grads(x_train[idx], y_train[idx]))
             compute += time.perf_counter() - t0
             optimizer.step()  # averages model.flat.grad_data across ranks
+        bar.close()
         loss = comm.allreduce(float(np.sum(losses))) / (size * max(len(losses), 1))
         say(f"epoch {epoch}: training loss {loss:.4f}, test accuracy "
             f"{accuracy(model, x_test, y_test, comm):.4f}")

@@ -18,8 +18,13 @@ from typing import Optional, Tuple
 
 os.environ.setdefault("KERAS_BACKEND", "torch")  # fastadam's kernels run on Keras's torch backend
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
+
+from _requirements import require  # noqa: E402
+
+if os.environ["KERAS_BACKEND"] == "torch":
+    require("torch")  # the backend
+keras = require("keras")
 
 import fastadam.keras  # noqa: E402
 from fastadam.datasets import DEBIAN_DIR, load_fashion_mnist  # noqa: E402

@@ -17,11 +17,14 @@ import time
 from typing import Dict, Iterable
 
 import numpy as np
-import torch
-from torch import nn
 
-import fastadam.torch
-from fastadam.datasets import load_fashion_mnist
+from _requirements import require
+
+torch = require("torch")
+from torch import nn  # noqa: E402
+
+import fastadam.torch  # noqa: E402
+from fastadam.datasets import load_fashion_mnist  # noqa: E402
 
 OPTIMIZERS = {
     "fastadam": lambda params, lr: fastadam.torch.Adam(params, lr=lr),

@@ -7,22 +7,27 @@ network with two hidden layers of 1000 ReLUs and dropout. Adam is fastadam
 (``fastadam.torch.Adam``); AdaGrad, SGD with Nesterov momentum and RMSProp are torch.optim's.
 Training cost (the mean minibatch loss of each epoch) is drawn against epochs.
 
-    pip install ".[torch]" matplotlib
-    python examples/paper_experiments.py     # docs/images/paper_logreg.png, paper_mlp.png
+    pip install ".[torch,examples]"
+    python examples/paper_experiments.py     # ./paper_logreg.png, ./paper_mlp.png
+    python examples/paper_experiments.py --out-dir docs/images    # the docs' pictures
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Callable, Dict, List
 
 import numpy as np
-import torch
-from torch import nn
 
-import fastadam.torch
-from fastadam.demo import load_data, synthetic_data
+from _requirements import require
+
+torch = require("torch")
+from torch import nn  # noqa: E402
+
+import fastadam.torch  # noqa: E402
+from fastadam.demo import load_data, synthetic_data  # noqa: E402
 
 # Step sizes, picked the way the paper did (a small search per method); alpha for the
 # logistic regression is the initial value of alpha/sqrt(t).
@@ -101,9 +106,11 @@ def main() -> None:
     parser.add_argument("--logreg-epochs", type=int, default=15)
     parser.add_argument("--mlp-epochs", type=int, default=5)
     parser.add_argument("--limit", type=int, help="use only the first N training images")
-    parser.add_argument("--out-dir", default="docs/images")
+    parser.add_argument("--out-dir", default=".", help="where the two PNGs go (default: here)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    require("matplotlib")  # before the work, with the install line if it is missing
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
 
     data = load_data(args.data_dir, download=False)
     if data is None:

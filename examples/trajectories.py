@@ -6,20 +6,24 @@ their textbook update rules in NumPy. Each panel draws the paths over the functi
 contours: Rosenbrock's curved valley, Beale's flat plateaus, and a saddle point, where
 Adam's per-coordinate step size escapes the flat direction quickly.
 
-    pip install ".[examples]" matplotlib
-    python examples/trajectories.py                              # docs/images/trajectories.png
+    pip install ".[examples]"                                    # matplotlib
+    python examples/trajectories.py                              # ./trajectories.png
     python examples/trajectories.py --gif trajectories.gif       # also an animation
+    python examples/trajectories.py --out docs/images/trajectories.png   # the docs' picture
 """
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
 import fastadam
+
+from _requirements import require
 
 Vector = np.ndarray
 
@@ -183,9 +187,14 @@ def animate(paths: List[Dict[str, np.ndarray]], steps: int, path: str, frames: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000, help="optimizer steps per path (default 1000)")
-    parser.add_argument("--out", default="docs/images/trajectories.png", help="the PNG to write")
+    parser.add_argument("--out", default="trajectories.png",
+                        help="the PNG to write (default: trajectories.png in the current directory)")
     parser.add_argument("--gif", help="also write an animated GIF here")
     args = parser.parse_args()
+    require("matplotlib")  # before the work, with the install line if it is missing
+    for path in (args.out, args.gif):
+        if path:
+            Path(path).resolve().parent.mkdir(parents=True, exist_ok=True)
     paths = all_paths(args.steps)
     for problem, problem_paths in zip(PROBLEMS, paths):
         finals = ", ".join(f"{name} {problem.f(points[-1]):.3g}" for name, points in problem_paths.items())

@@ -107,3 +107,26 @@ def restore_levels():
     from fastadam import _simd
 
     _simd.use(*_simd.default_levels())
+
+
+# `python -m pytest -m quick`, README's quick test line: the core (kernels against the
+# reference for every option, validation, optimizers, buffers, schedules, checkpoints) and
+# the PyTorch and Keras adapters, in about 3 minutes on 2 busy cores (1.5 quiet). The full
+# suite (`python -m pytest`, what .ci/run runs) adds the rest: large buffers, sparse rows,
+# MPI, fuzzing, property tests, the examples and the packaging checks.
+QUICK_MODULES = {
+    "test_kernels.py", "test_validation.py", "test_optim.py", "test_buffers.py",
+    "test_schedules.py", "test_flat.py", "test_checkpoint.py", "test_torch_adapter.py",
+    "test_keras_adapter.py", "test_hints.py",
+}
+# 1000003-element buffers for every option: the bulk of test_kernels' time; the same
+# options run on small buffers in the quick set, and the chunking on large ones in full.
+QUICK_EXCLUDED_TESTS = {"test_large_buffer_matches_reference"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if (item.path.name in QUICK_MODULES
+                and getattr(item, "originalname", item.name) not in QUICK_EXCLUDED_TESTS
+                and item.get_closest_marker("slow") is None):
+            item.add_marker(pytest.mark.quick)

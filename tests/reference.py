@@ -1,4 +1,4 @@
-"""NumPy reference of DESIGN.md's update, written exactly as DESIGN.md states it.
+"""NumPy reference of docs/design.md's update, written exactly as docs/design.md states it.
 
 ``adam_reference(..., dtype=np.float64)`` is the semantic reference: every operation in
 double precision. ``dtype=np.float32`` (or the buffers' own dtype) performs the same

@@ -67,6 +67,7 @@ def test_environment_variable_and_missing_files(tmp_path, monkeypatch):
     write_split(tmp_path, "train")
     monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
     monkeypatch.setattr(datasets, "DEBIAN_DIR", tmp_path / "nowhere")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert datasets.load_fashion_mnist("train")[0].shape == (5, 28, 28)
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         datasets.load_fashion_mnist("test")
@@ -82,8 +83,43 @@ def test_download_from_a_mirror(tmp_path):
     target = tmp_path / "data"
     datasets.download_fashion_mnist(target, base_url=mirror.as_uri() + "/")
     np.testing.assert_array_equal(datasets.load_fashion_mnist("test", data_dir=target)[0], images)
-    with pytest.raises(ValueError, match="download=True needs a data_dir"):
-        datasets.load_fashion_mnist("test", download=True)
+
+
+def test_download_without_data_dir_uses_files_found_else_the_cache(tmp_path, monkeypatch):
+    # Files already found (say in Debian's directory) are used: no data_dir is needed and
+    # nothing is fetched (issue 23: this was "download=True needs a data_dir").
+    found = tmp_path / "debian"
+    found.mkdir()
+    images, _ = write_split(found, "test")
+    monkeypatch.setattr(datasets, "DEBIAN_DIR", found)
+    monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    fetched = []
+    monkeypatch.setattr(datasets, "download_fashion_mnist", lambda d, *a: fetched.append(d))
+    np.testing.assert_array_equal(datasets.load_fashion_mnist("test", download=True)[0], images)
+    assert fetched == []
+    # Not found anywhere: fetched into the cache, where later calls find them.
+    monkeypatch.setattr(datasets, "DEBIAN_DIR", tmp_path / "nowhere")
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    write_split(mirror, "train")
+    images, _ = write_split(mirror, "test")
+    monkeypatch.setattr(datasets, "download_fashion_mnist", lambda d: real_download(d, mirror.as_uri() + "/"))
+    np.testing.assert_array_equal(datasets.load_fashion_mnist("test", download=True)[0], images)
+    assert datasets.cache_dir() == tmp_path / "cache" / "fastadam" / "fashion-mnist"
+    assert (datasets.cache_dir() / "t10k-images-idx3-ubyte.gz").exists()
+    np.testing.assert_array_equal(datasets.load_fashion_mnist("test")[0], images)
+
+
+real_download = datasets.download_fashion_mnist
+
+
+def test_a_failed_download_is_a_download_error_naming_the_url(tmp_path):
+    # No network, or nothing at the URL: a DownloadError (an OSError) that names the URL,
+    # not urllib's URLError traceback; no partial file is left behind.
+    with pytest.raises(datasets.DownloadError, match=r"could not download file:.*t.*-ubyte\.gz"):
+        datasets.download_fashion_mnist(tmp_path / "data", base_url=(tmp_path / "void").as_uri() + "/")
+    assert list((tmp_path / "data").iterdir()) == []
 
 
 @pytest.mark.skipif(not (datasets.DEBIAN_DIR / "t10k-labels-idx1-ubyte.gz").exists(),

@@ -1,5 +1,6 @@
 """The example scripts run end to end (on small data the tests write)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,40 @@ def test_paper_experiments_on_a_tiny_dataset(tmp_path):
     for name in ("Adam (fastadam)", "AdaGrad", "SGD Nesterov", "RMSProp"):
         assert f"Logistic regression (alpha/sqrt(t)): {name}: training cost" in out
     assert (tmp_path / "paper_logreg.png").exists() and (tmp_path / "paper_mlp.png").exists()
+
+
+def test_trajectories_writes_where_it_is_run_and_never_over_the_docs_image(tmp_path):
+    # issue 23: the default was a relative docs/images/... path: FileNotFoundError from
+    # elsewhere, and from the root it overwrote the committed picture.
+    pytest.importorskip("matplotlib")
+    docs_image = EXAMPLES.parent / "docs" / "images" / "trajectories.png"
+    before = docs_image.read_bytes() if docs_image.exists() else None
+    import fastadam  # where it was imported from: the same for the script run elsewhere
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(fastadam.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, str(EXAMPLES / "trajectories.py"), "--steps", "30"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "trajectories.png").stat().st_size > 10_000
+    assert (docs_image.read_bytes() if docs_image.exists() else None) == before
+    run("trajectories.py", "--steps", "30", "--out", str(tmp_path / "new" / "dir" / "t.png"))
+    assert (tmp_path / "new" / "dir" / "t.png").exists()  # missing directories are made
+
+
+@pytest.mark.parametrize("script, missing, extra", [
+    ("trajectories.py", "matplotlib", "fastadam[examples]"),
+    ("paper_experiments.py", "torch", "fastadam[torch]"),
+    ("fashion_mnist_torch.py", "torch", "fastadam[torch]"),
+    ("fashion_mnist_keras.py", "keras", "fastadam[keras]"),
+    ("distributed_mpi.py", "mpi4py", "fastadam[mpi]"),
+])
+def test_an_example_without_its_extra_names_what_to_install(script, missing, extra):
+    # issue 23: examples failed with a bare ModuleNotFoundError
+    code = (f"import runpy, sys; sys.modules[{missing!r}] = None; "
+            f"sys.path.insert(0, {str(EXAMPLES)!r}); sys.argv = [{script!r}]; "
+            f"runpy.run_path({str(EXAMPLES / script)!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert f"{script} needs {missing}, which is not installed: pip install \"{extra}" in result.stderr
+    assert "Traceback" not in result.stderr

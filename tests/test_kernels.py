@@ -1,4 +1,4 @@
-"""The kernels against the NumPy reference of DESIGN.md, for every option, dtype and size."""
+"""The kernels against the NumPy reference of docs/design.md, for every option, dtype and size."""
 
 import numpy as np
 import pytest

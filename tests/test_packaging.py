@@ -63,7 +63,8 @@ def test_metadata_is_complete():
     for minor in range(9, 14):
         assert f"Programming Language :: Python :: 3.{minor}" in classifiers
     assert "Typing :: Typed" in classifiers
-    # NumPy is the core's only runtime requirement; everything else is an extra.
+    # NumPy is the core's only runtime requirement; everything else (threadpoolctl for
+    # the demo included) is an extra.
     core = [r for r in importlib.metadata.requires("fastadam") if "extra ==" not in r]
     assert [re.split(r"[<>=!~ ;\[]", r)[0] for r in core] == ["numpy"]
 

@@ -8,7 +8,7 @@ Three kinds of evidence (RELIABILITY.md lists which test proves what):
 * Exact properties that hold bit for bit: lr=0 leaves the parameter unchanged,
   beta1=0 makes exp_avg the gradient.
 * Where float32 cannot represent the float64 result (overflow to Inf, subnormals, 0/0
-  with eps=0) or the input is not finite (NaN/Inf gradients): the DESIGN.md formula in
+  with eps=0) or the input is not finite (NaN/Inf gradients): the docs/design.md formula in
   the element type (the same-dtype reference), and torch.optim.Adam(fused=True)'s kernel,
   compared bitwise (NaN payloads aside).
 """
@@ -316,12 +316,12 @@ def special_values(dtype):
 def test_extreme_and_nonfinite_grads_follow_the_formula_and_torch_fused(dtype, kind, flags):
     # Huge grads overflow g*g to Inf in float32: v = Inf, the step is (m * s) / Inf = 0 or
     # NaN where m is Inf too. Subnormal grads round in the element type. NaN and Inf
-    # propagate through m, v and the param. In every case fastadam computes DESIGN.md's
+    # propagate through m, v and the param. In every case fastadam computes docs/design.md's
     # formula in the element type (the same-dtype reference), which is torch's fused
     # kernel's arithmetic: both agree bit for bit, NaN positions included.
     # One documented exception: where the gradient is NaN, torch's vectorized body
     # computes max_exp_avg_sq = maximum(vmax, NaN) = NaN while its scalar tail (std::max)
-    # and DESIGN.md's "vmax = v if vmax < v else vmax" keep the old vmax. The param is NaN
+    # and docs/design.md's "vmax = v if vmax < v else vmax" keep the old vmax. The param is NaN
     # there either way (m is NaN), in both libraries.
     param, grad, m, v, vmax = extreme_case(dtype, special_values(dtype)[kind],
                                            amsgrad=flags.get("amsgrad", False))
@@ -354,7 +354,7 @@ def test_subnormal_and_huge_params_follow_the_formula_and_torch_fused(dtype):
 @needs_default_capability
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_eps_zero_with_zero_grads_is_nan_exactly_like_torch_fused(dtype):
-    # eps=0 is allowed (DESIGN.md rejects only eps < 0). With a zero gradient and zero
+    # eps=0 is allowed (docs/design.md rejects only eps < 0). With a zero gradient and zero
     # moments the update is (-s * 0) / (sqrt(0) / r2 + 0) = 0/0 = NaN: the param becomes
     # NaN, as in torch's fused kernel. Where the gradient or v is nonzero it is finite.
     rng = np.random.default_rng(6)

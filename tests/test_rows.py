@@ -396,14 +396,14 @@ def test_rows_of_no_elements():
                             np.zeros(0, np.float32), step=1)
 
 
-def test_readme_embedding_example_learns_the_rows_it_sees_and_no_other(capsys):
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    if not readme.exists():
+def test_docs_embedding_example_learns_the_rows_it_sees_and_no_other(capsys):
+    guide = Path(__file__).resolve().parents[1] / "docs" / "guide" / "embeddings.md"
+    if not guide.exists():
         pytest.skip("not a source checkout")
-    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", guide.read_text(), flags=re.S)
     namespace = {}
-    exec(compile(next(b for b in blocks if "adam_step_rows" in b), "README embedding example", "exec"),
-         namespace)
+    exec(compile(next(b for b in blocks if "adam_step_rows" in b), "the embedding guide's example",
+                 "exec"), namespace)
     assert float(capsys.readouterr().out) < 0.1
     initial = np.random.default_rng(0).standard_normal((100_000, 16), dtype=np.float32)
     assert namespace["table"][1_000:].tobytes() == initial[1_000:].tobytes()

@@ -117,7 +117,7 @@ def test_gil_is_released_while_the_kernel_runs():
 
 def test_show_config_reports_build_and_runtime(capsys):
     info = fastadam.show_config(mode="dicts")
-    for key in ("fastadam", "compiler", "compiler_flags", "vector_isa", "openmp",
+    for key in ("fastadam", "compiler", "compiler_flags", "simd", "baseline_isa", "openmp",
                 "openmp_runtimes", "num_threads"):
         assert key in info
     assert info["fastadam"] == fastadam.__version__
@@ -126,7 +126,14 @@ def test_show_config_reports_build_and_runtime(capsys):
     assert info["openmp"] == _kernels.openmp_enabled()
     assert fastadam.show_config() is None
     printed = capsys.readouterr().out
-    assert "vector_isa" in printed and "openmp" in printed
+    assert "baseline_isa" in printed and "openmp" in printed
+    # The baseline module's ISA is labelled as such, after the levels in use (issue 23: a
+    # bare "vector_isa sse2" above "simd small_tensors=avx512" read as a contradiction).
+    lines = printed.splitlines()
+    simd = next(i for i, line in enumerate(lines) if line.startswith("simd "))
+    baseline = next(i for i, line in enumerate(lines) if line.startswith("baseline_isa "))
+    assert simd < baseline and "the baseline module" in lines[baseline]
+    assert not any(line.startswith("vector_isa") for line in lines)
     with pytest.raises(ValueError, match="^mode must be"):
         fastadam.show_config(mode="json")
 

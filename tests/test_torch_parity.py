@@ -1,6 +1,6 @@
 """fastadam.adam_step against torch.optim on the same gradient sequences.
 
-DESIGN.md: the default form is the operation order of PyTorch's fused CPU Adam without
+docs/design.md: the default form is the operation order of PyTorch's fused CPU Adam without
 FMA, so it is bit-identical to ``torch.optim.Adam(fused=True)`` on ATen's "default"
 (no-FMA) CPU capability, set in conftest.py, and within a few ulps of torch's other paths.
 """

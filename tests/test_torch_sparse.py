@@ -59,7 +59,7 @@ def max_ulps(a, b):
 def test_matches_sparse_adam_with_eps_zero(dtype):
     # With eps=0 SparseAdam's form (eps on the un-corrected sqrt(v)) and the paper's are
     # the same math; what remains is rounding: SparseAdam computes v as v + (g*g - v)*(1 -
-    # beta2) and the step as (lr*sqrt(bc2)/bc1) * (m / sqrt(v)), fastadam as DESIGN.md
+    # beta2) and the step as (lr*sqrt(bc2)/bc1) * (m / sqrt(v)), fastadam as docs/design.md
     # states. A few ulps per step, over 40 steps.
     ours, our_state = train_embedding(ft.Adam, dtype, lr=1e-2, eps=0.0)
     theirs, their_state = train_embedding(sparse_adam, dtype, lr=1e-2, eps=0.0)

@@ -55,7 +55,7 @@ ctypedef fused MaxTag:
     PlainV
     MaxV
 
-cdef struct PaperForm:      # default and eps_hat, DESIGN.md's order without FMA ("exact")
+cdef struct PaperForm:      # default and eps_hat, docs/design.md's order without FMA ("exact")
     char unused
 cdef struct FastForm:       # numerics="fast": the paper form with one division, not two:
     # p + (step_coef * m) / (sqrt(v) * (1 / denom_div) + eps)
@@ -120,7 +120,7 @@ cdef inline floating _fma(floating a, floating b, floating c) noexcept nogil:
 cdef void _update(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
                   floating* dtype, GradTag* grad_tag, DecayTag* decay_tag,
                   LerpTag* lerp_tag, MaxTag* max_tag, FormTag* form_tag) noexcept nogil:
-    """Elements [start, stop) of one tensor: DESIGN.md's update, in its order."""
+    """Elements [start, stop) of one tensor: docs/design.md's update, in its order."""
     cdef floating* p = (<floating*>t.param) + start
     cdef const floating* grad = (<const floating*>t.grad) + start
     cdef floating* m = (<floating*>t.exp_avg) + start

@@ -29,7 +29,7 @@ cdef struct Coefficients:
     bint amsgrad
     bint root_form          # eps_root > 0: the Optax form
     # numerics="torch": the FMAs of torch's AVX2/AVX-512 fused Adam (paper and eps_hat
-    # forms only; docs/numerics-torch.md), else DESIGN.md's order without FMA
+    # forms only; docs/numerics-torch.md), else docs/design.md's order without FMA
     int numerics            # NUMERICS_EXACT, _TORCH (its FMAs) or _FAST (one division)
 
 cdef struct AdamTensor:

@@ -32,8 +32,11 @@ def config() -> Dict[str, Any]:
         "platform": platform.platform(),
         "compiler": build["compiler"],
         "compiler_flags": build["cflags"],
-        "vector_isa": build["vector_isa"],
+        # The SIMD levels in use come first; the baseline module's instruction set (what
+        # the plain build targets, used only on CPUs without AVX2 or under
+        # FASTADAM_SIMD=baseline) is labelled as such, so the two never read as a conflict.
         "simd": _simd.chosen(),
+        "baseline_isa": f"{build['vector_isa']} (the baseline module: CPUs without AVX2)",
         "openmp": build["openmp"],
         "openmp_version": build["openmp_version"],
         "openmp_runtimes": _openmp_libraries() if build["openmp"] else [],

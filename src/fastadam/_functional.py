@@ -79,7 +79,7 @@ def adam_step(
         OpenMP threads for this call; None uses :func:`fastadam.get_num_threads`.
         Buffers below a size threshold always use one thread.
     numerics : {"exact", "torch"}
-        The rounding profile. "exact" (the default): DESIGN.md's operation order with no
+        The rounding profile. "exact" (the default): docs/design.md's operation order with no
         FMA, bit-identical to ``torch.optim.Adam(fused=True)`` under
         ``ATEN_CPU_CAPABILITY=default``. "torch": the same update with the FMAs of
         torch's AVX2/AVX-512 fused CPU kernel, the code torch runs on any x86-64 CPU with

@@ -2,7 +2,7 @@
 # cython: cdivision=True, nonecheck=False, embedsignature=True
 """Adam kernels: the bottom layer of fastadam.
 
-Design (see DESIGN.md "Layers"):
+Design (see docs/design.md "Layers"):
 
 * Everything here assumes validated input. fastadam._validation has already checked
   dtypes, element counts, contiguity, alignment, writability, overlap and every
@@ -21,7 +21,7 @@ Design (see DESIGN.md "Layers"):
   too: a row of a C-contiguous tensor is a contiguous run of ``row_size`` elements, so a
   ``RowUpdate`` runs each given row through ``run_chunk`` exactly as a dense update of
   that row alone would (``run_rows``: one OpenMP team over the rows).
-* The per-element loop is ``_update``. Every option of DESIGN.md (grad_scale/maximize,
+* The per-element loop is ``_update``. Every option of docs/design.md (grad_scale/maximize,
   L2 or decoupled decay, the lerp branch, AMSGrad, the form: paper, eps_root or the two
   of the torch numerics profile) is a *compile-time* switch: a fused type of empty tag
   structs, resolved with ``if Tag is On:`` by Cython, so each of the 2 x 64
@@ -30,7 +30,7 @@ Design (see DESIGN.md "Layers"):
   ``_by_*`` functions walk the run-time flags down to the right specialization once per
   chunk, never per element.
 * Exactness: coefficients are computed in double and cast to the element type once per
-  chunk; the loop performs exactly the operations of DESIGN.md in its order. The build
+  chunk; the loop performs exactly the operations of docs/design.md in its order. The build
   uses -ffp-contract=off (no silent FMA), so the vector body and the scalar remainder
   round identically and results do not depend on the thread count or chunking.
   Options that are exact identities are folded instead of specialized: maximize is a
@@ -168,7 +168,7 @@ cdef int _numerics_code(str name) except -1:
 
 cdef void fill_coefficients(Coefficients* c, const Hyper* h, double step,
                             double grad_scale) noexcept nogil:
-    """DESIGN.md's per-step constants, in double precision, outside every loop."""
+    """docs/design.md's per-step constants, in double precision, outside every loop."""
     cdef double bc1 = 1.0 - pow(h.beta1, step)
     cdef double bc2 = 1.0 - pow(h.beta2, step)
     cdef double r2 = sqrt(bc2)

@@ -3,7 +3,7 @@
 Why page offsets: large NumPy (and PyTorch) arrays each get their own mmap, so they all
 start at the same offset within a 4 KiB page. In a loop that streams param, grad, m and v,
 loads and stores then share their low 12 address bits and the CPU falsely stalls loads
-behind unrelated stores ("4K aliasing": PERF.md measured 10-20% lost, up to 45% at 2^22
+behind unrelated stores ("4K aliasing": docs/guide/performance.md measured 10-20% lost, up to 45% at 2^22
 elements). fastadam places each state buffer of its own at a different offset (STATE_PAGE_OFFSETS)
 away from where NumPy puts user buffers (offset 16, just past the allocator's header).
 """

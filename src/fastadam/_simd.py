@@ -9,7 +9,7 @@ routes small tensors and large tensors to the best level for each:
 * small tensors (up to SMALL_TENSOR_ELEMENTS): the widest level. 512-bit code handles a
   short loop in fewer iterations with masked remainders;
 * large tensors: avx2 where available. On this Zen 4 machine 256-bit code was as fast or
-  faster than 512-bit once a tensor streams from L2/L3 or memory (PERF.md; the table in
+  faster than 512-bit once a tensor streams from L2/L3 or memory (docs/guide/performance.md; the table in
   benchmarks/simd_levels.py).
 
 ``FASTADAM_SIMD=baseline|avx2|avx512`` forces one level for all tensors (testing,

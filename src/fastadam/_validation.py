@@ -25,6 +25,7 @@ from fastadam._checks import (
     plain_buffers,
     sorted_ranges,
 )
+from fastadam._hints import framework_hint
 
 # Re-exported: the ranges the engine's checks take, and the compiled test of adam_step's
 # common case (plain arrays that pass every check of check_buffers).
@@ -82,7 +83,7 @@ def as_array(obj: Any, name: str, *, writable: bool, flatten: bool = True) -> np
         except TypeError:
             raise TypeError(
                 f"{name} must be a NumPy array or an object supporting the buffer protocol "
-                f"(float32 or float64), got {type(obj).__name__}"
+                f"(float32 or float64), got {type(obj).__name__}{framework_hint(obj)}"
             ) from None
         try:
             array = np.asarray(view)
@@ -369,11 +370,11 @@ NUMERICS = ("exact", "torch", "fast")
 def check_numerics(value: Any, eps_root: float, name: str = "numerics") -> str:
     """A numerics profile: the operation order of the update.
 
-    "exact": DESIGN's order without FMA (torch's fused Adam at ATen's default
+    "exact": docs/design.md's order without FMA (torch's fused Adam at ATen's default
     capability). "torch": the FMAs of torch's AVX2/AVX-512 fused CPU Adam
     (docs/numerics-torch.md). "fast": the paper form with one division per element
     instead of two (``sqrt(v) * (1/sqrt(bc2))`` for ``sqrt(v) / sqrt(bc2)``): at most a
-    few units in the last place from "exact" (docs/numerics.md). Neither of the last two
+    few units in the last place from "exact" (docs/guide/numerics.md). Neither of the last two
     has an eps_root form.
     """
     if not isinstance(value, str):

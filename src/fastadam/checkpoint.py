@@ -126,6 +126,15 @@ def load(opt: Adam, path: PathLike) -> None:
     opt.load_state_dict(_state_dict(opt, header, arrays, path))
 
 
+# The first four bytes of a zip archive (np.savez's format): a local file header, or the
+# end-of-directory record of an empty archive.
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+class NotAnArchive(ValueError):
+    pass
+
+
 def read_npz(path: str) -> Tuple[Any, Dict[str, np.ndarray]]:
     """The JSON header and the arrays of an archive written by :func:`write_npz_atomically`.
 
@@ -134,6 +143,13 @@ def read_npz(path: str) -> Tuple[Any, Dict[str, np.ndarray]]:
     """
     try:
         with open(path, "rb") as f:
+            # Not a zip archive: say so here. np.load would try the other formats and, for
+            # anything it takes for a pickle, advise loading it "unsafely" (issue 23).
+            magic = f.read(4)
+            if magic not in ZIP_MAGIC:
+                raise NotAnArchive(f"{path} is not a readable fastadam checkpoint (not an .npz archive: "
+                                   f"it starts with {magic!r})")
+            f.seek(0)
             archive = np.load(f, allow_pickle=False)
             if not isinstance(archive, np.lib.npyio.NpzFile):
                 raise ValueError("not an .npz archive")
@@ -144,7 +160,7 @@ def read_npz(path: str) -> Tuple[Any, Dict[str, np.ndarray]]:
                     _check_declared_size(archive, name)
                 header = json.loads(str(archive[HEADER]))
                 arrays = {name: archive[name] for name in archive.files if name != HEADER}
-    except FileNotFoundError:
+    except (FileNotFoundError, NotAnArchive):
         raise
     # What a corrupt zip can raise besides BadZipFile (found by tests/test_fuzz.py): zlib's
     # error for a damaged compressed member, NotImplementedError for a compression method,

@@ -2,8 +2,11 @@
 
 Where the files are looked for, in order: ``data_dir`` if given, ``$FASHION_MNIST_DIR``,
 then Debian's ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``).
-Files may be gzipped (``*.gz``) or not. ``download=True`` fetches missing files from the
-official mirror into ``data_dir`` (needs the network).
+Files may be gzipped (``*.gz``) or not, and are then looked for in fastadam's download
+cache (``$XDG_CACHE_HOME/fastadam/fashion-mnist``, by default
+``~/.cache/fastadam/fashion-mnist``). ``download=True`` fetches the files that are not
+found from the official mirror, into ``data_dir`` if given, else into the cache (needs
+the network; a failed download is a :class:`DownloadError`).
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ import os
 import shutil
 import urllib.request
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
+
+__all__ = ["CLASSES", "DownloadError", "cache_dir", "download_fashion_mnist",
+           "load_fashion_mnist", "read_idx", "search_dirs"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -24,6 +30,7 @@ FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+#: The ten class names, indexed by label.
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
            "Sneaker", "Bag", "Ankle boot")
 # IDX type codes (the third byte of the magic number) and their big-endian dtypes
@@ -60,17 +67,30 @@ def read_idx(path: PathLike) -> np.ndarray:
     return array.astype(dtype.newbyteorder("="))
 
 
-def _candidates(data_dir: Optional[PathLike]) -> list:
+class DownloadError(OSError):
+    """The files could not be fetched (no network, a refused connection, an HTTP error)."""
+
+
+def cache_dir() -> Path:
+    """Where ``download=True`` puts the files when no ``data_dir`` is given."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fastadam" / "fashion-mnist"
+
+
+def search_dirs(data_dir: Optional[PathLike] = None) -> List[Path]:
+    """The directories searched for the files, in order: ``data_dir`` alone if given,
+    else ``$FASHION_MNIST_DIR``, Debian's directory and the download cache."""
     if data_dir is not None:
         return [Path(data_dir)]
     dirs = []
     if os.environ.get("FASHION_MNIST_DIR"):
         dirs.append(Path(os.environ["FASHION_MNIST_DIR"]))
-    return dirs + [DEBIAN_DIR]
+    return dirs + [DEBIAN_DIR, cache_dir()]
+
 
 
 def _find(name: str, data_dir: Optional[PathLike]) -> Optional[Path]:
-    for directory in _candidates(data_dir):
+    for directory in search_dirs(data_dir):
         for candidate in (directory / f"{name}.gz", directory / name):
             if candidate.is_file():
                 return candidate
@@ -78,7 +98,11 @@ def _find(name: str, data_dir: Optional[PathLike]) -> Optional[Path]:
 
 
 def download_fashion_mnist(data_dir: PathLike, base_url: str = OFFICIAL_URL) -> None:
-    """Fetch the four gzipped files into ``data_dir`` (skipping those already there)."""
+    """Fetch the four gzipped files into ``data_dir`` (skipping those already there).
+
+    Raises DownloadError (an OSError) naming the URL when a file cannot be fetched; a
+    partial file is never left under the final name.
+    """
     directory = Path(data_dir)
     directory.mkdir(parents=True, exist_ok=True)
     for names in FILES.values():
@@ -87,8 +111,14 @@ def download_fashion_mnist(data_dir: PathLike, base_url: str = OFFICIAL_URL) -> 
             if target.exists():
                 continue
             tmp = target.with_suffix(".gz.part")
-            with urllib.request.urlopen(f"{base_url}{name}.gz") as response, open(tmp, "wb") as f:
-                shutil.copyfileobj(response, f)
+            url = f"{base_url}{name}.gz"
+            try:
+                with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+                    shutil.copyfileobj(response, f)
+            except (OSError, ValueError) as exc:  # URLError and HTTPError are OSErrors
+                tmp.unlink(missing_ok=True)
+                reason = getattr(exc, "reason", None) or exc
+                raise DownloadError(f"could not download {url} ({reason})") from None
             os.replace(tmp, target)
 
 
@@ -98,17 +128,18 @@ def load_fashion_mnist(
     """(images, labels) of Fashion-MNIST's ``"train"`` (60000) or ``"test"`` (10000) split.
 
     Images are uint8 of shape (n, 28, 28), labels uint8 class indices (see CLASSES).
-    Raises FileNotFoundError, saying where it looked and how to get the files.
+    Raises FileNotFoundError, saying where it looked and how to get the files. With
+    ``download=True``, files found anyway are used as they are; missing ones are fetched
+    into ``data_dir``, or into :func:`cache_dir` (DownloadError when that fails).
     """
     if split not in FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if download:
-        if data_dir is None:
-            raise ValueError("download=True needs a data_dir to download into")
-        download_fashion_mnist(data_dir)
     paths = [_find(name, data_dir) for name in FILES[split]]
+    if download and None in paths:
+        download_fashion_mnist(cache_dir() if data_dir is None else data_dir)
+        paths = [_find(name, data_dir) for name in FILES[split]]
     if None in paths:
-        looked = ", ".join(str(d) for d in _candidates(data_dir))
+        looked = ", ".join(str(d) for d in search_dirs(data_dir))
         raise FileNotFoundError(
             f"Fashion-MNIST {split} files not found (looked in {looked}). Install Debian's "
             "package (apt-get install dataset-fashion-mnist), pass data_dir, set "

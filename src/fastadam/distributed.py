@@ -73,6 +73,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
         f"mpi4py built against your system's MPI); importing mpi4py.MPI failed: {exc}"
     ) from exc
 
+from fastadam._hints import keyword_names
 from fastadam._memory import ALIGNMENT, zeros_at
 from fastadam._validation import (
     as_array,
@@ -267,7 +268,8 @@ class ShardedAdam:
                                amsgrad=amsgrad, maximize=maximize, eps_hat=eps_hat,
                                eps_root=eps_root, decoupled_weight_decay=decoupled_weight_decay,
                                numerics=numerics)
-        check_group_hyperparameters(hyperparameters, "defaults", 1)
+        with keyword_names():
+            check_group_hyperparameters(hyperparameters, "defaults", 1)
         check_num_threads(num_threads)
         self.comm = comm
         self.rank, self.world_size = comm.Get_rank(), comm.Get_size()

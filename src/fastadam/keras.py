@@ -20,7 +20,12 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
-import keras
+from fastadam._hints import missing_framework
+
+try:
+    import keras
+except ImportError as exc:  # say what to install (issue 23)
+    raise missing_framework("keras", exc) from exc
 
 from fastadam._engine import Engine
 from fastadam._threads import NumThreadsAttribute

@@ -28,6 +28,7 @@ from typing import (
 import numpy as np
 
 from fastadam._engine import STATE_KEYS, Engine
+from fastadam._hints import keyword_names
 from fastadam._threads import NumThreadsAttribute
 from fastadam._validation import (
     HYPERPARAMETER_KEYS,
@@ -118,7 +119,8 @@ class Adam:
             maximize=maximize, eps_hat=eps_hat, eps_root=eps_root,
             decoupled_weight_decay=decoupled_weight_decay, numerics=numerics,
         )
-        check_group_hyperparameters(self.defaults, "defaults", 1)
+        with keyword_names():  # errors name the keyword: betas, not defaults['betas']
+            check_group_hyperparameters(self.defaults, "defaults", 1)
         self.defaults["betas"] = tuple(betas)
         self._lock = threading.RLock()  # re-entrant: a subclass's locked method may call ours
         self.num_threads = num_threads

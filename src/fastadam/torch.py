@@ -62,7 +62,13 @@ from collections import defaultdict
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
-import torch
+
+from fastadam._hints import check_torch_params, missing_framework
+
+try:
+    import torch
+except ImportError as exc:  # say what to install (issue 23), as fastadam.distributed does
+    raise missing_framework("torch", exc) from exc
 from torch.optim import Optimizer
 
 from fastadam._engine import STATE_KEYS, Engine
@@ -242,6 +248,11 @@ class Adam(Optimizer):
             check_group_hyperparameters(_fastadam_group(candidate, self.numerics),
                                         f"param_groups[{index}]", 1)
             super().add_param_group(param_group)
+            try:  # a float16 or GPU parameter fails here, named, not at the first step()
+                check_torch_params(self.param_groups[-1], index, SUPPORTED_DTYPES + COMPLEX_DTYPES)
+            except TypeError:
+                self.param_groups.pop()  # a rejected call changes nothing
+                raise
             self._front = None  # the next step registers the new parameters
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
