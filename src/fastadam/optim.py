@@ -33,12 +33,14 @@ from fastadam._validation import (
     GroupHyperparameters,
     check_at_least,
     check_flag,
+    check_grad_scale_range,
     check_grads,
     check_group_hyperparameters,
     check_no_overlap,
     check_params,
     check_sequence,
     check_step_count,
+    check_steps_advance,
 )
 
 LearningRate = Union[float, Callable[[int], float]]
@@ -128,6 +130,7 @@ class Adam:
         self._steps = np.zeros(0, np.int64)
         self._group_of: List[int] = []
         self._group_params: List[tuple] = []  # each group's params tuple, to detect edits
+        self._group_dtypes: List[tuple] = []  # each group's element types, for range checks
         self._table: Optional[_kernels.AdamTable] = None
         self._amsgrad_ready: set = set()       # groups whose max_exp_avg_sq is complete
         self._total_size = 0
@@ -156,6 +159,9 @@ class Adam:
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.RLock()
+        if "_group_dtypes" not in state:  # pickled by a fastadam without it
+            self._group_dtypes = [tuple(sorted({self._params[i].dtype for i in self._group_indices(g)}, key=str))
+                                  for g in range(len(self._group_params))]
 
     num_threads = NumThreadsAttribute()
     _num_threads: Optional[int]  # the descriptor's storage
@@ -180,7 +186,8 @@ class Adam:
             params = [params]
         params = tuple(check_sequence(params, f"{name}['params']", "buffers"))
         arrays = check_params(list(params), f"{name}['params']")
-        check_group_hyperparameters(group, name, 1)
+        dtypes = tuple(sorted({a.dtype for a in arrays}, key=str))
+        check_group_hyperparameters(group, name, 1, dtypes)
         names = [f"params[{i}]" for i in range(len(self._params) + len(arrays))]
         check_no_overlap([a.reshape(-1) for a in self._params + arrays], names)
 
@@ -189,6 +196,7 @@ class Adam:
         first = len(self._params)
         self.param_groups.append(group)
         self._group_params.append(params)
+        self._group_dtypes.append(dtypes)
         self._params += arrays
         self._state += [{"max_exp_avg_sq": None} for _ in arrays]
         self._group_of += [index] * len(arrays)
@@ -241,6 +249,9 @@ class Adam:
             hyper = self._group_hyperparameters()
             scale = 1.0 if grad_scale is None else check_at_least(grad_scale, "grad_scale", 0.0,
                                                                   strict=True)
+            if scale != 1.0:
+                check_grad_scale_range(scale, {d for ds in self._group_dtypes for d in ds})
+            check_steps_advance(self._steps)
             skip_if_nonfinite = check_flag(skip_if_nonfinite, "skip_if_nonfinite")
             grads, untouched = check_grads(self._current_table(), grads, self._params)
             threads = threads_for(self._num_threads, self._total_size - untouched)
@@ -274,7 +285,8 @@ class Adam:
             if group.get("params") is not params:
                 raise ValueError(f"{name}['params'] was replaced or the groups reordered; the "
                                  "params of a group are fixed once added")
-            hyper.append(check_group_hyperparameters(group, name, int(self._steps[first]) + 1))
+            hyper.append(check_group_hyperparameters(group, name, int(self._steps[first]) + 1,
+                                                     self._group_dtypes[index]))
             first += len(params)
         return hyper
 
@@ -400,7 +412,7 @@ def _stage_state_dict(opt: Adam, state_dict: Any) -> tuple:
         if missing:
             raise ValueError(f"{name} lacks {missing}")
         values = {k: saved[k] for k in HYPERPARAMETER_KEYS if k in saved}
-        check_group_hyperparameters({**group, **values}, name, 1)
+        check_group_hyperparameters({**group, **values}, name, 1, opt._group_dtypes[g])
         values["betas"] = tuple(values["betas"])
         groups.append(values)
         for offset, saved_id in enumerate(ids):

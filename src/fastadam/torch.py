@@ -49,10 +49,12 @@ from fastadam import _kernels
 from fastadam._memory import STATE_PAGE_OFFSETS, zeros_at
 from fastadam._threads import NumThreadsAttribute, threads_for
 from fastadam._validation import (
+    check_grad_scale_range,
     check_grads,
     check_group_hyperparameters,
     check_no_overlap,
     check_step_count,
+    check_steps_advance,
 )
 
 __all__ = ["Adam", "AdamW"]
@@ -203,6 +205,7 @@ class Adam(Optimizer):
         if not scale > 0.0 or scale != scale or scale == float("inf"):
             raise ValueError(f"grad_scale must be a finite number > 0, got {scale!r}")
         engine = self._engine_for(entries)   # checks everything; commits state only then
+        check_steps_advance(engine.steps, engine.names)
         engine.step(self, [e[2] for e in entries], scale, self._num_threads)
 
     def _with_grads(self) -> List[Tuple[int, torch.Tensor, torch.Tensor]]:
@@ -328,6 +331,8 @@ class _Engine:
         dense = {g: k for k, g in enumerate(self.groups)}
         self.group_of = [dense[g] for g, _, _ in entries]
         self.first_of_group = [self.group_of.index(k) for k in range(len(self.groups))]  # schedules' step
+        self.group_dtypes = [tuple(sorted({a.dtype for a, k in zip(self.params, self.group_of) if k == group},
+                                          key=str)) for group in range(len(self.groups))]
         self.entries = entries
         self.slots: List[_Slot] = []
         self.new_slots: Dict[int, _Slot] = {}
@@ -387,8 +392,11 @@ class _Engine:
     def step(self, opt: Adam, grads: List[torch.Tensor], grad_scale: float,
              num_threads: Optional[int]) -> None:
         hyper = [check_group_hyperparameters(_fastadam_group(opt.param_groups[g]), f"param_groups[{g}]",
-                                             int(self.steps[self.first_of_group[k]]) + 1)
+                                             int(self.steps[self.first_of_group[k]]) + 1,
+                                             self.group_dtypes[k])
                  for k, g in enumerate(self.groups)]
+        if grad_scale != 1.0:
+            check_grad_scale_range(grad_scale, {d for ds in self.group_dtypes for d in ds})
         arrays, untouched = check_grads(self.table, [_kernel_grad(g) for g in grads], self.params,
                                         names=[f"the gradient of {n}" for n in self.names])
         for (_, p, _), slot in zip(self.entries, self.slots):  # every check passed: commit
