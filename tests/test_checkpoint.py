@@ -245,7 +245,7 @@ def test_writer_killed_at_random_moments_leaves_a_complete_checkpoint(tmp_path):
     directory = tmp_path / "ckpt"
     directory.mkdir()
     path = directory / "opt.npz"
-    for kill in range(12):
+    for _ in range(12):  # kills
         child = subprocess.Popen([sys.executable, str(script), str(path), str(size)],
                                  stdout=subprocess.PIPE, text=True)
         try:
