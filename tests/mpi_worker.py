@@ -14,7 +14,7 @@ import numpy as np
 from mpi4py import MPI
 
 import fastadam
-from fastadam import distributed
+from fastadam import checkpoint, distributed
 from fastadam.distributed import ShardedAdam
 
 WORLD = MPI.COMM_WORLD
@@ -336,6 +336,91 @@ def scenario_torch():
         check(False, "a parameter moved out of the flat block was accepted")
     except ValueError as exc:
         check("params[0]" in str(exc), f"message: {exc}")
+
+
+def scenario_disagree():
+    """One rank's bad argument, or a setting that differs between ranks, raises on EVERY
+    rank (naming the rank) instead of leaving the others in a collective forever; then
+    the ranks are still in step: nothing changed, and a good step works (issue 19, item 3).
+    The test runs this under a timeout: a hang fails it."""
+    p, rank = WORLD.Get_size(), WORLD.Get_rank()
+    bad = 1  # the rank that differs
+    messages = {}
+
+    def expect(label, action, kind, *mentions, everywhere=()):
+        """``action`` must raise ``kind`` on this rank; the message must name ``mentions``
+        (and, on the other ranks, ``everywhere``: the failing rank)."""
+        try:
+            action()
+            check(False, f"{label}: nothing raised")
+        except kind as exc:
+            text = str(exc)
+            messages[label] = text[:400]
+            for word in mentions + (everywhere if rank != bad else ()):
+                check(word in text, f"{label}: {word!r} not in {text!r}")
+        except Exception as exc:  # the wrong kind
+            check(False, f"{label}: {type(exc).__name__}: {exc}")
+
+    size = 1037
+    expect("lr=-1 on one rank", lambda: ShardedAdam(np.zeros(size, np.float32), WORLD,
+                                                     lr=-1.0 if rank == bad else 0.1),
+           ValueError, "lr", everywhere=(f"rank {bad}",))
+    expect("lr differs", lambda: ShardedAdam(np.zeros(size, np.float32), WORLD,
+                                              lr=9.99 if rank == bad else 0.1),
+           ValueError, "lr", f"rank {bad}: ", "9.99")
+    expect("model size differs", lambda: ShardedAdam(np.zeros(size + (rank == bad), np.float32), WORLD),
+           ValueError, "params", f"rank {bad}: ")
+    expect("collectives differ", lambda: ShardedAdam(
+        np.zeros(size, np.float32), WORLD, collectives="mpi" if rank == bad else "fastadam"),
+        ValueError, "collectives")
+    expect("lr beyond float32 on one rank", lambda: ShardedAdam(
+        np.zeros(size, np.float32), WORLD, lr=1e39 if rank == bad else 0.1),
+        ValueError, "lr", everywhere=(f"rank {bad}",))
+
+    params = np.zeros(size, np.float32)
+    opt = ShardedAdam(params, WORLD, lr=0.1, num_threads=1)
+    reference = np.zeros(size, np.float32)
+    ref_opt = fastadam.Adam([reference], lr=0.1, num_threads=1)
+    grads = rank_grads(1, p, size, np.float32)
+    opt.step(grads[rank])
+    ref_opt.step([averaged(grads)])
+    before = params.copy(), {k: np.copy(v) for k, v in opt.state.items()}
+    good = rank_grads(2, p, size, np.float32)
+    mine = good[rank]
+    expect("bad grads on one rank", lambda: opt.step(mine.astype(np.float64) if rank == bad else mine),
+           TypeError, "grads", everywhere=(f"rank {bad}",))
+    expect("short grads on one rank", lambda: opt.step(mine[:-1] if rank == bad else mine),
+           ValueError, "grads", everywhere=(f"rank {bad}",))
+    expect("skip_if_nonfinite differs", lambda: opt.step(mine, skip_if_nonfinite=rank == bad),
+           ValueError, "skip_if_nonfinite")
+    expect("grad_scale differs", lambda: opt.step(mine, grad_scale=2.0 if rank == bad else None),
+           ValueError, "grad_scale")
+    opt.param_groups[0]["lr"] = 9.99 if rank == bad else 0.1
+    expect("lr edited on one rank", lambda: opt.step(mine), ValueError, "lr", "9.99")
+    opt.param_groups[0]["lr"] = -1.0 if rank == bad else 0.1
+    expect("lr=-1 edited on one rank", lambda: opt.step(mine), ValueError, "lr",
+           everywhere=(f"rank {bad}",))
+    opt.param_groups[0]["lr"] = 0.1
+    check(bits_equal(params, before[0]), "a refused step changed the parameters")
+    check(all(bits_equal(np.asarray(v), np.asarray(before[1][k])) for k, v in opt.state.items()),
+          "a refused step changed the state")
+    opt.step(mine)  # the ranks are still in step
+    ref_opt.step([averaged(good)])
+    check(bits_equal(params, reference), "the step after the refused ones differs from one process")
+
+    # A malformed checkpoint index (rank 0 alone reads it): every rank raises ValueError.
+    directory = sys.argv[2]
+    distributed.save(opt, directory)
+    if rank == 0:
+        header, _ = checkpoint.read_npz(os.path.join(directory, distributed.INDEX))
+        header["bounds"] = list(range(p))  # ints, not [start, stop] pairs
+        checkpoint.write_npz_atomically(os.path.join(directory, distributed.INDEX), header, {})
+    WORLD.Barrier()
+    expect("malformed index", lambda: distributed.load(opt, directory), ValueError, "bounds")
+    distributed.save(opt, directory)  # a good checkpoint again
+    expect("bad directory on one rank", lambda: distributed.load(opt, 5 if rank == bad else directory),
+           (TypeError, ValueError), everywhere=(f"rank {bad}",))
+    facts["messages"] = WORLD.gather(messages, root=0)
 
 
 if __name__ == "__main__":

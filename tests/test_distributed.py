@@ -42,8 +42,8 @@ def mpiexec(n, *args, timeout=180):
     return result
 
 
-def run_worker(n, scenario, *args):
-    result = mpiexec(n, WORKER, scenario, *args)
+def run_worker(n, scenario, *args, timeout=180):
+    result = mpiexec(n, WORKER, scenario, *args, timeout=timeout)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     assert lines, f"no report (exit {result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     report = json.loads(lines[-1])
@@ -92,6 +92,27 @@ def test_checkpoints_restore_exactly_and_reshard_between_2_and_3_ranks(tmp_path)
     missing, corrupt = report["errors"]
     assert missing.startswith("FileNotFoundError") and "index.npz" in missing
     assert corrupt.startswith("ValueError") and "shard-" in corrupt
+
+
+@needs_mpi
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_a_bad_argument_on_one_rank_raises_on_every_rank_and_nothing_hangs(ranks, tmp_path):
+    # Issue 19, item 3: bad grads, lr=-1 or a different skip_if_nonfinite on rank 1 alone
+    # raised there while the other ranks waited in a collective until killed, and an lr
+    # that differed between ranks raised nothing. A hang fails here by the timeout
+    # (killing mpiexec ends its ranks).
+    try:
+        report = run_worker(ranks, "disagree", tmp_path, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the ranks hung for 120 s on {ranks} ranks: one rank's error did not reach the others")
+    messages = report["messages"]
+    assert len(messages) == ranks
+    for rank, mine in enumerate(messages):
+        assert len(mine) == 13, mine  # every case raised on every rank
+        if rank != 1:
+            assert "rank 1" in mine["bad grads on one rank"]
+            assert mine["lr differs"].startswith("construct ShardedAdam: every rank must have the same lr")
+    assert "rank 1: lr=9.99" in messages[0]["lr differs"]
 
 
 @needs_mpi
@@ -276,6 +297,33 @@ def test_one_rank_checkpoint_round_trip_and_errors(dist, comm, tmp_path):
     other_dtype = dist.ShardedAdam(np.zeros(50, np.float32), comm)
     with pytest.raises(ValueError, match="float64"):
         dist.load(other_dtype, tmp_path)
+
+
+def test_save_removes_only_the_files_it_wrote(dist, comm, tmp_path):
+    # Issue 19, item 2: save removed every file named shard-* in the directory; a user's
+    # shard-00000-of-00002.tar was lost. Now only the replaced checkpoint's shards (its
+    # index names them) and shards of an interrupted save (fastadam's name and header) go.
+    params = np.linspace(-1, 1, 50)
+    opt = dist.ShardedAdam(params, comm, lr=0.1)
+    opt.step(np.sin(params))
+    users = {"shard-00000-of-00002.tar": b"user data", "shard-notes.txt": b"notes",
+             "shard-0123456789abcdef-00000.npz": b"not a zip", "index.npz.bak": b"backup"}
+    for name, data in users.items():
+        (tmp_path / name).write_bytes(data)
+    dist.save(opt, tmp_path)
+    first = {p.name for p in tmp_path.iterdir()} - set(users) - {"index.npz"}
+    assert len(first) == 1  # this checkpoint's one shard
+    # an interrupted save of another checkpoint left a shard (fastadam's name and header)
+    dist.write_npz_atomically(tmp_path / "shard-00000000deadbeef-00000.npz",
+                              {"format": dist.SHARD_FORMAT, "id": "00000000deadbeef"}, {})
+    dist.save(opt, tmp_path)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {n: (tmp_path / n).read_bytes() for n in users} == users
+    assert len(names - set(users)) == 2 and "index.npz" in names
+    assert not names & ({"shard-00000000deadbeef-00000.npz"} | first)
+    again = dist.ShardedAdam(params.copy(), comm, lr=0.1)
+    dist.load(again, tmp_path)
+    assert again.state["step"] == 1
 
 
 def test_torch_parameters_must_be_dense_cpu_float_of_one_dtype(dist, comm):

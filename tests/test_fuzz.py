@@ -22,7 +22,10 @@ beyond int64, 2-D, object arrays, strings, masked out of range (and valid ones o
 tuples, strided, read-only, empty, with duplicates, whose gradient rows are summed left
 to right in the element dtype before the update); params of 0 rows or 0 columns, 1-D and
 N-d; huge, negative, bool and float step counts; non-finite, out-of-range and
-wrongly-typed hyperparameters; damaged state dicts and checkpoint files.
+wrongly-typed hyperparameters, and ones finite as doubles but not in float32 (1e-50 as
+eps: refused for float32 buffers only); damaged state dicts and checkpoint files. And
+inputs changed while a step runs: row indices rewritten by another thread or process
+(test_indices_mutated_by_another_thread_during_steps, bounded in time).
 
 Depth: the default profile runs FUZZ_EXAMPLES examples per entry point (a few seconds in
 all). ``FASTADAM_FUZZ=deep python -m pytest tests/test_fuzz.py`` runs 25 times more.
@@ -259,16 +262,24 @@ def negative():  # strictly: -0.0 is a valid 0
     return st.floats(max_value=-5e-324, allow_nan=False, allow_infinity=False)
 
 
+# Valid as doubles, but not in float32 (issue 19, item 5): refused for float32 buffers only.
+FLOAT32_MISFITS = {"lr": [1e39, 1e38], "eps": [1e-50, 7e-46, 1e39], "grad_scale": [1e-300, 1e-40, 1e39]}
+
+
+def or_misfits(name, floats):
+    return st.one_of(floats, st.sampled_from(FLOAT32_MISFITS[name]))
+
+
 HYPER = {
-    "lr": hyper(st.floats(0.0, 10.0), negative()),
+    "lr": hyper(or_misfits("lr", st.floats(0.0, 10.0)), negative()),
     "beta1": hyper(st.floats(0.0, 1.0, exclude_max=True),
                    st.one_of(negative(), st.floats(1.0, 1e300))),
     "beta2": hyper(st.floats(0.0, 1.0, exclude_max=True),
                    st.one_of(negative(), st.floats(1.0, 1e300))),
-    "eps": hyper(st.floats(0.0, 1.0), negative()),
+    "eps": hyper(or_misfits("eps", st.floats(0.0, 1.0)), negative()),
     "weight_decay": hyper(st.floats(0.0, 1.0), negative()),
     "eps_root": hyper(st.sampled_from([0.0, 1e-12, 1e-8]), negative()),
-    "grad_scale": hyper(st.floats(1e-3, 1e3), st.floats(max_value=0.0, allow_nan=False,
+    "grad_scale": hyper(or_misfits("grad_scale", st.floats(1e-3, 1e3)), st.floats(max_value=0.0, allow_nan=False,
                                                          allow_infinity=False)),
     "step": {"valid": st.one_of(st.integers(1, 2**63 - 1), st.integers(1, 10).map(np.int64),
                                 st.just(np.uint64(2**63 - 1))),
@@ -300,6 +311,32 @@ def hyperparameters(draw, names, broken):
 
 def as_float(values):
     return {k: (bool(v) if isinstance(v, (bool, np.bool_)) else float(v)) for k, v in values.items()}
+
+
+def fits_element_types(values, dtypes, step=1):
+    """Issue 19, item 5, written here independently of fastadam: valid hyperparameters
+    (as doubles) are still refused when an element type they are cast to cannot hold them:
+    a nonzero eps or eps_root that rounds to 0 or is beyond the largest value; a
+    grad_scale (other than 1) that is not a normal number; a step coefficient
+    lr / (1 - beta1**step) (eps_root form: lr) beyond the largest value; an L2
+    weight_decay, or a decoupled lr * weight_decay, beyond it."""
+    f = as_float({k: v for k, v in values.items() if k != "step" and not callable(v)})
+    lr, beta1, decay = f.get("lr", 1e-3), f.get("beta1", 0.9), f.get("weight_decay", 0.0)
+    for dtype in map(np.dtype, dtypes):
+        largest, tiny = float(np.finfo(dtype).max), float(np.finfo(dtype).tiny)  # (as doubles)
+        for key in ("eps", "eps_root"):
+            x = f.get(key, 0.0)
+            with np.errstate(under="ignore", over="ignore"):
+                if x > largest or (x > 0.0 and dtype.type(x) == 0.0):
+                    return False
+        scale = f.get("grad_scale", 1.0)
+        if scale != 1.0 and not tiny <= scale <= largest:
+            return False
+        if (lr if f.get("eps_root", 0.0) > 0.0 else lr / (1.0 - beta1 ** step)) > largest:
+            return False
+        if (lr * decay if f.get("decoupled_weight_decay") else decay) > largest:
+            return False
+    return True
 
 
 def values_for(draw, dtype, size):
@@ -391,8 +428,10 @@ def adam_step_calls(draw):
     threads_key = "invalid" if broken == "hyperparameters" and draw(st.integers(0, 5)) == 0 \
         else "valid"
     num_threads = draw(NUM_THREADS[threads_key])
-    note(f"buffers valid: {valid}, hyperparameters valid: {hyper_valid}, threads: {threads_key}")
-    return mem, bufs, hyper, num_threads, valid and hyper_valid and threads_key == "valid"
+    fits = hyper_valid and fits_element_types(hyper, [dtype], int(hyper["step"]))
+    note(f"buffers valid: {valid}, hyperparameters valid: {hyper_valid} (fit {dtype}: {fits}), "
+         f"threads: {threads_key}")
+    return mem, bufs, hyper, num_threads, valid and fits and threads_key == "valid"
 
 
 @fuzz
@@ -465,6 +504,9 @@ def constructions(draw):
     if draw(st.booleans()):
         kwargs["lr"] = (lambda lr: (lambda step: lr))(kwargs["lr"])  # a schedule
     cls = draw(st.sampled_from([fastadam.Adam, fastadam.AdamW]))
+    hyper_valid = hyper_valid and fits_element_types(  # (AdamW: decoupled weight decay)
+        {**values, "decoupled_weight_decay": cls is fastadam.AdamW},
+        {v.dtype for v in views if v is not None})
     params, valid = objs, params_valid and hyper_valid
     if broken == "container":
         params, what = draw(st.sampled_from([
@@ -812,6 +854,7 @@ def adam_step_rows_calls(draw):
                       and b.view.size == size for name, b in bufs.items() if name != "param")
     hyper, hyper_valid = draw(hyperparameters(STEP_HYPER, broken == "hyperparameters"))
     num_threads = draw(NUM_THREADS["valid"])
+    hyper_valid = hyper_valid and fits_element_types(hyper, [dtype], int(hyper["step"]))
     valid = indices is not None and grad_valid and state_valid and not overlap and hyper_valid
     note(f"shape {shape}, rows {rows!r}, grad_rows {grad_buf}, valid {valid}")
     return mem, bufs, rows, indices, grad_obj, grad_buf, row_size, hyper, num_threads, valid
@@ -1147,3 +1190,163 @@ def test_a_bytearray_cannot_be_resized_under_an_optimizer():
     with pytest.raises(ValueError, match="grad must have 8 elements like param, got 6"):
         fastadam.adam_step(memoryview(block).cast("f"), np.ones(6, np.float32),
                            state["exp_avg"], state["exp_avg_sq"], step=2)
+
+
+# --- inputs mutated while a step runs (issue 19, item 1) ----------------------------------------
+#
+# Every value the kernels trust (row indices, counts, sizes) must be copied into memory
+# fastadam owns, then checked, then used. The worker below steps while a Python thread or
+# a second process (through shared memory) flips one row index between a valid row and an
+# invalid one (one past the end, 2**40, -1), for a bounded time. Checking the caller's
+# array and copying it afterwards let the flip land in between: the kernel wrote through
+# the unchecked index (a segfault every run, heap corruption, an ASan heap-buffer-overflow).
+# The oracle: no crash; every step either applied or raised ValueError naming the rows,
+# both happened; rows that were never valid indices, and canaries around the table and
+# its state, are untouched. It runs in a subprocess, so a crash fails only this test, and
+# under tools/sanitize.sh (the environment is inherited) ASan checks every access.
+
+MUTATION_WORKER = r'''
+import json, os, subprocess, sys, threading, time
+import numpy as np
+import fastadam
+
+entry, mutator, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+N, D, K, PAD = 64, 8, 16, 256
+BAD = [N, 1 << 40, -1, N + 7]            # one past the end, far away, negative, further
+
+def canaried(shape):
+    """A float32 array inside a block with canaries (7.0) on both sides."""
+    n = int(np.prod(shape))
+    block = np.full(n + 2 * PAD, 7.0, np.float32)
+    view = block[PAD:PAD + n].reshape(shape)
+    view[...] = 0.0
+    return block, view
+
+blocks = []
+if mutator == "process":
+    from multiprocessing import shared_memory
+    shm = shared_memory.SharedMemory(create=True, size=(K + 1) * 8)
+    shared = np.ndarray(K + 1, np.int64, buffer=shm.buf)  # K rows, then the writer's flag
+    shared[K] = 0
+    rows = shared[:K]
+else:
+    rows = np.empty(K, np.int64)
+rows[:] = np.arange(1, K + 1)             # rows 1..K-1, and the flipped one (K or bad)
+rows[-1] = K
+values = np.ones((K, D), np.float32)
+
+if entry == "adam_step_rows":
+    block, table = canaried((N, D)); blocks.append(block)
+    state = []
+    for _ in range(2):
+        b, s = canaried((N, D)); blocks.append(b); state.append(s)
+    step_count = [0]
+    def step():
+        step_count[0] += 1
+        fastadam.adam_step_rows(table, values, rows, state[0], state[1], step=step_count[0],
+                                num_threads=2)
+elif entry == "Adam.step":
+    block, table = canaried((N, D)); blocks.append(block)
+    opt = fastadam.Adam([table], num_threads=2)
+    def step():
+        opt.step([(rows, values)])
+elif entry == "torch":
+    import torch
+    import fastadam.torch
+    big = torch.full((N + 2 * PAD // D, D), 7.0)
+    p = torch.nn.Parameter(big[PAD // D:PAD // D + N])
+    p.data.zero_()
+    blocks.append(big.numpy().reshape(-1))
+    p.grad = torch.sparse_coo_tensor(torch.from_numpy(rows).view(1, K), torch.from_numpy(values),
+                                     (N, D))
+    assert p.grad._indices().data_ptr() == rows.ctypes.data, "torch copied the indices"
+    table = p.detach().numpy()
+    opt = fastadam.torch.Adam([p], num_threads=2)
+    def step():
+        opt.step()
+
+stop = threading.Event()
+if mutator == "thread":
+    sys.setswitchinterval(1e-6)           # hand the GIL over as often as CPython can
+    def flip():  # one store per iteration: CPython switches threads at the loop's end
+        i = 0
+        while not stop.is_set():
+            rows[-1] = BAD[(i // 2) % len(BAD)] if i % 2 else K
+            i += 1
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+else:
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, numpy as np\n"
+        "from multiprocessing import resource_tracker, shared_memory\n"
+        "shm = shared_memory.SharedMemory(name=sys.argv[1])\n"
+        "resource_tracker.unregister(shm._name, 'shared_memory')  # (the creator unlinks it)\n"
+        "shared = np.ndarray(%d + 1, np.int64, buffer=shm.buf)\n"
+        "shared[-1] = 1  # running\n"
+        "bad = %r\n"
+        "while shared[-1] == 1 and os.getppid() == %d:  # (ends if the worker dies)\n"
+        "    for b in bad:\n"
+        "        shared[%d - 1] = b\n"
+        "        shared[%d - 1] = %d\n"
+        "del shared\n"
+        "shm.close()\n") % (K, BAD, os.getpid(), K, K, K), shm.name])
+    started = time.monotonic()
+    while shared[K] != 1 and time.monotonic() < started + 60:
+        time.sleep(0.01)
+
+applied = rejected = 0
+messages = set()
+deadline = time.monotonic() + seconds
+try:
+    while time.monotonic() < deadline:
+        try:
+            step()
+            applied += 1
+        except ValueError as exc:
+            rejected += 1
+            messages.add(str(exc).split(" got ")[0])
+finally:
+    if mutator == "thread":
+        stop.set()
+        flipper.join()
+    else:
+        shared[K] = 2
+        writer.wait(timeout=30)
+
+canaries = all(bool((b[:PAD] == 7.0).all() and (b[-PAD:] == 7.0).all()) for b in blocks)
+untouched = bool((table[K + 1:] == 0.0).all()) and bool((table[0] == 0.0).all())
+print(json.dumps({"applied": applied, "rejected": rejected, "messages": sorted(messages),
+                  "canaries": canaries, "untouched": untouched}))
+if mutator == "process":
+    del rows, shared
+    shm.close()
+    shm.unlink()
+'''
+
+
+@pytest.mark.parametrize("entry, mutator", [
+    ("adam_step_rows", "thread"), ("adam_step_rows", "process"),
+    ("Adam.step", "thread"), ("Adam.step", "process"), ("torch", "thread"),
+])
+def test_indices_mutated_by_another_thread_during_steps(entry, mutator):
+    if entry == "torch":
+        pytest.importorskip("torch")
+    import subprocess
+
+    seconds = 2.0
+    worker = subprocess.Popen([sys.executable, "-c", MUTATION_WORKER, entry, mutator, str(seconds)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = worker.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        stdout, stderr = worker.communicate()
+        pytest.fail(f"the worker hung (heap corruption?) for 120 s: {stderr[-3000:]}")
+    assert worker.returncode == 0, (f"the worker died (exit {worker.returncode}): a step used an "
+                                    f"index it had not checked\n{stderr[-3000:]}")
+    report = json.loads(stdout.strip().splitlines()[-1])
+    assert report["canaries"], report       # nothing written around the table or its state
+    assert report["untouched"], report      # only the valid rows 1..K moved
+    # both outcomes happened: the index really changed while steps ran
+    assert report["applied"] > 0 and report["rejected"] > 0, report
+    assert all("rows" in m and "must be in [0, 64)" in m for m in report["messages"]), report

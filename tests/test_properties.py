@@ -336,6 +336,35 @@ def test_extreme_and_nonfinite_grads_follow_the_formula_and_torch_fused(dtype, k
 
 
 @needs_default_capability
+def test_amsgrad_with_a_nan_second_moment_but_finite_gradients_is_as_documented():
+    # Issue 19, item 10 (RELIABILITY.md's NaN paragraph claimed the param is NaN in both
+    # libraries; here it is not). AMSGrad, beta2=0, float32: at step 1, g*g overflows, so
+    # v = vmax = Inf and the step is m / Inf = 0; at step 2, v = Inf * 0 + g*g = NaN with a
+    # finite gradient, and m is finite. DESIGN.md's "vmax = v if vmax < v else vmax" keeps
+    # vmax = Inf: the step is 0 again and the param stays 1.0 (and stays put while vmax is
+    # Inf). torch's fused kernel does that in its scalar tail (std::max), but its
+    # vectorized body stores vmax = maximum(Inf, NaN) = NaN and the param becomes NaN.
+    size = 67  # torch's vector body and a scalar tail
+    param, m, v, vmax = (np.full(size, 1.0, np.float32), np.zeros(size, np.float32),
+                         np.zeros(size, np.float32), np.zeros(size, np.float32))
+    ours, theirs = (param, m, v, vmax), (param, m, v, vmax)
+    for step, g in ((1, 1e20), (2, 1.0)):
+        grad = np.full(size, g, np.float32)
+        expected = formula_in_dtype(*ours[:1], grad, *ours[1:], step=step, lr=0.1, beta2=0.0)
+        ours = fastadam_step(ours[0], grad, ours[1], ours[2], ours[3], step=step, lr=0.1, beta2=0.0)
+        assert_same_bits_nan_aside(ours, expected)  # DESIGN.md's arithmetic, bit for bit
+        theirs = torch_fused_step(theirs[0], grad, theirs[1], theirs[2], theirs[3], step=step,
+                                  lr=0.1, beta2=0.0)
+    p, m, v, vmax = ours
+    assert np.isnan(v).all() and np.isfinite(m).all()
+    assert (p == 1.0).all() and np.isposinf(vmax).all()
+    body = np.isnan(theirs[3])  # torch: NaN vmax and NaN param in the vector body only
+    assert body.any() and not body.all()
+    np.testing.assert_array_equal(np.isnan(theirs[0]), body)
+    assert (theirs[0][~body] == 1.0).all() and np.isposinf(theirs[3][~body]).all()
+
+
+@needs_default_capability
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_subnormal_and_huge_params_follow_the_formula_and_torch_fused(dtype):
     info = np.finfo(dtype)

@@ -1,6 +1,7 @@
 """fastadam.schedules: values, reprs, validation, composition."""
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -86,6 +87,46 @@ def test_cosine_restarts_closed_form_matches_the_definition(factor):
     for step in list(range(1, 400)) + [10**4, 10**5 + 3]:
         assert math.isclose(schedule(step), reference_cosine_restarts(1.0, 7, factor, step),
                             rel_tol=1e-9, abs_tol=1e-12), step
+
+
+def exact_cycle_starts(decay_steps, factor, count):
+    """The first ``count`` cycle starts (elapsed steps), in exact rational arithmetic with
+    the factor as written in decimal, by a plain loop."""
+    f, period, start, starts = Fraction(repr(factor)), Fraction(decay_steps), Fraction(0), []
+    for _ in range(count):
+        starts.append(start)
+        start += period
+        period *= f
+    return starts
+
+
+def reference_by_loop(lr, decay_steps, factor, step):
+    """The rate at ``step`` by the definition, in a plain loop over exact cycles."""
+    elapsed, period, f = Fraction(step - 1), Fraction(decay_steps), Fraction(repr(factor))
+    while elapsed >= period:
+        elapsed -= period
+        period *= f
+    return 0.5 * lr * (1.0 + math.cos(math.pi * float(elapsed / period)))
+
+
+@pytest.mark.parametrize("factor", [1.1, 1.2, 1.3, 1.05, 1.5, 2.0, 2.5, 3.0])
+@pytest.mark.parametrize("decay_steps", [1, 7, 10, 100, 1000])
+def test_cosine_restarts_at_every_cycle_boundary(factor, decay_steps):
+    # Issue 19, item 8: cosine(T=100, restarts=True, period_factor=1.1) gave 0.0 at step
+    # 332, where a cycle starts (100 + 110 + 121 = 331 steps in) and the rate is lr. The
+    # double nearest 1.1 is a little larger, and the closed form put the boundary at
+    # 331.00000000000006 steps.
+    schedule = schedules.cosine(1.0, decay_steps=decay_steps, restarts=True, period_factor=factor)
+    for start in exact_cycle_starts(decay_steps, factor, 12):
+        if start > 10**6:
+            break
+        first = math.ceil(start) + 1  # the cycle's first step (1-based)
+        if start.denominator == 1:  # a boundary on a whole step: the rate is lr there
+            assert schedule(first) == 1.0, (first, float(start))
+        for step in (first - 1, first, first + 1):
+            if step >= 1:
+                assert math.isclose(schedule(step), reference_by_loop(1.0, decay_steps, factor, step),
+                                    rel_tol=1e-9, abs_tol=1e-9), (step, float(start))
 
 
 def test_cosine_restarts_cost_does_not_grow_with_step():

@@ -1,4 +1,5 @@
-"""Runtime SIMD dispatch: every level this machine runs gives the same bits."""
+"""Runtime SIMD dispatch: every level this machine runs gives the same bits (NaN payloads
+aside: a NaN is NaN at the same positions at every level, its sign bit may differ)."""
 
 import os
 import subprocess
@@ -33,6 +34,42 @@ def test_every_level_is_bit_identical_to_baseline(restore_levels, dtype, level, 
         for got, want in zip(run(variant, dtype, size), expected):
             np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8),
                                           err_msg=f"{level} {variant_id(variant)}")
+
+
+def run_with_nans(kwargs, dtype, size, level, steps=3):
+    """Steps whose gradients hold NaN, -NaN and +-Inf, so that NaNs meet NaNs (a NaN
+    param, a NaN gradient) inside one operation."""
+    _simd.use(level)
+    rng = np.random.default_rng(size)
+    param = rng.standard_normal(size).astype(dtype)
+    m, v = np.zeros(size, dtype), np.zeros(size, dtype)
+    vmax = np.zeros(size, dtype) if kwargs.get("amsgrad") else None
+    for step in range(1, steps + 1):
+        grad = rng.standard_normal(size).astype(dtype)
+        grad[rng.integers(0, size, 6)] = np.array([np.nan, -np.nan, np.inf, -np.inf, 0, 0], dtype)
+        fastadam.adam_step(param, grad, m, v, max_exp_avg_sq=vmax, step=step, num_threads=1,
+                           **{k: x for k, x in kwargs.items() if k != "amsgrad"})
+    return [a for a in (param, m, v, vmax) if a is not None]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_every_level_gives_the_same_numbers_and_nan_positions(restore_levels, dtype, level):
+    # Issue 19, item 12: the docs promised identical bits at every level, but where two
+    # NaNs meet in one operation (a NaN param and a NaN gradient in the L2 form's
+    # g + wd * p) x86 returns one operand's NaN, and the vector code may order the
+    # operands of a sum differently from the scalar code: the levels then differ in the
+    # NaN's sign bit (0xfff8... against 0x7ff8...; seen here for float32 with L2 decay).
+    # What is identical, and what the docs now promise: every value that is not a NaN,
+    # bit for bit, and where the NaNs are.
+    for kwargs in ({}, {"weight_decay": 0.1}, {"weight_decay": 0.1, "decoupled_weight_decay": True},
+                   {"maximize": True}, {"amsgrad": True}, {"eps_root": 1e-8}, {"grad_scale": 3.0}):
+        for size in (7, 37, _simd.SMALL_TENSOR_ELEMENTS + 77):
+            expected = run_with_nans(kwargs, dtype, size, "baseline")
+            for got, want in zip(run_with_nans(kwargs, dtype, size, level), expected):
+                nan = np.isnan(want)
+                np.testing.assert_array_equal(np.isnan(got), nan, err_msg=f"{level} {kwargs}")
+                np.testing.assert_array_equal(got[~nan].view(np.uint8), want[~nan].view(np.uint8),
+                                              err_msg=f"{level} {kwargs}")
 
 
 @pytest.mark.parametrize("level", LEVELS)

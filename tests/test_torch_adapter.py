@@ -393,3 +393,42 @@ def test_a_step_after_a_rejected_one_works():
     opt.step()
     assert opt.state[p]["step"].item() == 1
     assert torch.allclose(p, torch.full((4,), -0.1))
+
+
+def test_a_step_count_that_cannot_advance_is_refused():
+    # Issue 19, item 4: a step count of 2**63 - 2 was accepted; two steps later it wrapped
+    # to a negative number and the parameter moved by NaN.
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = ft.Adam([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    state = opt.state_dict()
+    state["state"][0]["step"] = torch.tensor(2**63 - 2)  # (int64: float32 cannot hold it)
+    state["param_groups"][0]["fused"] = None  # (torch casts steps to float32 for fused groups)
+    opt.load_state_dict(state)
+    opt.step()  # to 2**63 - 1
+    assert torch.isfinite(p).all()
+    before = p.detach().clone(), opt.state[p]["exp_avg"].clone()
+    with pytest.raises(ValueError, match=r"^the step count of param_groups\[0\]\['params'\]\[0\] "
+                                         r"is 9223372036854775807 \(2\*\*63 - 1\).*cannot advance"):
+        opt.step()
+    assert torch.equal(p.detach(), before[0]) and torch.equal(opt.state[p]["exp_avg"], before[1])
+
+
+@pytest.mark.parametrize("kwargs, step_kwargs, name", [
+    ({"eps": 1e-50}, {}, "eps"), ({"lr": 1e39}, {}, "lr"),
+    ({}, {"grad_scale": torch.tensor(1e-300, dtype=torch.float64)}, "grad_scale"),
+])
+def test_hyperparameters_beyond_float32_are_value_errors(kwargs, step_kwargs, name):
+    # Issue 19, item 5: finite as doubles, but 0 or Inf in float32: NaN or Inf parameters.
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = ft.Adam([p], **kwargs)
+    p.grad = torch.zeros(3)
+    with pytest.raises(ValueError, match=rf"^(param_groups\[0\]\['{name}'\]|{name}) .*float32"):
+        opt.step(**step_kwargs)
+    assert not p.detach().any() and p not in opt.state
+    double = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    opt = ft.Adam([double], **kwargs)
+    double.grad = torch.zeros(3, dtype=torch.float64)
+    opt.step(**step_kwargs)  # fine in float64
+    assert torch.isfinite(double).all()

@@ -226,3 +226,125 @@ def test_the_plain_array_path_and_the_general_path_give_the_same_bits():
         fastadam.adam_step(*general, step=t, lr=0.01, weight_decay=0.1)
     for a, b in zip(plain, general):
         assert a.tobytes() == bytes(b)
+
+
+# --- hyperparameters against the element type (issue 19, item 5) ----------------------------
+# Finite as doubles but not in float32: eps=1e-50 rounds to 0 (a zero gradient gave 0/0 =
+# NaN), grad_scale=1e-300 rounds to 0 (g/0 = Inf), lr=1e39 makes the step coefficient Inf
+# (Inf * 0 = NaN). They were accepted, then the parameters were NaN or Inf.
+
+FLOAT32_MISFITS = [
+    ("eps", {"eps": 1e-50}, "eps"),
+    ("eps_root", {"eps_root": 1e-50}, "eps_root"),
+    ("eps_too_big", {"eps": 1e39}, "eps"),
+    ("grad_scale", {"grad_scale": 1e-300}, "grad_scale"),
+    ("grad_scale_subnormal", {"grad_scale": 1e-40}, "grad_scale"),
+    ("grad_scale_too_big", {"grad_scale": 1e39}, "grad_scale"),
+    ("lr", {"lr": 1e39}, "lr"),
+    ("lr_over_bias_correction", {"lr": 1e38, "beta1": 0.9}, "lr"),  # 1e38 / (1 - 0.9) = 1e39
+    ("l2_decay", {"weight_decay": 1e39}, "weight_decay"),
+    ("decoupled_decay", {"weight_decay": 1e30, "lr": 1e10, "decoupled_weight_decay": True},
+     "weight_decay"),
+]
+
+
+@pytest.mark.parametrize("case, kwargs, name", FLOAT32_MISFITS, ids=[c[0] for c in FLOAT32_MISFITS])
+def test_hyperparameters_beyond_float32_are_value_errors_naming_argument_and_type(case, kwargs, name):
+    kwargs = dict(kwargs)
+    assert_rejected(ValueError, rf"^{name}\b.*float32", **kwargs)
+    bufs = buffers(np.float32)
+    table = np.zeros((4, 4), np.float32)
+    with pytest.raises(ValueError, match=rf"^{name}\b.*float32"):
+        fastadam.adam_step_rows(table, np.ones((1, 4), np.float32), [2], np.zeros(16, np.float32),
+                                np.zeros(16, np.float32), step=1, **kwargs)
+    assert not table.any()
+    step_kwargs = {"grad_scale": kwargs.pop("grad_scale")} if "grad_scale" in kwargs else {}
+    if "beta1" in kwargs:
+        kwargs["betas"] = (kwargs.pop("beta1"), 0.999)
+    param = bufs["param"].copy()
+    if step_kwargs:
+        opt = fastadam.Adam([param], **kwargs)
+        with pytest.raises(ValueError, match=r"^grad_scale\b.*float32"):
+            opt.step([bufs["grad"]], **step_kwargs)
+    else:
+        with pytest.raises(ValueError, match=rf"^defaults\['{name}'\]|^param_groups\[0\]\['{name}'\].*float32"):
+            fastadam.Adam([param], **kwargs)
+    assert param.tobytes() == bufs["param"].tobytes()
+
+
+@pytest.mark.parametrize("case, kwargs, name", FLOAT32_MISFITS, ids=[c[0] for c in FLOAT32_MISFITS])
+def test_the_same_values_are_fine_in_float64(case, kwargs, name):
+    bufs = buffers(np.float64)
+    call(bufs, **kwargs)  # (the values are finite doubles, normal where they divide)
+
+
+def test_edited_and_scheduled_values_are_checked_at_each_step():
+    param = np.zeros(4, np.float32)
+    opt = fastadam.Adam([param])
+    opt.step([np.ones(4, np.float32)])
+    opt.param_groups[0]["eps"] = 1e-50
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]\['eps'\] must be 0 or.*float32.*rounds to 0"):
+        opt.step([np.zeros(4, np.float32)])
+    opt.param_groups[0]["eps"] = 1e-8
+    opt.param_groups[0]["lr"] = lambda step: 1e39 if step == 3 else 1e-3
+    opt.step([np.ones(4, np.float32)])
+    before = param.copy()
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]\['lr'\].*float32.*at step 3"):
+        opt.step([np.ones(4, np.float32)])
+    assert param.tobytes() == before.tobytes() and opt.state[0]["step"] == 2
+    mixed = fastadam.Adam([np.zeros(2, np.float64), np.zeros(2, np.float32)])
+    with pytest.raises(ValueError, match=r"^grad_scale must be a normal number of float32"):
+        mixed.step([np.ones(2, np.float64), np.ones(2, np.float32)], grad_scale=1e-300)
+
+
+def test_edge_values_that_fit_float32_are_accepted_and_stay_finite():
+    tiny = float(np.finfo(np.float32).smallest_subnormal)
+    normal = float(np.finfo(np.float32).tiny)
+    for kwargs in ({"eps": tiny}, {"eps": 0.0}, {"grad_scale": normal}, {"lr": 1e30},
+                   {"eps_root": tiny, "eps": 1e-8}, {"weight_decay": 1e30}):
+        bufs = buffers(np.float32)
+        bufs["grad"][:4] = 0.0
+        bufs["exp_avg"][:4] = bufs["exp_avg_sq"][:4] = 0.0
+        call(bufs, **kwargs)
+        if kwargs.get("eps", 1.0) != 0.0:  # (eps=0 with a zero gradient is 0/0, as in torch)
+            assert np.isfinite(bufs["param"][:4]).all(), kwargs
+
+
+# --- step counts at the int64 limit (issue 19, item 4) --------------------------------------
+
+
+def test_a_step_count_that_cannot_advance_is_refused():
+    # Loading step = 2**63 - 2 was accepted; two steps later the count was negative and the
+    # parameter moved by NaN.
+    param = np.ones(3, np.float32)
+    opt = fastadam.Adam([param], lr=0.1)
+    state = opt.state_dict()
+    state["state"][0] = {"step": 2**63 - 2, "exp_avg": np.zeros(3, np.float32),
+                         "exp_avg_sq": np.zeros(3, np.float32)}
+    opt.load_state_dict(state)
+    opt.step([np.ones(3, np.float32)])  # to 2**63 - 1, the largest int64
+    assert opt.state[0]["step"] == 2**63 - 1 and np.isfinite(param).all()
+    before = param.copy(), opt.state[0]["exp_avg"].copy()
+    with pytest.raises(ValueError, match=r"^the step count of param_groups\[0\]\['params'\]\[0\] is 9223372036854775807 "
+                                         r"\(2\*\*63 - 1\).*cannot advance"):
+        opt.step([np.ones(3, np.float32)])
+    assert param.tobytes() == before[0].tobytes()
+    assert opt.state[0]["exp_avg"].tobytes() == before[1].tobytes()
+    assert opt.state[0]["step"] == 2**63 - 1
+    opt.zero_state()
+    opt.step([np.ones(3, np.float32)])  # and the optimizer still works
+    assert opt.state[0]["step"] == 1
+
+
+def test_the_step_count_check_names_the_parameter():
+    params = [np.zeros(2, np.float32) for _ in range(2000)]
+    opt = fastadam.Adam(params)
+    state = opt.state_dict()
+    state["state"][1234]["step"] = 2**63 - 2
+    opt.load_state_dict(state)
+    opt.step([np.ones(2, np.float32)] * 2000)  # to 2**63 - 1
+    before = [p.copy() for p in params]
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1234\] is "
+                                         r"9223372036854775807 \(2\*\*63 - 1\)"):
+        opt.step([np.ones(2, np.float32)] * 2000)
+    assert all(p.tobytes() == b.tobytes() for p, b in zip(params, before))

@@ -67,6 +67,7 @@ class Engine:
         self._without_moments = 0  # tensors without exp_avg yet
         self._amsgrad_ready: set = set()  # groups whose every tensor has max_exp_avg_sq
         self._first_of_group: Dict[int, int] = {}
+        self._dtypes: Dict[int, Tuple[np.dtype, ...]] = {}  # per group, for range checks
 
     def __len__(self) -> int:
         return len(self.params)
@@ -89,6 +90,8 @@ class Engine:
         first = len(self.params)
         if len(arrays):
             self._first_of_group.setdefault(group, first)
+            self._dtypes[group] = tuple(sorted(set(self._dtypes.get(group, ())) |
+                                               {a.dtype for a in arrays}, key=str))
         self.params += list(arrays)
         self.names += list(names)
         self.group_of += [group] * len(arrays)
@@ -116,6 +119,9 @@ class Engine:
             [self.names[j] for j in others]
             + [f"the optimizer's {label}" for label in self._state_labels()] + [self.names[i]])
         self.params[i] = array
+        group = self.group_of[i]
+        self._dtypes[group] = tuple(sorted({self.params[j].dtype for j, g in enumerate(self.group_of)
+                                            if g == group}, key=str))
         self._invalidate()
 
     def _check_clear_of_everything(self, arrays: List[np.ndarray], names: List[str]) -> None:
@@ -219,6 +225,14 @@ class Engine:
 
     # --- stepping ------------------------------------------------------------------------
 
+    def group_dtypes(self, group: int) -> Tuple[np.dtype, ...]:
+        """The element types of a group's tensors (what its hyperparameters are cast to)."""
+        return self._dtypes.get(group, ())
+
+    def dtypes(self) -> Tuple[np.dtype, ...]:
+        """The element types of all tensors."""
+        return tuple(sorted({d for ds in self._dtypes.values() for d in ds}, key=str))
+
     def group_step(self, group: int) -> int:
         """The next step number of ``group`` (its first tensor's count + 1): what lr
         schedules are called with."""
@@ -281,8 +295,9 @@ class Engine:
         if len(self.steps) and int(self.steps.max()) >= MAX_STEP:
             for i in active():
                 if self.steps[i] >= MAX_STEP:
-                    raise ValueError(f"the step count of {self.names[i]} is 2**63 - 1, the "
-                                     "largest an int64 holds: it cannot advance")
+                    raise ValueError(f"the step count of {self.names[i]} is {MAX_STEP} (2**63 - 1), "
+                                     "the largest an int64 step count can hold: it cannot "
+                                     "advance; load a smaller step count (or zero_state)")
 
     def _ensure_state(self, active: Callable[[], List[int]], hypers: List[Hyperparameters]) -> None:
         """Allocate what the active tensors miss: moments on a tensor's first gradient,

@@ -17,7 +17,9 @@ from fastadam._validation import (
     check_at_least,
     check_buffers,
     check_call_hyperparameters,
+    check_element_type_range,
     check_flag,
+    check_grad_scale_range,
     check_hyperparameters,
     check_num_threads,
     check_row_buffers,
@@ -91,7 +93,11 @@ def adam_step(
     Raises
     ------
     TypeError, ValueError
-        For any bad argument, naming it; nothing is written then.
+        For any bad argument, naming it; nothing is written then. Hyperparameters are
+        also checked against the buffers' element type, into which the kernel casts them
+        (fastadam._validation.check_element_type_range): in float32, ``eps=1e-50`` (0 in
+        float32), ``grad_scale=1e-300`` (not a normal float32) or ``lr=1e39`` (an
+        infinite step) is a ValueError naming the argument and the type.
 
     Notes
     -----
@@ -107,11 +113,13 @@ def adam_step(
         grad_scale, "grad_scale", 0.0, strict=True)
     threads = check_num_threads(num_threads)
     if plain_buffers(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq):  # the common case
+        _check_range(hp, param.dtype, step_number, scale)
         if param.size:
             _kernels.adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hp, step_number,
                                scale, threads_for(threads, param.size))
         return
     buffers = check_buffers(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)
+    _check_range(hp, buffers.param.dtype, step_number, scale)
     size = buffers.param.size
     if size == 0:
         return
@@ -209,6 +217,7 @@ def adam_step_rows(
     threads = check_num_threads(num_threads)
     buffers, indices, row_size = check_row_buffers(param, grad_rows, rows, exp_avg, exp_avg_sq,
                                                    max_exp_avg_sq)
+    _check_range(hp, buffers.param.dtype, step_number, scale)
     if indices.size == 0 or row_size == 0:
         return
     aligned = _aligned(buffers)
@@ -218,6 +227,14 @@ def adam_step_rows(
                             aligned.exp_avg_sq, aligned.max_exp_avg_sq, hp, step_number, scale,
                             threads_for(threads, indices.size * row_size))
     _copy_back(aligned, buffers)
+
+
+def _check_range(hp: Any, dtype: np.dtype, step: float, grad_scale: float) -> None:
+    """The hyperparameters against the element type they are cast to (finite as doubles
+    is not enough: fastadam._validation.check_element_type_range)."""
+    check_element_type_range(hp, (dtype,), step=int(step))
+    if grad_scale != 1.0:
+        check_grad_scale_range(grad_scale, (dtype,))
 
 
 def _aligned(buffers: AdamBuffers) -> AdamBuffers:

@@ -14,8 +14,11 @@ routes small tensors and large tensors to the best level for each:
 
 ``FASTADAM_SIMD=baseline|avx2|avx512`` forces one level for all tensors (testing,
 benchmarking); a forced level the CPU cannot run is an error at import. Every level
-gives bit-identical results: the build forbids FMA contraction (-ffp-contract=off) and
-sqrt/division are correctly rounded at every vector width.
+gives bit-identical numbers: the build forbids FMA contraction (-ffp-contract=off) and
+sqrt/division are correctly rounded at every vector width. NaNs are at the same positions
+at every level, but a NaN's sign bit and payload may differ: where two NaNs meet in one
+operation, x86 returns one of them, and the vector code may order the operands of a
+commutative operation differently from the scalar code (tests/test_simd.py).
 """
 
 from __future__ import annotations

@@ -140,16 +140,20 @@ def check_buffers(
 def check_rows(rows: Any, n_rows: int, name: str = "rows") -> np.ndarray:
     """Row indices: a 1-D integer array-like (any integer dtype; bools and floats are
     refused), every entry in [0, n_rows) (negative indices are refused, not wrapped).
-    Returns a new int64 array: the kernels read their own copy, which nothing aliases.
+    Returns a new int64 array that fastadam owns: the kernels read it, and only it.
 
-    An ndarray subclass is checked as the plain array of its memory, which is what the
+    The indices are copied FIRST, then the copy is checked, then the copy is used: the
+    caller's memory is read exactly once. Checking the caller's array and copying it
+    afterwards let another thread (or process, through shared memory) change an index in
+    between, past the range check, and the kernel wrote wherever it pointed (a segfault
+    or heap corruption; issue 19, tests/test_fuzz.py::test_indices_mutated_by_another_thread_during_steps).
+
+    An ndarray subclass is copied as the plain array of its memory, which is what the
     kernels read: a masked array's argmin/argmax skip masked entries, so an out-of-range
     index under the mask passed the range check and the kernel wrote far out of bounds
     (a segfault; found by review while extending tests/test_fuzz.py)."""
-    if type(rows) is np.ndarray:
-        array = rows
-    elif isinstance(rows, np.ndarray):
-        array = np.asarray(rows)
+    if isinstance(rows, np.ndarray):
+        array = rows if type(rows) is np.ndarray else np.asarray(rows)
     else:
         try:
             array = np.asarray(rows)
@@ -158,17 +162,25 @@ def check_rows(rows: Any, n_rows: int, name: str = "rows") -> np.ndarray:
                             f"{type(rows).__name__}") from None
         if array.size == 0 and array.ndim == 1:  # [] or () is float64 to NumPy
             array = array.astype(np.int64)
+    # (dtype and shape belong to the array object, not to the memory another thread or
+    # process can write: they cannot change under us)
     if array.dtype.kind not in "iu":
         raise TypeError(f"{name} must hold integer row indices, got dtype {array.dtype.name}")
     if array.ndim != 1:
         raise ValueError(f"{name} must be 1-D (one index per gradient row), got shape {array.shape}")
-    if array.size:
-        for position in (int(np.argmin(array)), int(np.argmax(array))):
-            value = int(array[position])
+    # The one read of the caller's memory: into a new array. Every integer type except
+    # uint64 converts to int64 without changing a value; uint64 is copied as it is and
+    # converted after the check (a value >= 2**63 would wrap to a negative one); either
+    # byte order.
+    wide_unsigned = array.dtype.kind == "u" and array.dtype.itemsize == 8
+    owned = np.array(array, dtype=np.uint64 if wide_unsigned else np.int64, order="C", copy=True)
+    if owned.size:
+        for position in (int(np.argmin(owned)), int(np.argmax(owned))):
+            value = int(owned[position])
             if not 0 <= value < n_rows:
                 raise ValueError(f"{name} must be in [0, {n_rows}) (the param's rows), got "
                                  f"{value} at position {position}")
-    return array.astype(np.int64)
+    return owned if owned.dtype == np.int64 else owned.astype(np.int64)
 
 
 def check_row_grad(param: np.ndarray, rows: Any, values: Any, name: str, rows_name: str,
@@ -356,6 +368,85 @@ def _check_positional(lr: Any, beta1: Any, beta2: Any, eps: Any, weight_decay: A
 _remembered_valid = functools.lru_cache(maxsize=256, typed=True)(_check_positional)
 
 
+class _ElementRange(NamedTuple):
+    name: str
+    max: float          # the largest finite value
+    tiny: float         # the smallest positive normal value
+    rounds_to_zero: float  # positive doubles up to this round to 0 in the type
+
+
+_RANGES = {
+    np.dtype(np.float32): _ElementRange("float32", float(np.finfo(np.float32).max),
+                                        float(np.finfo(np.float32).tiny),
+                                        float(np.finfo(np.float32).smallest_subnormal) / 2),
+    np.dtype(np.float64): _ElementRange("float64", float(np.finfo(np.float64).max),
+                                        float(np.finfo(np.float64).tiny), 0.0),
+}
+
+
+def check_element_type_range(hp: Any, dtypes: Any, name: str = "", step: int = 1) -> None:
+    """Hyperparameters that are finite as doubles, checked against the element types
+    that the kernels cast them to (issue 19, item 5). Per argument:
+
+    * ``lr``: the kernels multiply by the step coefficient ``lr / (1 - beta1**step)``
+      (the eps_hat form's ``lr * sqrt(bc2) / bc1`` is no larger; the eps_root form's is
+      ``lr``) in the element type. Beyond the type's largest value it is Inf, and a zero
+      moment then gives Inf * 0 = NaN: refused. A tiny lr is kept (the update rounds
+      away, as it would in exact arithmetic).
+    * ``weight_decay``: in the L2 form the factor itself, in the decoupled form
+      ``lr * weight_decay``, must be finite in the type (Inf * 0 = NaN otherwise).
+    * ``eps`` and ``eps_root``: nonzero values that round to 0 in the type would turn
+      the guard against 0/0 off (a zero gradient gives NaN): refused, as are values
+      beyond the largest finite one. Subnormal values are kept (they still guard).
+    * ``grad_scale`` (:func:`check_grad_scale_range`): gradients are divided by it in the
+      element type, so it must be a normal number of the type: 0 or Inf would give
+      Inf/NaN or a zero gradient, and a subnormal one loses precision.
+
+    ``hp`` has the attributes lr, beta1, eps, weight_decay, decoupled_weight_decay,
+    eps_root (a Hyperparameters record); ``dtypes``: the element types
+    of the buffers it will update; ``name``: e.g. "param_groups[0]", for messages."""
+    lr, eps, eps_root = hp.lr, hp.eps, hp.eps_root
+    coefficient = lr if eps_root > 0.0 else lr / (1.0 - hp.beta1 ** step)
+    decay = lr * hp.weight_decay if hp.decoupled_weight_decay else hp.weight_decay
+    largest_input = max(coefficient, decay, eps, eps_root)
+    for dtype in dtypes:
+        r = _RANGES[dtype]
+        if (largest_input <= r.max and not 0.0 < eps <= r.rounds_to_zero
+                and not 0.0 < eps_root <= r.rounds_to_zero):
+            continue  # the common case, without building any message
+
+        def label(key: str) -> str:
+            return f"{name}[{key!r}]" if name else key
+
+        if coefficient > r.max:
+            raise ValueError(
+                f"{label('lr')} must keep the step coefficient lr / (1 - beta1**step) finite in "
+                f"{r.name}, the parameters' element type (at most {r.max:.7g}), got lr={lr!r}: "
+                f"{coefficient:.7g} at step {step}")
+        if decay > r.max:
+            what = "lr * weight_decay" if hp.decoupled_weight_decay else "weight_decay"
+            raise ValueError(f"{label('weight_decay')} must keep {what} finite in {r.name}, the "
+                             f"parameters' element type (at most {r.max:.7g}), got {decay:.7g}")
+        for key, value in (("eps", hp.eps), ("eps_root", hp.eps_root)):
+            if 0.0 < value <= r.rounds_to_zero or value > r.max:
+                raise ValueError(
+                    f"{label(key)} must be 0 or a positive number that {r.name}, the parameters' "
+                    f"element type, can hold (between {r.rounds_to_zero * 2:.7g} and {r.max:.7g}): "
+                    f"{value!r} {'rounds to 0' if value <= r.max else 'overflows'} in {r.name}")
+
+
+def check_grad_scale_range(scale: float, dtypes: Any, name: str = "grad_scale") -> None:
+    """``grad_scale`` must be a normal number of every element type it divides (see
+    :func:`check_element_type_range`)."""
+    for dtype in dtypes:
+        r = _RANGES[dtype]
+        if not r.tiny <= scale <= r.max:
+            raise ValueError(f"{name} must be a normal number of {r.name}, the gradients' element "
+                             f"type (between {r.tiny:.7g} and {r.max:.7g}), got {scale!r}")
+
+
+
+
 def check_epsilon_forms(eps_hat: bool, eps_root: float, where: str = "") -> None:
     if eps_hat and eps_root > 0.0:
         raise ValueError(
@@ -454,19 +545,25 @@ def _is_whole(value: Any) -> bool:
         return False
 
 
-def check_group_hyperparameters(group: Mapping, name: str, step: int) -> Hyperparameters:
-    """A param group's hyperparameters for step ``step`` (lr schedules are called with it)."""
+def check_group_hyperparameters(group: Mapping, name: str, step: int,
+                                dtypes: Any = ()) -> Hyperparameters:
+    """A param group's hyperparameters for step ``step`` (lr schedules are called with it),
+    also checked against the element types ``dtypes`` of its buffers
+    (:func:`check_element_type_range`)."""
     lr = group["lr"]
     if callable(lr):
         lr = check_at_least(lr(step), f"{name}['lr'] (the schedule's value at step {step})", 0.0)
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise TypeError(f"{name}['betas'] must be a pair (beta1, beta2), got {betas!r}")
-    return check_hyperparameters(
+    result = check_hyperparameters(
         lr=lr, beta1=betas[0], beta2=betas[1], eps=group["eps"],
         weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
         amsgrad=group["amsgrad"], maximize=group["maximize"], eps_hat=group["eps_hat"],
         eps_root=group["eps_root"], numerics=group.get("numerics", "exact"), where=name)
+    if dtypes:
+        check_element_type_range(result, dtypes, name, step)
+    return result
 
 
 def check_grads(grads: Any, params: list, written: np.ndarray, names: Optional[list] = None,

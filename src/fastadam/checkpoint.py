@@ -112,7 +112,9 @@ def load(opt: Adam, path: PathLike) -> None:
     """Restore ``opt``'s state from a checkpoint written by :func:`save`.
 
     Raises FileNotFoundError for a missing file and ValueError for a truncated, corrupt
-    or foreign file or one that does not match ``opt`` (nothing is changed then).
+    or foreign file or one that does not match ``opt`` (nothing is changed then); a header
+    field of the wrong type (``"lr": "0.1"``, ``"params": 5``) is a damaged file too:
+    ValueError, never TypeError.
     """
     if not isinstance(opt, Adam):
         raise TypeError(f"opt must be a fastadam.Adam or AdamW, got {type(opt).__name__}")
@@ -123,69 +125,121 @@ def load(opt: Adam, path: PathLike) -> None:
     if header.get("version") != VERSION:
         raise ValueError(f"{path} has checkpoint version {header.get('version')!r}; "
                          f"this fastadam reads version {VERSION}")
-    opt.load_state_dict(_state_dict(opt, header, arrays, path))
+    state_dict = _state_dict(opt, header, arrays, path)
+    try:  # (load_state_dict checks everything before it changes anything)
+        opt.load_state_dict(state_dict)
+    except TypeError as exc:
+        raise ValueError(f"{path} has a malformed fastadam header ({exc})") from None
 
 
 # The first four bytes of a zip archive (np.savez's format): a local file header, or the
 # end-of-directory record of an empty archive.
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+# One read of a member's data at most this many bytes at a time: a member that claims more
+# than it holds fails at its end without ever being allocated whole.
+READ_CHUNK_BYTES = 1 << 22
 
 
 class NotAnArchive(ValueError):
     pass
 
 
-def read_npz(path: str) -> Tuple[Any, Dict[str, np.ndarray]]:
-    """The JSON header and the arrays of an archive written by :func:`write_npz_atomically`.
+def read_npz(path: str, *, header_only: bool = False) -> Tuple[Any, Dict[str, np.ndarray]]:
+    """The JSON header and the arrays of an archive written by :func:`write_npz_atomically`
+    (with ``header_only=True``, only the header: ``(header, {})``).
 
     Raises FileNotFoundError for a missing file and ValueError for a truncated, corrupt or
-    foreign one.
+    foreign one. Nothing is allocated beyond what the file holds, whatever its zip and .npy
+    headers claim, and each size is read once, from the bytes that are then used
+    (:func:`_read_member`); object arrays (pickles) are refused, never loaded.
     """
     try:
         with open(path, "rb") as f:
-            # Not a zip archive: say so here. np.load would try the other formats and, for
-            # anything it takes for a pickle, advise loading it "unsafely" (issue 23).
+            # Not a zip archive: say so here, before any reader advises loading it
+            # "unsafely" (issue 23).
             magic = f.read(4)
             if magic not in ZIP_MAGIC:
                 raise NotAnArchive(f"{path} is not a readable fastadam checkpoint (not an .npz archive: "
                                    f"it starts with {magic!r})")
             f.seek(0)
-            archive = np.load(f, allow_pickle=False)
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise ValueError("not an .npz archive")
-            with archive:
-                if HEADER not in archive.files:
+            file_size = os.fstat(f.fileno()).st_size
+            with zipfile.ZipFile(f) as archive:
+                members: Dict[str, zipfile.ZipInfo] = {}
+                for info in archive.infolist():
+                    name = info.filename[:-4] if info.filename.endswith(".npy") else None
+                    if name is None or name in members:
+                        raise ValueError(f"member {info.filename!r} is not one .npy array")
+                    members[name] = info
+                if HEADER not in members:
                     raise ValueError("no fastadam header")
-                for name in archive.files:
-                    _check_declared_size(archive, name)
-                header = json.loads(str(archive[HEADER]))
-                arrays = {name: archive[name] for name in archive.files if name != HEADER}
+                header = json.loads(str(_read_member(archive, members[HEADER], file_size)[()]))
+                arrays = {} if header_only else {
+                    name: _read_member(archive, info, file_size)
+                    for name, info in members.items() if name != HEADER}
     except (FileNotFoundError, NotAnArchive):
         raise
     # What a corrupt zip can raise besides BadZipFile (found by tests/test_fuzz.py): zlib's
     # error for a damaged compressed member, NotImplementedError for a compression method,
     # zip version or flag it does not read, RuntimeError for a member marked as encrypted.
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError,
-            UnicodeDecodeError, zlib.error, NotImplementedError, RuntimeError) as exc:
+            UnicodeDecodeError, zlib.error, NotImplementedError, RuntimeError, TypeError,
+            IndexError, OverflowError) as exc:
         raise ValueError(f"{path} is not a readable fastadam checkpoint ({exc})") from None
     return header, arrays
 
 
-def _check_declared_size(archive: Any, name: str) -> None:
-    """Refuse a member whose .npy header declares more data than the member holds, before
-    NumPy allocates the declared size (a corrupt header would otherwise be a MemoryError,
-    or a huge allocation, instead of a ValueError)."""
-    member = f"{name}.npy"
-    size = archive.zip.getinfo(member).file_size
-    with archive.zip.open(member) as f:
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, file_size: int) -> np.ndarray:
+    """One .npy member, read once: its header, then exactly the data it declares.
+
+    The declared size is trusted for an allocation only when the bytes are known to be in
+    the file: a stored (uncompressed) member whose claimed extent lies inside the file.
+    A compressed member is read in chunks and allocated as it really decompresses. Either
+    way a member that holds less than it declares, or more, is a ValueError (a corrupt
+    header would otherwise be a MemoryError, or a huge allocation: issue 19, item 6)."""
+    name = info.filename[:-4]
+    if info.header_offset + info.compress_size > file_size:
+        raise ValueError(f"{name} claims {info.compress_size} bytes at offset {info.header_offset}, "
+                         f"beyond the end of the {file_size}-byte file")
+    with archive.open(info) as f:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
         else:
-            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-    declared = math.prod(shape) * dtype.itemsize
-    if declared > size:
-        raise ValueError(f"{name} declares {declared} bytes of data, its member holds {size}")
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
+        if dtype.hasobject:
+            raise ValueError(f"{name} is an object array; checkpoints hold numbers (pickles "
+                             "are never loaded)")
+        count = math.prod(shape)
+        declared = count * dtype.itemsize
+        if info.compress_type == zipfile.ZIP_STORED and declared > info.compress_size:
+            raise ValueError(f"{name} declares {declared} bytes of data, its member holds "
+                             f"{info.compress_size}")
+        if info.compress_type == zipfile.ZIP_STORED:
+            data = np.empty(declared, np.uint8)  # within the file: checked above
+            filled = 0
+            while filled < declared:
+                chunk = f.read(min(declared - filled, READ_CHUNK_BYTES))
+                if not chunk:
+                    break
+                data[filled:filled + len(chunk)] = np.frombuffer(chunk, np.uint8)
+                filled += len(chunk)
+        else:
+            pieces = bytearray()  # grows only as the member really decompresses
+            while len(pieces) < declared:
+                chunk = f.read(min(declared - len(pieces), READ_CHUNK_BYTES))
+                if not chunk:
+                    break
+                pieces += chunk
+            filled = len(pieces)
+            data = np.frombuffer(pieces, np.uint8).copy()  # (aligned, and owned by NumPy)
+        if filled < declared:
+            raise ValueError(f"{name} declares {declared} bytes of data, its member holds {filled}")
+        if f.read(1):  # (reaching the end also checks the member's CRC-32)
+            raise ValueError(f"{name} holds more data than the {declared} bytes it declares")
+    array = data.view(dtype) if declared else np.empty(0, dtype)
+    if fortran_order:
+        return array.reshape(shape[::-1]).transpose()
+    return array.reshape(shape)
 
 
 def _state_dict(opt: Adam, header: Dict[str, Any], arrays: Dict[str, np.ndarray],
@@ -205,6 +259,6 @@ def _state_dict(opt: Adam, header: Dict[str, Any], arrays: Dict[str, np.ndarray]
         for name, array in arrays.items():
             _, index, key = name.split("/")
             state[int(index)][key] = array
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         raise ValueError(f"{path} has a malformed fastadam header ({exc!r})") from None
     return {"state": state, "param_groups": groups}

@@ -53,11 +53,21 @@ cluster's MPI); ``import fastadam`` never imports it. Run with ``mpiexec -n 4 py
 train.py``. Thread-safety and collectives: ``step``, :func:`save` and :func:`load` are
 collective (every rank of ``comm`` calls them, in the same order); one ShardedAdam must not
 be stepped from two threads at once.
+
+Errors on one rank. The constructor and ``step`` check everything first on each rank, then
+the ranks agree before any collective that can block (``_agree_on``: one all-reduce of a
+status and a fingerprint of the settings that must match: model size and dtype,
+collectives, hyperparameters, step count, ``grad_scale``, ``skip_if_nonfinite``). A bad
+argument on one rank, or a setting that differs between ranks, raises on every rank,
+naming the rank (or each rank's values); no rank is left waiting in a collective.
+:func:`save` and :func:`load` likewise raise on every rank when one rank fails.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import secrets
 import sys
 import time
@@ -76,9 +86,11 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
 from fastadam._hints import keyword_names
 from fastadam._memory import ALIGNMENT, zeros_at
 from fastadam._validation import (
+    MAX_STEP,
     as_array,
     check_at_least,
     check_flag,
+    check_grad_scale_range,
     check_group_hyperparameters,
     check_no_overlap,
     check_num_threads,
@@ -260,37 +272,27 @@ class ShardedAdam:
     ) -> None:
         if comm is None:
             comm = MPI.COMM_WORLD
-        if not isinstance(comm, MPI.Intracomm):
+        if not isinstance(comm, MPI.Intracomm):  # (no communicator: this rank alone can tell)
             raise TypeError(f"comm must be an mpi4py.MPI.Intracomm, got {type(comm).__name__}")
-        if collectives not in COLLECTIVES:
-            raise ValueError(f"collectives must be one of {COLLECTIVES}, got {collectives!r}")
         hyperparameters: Dict[str, Any] = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                amsgrad=amsgrad, maximize=maximize, eps_hat=eps_hat,
                                eps_root=eps_root, decoupled_weight_decay=decoupled_weight_decay,
                                numerics=numerics)
-        with keyword_names():
-            check_group_hyperparameters(hyperparameters, "defaults", 1)
-        check_num_threads(num_threads)
         self.comm = comm
         self.rank, self.world_size = comm.Get_rank(), comm.Get_size()
         self.collectives = collectives
         self._torch: Optional[_TorchBinding] = None
         self.flat: Optional[FlatParams] = None
         self.grads: Optional[np.ndarray] = None
-        # Everything is checked, and the ranks agree on the model, before a tensor is moved.
-        tensors = self._torch_tensors(params)
-        if tensors is not None:
-            total, dtype = _TorchBinding.check(tensors)
-        elif isinstance(params, FlatParams):
-            self.flat = params
-            self.params, self.grads = params.data, params.grad_data
-        else:
-            self.params = as_array(params, "params", writable=True, flatten=False)
-            if self.params.ndim != 1:
-                raise ValueError(f"params must be a 1-D (flat) buffer, got shape {self.params.shape}")
-        if tensors is None:
-            total, dtype = self.params.size, self.params.dtype
-        self._agree_on_model(total, dtype)
+        # Everything is checked, and the ranks agree that it passed everywhere and on the
+        # model and hyperparameters, before a tensor is moved or a collective can block.
+        error, settings, tensors, total, dtype = None, None, None, 0, np.dtype(np.float64)
+        try:
+            tensors, total, dtype, settings = self._check_construction(
+                params, hyperparameters, num_threads, collectives)
+        except Exception as exc:  # raised on every rank by _agree_on, after it
+            error = exc
+        _agree_on(comm, error, settings, "construct ShardedAdam")
         if tensors is not None:
             self._torch = _TorchBinding(tensors)
             self.flat = self._torch.flat
@@ -324,11 +326,32 @@ class ShardedAdam:
                             "tensors; for NumPy arrays, use FlatParams.from_arrays(arrays)")
         return tensors
 
-    def _agree_on_model(self, total: int, dtype: np.dtype) -> None:
-        models = self.comm.allgather((total, dtype.name))
-        if len(set(models)) > 1:
-            described = ", ".join(f"rank {r}: {n} x {d}" for r, (n, d) in enumerate(models))
-            raise ValueError(f"params must have the same size and dtype on every rank, got {described}")
+    def _check_construction(self, params: Any, hyperparameters: Dict[str, Any],
+                            num_threads: Optional[int], collectives: Any) -> tuple:
+        """This rank's checks of the constructor's arguments (no communication): (torch
+        tensors or None, total elements, dtype, the settings every rank must share). Sets
+        ``params``, ``grads`` and ``flat`` for a buffer or a FlatParams."""
+        if collectives not in COLLECTIVES:
+            raise ValueError(f"collectives must be one of {COLLECTIVES}, got {collectives!r}")
+        with keyword_names():  # named as the constructor's arguments
+            check_group_hyperparameters(hyperparameters, "defaults", 1)
+        check_num_threads(num_threads)
+        tensors = self._torch_tensors(params)
+        if tensors is not None:
+            total, dtype = _TorchBinding.check(tensors)
+        elif isinstance(params, FlatParams):
+            self.flat = params
+            self.params, self.grads = params.data, params.grad_data
+        else:
+            self.params = as_array(params, "params", writable=True, flatten=False)
+            if self.params.ndim != 1:
+                raise ValueError(f"params must be a 1-D (flat) buffer, got shape {self.params.shape}")
+        if tensors is None:
+            total, dtype = self.params.size, self.params.dtype
+        hyper = check_group_hyperparameters(hyperparameters, "defaults", 1, (dtype,))
+        settings = {"params": f"{total} x {dtype.name}", "collectives": collectives,
+                    **hyper._asdict()}  # (lr: a schedule's value at step 1)
+        return tensors, total, dtype, settings
 
     def __repr__(self) -> str:
         start, stop = self.shard
@@ -347,12 +370,24 @@ class ShardedAdam:
         ``grad_scale`` if given (one division by ``world_size * grad_scale``). With
         ``skip_if_nonfinite=True``, if the summed gradient has a NaN or Inf anywhere (on
         any rank's shard), no rank changes anything and every rank returns False.
-        Invalid arguments raise before any communication.
+
+        Before any collective that can block, the ranks agree (one small all-reduce):
+        every rank's arguments passed their checks, and every rank has the same step
+        count, hyperparameters (a schedule's value at this step), ``grad_scale`` and
+        ``skip_if_nonfinite``. Otherwise every rank raises, naming the rank that failed
+        (or the values that differ, rank by rank), and nothing changes anywhere.
         """
-        scale = 1.0 if grad_scale is None else check_at_least(grad_scale, "grad_scale", 0.0, strict=True)
-        skip_if_nonfinite = check_flag(skip_if_nonfinite, "skip_if_nonfinite")
-        grad = self._gradient_block(grads)
-        self._hyperparameters()  # a bad hyperparameter raises before communicating
+        error: Optional[BaseException] = None
+        settings: Optional[Dict[str, Any]] = None
+        try:
+            grad, settings = self._check_step(grads, grad_scale, skip_if_nonfinite)
+        except Exception as exc:  # raised on every rank by _agree_on, after it
+            error = exc
+        # Before any collective that can block: every rank passed its checks, with the
+        # same step count, hyperparameters, grad_scale and skip_if_nonfinite.
+        _agree_on(self.comm, error, settings, "step")
+        assert settings is not None
+        scale, skip_if_nonfinite = settings["grad_scale"], settings["skip_if_nonfinite"]
 
         t0 = time.perf_counter()
         reduced = self._reduce(grad)
@@ -371,7 +406,24 @@ class ShardedAdam:
     def _hyperparameters(self) -> Any:
         """The group's validated values for the next step (raises on a bad one)."""
         return check_group_hyperparameters(self.param_groups[0], "param_groups[0]",
-                                           self._adam.engine.group_step(0))
+                                           self._adam.engine.group_step(0), (self.params.dtype,))
+
+    def _check_step(self, grads: Any, grad_scale: Any, skip_if_nonfinite: Any) -> tuple:
+        """This rank's checks of a step (no communication): (the gradient block, the
+        settings every rank must share)."""
+        scale = 1.0 if grad_scale is None else check_at_least(grad_scale, "grad_scale", 0.0, strict=True)
+        skip_if_nonfinite = check_flag(skip_if_nonfinite, "skip_if_nonfinite")
+        grad = self._gradient_block(grads)
+        hyper = self._hyperparameters()  # a bad hyperparameter raises before communicating
+        step = self.state["step"]
+        if step >= MAX_STEP:
+            raise ValueError(f"the step count is {step} (2**63 - 1), the largest an int64 step "
+                             "count can hold: it cannot advance")
+        check_grad_scale_range(self.world_size * scale, (self.params.dtype,),
+                               "grad_scale * world_size (the divisor of the summed gradient)")
+        settings = {"step count": step, **hyper._asdict(), "grad_scale": scale,
+                    "skip_if_nonfinite": skip_if_nonfinite}
+        return grad, settings
 
     def _gradient_block(self, grads: Any) -> np.ndarray:
         if grads is None:
@@ -479,6 +531,54 @@ class ShardedAdam:
         self.skipped_steps = 0
 
 
+# --- agreement between ranks -----------------------------------------------------------------
+
+
+def _fingerprint(settings: Dict[str, Any]) -> int:
+    """A 62-bit hash of the settings' exact values (repr of a float is exact)."""
+    digest = hashlib.blake2b(repr(sorted(settings.items())).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
+def _agree_on(comm: Any, error: Optional[BaseException], settings: Optional[Dict[str, Any]],
+              action: str) -> None:
+    """Collective, before any collective that can block: every rank learns whether every
+    rank's checks passed (``error`` is None) and whether all ranks have the same
+    ``settings``. If so, it returns; otherwise it raises on EVERY rank, so that no rank
+    waits alone in a collective: the failing rank its own exception, the others one of the
+    same kind (TypeError, else ValueError) naming the failing rank(s) and their error, or
+    a ValueError naming the settings that differ and each rank's values.
+
+    The common case costs one Allreduce of three int64 (a status and a fingerprint of
+    the settings, as its maximum and its negated minimum); the details are gathered only
+    when something is wrong (then every rank knows it, so every rank takes part)."""
+    if comm.Get_size() == 1:
+        if error is not None:
+            raise error
+        return
+    fingerprint = 0 if settings is None else _fingerprint(settings)
+    status = np.array([int(error is not None), fingerprint, -fingerprint], np.int64)
+    comm.Allreduce(MPI.IN_PLACE, [status, MPI.INT64_T], op=MPI.MAX)
+    if status[0] == 0 and status[1] == -status[2]:
+        return
+    mine = None if error is None else (type(error).__name__, str(error))
+    reports = comm.allgather((mine, settings))
+    if error is not None:
+        raise error
+    failed = [(rank, report) for rank, (report, _) in enumerate(reports) if report is not None]
+    if failed:
+        kind = TypeError if failed[0][1][0] == "TypeError" else ValueError
+        described = "; ".join(f"rank {rank}: {name}: {message}" for rank, (name, message) in failed)
+        ranks = ", ".join(str(rank) for rank, _ in failed)
+        raise kind(f"{action} failed on rank {ranks} (every rank raises): {described}")
+    everyone = [s for _, s in reports]
+    differing = [key for key in everyone[0]  # (repr: -0.0 and 0.0 differ as they hash)
+                 if any(repr(s.get(key)) != repr(everyone[0][key]) for s in everyone)]
+    described = "; ".join(f"rank {rank}: " + ", ".join(f"{key}={s.get(key)!r}" for key in differing)
+                          for rank, s in enumerate(everyone))
+    raise ValueError(f"{action}: every rank must have the same {', '.join(differing)}, got {described}")
+
+
 # --- checkpoints ---------------------------------------------------------------------------
 
 FORMAT = "fastadam-sharded-checkpoint"
@@ -512,38 +612,49 @@ def save(opt: ShardedAdam, directory: Any) -> None:
     """Write ``opt``'s sharded state into ``directory`` (collective; see the module docstring).
 
     Each rank writes its shard atomically (``shard-<id>-<rank>.npz``); then rank 0 writes
-    ``index.npz``, the commit, and removes the shard files of any other checkpoint. If any
-    rank fails, every rank raises (OSError) and the previous checkpoint stays as it was.
-    ``directory`` must be the same path on a file system every rank can reach.
+    ``index.npz``, the commit, and removes the files of the checkpoint it replaces: the
+    shards its index named, and shard files of interrupted saves (names fastadam makes,
+    whose header says they are fastadam shards). Nothing else in ``directory`` is ever
+    removed. If any rank fails, every rank raises (OSError; TypeError for a ``directory``
+    that is not a path) and the previous checkpoint stays as it was. ``directory`` must be
+    the same path on a file system every rank can reach.
     """
     _check_sharded(opt)
-    directory = os.fspath(directory)
     checkpoint_id = opt.comm.bcast(secrets.token_hex(8), root=0)
     state = opt.state
     start, stop = opt.shard
-    mine = os.path.join(directory, _shard_name(checkpoint_id, opt.rank))
-    error = None
+    mine = None
+    error: Optional[BaseException] = None
     try:
+        directory = os.fspath(directory)
+        mine = os.path.join(directory, _shard_name(checkpoint_id, opt.rank))
         os.makedirs(directory, exist_ok=True)
         write_npz_atomically(mine, {"format": SHARD_FORMAT, "version": VERSION, "id": checkpoint_id,
                                     "rank": opt.rank, "start": start, "stop": stop},
                              {f"state/0/{key}": value for key, value in state.items() if key != "step"})
-    except OSError as exc:
+    except Exception as exc:  # raised on every rank by _agree
         error = exc
     try:
         _agree(opt, error, "write its shard", OSError)
         if opt.rank == 0:
-            error = _commit(opt, directory, checkpoint_id)
+            try:
+                error = _commit(opt, directory, checkpoint_id)
+            except Exception as exc:  # (rank 0 alone: the others wait in _agree for it)
+                error = exc
         _agree(opt, error, "commit the checkpoint index", OSError)
     except OSError:
-        if os.path.exists(mine):  # an uncommitted shard: the old checkpoint stays valid
+        if mine is not None and os.path.exists(mine):  # uncommitted: the old checkpoint stays valid
             os.unlink(mine)
         raise
 
 
 def _commit(opt: ShardedAdam, directory: str, checkpoint_id: str) -> Optional[OSError]:
     """Rank 0: write the index naming this checkpoint's shards, then remove the shards of
-    the checkpoint it replaces (and of any interrupted save)."""
+    the checkpoint it replaces (and of any interrupted save): only files fastadam wrote."""
+    try:
+        replaced = _our_old_shards(directory, checkpoint_id)  # (read before the index changes)
+    except OSError:  # (an unlistable directory: nothing is removed)
+        replaced = []
     state = opt.state
     header = {
         "format": FORMAT, "version": VERSION, "id": checkpoint_id,
@@ -557,13 +668,42 @@ def _commit(opt: ShardedAdam, directory: str, checkpoint_id: str) -> Optional[OS
         write_npz_atomically(os.path.join(directory, INDEX), header, {})
     except OSError as exc:
         return exc
-    for name in os.listdir(directory):
-        if name.startswith("shard-") and not name.startswith(f"shard-{checkpoint_id}-"):
-            try:
-                os.unlink(os.path.join(directory, name))
-            except OSError:  # already gone, or not ours to remove: the checkpoint is valid
-                pass
+    for name in replaced:
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:  # already gone, or not ours to remove: the checkpoint is valid
+            pass
     return None
+
+
+_SHARD_NAME = re.compile(r"shard-([0-9a-f]{16})-([0-9]{5})\.npz")
+
+
+def _our_old_shards(directory: str, checkpoint_id: str) -> List[str]:
+    """The shard files in ``directory`` that fastadam wrote for another checkpoint: those
+    the current index names, and those of interrupted saves (a name :func:`_shard_name`
+    makes and a header that says so). Any other file is the user's, whatever its name
+    (a ``shard-*`` glob once deleted a user's ``shard-00000-of-00002.tar``: issue 19)."""
+    old: List[str] = []
+    try:
+        header, _ = read_npz(os.path.join(directory, INDEX), header_only=True)
+        if isinstance(header, dict) and header.get("format") == FORMAT:
+            old_id, count = header.get("id"), header.get("world_size")
+            if isinstance(old_id, str) and isinstance(count, int) and 0 < count < 100_000:
+                old = [_shard_name(old_id, rank) for rank in range(count)]
+    except (OSError, ValueError):  # no index yet, or not readable: nothing of it to remove
+        pass
+    for name in os.listdir(directory):
+        match = _SHARD_NAME.fullmatch(name)
+        if match and match.group(1) != checkpoint_id and name not in old:
+            try:
+                shard, _ = read_npz(os.path.join(directory, name), header_only=True)
+            except (OSError, ValueError):
+                continue
+            if isinstance(shard, dict) and shard.get("format") == SHARD_FORMAT and shard.get("id") == match.group(1):
+                old.append(name)
+    # (never the new checkpoint's, nor a name fastadam does not make)
+    return [name for name in old if (m := _SHARD_NAME.fullmatch(name)) and m.group(1) != checkpoint_id]
 
 
 def load(opt: ShardedAdam, directory: Any) -> None:
@@ -575,25 +715,37 @@ def load(opt: ShardedAdam, directory: Any) -> None:
     or mismatching one; then no rank changes anything.
     """
     _check_sharded(opt)
-    directory = os.fspath(directory)
+    path_error: Optional[TypeError] = None
+    try:
+        directory = os.fspath(directory)
+    except TypeError as exc:  # raised on every rank by _agree, below
+        path_error = exc
     header: Any = None
-    if opt.rank == 0:
+    if opt.rank == 0:  # every failure is broadcast: no rank may wait alone in bcast
         try:
+            if path_error is not None:
+                raise path_error
             header = _read_index(directory, opt)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, TypeError) as exc:
             header = exc
+        except Exception as exc:
+            header = ValueError(f"{directory!r}: unreadable checkpoint index ({exc!r})")
     header = opt.comm.bcast(header, root=0)
     if isinstance(header, BaseException):  # the same error on every rank
         raise header
     state_dict: Dict[str, Any] = {}
-    error = None
+    error: Optional[BaseException] = None
     try:
+        if path_error is not None:
+            raise path_error
         state_dict = _read_shard_state(directory, opt, header)
     except (OSError, ValueError, TypeError) as exc:
         error = exc
+    except Exception as exc:
+        error = ValueError(f"{directory!r}: unreadable checkpoint shard ({exc!r})")
     _agree(opt, error, "read its part of the checkpoint")
     opt._adam.load_state_dict(state_dict)
-    opt.skipped_steps = int(header.get("skipped_steps", 0))
+    opt.skipped_steps = header["skipped_steps"]
 
 
 def _read_index(directory: str, opt: ShardedAdam) -> Dict[str, Any]:
@@ -608,12 +760,28 @@ def _read_index(directory: str, opt: ShardedAdam) -> Dict[str, Any]:
     if header.get("total") != total or header.get("dtype") != dtype:
         raise ValueError(f"{path} holds state for {header.get('total')} x {header.get('dtype')} "
                          f"parameters, the optimizer has {total} x {dtype}")
-    bounds = header.get("bounds")
-    if (not isinstance(bounds, list) or len(bounds) != header.get("world_size")
+    bounds, world_size = header.get("bounds"), header.get("world_size")
+    if (not _is_count(world_size) or not isinstance(bounds, list) or len(bounds) != world_size
+            or not all(isinstance(b, list) and len(b) == 2 and all(_is_count(x) for x in b)
+                       and b[0] <= b[1] for b in bounds)
             or [b[0] for b in bounds[1:]] != [b[1] for b in bounds[:-1]]
             or not bounds or bounds[0][0] != 0 or bounds[-1][1] != total):
         raise ValueError(f"{path} has malformed shard bounds")
+    checkpoint_id = header.get("id")
+    if not isinstance(checkpoint_id, str) or not re.fullmatch(r"[0-9a-f]{16}", checkpoint_id):
+        raise ValueError(f"{path} has a malformed checkpoint id")
+    keys = header.get("state_keys")
+    if (not isinstance(keys, list) or not all(isinstance(k, str) for k in keys)
+            or not {"exp_avg", "exp_avg_sq"} <= set(keys) <= {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}):
+        raise ValueError(f"{path} has malformed state keys")
+    header.setdefault("skipped_steps", 0)
+    if not _is_count(header["skipped_steps"]):
+        raise ValueError(f"{path} has a malformed skipped_steps")
     return header
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
 
 
 def _read_shard_state(directory: str, opt: ShardedAdam, header: Dict[str, Any]) -> Dict[str, Any]:
@@ -642,6 +810,9 @@ def _read_shard_state(directory: str, opt: ShardedAdam, header: Dict[str, Any]) 
     arrays = {name: np.concatenate(parts) if parts else np.zeros(0, opt.params.dtype)
               for name, parts in pieces.items()}
     state_dict = _state_dict(opt._adam, header, arrays, os.path.join(directory, INDEX))
-    opt._adam.check_state_dict(state_dict)
+    try:
+        opt._adam.check_state_dict(state_dict)
+    except TypeError as exc:  # a header field of the wrong type: a damaged file
+        raise ValueError(f"{os.path.join(directory, INDEX)} has a malformed fastadam header ({exc})") from None
     return state_dict
 

@@ -37,6 +37,7 @@ from fastadam._validation import (
     as_array,
     check_at_least,
     check_flag,
+    check_grad_scale_range,
     check_group_hyperparameters,
     check_params,
     check_sequence,
@@ -188,7 +189,8 @@ class Adam:
             params = [params]
         params = tuple(check_sequence(params, f"{name}['params']", "buffers"))
         arrays = check_params(list(params), f"{name}['params']")
-        check_group_hyperparameters(group, name, 1)
+        dtypes = tuple(sorted({a.dtype for a in arrays}, key=str))
+        check_group_hyperparameters(group, name, 1, dtypes)
 
         group["params"] = params
         group["betas"] = tuple(group["betas"])
@@ -222,6 +224,8 @@ class Adam:
             hypers = self._hyperparameters()
             scale = 1.0 if grad_scale is None else check_at_least(grad_scale, "grad_scale", 0.0,
                                                                   strict=True)
+            if scale != 1.0:  # a normal number of every element type it divides
+                check_grad_scale_range(scale, self.engine.dtypes())
             applied = self.engine.step(check_sequence(grads, "grads", "buffers, one per param"),
                                        hypers, grad_scale=scale,
                                        num_threads=self._num_threads,
@@ -250,7 +254,8 @@ class Adam:
             if group.get("params") is not params:
                 raise ValueError(f"{name}['params'] was replaced or the groups reordered; the "
                                  "params of a group are fixed once added")
-            hypers.append(check_group_hyperparameters(group, name, self.engine.group_step(index)))
+            hypers.append(check_group_hyperparameters(group, name, self.engine.group_step(index),
+                                                      self.engine.group_dtypes(index)))
         return hypers
 
     # --- state -------------------------------------------------------------------------

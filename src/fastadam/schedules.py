@@ -132,7 +132,13 @@ class cosine(Schedule):
     """Cosine annealing from ``lr`` (step 1) to ``min_lr`` (step ``decay_steps + 1``).
 
     Without restarts it then stays at ``min_lr``. With ``restarts=True`` it starts over
-    (SGDR, Loshchilov & Hutter 2017), each period ``period_factor`` times longer.
+    (SGDR, Loshchilov & Hutter 2017), each period ``period_factor`` times longer: with
+    ``T = decay_steps`` and ``f = period_factor``, cycle k (from 0) starts after
+    ``T (1 + f + ... + f**(k-1))`` steps and lasts ``T f**k``; its first step has ``lr``.
+    The factor is the number as written: ``period_factor=1.1`` restarts after 100, 210
+    and 331 steps for T = 100, although the double nearest 1.1 is a little larger (a
+    cycle boundary computed in double precision within a relative 1e-9 of a whole
+    step is that step).
     """
 
     def __init__(self, lr: float, decay_steps: int, min_lr: float = 0.0, restarts: bool = False,
@@ -158,20 +164,49 @@ class cosine(Schedule):
         if self.restarts and self.period_factor == 1.0:
             elapsed = elapsed % period
         elif self.restarts:
-            # Periods T, fT, f^2 T, ...: the cycle k holding `elapsed` starts at
-            # T (f^k - 1) / (f - 1); closed form, so a call costs O(1) at any step.
-            f = self.period_factor
-            k = math.floor(math.log1p(elapsed * (f - 1.0) / period) / math.log(f))
-            start = period * (f**k - 1.0) / (f - 1.0)
-            if start > elapsed:  # guard the floor against rounding at a boundary
-                k -= 1
-                start = period * (f**k - 1.0) / (f - 1.0)
-            elapsed, period = elapsed - start, period * f**k
-            if elapsed >= period:
-                elapsed, period = elapsed - period, period * f
+            elapsed, period = self._position_in_cycle(elapsed, period)
         else:
             elapsed = min(elapsed, period)
         return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * elapsed / period))
+
+    # A cycle boundary this close (relative) to a whole number of steps is that step.
+    BOUNDARY_TOLERANCE = 1e-9
+
+    def _position_in_cycle(self, elapsed: float, period: float) -> tuple:
+        """(steps into the current cycle, its length) for periods T, fT, f^2 T, ...: cycle
+        k starts at S_k = T (f^k - 1) / (f - 1). Closed form, so a call costs O(1) at any
+        step; then k is moved (by one, at most a few times) until S_k <= elapsed <
+        S_{k+1}, each comparison with the boundary tolerance. Without it, rounding put step
+        332 of cosine(T=100, f=1.1) at the very end of cycle 2 (rate 0.0) instead of the
+        start of cycle 3 (rate lr): S_3 = 331.00000000000006 in doubles (issue 19, item 8)."""
+        f = self.period_factor
+
+        def power(k: int) -> float:
+            try:
+                return f**k
+            except OverflowError:  # (Python's float power raises where C's gives inf)
+                return math.inf
+
+        def start(k: int) -> float:
+            return period * (power(k) - 1.0) / (f - 1.0)
+
+        def reached(boundary: float) -> bool:
+            return elapsed >= boundary - self.BOUNDARY_TOLERANCE * max(1.0, boundary)
+
+        x = elapsed / period * (f - 1.0)
+        estimate = (math.log1p(x) if math.isfinite(x)  # (else in logs: a huge factor)
+                    else math.log(elapsed / period) + math.log(f - 1.0)) / math.log(f)
+        k = max(0, math.floor(estimate))
+        for _ in range(64):  # the estimate is off by one at most, in practice
+            if k > 0 and not reached(start(k)):
+                k -= 1
+            elif reached(start(k + 1)):
+                k += 1
+            else:
+                break
+        # A boundary just above a whole step, reached by the tolerance, gives a start a
+        # hair above elapsed: the cycle's first step is then exactly 0 steps in.
+        return max(0.0, elapsed - start(k)), period * power(k)
 
 
 class linear_warmup(Schedule):

@@ -76,6 +76,7 @@ from fastadam._threads import NumThreadsAttribute
 from fastadam._torch_gather import Gather
 from fastadam._validation import (
     Hyperparameters,
+    check_grad_scale_range,
     check_group_hyperparameters,
     check_numerics,
     check_step_count,
@@ -434,6 +435,8 @@ class _Registry:
                 if problem is not None:
                     raise problem
         hypers = self._hyperparameters(opt)
+        if grad_scale != 1.0:  # a normal number of every element type it divides
+            check_grad_scale_range(grad_scale, self.engine.dtypes())
         if not self.stale and opt.state is self.watched and opt.state.edits == self.edits:
             first_irregular, active = self.gather.run(self.addresses)
             if first_irregular < 0:
@@ -449,7 +452,8 @@ class _Registry:
 
     def _hyperparameters(self, opt: Adam) -> List[Hyperparameters]:
         return [check_group_hyperparameters(_fastadam_group(group, opt.numerics),
-                                            f"param_groups[{g}]", self.engine.group_step(g))
+                                            f"param_groups[{g}]", self.engine.group_step(g),
+                                            self.engine.group_dtypes(g))
                 for g, group in enumerate(opt.param_groups)]
 
     def _general_step(self, opt: Adam, hypers: List[Hyperparameters], grad_scale: float) -> None:
