@@ -535,3 +535,43 @@ def test_empty_tensor_sharing_an_address_does_not_borrow_another_groups_settings
     opt.step([np.ones(4), np.ones(0), np.ones(4)])
     np.testing.assert_allclose(base[:4], -0.1, rtol=1e-6)
     np.testing.assert_array_equal(base[4:], 0.0)  # lr 0: unchanged
+
+
+# --- issue 19, items 7 and 9 (the engine's part) ----------------------------------------------
+
+def test_a_parameter_that_is_the_optimizers_own_state_is_refused():
+    # add_param_group accepted a parameter that was another parameter's live exp_avg, and
+    # the results were wrong: the engine's overlap check covers the memory it owns.
+    param = np.ones(8, np.float32)
+    opt = fastadam.Adam([param], lr=0.1)
+    opt.step([np.ones(8, np.float32)])
+    for key in ("exp_avg", "exp_avg_sq"):
+        with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\] overlaps the "
+                                             rf"optimizer's {key} of param_groups\[0\]"):
+            opt.add_param_group({"params": [opt.state[0][key]]})
+    assert len(opt.param_groups) == 1 and len(opt.state) == 1  # nothing was added
+
+
+@pytest.mark.parametrize("copy_kind", ["deepcopy", "pickle"])
+def test_a_copy_of_an_optimizer_over_foreign_buffers_updates_its_own_buffers(copy_kind):
+    # A copy of fastadam.Adam over array.array parameters: the copy's param_groups hold
+    # copies of the buffers, and the copy updates exactly those (it used to update a
+    # private array and leave its own param_groups unchanged); the original is untouched.
+    import array
+    import copy
+    import pickle
+
+    param = array.array("f", [1.0] * 8)
+    opt = fastadam.Adam([param], lr=0.1)
+    opt.step([np.ones(8, np.float32)])
+    clone = copy.deepcopy(opt) if copy_kind == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    theirs = clone.param_groups[0]["params"][0]
+    assert isinstance(theirs, array.array) and theirs is not param
+    before = list(param)
+    clone.step([np.ones(8, np.float32)])
+    assert list(param) == before  # the original's buffer: untouched
+    reference = array.array("f", before)
+    twin = fastadam.Adam([reference], lr=0.1)
+    twin.load_state_dict(opt.state_dict())
+    twin.step([np.ones(8, np.float32)])
+    assert list(theirs) == list(reference) != before  # the copy's own buffer moved
