@@ -340,7 +340,7 @@ def test_amsgrad_with_a_nan_second_moment_but_finite_gradients_is_as_documented(
     # Issue 19, item 10 (RELIABILITY.md's NaN paragraph claimed the param is NaN in both
     # libraries; here it is not). AMSGrad, beta2=0, float32: at step 1, g*g overflows, so
     # v = vmax = Inf and the step is m / Inf = 0; at step 2, v = Inf * 0 + g*g = NaN with a
-    # finite gradient, and m is finite. DESIGN.md's "vmax = v if vmax < v else vmax" keeps
+    # finite gradient, and m is finite. docs/design.md's "vmax = v if vmax < v else vmax" keeps
     # vmax = Inf: the step is 0 again and the param stays 1.0 (and stays put while vmax is
     # Inf). torch's fused kernel does that in its scalar tail (std::max), but its
     # vectorized body stores vmax = maximum(Inf, NaN) = NaN and the param becomes NaN.
@@ -352,7 +352,7 @@ def test_amsgrad_with_a_nan_second_moment_but_finite_gradients_is_as_documented(
         grad = np.full(size, g, np.float32)
         expected = formula_in_dtype(*ours[:1], grad, *ours[1:], step=step, lr=0.1, beta2=0.0)
         ours = fastadam_step(ours[0], grad, ours[1], ours[2], ours[3], step=step, lr=0.1, beta2=0.0)
-        assert_same_bits_nan_aside(ours, expected)  # DESIGN.md's arithmetic, bit for bit
+        assert_same_bits_nan_aside(ours, expected)  # docs/design.md's arithmetic, bit for bit
         theirs = torch_fused_step(theirs[0], grad, theirs[1], theirs[2], theirs[3], step=step,
                                   lr=0.1, beta2=0.0)
     p, m, v, vmax = ours
