@@ -76,6 +76,8 @@ from fastadam._threads import NumThreadsAttribute
 from fastadam._torch_gather import Gather
 from fastadam._validation import (
     Hyperparameters,
+    check_call_hyperparameters,
+    check_element_type_range,
     check_grad_scale_range,
     check_group_hyperparameters,
     check_numerics,
@@ -451,10 +453,29 @@ class _Registry:
         self._general_step(opt, hypers, grad_scale)
 
     def _hyperparameters(self, opt: Adam) -> List[Hyperparameters]:
-        return [check_group_hyperparameters(_fastadam_group(group, opt.numerics),
-                                            f"param_groups[{g}]", self.engine.group_step(g),
-                                            self.engine.group_dtypes(g))
+        return [self._group_hyperparameters(opt, g, group)
                 for g, group in enumerate(opt.param_groups)]
+
+    def _group_hyperparameters(self, opt: Adam, g: int, group: Dict[str, Any]) -> Hyperparameters:
+        """A group's record for this step. Plain Python numbers seen valid before take
+        adam_step's remembered check (validity only: the record holds the values given);
+        anything else, and any value that fails, takes the full check, which names it."""
+        step, dtypes = self.engine.group_step(g), self.engine.group_dtypes(g)
+        betas = group["betas"]
+        if type(betas) in (tuple, list) and len(betas) == 2:
+            lr, beta1, beta2, eps, weight_decay = (
+                _plain_float(v) for v in (group["lr"], betas[0], betas[1], group["eps"],
+                                          group["weight_decay"]))
+            try:
+                record = check_call_hyperparameters(
+                    lr, beta1, beta2, eps, weight_decay, group.get("decoupled_weight_decay", False),
+                    group["amsgrad"], group["maximize"], False, 0.0, opt.numerics)
+                check_element_type_range(record, dtypes, f"param_groups[{g}]", step)
+                return record
+            except (TypeError, ValueError):
+                pass  # the full check below raises with the group's names
+        return check_group_hyperparameters(_fastadam_group(group, opt.numerics),
+                                           f"param_groups[{g}]", step, dtypes)
 
     def _general_step(self, opt: Adam, hypers: List[Hyperparameters], grad_scale: float) -> None:
         """The step for everything the compiled gather does not take: parameters whose
@@ -588,6 +609,12 @@ class _Registry:
         entry = (state, keys) + tensors
         self.published[i] = entry
         self.gather.publish(i, entry)
+
+
+def _plain_float(value: Any) -> Any:
+    """An int (torch's default weight_decay is 0) as the float it stands for; anything
+    else as it is (a bool stays a bool, to be refused; a tensor lr takes the full check)."""
+    return float(value) if type(value) is int else value
 
 
 def _holds(entry: tuple) -> bool:
