@@ -7,8 +7,6 @@ from typing_extensions import disjoint_base
 
 from fastadam._validation import Hyperparameters
 
-Gradient = Union[None, np.ndarray, tuple[np.ndarray, np.ndarray]]
-
 @disjoint_base
 class AdamTable:
     # A cdef class: its arguments go to __cinit__, which Cython runs from __new__.
@@ -25,12 +23,12 @@ class AdamTable:
     def runs(self) -> list[tuple[int, int]]: ...
     @property
     def records_in_last_pass(self) -> int: ...
-    def count_nonfinite(self, grads: list[Gradient], num_threads: int) -> int: ...
+    def count_nonfinite(self, grads: list[Union[None, np.ndarray, tuple[np.ndarray, np.ndarray]]], num_threads: int) -> int: ...
     def count_nonfinite_pointers(self, addresses: np.ndarray, num_threads: int) -> int: ...
     def active_elements(self) -> int: ...
     def step(
         self,
-        grads: list[Gradient],
+        grads: list[Union[None, np.ndarray, tuple[np.ndarray, np.ndarray]]],
         hypers: list[Hyperparameters],
         grad_scale: float,
         num_threads: int,
