@@ -135,14 +135,14 @@ class Adam(keras.optimizers.Adam):
             ordered = [grads[i] for i in order]
             first_irregular, active = gather.run(addresses, ordered)
             if first_irregular >= 0:  # a variable moved, or a gradient the loop does not take
-                self._general_update(ordered, trainable_variables, learning_rate, hypers)
+                self._general_update(grads, trainable_variables, learning_rate, hypers)
                 return
             engine.steps.fill(int(self.iterations))  # Keras's t is iterations + 1, for every variable
             engine.step_pointers(addresses, active, hypers, grad_scale=1.0,
                                  num_threads=self.num_threads)
         self.kernel_steps += 1
 
-    def _general_update(self, ordered: List[Any], variables: List[Any], learning_rate: Any,
+    def _general_update(self, grads: List[Any], variables: List[Any], learning_rate: Any,
                         hypers: List[Any]) -> None:
         """The update with every check by name: the engine is rebuilt over the variables'
         memory as it is now, or, where the kernels cannot update them any more, Keras's
@@ -153,21 +153,15 @@ class Adam(keras.optimizers.Adam):
         table = self._kernel_table(variables)
         if table is None:
             super()._apply_weight_decay(variables)
-            super()._backend_update_step([g for _, g in sorted(zip(self._order_of(variables),
-                                                                     ordered))],
-                                         variables, learning_rate)
+            super()._backend_update_step(grads, variables, learning_rate)
             return
-        engine, order, _, _ = table
+        engine, order, _, _ = table  # (the rebuilt table's order)
         engine.steps.fill(int(self.iterations))
-        engine.step([torch.as_tensor(g).detach().contiguous().numpy() for g in ordered],
+        engine.step([torch.as_tensor(grads[i]).detach().contiguous().numpy() for i in order],
                     hypers, grad_scale=1.0, num_threads=self.num_threads,
                     names=[f"the gradient of {variables[i].path}" for i in order])
         self.kernel_steps += 1
 
-    def _order_of(self, variables: List[Any]) -> List[int]:
-        """The engine's order of the variables: no weight decay first (stable)."""
-        decayed = [self.weight_decay is not None and self._use_weight_decay(v) for v in variables]
-        return sorted(range(len(variables)), key=lambda i: decayed[i])
 
     def _kernel_table(self, variables: List[Any]) -> Optional[tuple]:
         """(engine, order, gather, addresses) over these variables, with Keras's moment
@@ -194,8 +188,8 @@ class Adam(keras.optimizers.Adam):
         from fastadam._torch_gather import Gather
 
         # Group 0: no weight decay; group 1: decayed (Keras's per-variable exclusions).
-        order = self._order_of(variables)
         decayed = [self.weight_decay is not None and self._use_weight_decay(v) for v in variables]
+        order = sorted(range(len(variables)), key=lambda i: decayed[i])  # stable: groups contiguous
 
         def view(variable: Any) -> Any:
             return variable.value.detach().numpy()
