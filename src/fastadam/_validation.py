@@ -246,6 +246,9 @@ def check_row_grad(param: np.ndarray, rows: Any, values: Any, name: str, rows_na
     if param.ndim == 0:
         raise ValueError(f"{name} is row-sparse, which needs a param with rows (its first "
                          "axis), got a 0-d param")
+    if param.itemsize == 2:
+        raise TypeError(f"{name} is row-sparse, which fastadam updates for float32 and float64 "
+                        f"params, got a {type_name(param.dtype)} param")
     indices = check_rows(rows, param.shape[0], rows_name)
     array = as_array(values, values_name, writable=False, flatten=False)
     if array.dtype != param.dtype:
@@ -565,6 +568,14 @@ def check_params(params: list, name: str) -> list:
                 "updated in place, got an unaligned buffer"
             )
     return arrays
+
+
+def check_master_weights(arrays: Any, names: Any) -> None:
+    """Master weights are for bfloat16 and float16 params (TypeError otherwise)."""
+    for array, name in zip(arrays, names):
+        if array.itemsize != 2:
+            raise TypeError(f"master_weights is for bfloat16 and float16 params, but {name} is "
+                            f"{type_name(array.dtype)}: a float32 or float64 param is its own master")
 
 
 def check_no_overlap(arrays: list, names: list) -> None:
