@@ -43,6 +43,7 @@ from fastadam._rows import sum_duplicate_rows
 from fastadam._table import AdamTable
 from fastadam._threads import threads_for
 from fastadam._validation import (
+    BFLOAT16_BITS,
     MAX_STEP,
     Hyperparameters,
     check_grads,
@@ -140,6 +141,8 @@ class Engine:
                 f"{array.dtype.name} {array.shape} after the optimizer had state for it; the "
                 "state no longer fits: convert the model before creating the optimizer, or "
                 "create a new one")
+        if self.master[i]:
+            check_master_weights([array], [self.names[i]])
         others = [j for j in range(len(self.params)) if j != i]
         check_no_overlap(
             [self.params[j].reshape(-1) for j in others] + self._state_arrays() + [array.reshape(-1)],
@@ -200,7 +203,7 @@ class Engine:
                     size = self.params[i].size
                     self.state[i][key] = block[offset:offset + size]
                     if key == "master_param":
-                        self.state[i][key][...] = self.params[i].reshape(-1).astype(MASTER_DTYPE)
+                        self.state[i][key][...] = _as_float32(self.params[i].reshape(-1))
                     offset += size
                 if key == "exp_avg":
                     self._without_moments -= len(members)
@@ -227,7 +230,7 @@ class Engine:
             if key in arrays:
                 np.copyto(array, np.asarray(arrays[key]).reshape(-1))
             elif key == "master_param":  # a state saved without one: the param's values
-                array[...] = self.params[i].reshape(-1).astype(MASTER_DTYPE)
+                array[...] = _as_float32(self.params[i].reshape(-1))
             else:
                 array.fill(0)
         self.steps[i] = step
@@ -240,7 +243,7 @@ class Engine:
         for i, state in enumerate(self.state):
             for key, array in state.items():
                 if key == "master_param":
-                    array[...] = self.params[i].reshape(-1).astype(MASTER_DTYPE)
+                    array[...] = _as_float32(self.params[i].reshape(-1))
                 else:
                     array.fill(0)
         self.steps.fill(0)
@@ -380,6 +383,13 @@ class Engine:
     def table(self) -> AdamTable:
         """The kernel table over the current tensors (its runs, its last pass's records)."""
         return self._table_as_is()
+
+
+def _as_float32(array: np.ndarray) -> np.ndarray:
+    """A 16-bit array's values in float32 (exact): a master copy's starting point."""
+    if array.dtype == BFLOAT16_BITS:  # the bits of bfloat16 are float32's high half
+        return (array.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return array.astype(MASTER_DTYPE)
 
 
 def _summed(grad: Tuple[np.ndarray, np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
