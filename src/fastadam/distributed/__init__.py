@@ -55,9 +55,9 @@ collective (every rank of ``comm`` calls them, in the same order); one ShardedAd
 be stepped from two threads at once.
 
 Errors on one rank. The constructor and ``step`` check everything first on each rank, then
-the ranks agree before any collective that can block (``_agree_on``: one all-reduce of a
-status and a fingerprint of the settings that must match: model size and dtype,
-collectives, hyperparameters, step count, ``grad_scale``, ``skip_if_nonfinite``). A bad
+the ranks agree before any collective that can block (``_collectives.agree_on``: one
+all-reduce of a status and a fingerprint of the settings that must match: model size and
+dtype, collectives, hyperparameters, step count, ``grad_scale``, ``skip_if_nonfinite``). A bad
 argument on one rank, or a setting that differs between ranks, raises on every rank,
 naming the rank (or each rank's values); no rank is left waiting in a collective.
 :func:`save` and :func:`load` likewise raise on every rank when one rank fails.

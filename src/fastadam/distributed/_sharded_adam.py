@@ -62,7 +62,8 @@ class ShardedAdam:
         several ranks on one machine, give each rank its share of the cores.
     collectives : {"fastadam", "mpi"}
         fastadam's reduce-scatter (rank-order sums: bit-identical to one process) and ring
-        all-gather, or MPI's ``Reduce_scatter`` and ``Allgatherv`` (module docstring).
+        all-gather, or MPI's ``Reduce_scatter`` and ``Allgatherv`` (see
+        :mod:`fastadam.distributed`).
 
     Attributes
     ----------
