@@ -1,7 +1,7 @@
 """``ShardedAdam``: the front end of :mod:`fastadam.distributed` (see there for the whole
 story). It checks its arguments, has the ranks agree, and runs a step's three phases:
-the reduce-scatter and the all-gather are :mod:`._collectives`' (:class:`ShardExchange`),
-the update is a :class:`fastadam.Adam` over this rank's shard."""
+the reduce-scatter and the all-gather are ``_collectives.ShardExchange``'s, the update is
+a :class:`fastadam.Adam` over this rank's shard."""
 
 from __future__ import annotations
 
