@@ -46,7 +46,7 @@ from hypothesis import HealthCheck, assume, event, given, note, settings
 from hypothesis import strategies as st
 
 import fastadam
-from fastadam import checkpoint
+from fastadam import _npz
 
 from reference import adam_reference as _adam_reference
 
@@ -1122,8 +1122,8 @@ def test_load_damaged_checkpoints(tmp_path_factory, case):
     fastadam.save(opt, path)
     saved = optimizer_state(opt)
     if compression == "deflated":
-        header, arrays = checkpoint.read_npz(str(path))
-        np.savez_compressed(path, **arrays, **{checkpoint.HEADER: np.array(json.dumps(header))})
+        header, arrays = _npz.read_npz(str(path))
+        np.savez_compressed(path, **arrays, **{_npz.HEADER: np.array(json.dumps(header))})
     data = bytearray(path.read_bytes())
     for position, value in flips:
         data[int(position * len(data))] = value
