@@ -9,10 +9,8 @@
  *  - float32 -> bfloat16 rounds to nearest even, as c10::BFloat16 and ATen's vector
  *    conversion do; a NaN becomes the NaN the caller names (ATen's scalar code writes
  *    0x7FC0, its AVX2/AVX-512 vector code 0xFFFF).
- *  - float16 <-> float32: IEEE conversions, round to nearest even. With F16C (the avx2 and
- *    avx512 levels) they compile to vcvtph2ps/vcvtps2ph; elsewhere to the integer and
- *    float sequence of c10's fp16_ieee_from_fp32_value / fp16_ieee_to_fp32_value (the
- *    FP16 library). A float32 NaN becomes the canonical 0x7E00 (with its sign) on both.
+ *  - float16 <-> float32: IEEE conversions, round to nearest even, by c10's own integer
+ *    and float sequence (below); a float32 NaN becomes 0x7E00 with its sign, as in c10.
  *  - stochastic rounding to bfloat16 adds 16 random bits below the kept ones and
  *    truncates: rounds away from zero with probability equal to the dropped fraction.
  *    The random bits come from a counter-based hash of (key, element index), so they do
@@ -21,7 +19,6 @@
 #ifndef FASTADAM_CONVERT_H
 #define FASTADAM_CONVERT_H
 
-#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -55,36 +52,34 @@ static inline uint16_t fa_f32_to_bf16_stochastic(float f, uint32_t random16) {
     return f != f ? (uint16_t)0x7fc0u : (uint16_t)((u + random16) >> 16);
 }
 
-#if defined(__F16C__) && defined(__GNUC__)
-static inline float fa_f16_to_f32(uint16_t h) {
-    _Float16 x; memcpy(&x, &h, 2); return (float)x;
-}
-static inline uint16_t fa_f32_to_f16(float f) {
-    _Float16 x = (_Float16)f; uint16_t h; memcpy(&h, &x, 2);
-    return f != f ? (uint16_t)(((fa_bits_of_float(f) >> 16) & 0x8000u) | 0x7e00u) : h;
-}
-#else
+/* float16 <-> float32: c10's fp16_ieee_to_fp32_value / fp16_ieee_from_fp32_value (the
+ * FP16 library), with their two branches written as masks so that GCC vectorizes them at
+ * every level (GCC 12 does not vectorize _Float16 conversions without AVX512-FP16, so
+ * F16C's vcvtph2ps/vcvtps2ph would only be reached one element at a time). */
 static inline float fa_f16_to_f32(uint16_t h) {
     const uint32_t w = (uint32_t)h << 16;
     const uint32_t sign = w & 0x80000000u;
     const uint32_t two_w = w + w;
-    const float normalized = fa_float_from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-    const float denormalized = fa_float_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
-    return fa_float_from_bits(sign | (two_w < (1u << 27) ? fa_bits_of_float(denormalized)
-                                                          : fa_bits_of_float(normalized)));
+    const uint32_t normalized =
+        fa_bits_of_float(fa_float_from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f);
+    const uint32_t denormalized =
+        fa_bits_of_float(fa_float_from_bits((two_w >> 17) | (126u << 23)) - 0.5f);
+    const uint32_t is_denormal = 0u - (uint32_t)(two_w < (1u << 27));
+    return fa_float_from_bits(sign | (denormalized & is_denormal) | (normalized & ~is_denormal));
 }
+
 static inline uint16_t fa_f32_to_f16(float f) {
-    float base = (fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
     const uint32_t w = fa_bits_of_float(f);
     const uint32_t shl1_w = w + w;
     const uint32_t sign = w & 0x80000000u;
+    float base = fa_float_from_bits(w & 0x7fffffffu) * 0x1.0p+112f * 0x1.0p-110f;
     uint32_t bias = shl1_w & 0xFF000000u;
-    if (bias < 0x71000000u) bias = 0x71000000u;
+    bias = bias > 0x71000000u ? bias : 0x71000000u;
     base = fa_float_from_bits((bias >> 1) + 0x07800000u) + base;
     const uint32_t bits = fa_bits_of_float(base);
     const uint32_t nonsign = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
-    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+    const uint32_t is_nan = 0u - (uint32_t)(shl1_w > 0xFF000000u);
+    return (uint16_t)((sign >> 16) | (0x7E00u & is_nan) | (nonsign & ~is_nan));
 }
-#endif
 
 #endif
