@@ -284,6 +284,8 @@ class Adam(Optimizer):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         with self._lock:
             super().load_state_dict(state_dict)
+            if self.master_weights:
+                self._keep_float32_state(state_dict)
             # torch keeps the loaded tensors themselves (no copy when dtype and device
             # match): take a snapshot, so the source's later steps cannot leak in. The
             # next step copies the values into the engine.
@@ -291,6 +293,19 @@ class Adam(Optimizer):
                 if isinstance(state, dict):
                     self.state[key] = {k: v.clone() if isinstance(v, torch.Tensor) else v
                                        for k, v in state.items()}
+
+    def _keep_float32_state(self, state_dict: Dict[str, Any]) -> None:
+        """Undo torch's cast of loaded state to each parameter's dtype (bfloat16 here):
+        master weights and their moments are float32, and must load bit for bit."""
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if not isinstance(saved, dict) or not isinstance(self.state.get(p), dict):
+                continue
+            for key in STATE_KEYS:
+                if isinstance(saved.get(key), torch.Tensor):
+                    self.state[p][key] = saved[key].detach().to(device="cpu")
 
     def state_dict(self) -> Dict[str, Any]:
         state_dict = super().state_dict()
