@@ -40,11 +40,18 @@ def run_block(code, cwd, name):
     return result.stdout
 
 
-def test_readme_has_numpy_pytorch_and_keras_examples():
+def test_readme_has_numpy_pytorch_keras_and_mixed_precision_examples():
     blocks = python_blocks(README)
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     assert "import fastadam\n" in blocks[0] and "import fastadam.torch" in blocks[1]
     assert "import fastadam.keras" in blocks[2]
+    assert "master_weights=True" in blocks[3]
+
+
+def test_readme_mixed_precision_example_learns(tmp_path):
+    out = run_block(python_blocks(README)[3], tmp_path, "README's mixed-precision example")
+    assert float(out.split("loss ")[1].split()[0]) < 0.1
+    assert out.strip().endswith("torch.float32")
 
 
 def test_readme_numpy_example_learns(tmp_path):
