@@ -65,6 +65,7 @@ def hf_trainer(model, tmp_path, name, **trainer_kwargs):
     transformers = pytest.importorskip("transformers")
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / name), max_steps=STEPS, per_device_train_batch_size=4,
+        optim="adamw_torch_fused",  # TrainingArguments' default with torch >= 2.8
         learning_rate=3e-3, weight_decay=0.1, lr_scheduler_type="linear", warmup_steps=1,
         seed=0, use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no",
         disable_tqdm=True, dataloader_num_workers=0)
@@ -81,7 +82,6 @@ def test_hf_trainer_optimizer_cls_and_kwargs_is_bit_identical_to_its_fused_adamw
     transformers = pytest.importorskip("transformers")
     model = tiny_gpt2()
     reference = hf_trainer(copy.deepcopy(model), tmp_path, "torch")
-    assert reference.args.optim == "adamw_torch_fused"  # Trainer's own default
     want = trained_parameters(reference)
     assert type(optimizer_under(reference.optimizer)) is torch.optim.AdamW
 
@@ -124,3 +124,136 @@ def test_hf_trainer_optimizers_tuple_with_its_decay_groups_is_bit_identical(tmp_
     steps = StepCounter(optimizer)
     assert_same_bits(trained_parameters(trainer), want)
     assert steps.count == STEPS and optimizer_under(trainer.optimizer) is optimizer
+
+
+# PyTorch Lightning
+
+def lightning_module(optimizer_cls, **optimizer_kwargs):
+    """A small classifier whose configure_optimizers returns ``optimizer_cls``."""
+    pl = pytest.importorskip("lightning.pytorch")
+
+    class Classifier(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(),
+                                           torch.nn.Linear(32, 3))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return optimizer_cls(self.parameters(), **optimizer_kwargs)
+
+    return Classifier()
+
+
+def lightning_data():
+    gen = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 10, generator=gen),
+                                          torch.randint(0, 3, (64,), generator=gen))
+    return torch.utils.data.DataLoader(data, batch_size=32)  # 2 steps an epoch, in order
+
+
+def lightning_fit(module, tmp_path, epochs, ckpt_path=None):
+    pl = pytest.importorskip("lightning.pytorch")
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(module, lightning_data(), ckpt_path=ckpt_path)
+    return trainer
+
+
+def module_parameters(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"weight_decay": 0.1, "amsgrad": True}],
+                         ids=["plain", "l2-amsgrad"])
+def test_lightning_configure_optimizers_is_bit_identical_to_torch_fused_adam(tmp_path, kwargs):
+    reference = lightning_module(torch.optim.Adam, lr=1e-2, fused=True, **kwargs)
+    lightning_fit(reference, tmp_path, epochs=2)
+
+    module = lightning_module(ft.Adam, lr=1e-2, **kwargs)
+    trainer = lightning_fit(module, tmp_path, epochs=2)
+    optimizer = optimizer_under(trainer.optimizers[0])
+    assert type(optimizer) is ft.Adam
+    assert trainer.global_step == 4 and int(optimizer.state[module.net[0].weight]["step"]) == 4
+    assert_same_bits(module_parameters(module), module_parameters(reference))
+
+
+def test_lightning_checkpoint_resume_continues_bit_identically(tmp_path):
+    straight = lightning_module(ft.Adam, lr=1e-2)
+    lightning_fit(straight, tmp_path, epochs=2)
+
+    first = lightning_module(ft.Adam, lr=1e-2)
+    trainer = lightning_fit(first, tmp_path, epochs=1)
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    resumed = lightning_module(ft.Adam, lr=1e-2)  # a fresh model and optimizer
+    trainer = lightning_fit(resumed, tmp_path, epochs=2, ckpt_path=tmp_path / "epoch1.ckpt")
+    optimizer = optimizer_under(trainer.optimizers[0])
+    assert type(optimizer) is ft.Adam
+    assert int(optimizer.state[resumed.net[0].weight]["step"]) == 4  # the moments went on too
+    assert_same_bits(module_parameters(resumed), module_parameters(straight))
+
+
+# timm
+
+def timm_or_skip():
+    try:
+        import timm
+        import timm.optim
+    except ImportError as exc:
+        pytest.skip(f"timm is not installed or lacks a dependency: {exc}")
+    except RuntimeError as exc:  # torchvision 0.28 fails so when its compiled ops don't load
+        pytest.skip("timm needs torchvision, which does not import beside this torch (PyPI's "
+                    f"torchvision is a CUDA build; docs/guide/pytorch.md): {exc}")
+    return timm
+
+
+def fastadam_registry(timm):
+    """The recipe of docs/guide/pytorch.md: a timm OptimizerRegistry of fastadam's classes
+    under timm's names, so `registry.create_optimizer` takes what `create_optimizer_v2` does."""
+    registry = timm.optim.OptimizerRegistry()
+    registry.register(timm.optim.OptimInfo("adam", ft.Adam, "fastadam.torch.Adam",
+                                           has_betas=True))
+    registry.register(timm.optim.OptimInfo("adamw", ft.AdamW, "fastadam.torch.AdamW",
+                                           has_betas=True))
+    return registry
+
+
+def train_on_images(model, optimizer, steps=3):
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x, y = torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 3, (4,), generator=gen)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("opt, cls", [("adamw", "AdamW"), ("adam", "Adam")])
+@pytest.mark.parametrize("grouping", [{}, {"layer_decay": 0.75}], ids=["decay", "layer-decay"])
+def test_timm_registry_of_fastadam_is_create_optimizer_v2_bit_for_bit(opt, cls, grouping):
+    timm = timm_or_skip()
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", img_size=32, num_classes=3)  # no_weight_decay()
+    reference_model = copy.deepcopy(model)
+    kwargs = dict(lr=1e-3, weight_decay=0.05, fused=True, **grouping)
+    reference = timm.optim.create_optimizer_v2(reference_model, opt, **kwargs)
+    assert type(reference) is getattr(torch.optim, cls)
+
+    optimizer = fastadam_registry(timm).create_optimizer(model, opt, **kwargs)
+    assert type(optimizer) is getattr(ft, cls)
+    names = {id(p): n for n, p in model.named_parameters()}
+    reference_names = {id(p): n for n, p in reference_model.named_parameters()}
+    assert len(optimizer.param_groups) == len(reference.param_groups) > 1
+    for group, want in zip(optimizer.param_groups, reference.param_groups):
+        assert [names[id(p)] for p in group["params"]] == \
+            [reference_names[id(p)] for p in want["params"]]
+        assert {k: v for k, v in group.items() if k != "params"} == \
+            {k: v for k, v in want.items() if k != "params"}
+    steps = StepCounter(optimizer)
+    assert_same_bits(train_on_images(model, optimizer), train_on_images(reference_model, reference))
+    assert steps.count == 3
