@@ -61,20 +61,22 @@ def token_dataset(n=32, length=16):
     return [{"input_ids": row, "labels": row} for row in ids]
 
 
-def hf_trainer(model, tmp_path, name, **trainer_kwargs):
+def hf_trainer(model, tmp_path, name, save_steps=None, **trainer_kwargs):
     transformers = pytest.importorskip("transformers")
+    saving = {"save_strategy": "no"} if save_steps is None else \
+        {"save_strategy": "steps", "save_steps": save_steps}
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / name), max_steps=STEPS, per_device_train_batch_size=4,
         optim="adamw_torch_fused",  # TrainingArguments' default with torch >= 2.8
         learning_rate=3e-3, weight_decay=0.1, lr_scheduler_type="linear", warmup_steps=1,
-        seed=0, use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no",
-        disable_tqdm=True, dataloader_num_workers=0)
+        seed=0, use_cpu=True, report_to=[], logging_strategy="no", disable_tqdm=True,
+        dataloader_num_workers=0, **saving)
     return transformers.Trainer(model=model, args=args, train_dataset=token_dataset(),
                                 **trainer_kwargs)
 
 
-def trained_parameters(trainer):
-    trainer.train()
+def trained_parameters(trainer, **train_kwargs):
+    trainer.train(**train_kwargs)
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
 
 
@@ -124,6 +126,25 @@ def test_hf_trainer_optimizers_tuple_with_its_decay_groups_is_bit_identical(tmp_
     steps = StepCounter(optimizer)
     assert_same_bits(trained_parameters(trainer), want)
     assert steps.count == STEPS and optimizer_under(trainer.optimizer) is optimizer
+
+
+def test_hf_trainer_resumes_fastadam_from_its_checkpoint_bit_identically(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = tiny_gpt2()
+    _, kwargs = transformers.Trainer.get_optimizer_cls_and_kwargs(
+        hf_trainer(copy.deepcopy(model), tmp_path, "args").args)
+    recipe = {"optimizer_cls_and_kwargs": (ft.AdamW, kwargs)}
+    straight = trained_parameters(hf_trainer(copy.deepcopy(model), tmp_path, "straight",
+                                             **recipe))
+    hf_trainer(copy.deepcopy(model), tmp_path, "saved", save_steps=STEPS // 2, **recipe).train()
+    checkpoint = tmp_path / "saved" / f"checkpoint-{STEPS // 2}"
+    assert (checkpoint / "optimizer.pt").exists()  # fastadam's state_dict(), torch.save'd
+    trainer = hf_trainer(copy.deepcopy(model), tmp_path, "resumed", **recipe)
+    resumed = trained_parameters(trainer, resume_from_checkpoint=str(checkpoint))
+    optimizer = optimizer_under(trainer.optimizer)
+    assert type(optimizer) is ft.AdamW
+    assert {int(s["step"]) for s in optimizer.state.values()} == {STEPS}
+    assert_same_bits(resumed, straight)
 
 
 # PyTorch Lightning
