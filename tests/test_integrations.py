@@ -20,10 +20,10 @@ STEPS = 4
 
 
 def assert_same_bits(got, want):
-    assert len(got) == len(want)
-    for (name, a), b in zip(got.items(), want.values()):
-        assert torch.equal(a.view(torch.uint8) if a.dim() else a, b.view(torch.uint8) if b.dim()
-                           else b), name
+    """Two {name: tensor} dicts hold the same names and the same bits."""
+    assert list(got) == list(want)
+    for name, a in got.items():
+        assert torch.equal(a.reshape(-1).view(torch.uint8), want[name].reshape(-1).view(torch.uint8)), name
 
 
 def optimizer_under(wrapper):
@@ -41,6 +41,40 @@ class StepCounter:
 
     def __call__(self, optimizer, args, kwargs):
         self.count += 1
+
+
+# Entries other code keeps in opt.state[p] (timm's Lookahead keeps its slow weights there)
+
+def test_entries_other_code_adds_to_a_parameters_state_stay_as_in_torch(tmp_path):
+    def run(cls, **kwargs):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        opt = cls(model.parameters(), lr=1e-2, **kwargs)
+        gen = torch.Generator().manual_seed(1)
+        slow = {}
+        for step in range(6):
+            if step == 3:  # a resume half way, from a saved state dict
+                torch.save(opt.state_dict(), tmp_path / f"{cls.__module__}.pt")
+                opt = cls(model.parameters(), lr=1e-2, **kwargs)
+                opt.load_state_dict(torch.load(tmp_path / f"{cls.__module__}.pt"))
+            opt.zero_grad()
+            model(torch.randn(4, 6, generator=gen)).square().mean().backward()
+            opt.step()
+            for p in model.parameters():  # what Lookahead does: a buffer in the entry
+                entry = opt.state[p]
+                if "slow" not in entry:
+                    entry["slow"] = p.detach().clone()
+                entry["slow"].add_(p.detach() - entry["slow"], alpha=0.5)
+                slow[p] = entry["slow"]
+        return model, opt, slow
+
+    model, opt, slow = run(ft.Adam)
+    reference, reference_opt, reference_slow = run(torch.optim.Adam, fused=True)
+    assert list(opt.state[next(model.parameters())]) == \
+        list(reference_opt.state[next(reference.parameters())])
+    assert_same_bits({n: slow[p] for n, p in model.named_parameters()},
+                     {n: reference_slow[p] for n, p in reference.named_parameters()})
+    assert_same_bits(dict(model.named_parameters()), dict(reference.named_parameters()))
 
 
 # Hugging Face transformers.Trainer
@@ -267,6 +301,34 @@ def test_timm_registry_of_fastadam_is_create_optimizer_v2_bit_for_bit(opt, cls, 
 
     optimizer = fastadam_registry(timm).create_optimizer(model, opt, **kwargs)
     assert type(optimizer) is getattr(ft, cls)
+    assert_same_groups(optimizer, model, reference, reference_model)
+    steps = StepCounter(optimizer)
+    assert_same_bits(train_on_images(model, optimizer), train_on_images(reference_model, reference))
+    assert steps.count == 3
+
+
+def test_timm_lookahead_over_fastadam_is_bit_identical(tmp_path):
+    # timm's Lookahead keeps its slow weights in the base optimizer's state entries
+    timm = timm_or_skip()
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", img_size=32, num_classes=3)
+    reference_model = copy.deepcopy(model)
+    kwargs = dict(lr=1e-3, weight_decay=0.05, fused=True)
+    reference = timm.optim.create_optimizer_v2(reference_model, "lookahead_adamw", **kwargs)
+    optimizer = fastadam_registry(timm).create_optimizer(model, "lookahead_adamw", **kwargs)
+    assert type(optimizer._base_optimizer) is ft.AdamW
+    assert type(reference._base_optimizer) is torch.optim.AdamW
+    steps = StepCounter(optimizer._base_optimizer)
+    # the slow weights are made at step 6 (k=6) and used at step 12
+    got = train_on_images(model, optimizer, steps=13)
+    assert_same_bits(got, train_on_images(reference_model, reference, steps=13))
+    assert steps.count == 13
+    torch.save(optimizer.state_dict(), tmp_path / "lookahead.pt")  # slow weights included
+    assert all("lookahead_slow_buff" in s
+               for s in torch.load(tmp_path / "lookahead.pt")["state"].values())
+
+
+def assert_same_groups(optimizer, model, reference, reference_model):
     names = {id(p): n for n, p in model.named_parameters()}
     reference_names = {id(p): n for n, p in reference_model.named_parameters()}
     assert len(optimizer.param_groups) == len(reference.param_groups) > 1
@@ -275,6 +337,3 @@ def test_timm_registry_of_fastadam_is_create_optimizer_v2_bit_for_bit(opt, cls, 
             [reference_names[id(p)] for p in want["params"]]
         assert {k: v for k, v in group.items() if k != "params"} == \
             {k: v for k, v in want.items() if k != "params"}
-    steps = StepCounter(optimizer)
-    assert_same_bits(train_on_images(model, optimizer), train_on_images(reference_model, reference))
-    assert steps.count == 3
