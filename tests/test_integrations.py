@@ -10,6 +10,10 @@ framework, on the same model and data: fastadam.torch's default numerics reprodu
 fused kernel at the capability ATen runs (conftest.py pins the default one)."""
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +45,30 @@ class StepCounter:
 
     def __call__(self, optimizer, args, kwargs):
         self.count += 1
+
+
+@pytest.mark.slow
+def test_every_framework_run_is_bit_identical_at_the_capability_torch_picks_itself(tmp_path):
+    # conftest.py pins ATen's default capability in this process; users train at the one
+    # torch picks (its AVX2/AVX-512 kernels on x86-64), where fastadam.torch's default
+    # numerics are "torch". This module's other tests, run there, in a process of their own.
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    native = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+        env=env, capture_output=True, text=True, check=True).stdout.strip()
+    if native == "DEFAULT":
+        pytest.skip("torch picks its default capability on this CPU: the other tests cover it")
+    import fastadam  # the same fastadam as this session (installed, or built under src/)
+
+    env["ATEN_CPU_CAPABILITY"] = native.lower()
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(fastadam.__file__).parents[1]),
+                                         env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
+         "-k", "not capability_torch_picks_itself"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert " passed" in result.stdout.splitlines()[-1]
 
 
 # Entries other code keeps in opt.state[p] (timm's Lookahead keeps its slow weights there)
