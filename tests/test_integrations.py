@@ -27,7 +27,8 @@ def assert_same_bits(got, want):
     """Two {name: tensor} dicts hold the same names and the same bits."""
     assert list(got) == list(want)
     for name, a in got.items():
-        assert torch.equal(a.reshape(-1).view(torch.uint8), want[name].reshape(-1).view(torch.uint8)), name
+        assert torch.equal(a.reshape(-1).view(torch.uint8),
+                           want[name].reshape(-1).view(torch.uint8)), name
 
 
 def optimizer_under(wrapper):
@@ -45,30 +46,6 @@ class StepCounter:
 
     def __call__(self, optimizer, args, kwargs):
         self.count += 1
-
-
-@pytest.mark.slow
-def test_every_framework_run_is_bit_identical_at_the_capability_torch_picks_itself(tmp_path):
-    # conftest.py pins ATen's default capability in this process; users train at the one
-    # torch picks (its AVX2/AVX-512 kernels on x86-64), where fastadam.torch's default
-    # numerics are "torch". This module's other tests, run there, in a process of their own.
-    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
-    native = subprocess.run(
-        [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
-        env=env, capture_output=True, text=True, check=True).stdout.strip()
-    if native == "DEFAULT":
-        pytest.skip("torch picks its default capability on this CPU: the other tests cover it")
-    import fastadam  # the same fastadam as this session (installed, or built under src/)
-
-    env["ATEN_CPU_CAPABILITY"] = native.lower()
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(fastadam.__file__).parents[1]),
-                                         env.get("PYTHONPATH", "")])
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-         "-k", "not capability_torch_picks_itself"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-4000:]
-    assert " passed" in result.stdout.splitlines()[-1]
 
 
 # Entries other code keeps in opt.state[p] (timm's Lookahead keeps its slow weights there)
@@ -316,6 +293,18 @@ def train_on_images(model, optimizer, steps=3):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def assert_same_groups(optimizer, model, reference, reference_model):
+    """The same parameters (by name) in the same groups, with the same hyperparameters."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    reference_names = {id(p): n for n, p in reference_model.named_parameters()}
+    assert len(optimizer.param_groups) == len(reference.param_groups) > 1
+    for group, want in zip(optimizer.param_groups, reference.param_groups):
+        assert [names[id(p)] for p in group["params"]] == \
+            [reference_names[id(p)] for p in want["params"]]
+        assert {k: v for k, v in group.items() if k != "params"} == \
+            {k: v for k, v in want.items() if k != "params"}
+
+
 @pytest.mark.parametrize("opt, cls", [("adamw", "AdamW"), ("adam", "Adam")])
 @pytest.mark.parametrize("grouping", [{}, {"layer_decay": 0.75}], ids=["decay", "layer-decay"])
 def test_timm_registry_of_fastadam_is_create_optimizer_v2_bit_for_bit(opt, cls, grouping):
@@ -331,7 +320,8 @@ def test_timm_registry_of_fastadam_is_create_optimizer_v2_bit_for_bit(opt, cls, 
     assert type(optimizer) is getattr(ft, cls)
     assert_same_groups(optimizer, model, reference, reference_model)
     steps = StepCounter(optimizer)
-    assert_same_bits(train_on_images(model, optimizer), train_on_images(reference_model, reference))
+    assert_same_bits(train_on_images(model, optimizer),
+                     train_on_images(reference_model, reference))
     assert steps.count == 3
 
 
@@ -356,12 +346,28 @@ def test_timm_lookahead_over_fastadam_is_bit_identical(tmp_path):
                for s in torch.load(tmp_path / "lookahead.pt")["state"].values())
 
 
-def assert_same_groups(optimizer, model, reference, reference_model):
-    names = {id(p): n for n, p in model.named_parameters()}
-    reference_names = {id(p): n for n, p in reference_model.named_parameters()}
-    assert len(optimizer.param_groups) == len(reference.param_groups) > 1
-    for group, want in zip(optimizer.param_groups, reference.param_groups):
-        assert [names[id(p)] for p in group["params"]] == \
-            [reference_names[id(p)] for p in want["params"]]
-        assert {k: v for k, v in group.items() if k != "params"} == \
-            {k: v for k, v in want.items() if k != "params"}
+
+# At the capability torch picks
+
+@pytest.mark.slow
+def test_every_framework_run_is_bit_identical_at_the_capability_torch_picks_itself(tmp_path):
+    # conftest.py pins ATen's default capability in this process; users train at the one
+    # torch picks (its AVX2/AVX-512 kernels on x86-64), where fastadam.torch's default
+    # numerics are "torch". This module's other tests, run there, in a process of their own.
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    native = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+        env=env, capture_output=True, text=True, check=True).stdout.strip()
+    if native == "DEFAULT":
+        pytest.skip("torch picks its default capability on this CPU: the other tests cover it")
+    import fastadam  # the same fastadam as this session (installed, or built under src/)
+
+    env["ATEN_CPU_CAPABILITY"] = native.lower()
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(fastadam.__file__).parents[1]),
+                                         env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
+         "-k", "not capability_torch_picks_itself"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert " passed" in result.stdout.splitlines()[-1]
