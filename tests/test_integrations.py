@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -80,6 +81,30 @@ def test_entries_other_code_adds_to_a_parameters_state_stay_as_in_torch(tmp_path
     assert_same_bits({n: slow[p] for n, p in model.named_parameters()},
                      {n: reference_slow[p] for n, p in reference.named_parameters()})
     assert_same_bits(dict(model.named_parameters()), dict(reference.named_parameters()))
+
+
+def test_entries_other_code_adds_keep_the_compiled_step(monkeypatch):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    opt = ft.Adam(model.parameters())
+    x = torch.randn(4, 8)
+    model(x).sum().backward()
+    opt.step()
+    for p in model.parameters():
+        opt.state[p]["slow"] = p.detach().clone()
+    front = opt._front
+    with monkeypatch.context() as patch:
+        patch.setattr(type(front), "_general_step", lambda *a: pytest.fail("general path"))
+        for _ in range(2):
+            opt.zero_grad()
+            model(x).sum().backward()
+            opt.step()
+    assert all("slow" in opt.state[p] for p in model.parameters())
+    # one of fastadam's own keys that it did not publish is state to adopt: general path
+    weight = model[1].weight
+    opt.state[weight]["max_exp_avg_sq"] = torch.zeros_like(weight)
+    assert front.gather.run(np.zeros(4, np.int64))[0] == 2
+    opt.step()
+    assert opt._front is front and "slow" in opt.state[weight]
 
 
 # Hugging Face transformers.Trainer

@@ -420,7 +420,8 @@ class _Registry:
                         [lay[2] for lay in self.layouts],
                         [_state_strides(p) for p in self.params],
                         np.array([lay[0] for lay in self.layouts], np.int64),
-                        np.array([p.numel() for p in self.params], np.int64), torch.Tensor)
+                        np.array([p.numel() for p in self.params], np.int64), torch.Tensor,
+                        OWN_KEYS)
         for i, entry in self.published.items():
             gather.publish(i, entry)
         return gather
@@ -625,8 +626,7 @@ def _holds(entry: tuple) -> bool:
     """Does the dict entry[0] still hold fastadam's tensors entry[2:] under the keys
     entry[1], and none of fastadam's other keys? Keys that are not fastadam's belong to
     other code (timm's Lookahead keeps its slow weights in the entry): they are left alone.
-    (The compiled gather's check is stricter: an entry with such keys takes the general
-    path, which applies this one.)"""
+    The compiled gather checks the same (fastadam._torch_gather._holds)."""
     state, keys = entry[0], entry[1]
     return (all(state.get(k) is t for k, t in zip(keys, entry[2:]))
             and not any(k in state for k in OWN_KEYS if k not in keys))
