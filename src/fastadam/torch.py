@@ -103,6 +103,8 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)  # may have master weights
 # Updated as pairs of reals (torch.view_as_real), as torch's Adam does.
 COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 # What torch.optim.Adam's __setstate__ fills in for groups saved before a key existed.
+# The keys of a parameter's opt.state entry that fastadam publishes and adopts.
+OWN_KEYS = ("step",) + STATE_KEYS
 GROUP_DEFAULTS = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
                   "differentiable": False, "fused": None, "decoupled_weight_decay": False}
 
@@ -465,7 +467,8 @@ class _Registry:
                         [lay[2] for lay in self.layouts],
                         [_state_strides(p) for p in self.params],
                         np.array([lay[0] for lay in self.layouts], np.int64),
-                        np.array([p.numel() for p in self.params], np.int64), torch.Tensor)
+                        np.array([p.numel() for p in self.params], np.int64), torch.Tensor,
+                        OWN_KEYS)
         for i, entry in self.published.items():
             gather.publish(i, entry)
         return gather
@@ -655,8 +658,10 @@ class _Registry:
         tensors = (self.steps[i],) + tuple(_torch_view(self.engine.state[i][k], p)
                                             for k in keys[1:])
         state = opt.state[p]
+        others = {k: v for k, v in state.items() if k not in OWN_KEYS}  # kept, as torch does
         state.clear()
         state.update(zip(keys, tensors))
+        state.update(others)
         entry = (state, keys) + tensors
         self.published[i] = entry
         self.gather.publish(i, entry)
@@ -669,8 +674,13 @@ def _plain_float(value: Any) -> Any:
 
 
 def _holds(entry: tuple) -> bool:
+    """Does the dict entry[0] still hold fastadam's tensors entry[2:] under the keys
+    entry[1], and none of fastadam's other keys? Keys that are not fastadam's belong to
+    other code (timm's Lookahead keeps its slow weights in the entry): they are left alone.
+    The compiled gather checks the same (fastadam._torch_gather._holds)."""
     state, keys = entry[0], entry[1]
-    return len(state) == len(keys) and all(state.get(k) is t for k, t in zip(keys, entry[2:]))
+    return (all(state.get(k) is t for k, t in zip(keys, entry[2:]))
+            and not any(k in state for k in OWN_KEYS if k not in keys))
 
 
 def _refusal(p: Any, name: str) -> Optional[Exception]:
