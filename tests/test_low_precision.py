@@ -11,8 +11,9 @@ import pytest
 
 import fastadam
 from fastadam import _simd
-from reference import adam_reference
+
 from conftest import TAIL_SIZES, VARIANT_SUBSET, make_state, variant_id, variant_kwargs
+from reference import adam_reference
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)

@@ -12,6 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import fastadam.torch as ft  # noqa: E402
+
 from conftest import default_capability_mark  # noqa: E402
 
 LOW = [torch.bfloat16, torch.float16]

@@ -290,9 +290,10 @@ cdef void _by_grad(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
 # The scratch stays in L1, so memory sees only the 16-bit traffic; the loops and their
 # specializations are the float32 ones, not one set per storage type.
 
+# A multiple of every torch lane count: block starts keep the position of torch's scalar
+# tail.
 cdef enum:
-    STAGE_ELEMENTS = 512    # a multiple of every torch lane count: block starts keep the
-                            # position of torch's scalar tail
+    STAGE_ELEMENTS = 512
 
 
 cdef void _widen(const char* source, int element_type, Py_ssize_t start, Py_ssize_t n,
@@ -333,8 +334,8 @@ cdef void _narrow_stochastic(const float* values, char* target, Py_ssize_t start
     bits depend on (key, element index) only."""
     cdef uint16_t* bits = (<uint16_t*>target) + start
     # fold the index's high half into the key once (a block never straddles 2**32)
-    cdef uint32_t block_key = fa_mix32(<uint32_t>key ^ fa_mix32(<uint32_t>(key >> 32)
-                                                              + <uint32_t>(<uint64_t>start >> 32)))
+    cdef uint32_t high = fa_mix32(<uint32_t>(key >> 32) + <uint32_t>(<uint64_t>start >> 32))
+    cdef uint32_t block_key = fa_mix32(<uint32_t>key ^ high)
     cdef uint32_t first = <uint32_t>start
     cdef Py_ssize_t i
     for i in range(n):  # vectorized: kernel loop
