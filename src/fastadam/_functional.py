@@ -332,7 +332,7 @@ def adam_state(param: Any, *, amsgrad: bool = False,
     state = {key: zeros_at(array.size, dtype, STATE_PAGE_OFFSETS[key]).reshape(array.shape)
              for key in keys}
     if master:
-        state["master_param"] = zeros_at(array.size, dtype, STATE_PAGE_OFFSETS["master"])
+        state["master_param"] = zeros_at(array.size, dtype, STATE_PAGE_OFFSETS["master_param"])
         state["master_param"][...] = array.reshape(-1).astype(np.float32)
         state["master_param"] = state["master_param"].reshape(array.shape)
     return state
