@@ -73,6 +73,20 @@ ctypedef fused MaxTag:
     PlainV
     MaxV
 
+# How the buffers store their elements: as the math type itself (float32 or float64), or
+# as bfloat16 widened on load and rounded to nearest even on store, in registers (_load,
+# _store). Only tensors whose buffers are all bfloat16 take BF16Store; float16 (whose
+# conversions cost more than the rest of the update: a second set of in-register loops
+# gained nothing and tripled their size), mixed types, master weights and stochastic
+# rounding go through float32 blocks (_run_staged).
+cdef struct NativeStore:
+    char unused
+cdef struct BF16Store:
+    char unused
+ctypedef fused StoreTag:
+    NativeStore
+    BF16Store
+
 cdef struct PaperForm:      # default and eps_hat, docs/design.md's order without FMA ("exact")
     char unused
 cdef struct FastForm:       # numerics="fast": the paper form with one division, not two:
@@ -135,17 +149,36 @@ cdef inline floating _fma(floating a, floating b, floating c) noexcept nogil:
         return fma(a, b, c)
 
 
+cdef inline floating _load(const char* buffer, Py_ssize_t i, floating* math,
+                           StoreTag* store) noexcept nogil:
+    """Element i of a buffer, in the math type."""
+    if StoreTag is NativeStore:
+        return (<const floating*>buffer)[i]
+    else:
+        return fa_bf16_to_f32((<const uint16_t*>buffer)[i])
+
+
+cdef inline void _store(char* buffer, Py_ssize_t i, floating value, StoreTag* store,
+                        bint vector_nans) noexcept nogil:
+    """Element i of a buffer from a math-type value, rounded to nearest even; a NaN as
+    torch's vector code (``vector_nans``) or its scalar code writes it (see _narrow)."""
+    if StoreTag is NativeStore:
+        (<floating*>buffer)[i] = value
+    else:
+        (<uint16_t*>buffer)[i] = fa_f32_to_bf16(<float>value, 0xffff if vector_nans else 0x7fc0)
+
+
 cdef void _update(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
-                  floating* dtype, GradTag* grad_tag, DecayTag* decay_tag,
+                  floating* dtype, StoreTag* store, GradTag* grad_tag, DecayTag* decay_tag,
                   LerpTag* lerp_tag, MaxTag* max_tag, FormTag* form_tag) noexcept nogil:
     """Elements [start, stop) of one tensor: docs/design.md's update, in its order."""
-    cdef floating* p = (<floating*>t.param) + start
-    cdef const floating* grad = (<const floating*>t.grad) + start
-    cdef floating* m = (<floating*>t.exp_avg) + start
-    cdef floating* v = (<floating*>t.exp_avg_sq) + start
-    cdef floating* vmax = NULL   # AMSGrad only: a plain update's pointer is NULL, and
-    if MaxTag is MaxV:           # NULL + start would be undefined behaviour in C
-        vmax = (<floating*>t.max_exp_avg_sq) + start
+    cdef char* p = t.param
+    cdef const char* grad = t.grad
+    cdef char* m = t.exp_avg
+    cdef char* v = t.exp_avg_sq
+    cdef char* vmax = t.max_exp_avg_sq   # AMSGrad only (NULL otherwise, never read)
+    cdef bint vector_nans = FormTag is TorchForm   # torch's vector loop, not its tail
+    cdef Py_ssize_t j
     cdef Py_ssize_t n = stop - start
     cdef Py_ssize_t i
     # The step's constants, cast to the element type once (never mixed into the loop
@@ -168,12 +201,13 @@ cdef void _update(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
     cdef floating nan_all_ones = _nan_all_ones(<floating>0)
 
     for i in range(n):  # vectorized: kernel loop
-        g = grad[i]
+        j = start + i
+        g = _load(grad, j, dtype, store)
         if GradTag is Scaled:
             g = g / grad_factor
         else:
             g = g * grad_factor
-        pi = p[i]
+        pi = _load(p, j, dtype, store)
         if DecayTag is L2:
             if FormTag is TorchForm or FormTag is TorchTailForm:
                 g = _fma(pi, l2, g)
@@ -181,7 +215,7 @@ cdef void _update(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
                 g = g + l2 * pi
         else:
             pi = pi * param_scale
-        mi = m[i]
+        mi = _load(m, j, dtype, store)
         if FormTag is TorchForm or FormTag is TorchTailForm:
             if LerpTag is SmallWeight:
                 mi = _fma(w, g - mi, mi)
@@ -191,16 +225,17 @@ cdef void _update(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
             mi = mi + w * (g - mi)
         else:
             mi = g - (g - mi) * one_minus_w
+        vi = _load(v, j, dtype, store)
         if FormTag is TorchForm:
-            vi = _fma(one_minus_beta2 * g, g, v[i] * beta2)
+            vi = _fma(one_minus_beta2 * g, g, vi * beta2)
         elif FormTag is TorchTailForm:
-            vi = _fma(v[i], beta2, (one_minus_beta2 * g) * g)
+            vi = _fma(vi, beta2, (one_minus_beta2 * g) * g)
         else:
-            vi = v[i] * beta2 + (one_minus_beta2 * g) * g
-        m[i] = mi
-        v[i] = vi
+            vi = vi * beta2 + (one_minus_beta2 * g) * g
+        _store(m, j, mi, store, vector_nans)
+        _store(v, j, vi, store, vector_nans)
         if MaxTag is MaxV:
-            vmi = vmax[i]
+            vmi = _load(vmax, j, dtype, store)
             if FormTag is TorchForm:
                 # ATen's vector maximum(): a NaN in either operand gives the NaN whose
                 # bits are all ones (its scalar tail, std::max, is the order below).
@@ -210,13 +245,14 @@ cdef void _update(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
                 vi = nan_all_ones if (vi != vi) | (vmi != vmi) else larger
             else:
                 vi = vi if vmi < vi else vmi
-            vmax[i] = vi
+            _store(vmax, j, vi, store, vector_nans)
         if FormTag is RootForm:
-            p[i] = pi - step_coef * (mi / bc1) / (_sqrt(vi / bc2 + eps_root) + eps)
+            pi = pi - step_coef * (mi / bc1) / (_sqrt(vi / bc2 + eps_root) + eps)
         elif FormTag is FastForm:
-            p[i] = pi + (step_coef * mi) / (_sqrt(vi) * inv_denom_div + eps)
+            pi = pi + (step_coef * mi) / (_sqrt(vi) * inv_denom_div + eps)
         else:
-            p[i] = pi + (step_coef * mi) / (_sqrt(vi) / denom_div + eps)
+            pi = pi + (step_coef * mi) / (_sqrt(vi) / denom_div + eps)
+        _store(p, j, pi, store, vector_nans)
 
 
 # --- run-time flags -> compile-time specialization, once per chunk ------------------------
@@ -230,7 +266,7 @@ cdef inline Py_ssize_t _torch_lanes(const AdamTensor* t) noexcept nogil:
 
 
 cdef void _by_form(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop, floating* dtype,
-                   GradTag* a, DecayTag* b, LerpTag* c, MaxTag* d) noexcept nogil:
+                   StoreTag* s, GradTag* a, DecayTag* b, LerpTag* c, MaxTag* d) noexcept nogil:
     cdef Py_ssize_t tail
     if t.coef.numerics == NUMERICS_TORCH:
         # torch's vector loop (its AVX2 build, 8 floats / 4 doubles / 16 bfloat16 or
@@ -239,48 +275,48 @@ cdef void _by_form(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop, float
         # threads split tensors at multiples of 64 bytes: no other element is a tail.
         tail = t.size - t.size % _torch_lanes(t)
         if start < tail:
-            _update(t, start, min(stop, tail), dtype, a, b, c, d, <TorchForm*>NULL)
+            _update(t, start, min(stop, tail), dtype, s, a, b, c, d, <TorchForm*>NULL)
         if stop > tail:
-            _update(t, max(start, tail), stop, dtype, a, b, c, d, <TorchTailForm*>NULL)
+            _update(t, max(start, tail), stop, dtype, s, a, b, c, d, <TorchTailForm*>NULL)
     elif t.coef.root_form:
-        _update(t, start, stop, dtype, a, b, c, d, <RootForm*>NULL)
+        _update(t, start, stop, dtype, s, a, b, c, d, <RootForm*>NULL)
     elif t.coef.numerics == NUMERICS_FAST:
-        _update(t, start, stop, dtype, a, b, c, d, <FastForm*>NULL)
+        _update(t, start, stop, dtype, s, a, b, c, d, <FastForm*>NULL)
     else:
-        _update(t, start, stop, dtype, a, b, c, d, <PaperForm*>NULL)
+        _update(t, start, stop, dtype, s, a, b, c, d, <PaperForm*>NULL)
 
 
 cdef void _by_max(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop, floating* dtype,
-                  GradTag* a, DecayTag* b, LerpTag* c) noexcept nogil:
+                  StoreTag* s, GradTag* a, DecayTag* b, LerpTag* c) noexcept nogil:
     if t.coef.amsgrad:
-        _by_form(t, start, stop, dtype, a, b, c, <MaxV*>NULL)
+        _by_form(t, start, stop, dtype, s, a, b, c, <MaxV*>NULL)
     else:
-        _by_form(t, start, stop, dtype, a, b, c, <PlainV*>NULL)
+        _by_form(t, start, stop, dtype, s, a, b, c, <PlainV*>NULL)
 
 
 cdef void _by_lerp(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop, floating* dtype,
-                   GradTag* a, DecayTag* b) noexcept nogil:
+                   StoreTag* s, GradTag* a, DecayTag* b) noexcept nogil:
     # PyTorch picks the lerp branch by the weight *in the element type*.
     if <floating>t.coef.w < 0.5:
-        _by_max(t, start, stop, dtype, a, b, <SmallWeight*>NULL)
+        _by_max(t, start, stop, dtype, s, a, b, <SmallWeight*>NULL)
     else:
-        _by_max(t, start, stop, dtype, a, b, <LargeWeight*>NULL)
+        _by_max(t, start, stop, dtype, s, a, b, <LargeWeight*>NULL)
 
 
 cdef void _by_decay(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop, floating* dtype,
-                    GradTag* a) noexcept nogil:
+                    StoreTag* s, GradTag* a) noexcept nogil:
     if t.coef.l2_decay:
-        _by_lerp(t, start, stop, dtype, a, <L2*>NULL)
+        _by_lerp(t, start, stop, dtype, s, a, <L2*>NULL)
     else:
-        _by_lerp(t, start, stop, dtype, a, <Decoupled*>NULL)
+        _by_lerp(t, start, stop, dtype, s, a, <Decoupled*>NULL)
 
 
 cdef void _by_grad(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
-                   floating* dtype) noexcept nogil:
+                   floating* dtype, StoreTag* s) noexcept nogil:
     if t.coef.grad_scaled:
-        _by_decay(t, start, stop, dtype, <Scaled*>NULL)
+        _by_decay(t, start, stop, dtype, s, <Scaled*>NULL)
     else:
-        _by_decay(t, start, stop, dtype, <Unscaled*>NULL)
+        _by_decay(t, start, stop, dtype, s, <Unscaled*>NULL)
 
 
 # --- 16-bit storage: staged through float32 blocks -------------------------------------
@@ -388,7 +424,7 @@ cdef void _run_staged(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop) no
         # the block's elements are 0..n; its size counts from ``first`` to the tensor's
         # end, so torch's scalar tail stays where it is in the tensor
         block.size = t.size - first
-        _by_grad(&block, 0, n, <float*>NULL)
+        _by_grad(&block, 0, n, <float*>NULL, <NativeStore*>NULL)
         if t.stochastic and t.param_type == ELEM_BF16:
             _narrow_stochastic(<const float*>block.param, t.param, first, n, t.rounding_key)
         else:
@@ -405,12 +441,15 @@ cdef void _run_staged(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop) no
 
 cdef void run_chunk(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop) noexcept nogil:
     """Elements [start, stop) of one tensor, through its specialization."""
+    cdef bint one_type = (t.grad_type == t.param_type and t.state_type == t.param_type
+                          and t.model_param == NULL)
     if t.param_type == ELEM_F64:
-        _by_grad(t, start, stop, <double*>NULL)
-    elif (t.param_type == ELEM_F32 and t.grad_type == ELEM_F32 and t.state_type == ELEM_F32
-          and t.model_param == NULL):
-        _by_grad(t, start, stop, <float*>NULL)
-    else:
+        _by_grad(t, start, stop, <double*>NULL, <NativeStore*>NULL)
+    elif one_type and t.param_type == ELEM_F32:
+        _by_grad(t, start, stop, <float*>NULL, <NativeStore*>NULL)
+    elif one_type and t.param_type == ELEM_BF16 and not t.stochastic:
+        _by_grad(t, start, stop, <float*>NULL, <BF16Store*>NULL)
+    else:   # float16, mixed types, master weights, stochastic rounding
         _run_staged(t, start, stop)
 
 
