@@ -4,7 +4,7 @@ master-weights sequences of torch and DeepSpeed (issue 20's targets), in one run
 
 Implementations, each on buffers of its own (copies of the same random values):
 - fastadam.adam_step in float32, in pure bfloat16 (ml_dtypes), in pure float16, and in
-  pure bfloat16 with stochastic rounding (seed 0);
+  pure bfloat16 with stochastic rounding (seed 0), with state from fastadam.adam_state;
 - torch.optim.Adam(fused=True) on torch-allocated float32, bfloat16 and float16 tensors;
 - master weights: fastadam.adam_step(master_param=...) with a bfloat16 param and grad
   (one pass: reads the bf16 grad, updates the float32 master and moments, writes the bf16
@@ -90,7 +90,8 @@ def fastadam_pure(dtype: Callable[[], np.dtype], **options) -> Callable[..., Run
     def build(t: Templates, threads: int) -> Runner:
         element = np.dtype(dtype())
         param, grad = t.param.astype(element), t.grad.astype(element)
-        m, v = np.zeros_like(param), np.zeros_like(param)
+        state = fastadam.adam_state(param)  # moments staggered against 4K aliasing
+        m, v = state["exp_avg"], state["exp_avg_sq"]
         steps = iter(range(1, 1 << 62))
         return lambda: fastadam.adam_step(param, grad, m, v, step=next(steps), lr=LR, beta1=BETA1,
                                           beta2=BETA2, eps=EPS, num_threads=threads, **options)
@@ -100,8 +101,8 @@ def fastadam_pure(dtype: Callable[[], np.dtype], **options) -> Callable[..., Run
 
 def build_fastadam_master(t: Templates, threads: int) -> Runner:
     param, grad = t.param.astype(bfloat16()), t.grad.astype(bfloat16())
-    master = param.astype(np.float32)
-    m, v = np.zeros_like(master), np.zeros_like(master)
+    state = fastadam.adam_state(param, master_weights=True)  # float32 master and moments
+    master, m, v = state["master_param"], state["exp_avg"], state["exp_avg_sq"]
     steps = iter(range(1, 1 << 62))
     return lambda: fastadam.adam_step(param, grad, m, v, step=next(steps), lr=LR, beta1=BETA1,
                                       beta2=BETA2, eps=EPS, num_threads=threads,
@@ -212,6 +213,8 @@ def measure_size(elements: int, args, impls: List[Implementation],
     templates = Templates.random(elements)
     # As in peers.py: below 2^20 elements the buffers stay in cache and no bound applies.
     with_bounds = elements >= LARGE and importlib.util.find_spec("numba") is not None
+    per_byte = {impl.name: impl.bytes_per_element for impl in impls}
+    per_byte[BOUND] = BOUND_BYTES
     records = []
     for threads in args.threads:
         runners: Dict[str, Runner] = {}
@@ -226,8 +229,6 @@ def measure_size(elements: int, args, impls: List[Implementation],
             runners[BOUND] = build_bounds(elements, np.dtype(np.float32))[
                 "bound: 7-stream (numba)"]
         times, others, attempts = measure_quietly(runners, threads, args.repeats, args)
-        per_byte = {impl.name: impl.bytes_per_element for impl in impls}
-        per_byte[BOUND] = BOUND_BYTES
         for name, seconds in times.items():
             records.append(dict(elements=elements, threads=threads, implementation=name,
                                 seconds=seconds, bytes_per_element=per_byte[name],
