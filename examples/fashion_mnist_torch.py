@@ -4,17 +4,28 @@
     pip install ".[torch,examples]"                # fastadam, torch, tqdm
     python examples/fashion_mnist_torch.py         # fastadam.torch.Adam, 5 epochs, ~91% test accuracy
     python examples/fashion_mnist_torch.py --optimizer all   # also torch.optim.Adam (foreach, fused)
+    python examples/fashion_mnist_torch.py --precision all --optimizer fastadam torch-fused
 
 Data: Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist), --data-dir,
 or --download (needs the network). The optimizer swap is one line: ``fastadam.torch.Adam``
 for ``torch.optim.Adam``; the script times every ``optimizer.step()`` call.
+
+--precision trains the same CNN, from the same initial weights and batches, in float32
+("fp32") or as a bfloat16 model (inputs in bfloat16 too): "bf16-master" keeps float32
+master weights and moments in the optimizer (fastadam.torch.Adam(master_weights=True)),
+"bf16" keeps everything in bfloat16 rounded to nearest even, as torch's fused Adam does,
+and "bf16-sr" rounds the bfloat16 params stochastically (seeded with --seed). torch.optim.Adam
+runs fp32 and bf16 only. When fastadam and torch-fused both train one precision, the
+script says whether their final weights are bit-identical (bf16: they are; fp32: only
+under ATEN_CPU_CAPABILITY=default, whose kernel has no FMA).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from typing import Dict, Iterable
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Tuple
 
 import numpy as np
 
@@ -27,10 +38,49 @@ import fastadam.torch  # noqa: E402
 from fastadam.datasets import load_fashion_mnist  # noqa: E402
 
 OPTIMIZERS = {
-    "fastadam": lambda params, lr: fastadam.torch.Adam(params, lr=lr),
+    "fastadam": lambda params, lr, **options: fastadam.torch.Adam(params, lr=lr, **options),
     "torch": lambda params, lr: torch.optim.Adam(params, lr=lr),  # foreach
     "torch-fused": lambda params, lr: torch.optim.Adam(params, lr=lr, fused=True),
 }
+
+
+@dataclass(frozen=True)
+class Precision:
+    dtype: torch.dtype                 # of the model, its inputs and (without master) its state
+    master_weights: bool = False       # float32 master and moments in the optimizer
+    stochastic_rounding: bool = False  # of the bfloat16 params
+
+    def options(self, seed: int) -> Dict[str, object]:
+        """fastadam.torch.Adam's keyword arguments for this precision."""
+        if self.stochastic_rounding:
+            return {"stochastic_rounding": True, "seed": seed}
+        return {"master_weights": True} if self.master_weights else {}
+
+
+PRECISIONS = {
+    "fp32": Precision(torch.float32),
+    "bf16-master": Precision(torch.bfloat16, master_weights=True),
+    "bf16": Precision(torch.bfloat16),
+    "bf16-sr": Precision(torch.bfloat16, stochastic_rounding=True),
+}
+
+
+def make_optimizer(name: str, precision: str, params, lr: float, seed: int):
+    options = PRECISIONS[precision].options(seed)
+    return OPTIMIZERS[name](params, lr, **options) if options else OPTIMIZERS[name](params, lr)
+
+
+def runs(optimizers: List[str], precisions: List[str]) -> Tuple[List[Tuple[str, str]], List[str]]:
+    """The (optimizer, precision) pairs to train, and notes on the pairs left out:
+    torch.optim.Adam has neither master weights nor stochastic rounding."""
+    pairs, notes = [], []
+    for precision in precisions:
+        for name in optimizers:
+            if name == "fastadam" or not PRECISIONS[precision].options(0):
+                pairs.append((name, precision))
+            else:
+                notes.append(f"{name} does not run {precision} (fastadam only)")
+    return pairs, notes
 
 
 def progress(iterable: Iterable, **kwargs) -> Iterable:
@@ -66,11 +116,16 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
     return correct / len(x)
 
 
-def train(name: str, data, epochs: int, batch_size: int, lr: float, seed: int) -> Dict[str, float]:
+def train(name: str, precision: str, data, epochs: int, batch_size: int, lr: float,
+          seed: int) -> Dict[str, object]:
+    dtype = PRECISIONS[precision].dtype
     (x_train, y_train), (x_test, y_test) = data
+    x_train, x_test = x_train.to(dtype), x_test.to(dtype)
     torch.manual_seed(seed)
-    model = make_model()
-    optimizer = OPTIMIZERS[name](model.parameters(), lr)
+    model = make_model().to(dtype)  # initialised in float32: the same start at every precision
+    optimizer = make_optimizer(name, precision, model.parameters(), lr, seed)
+    if precision != "fp32":
+        name = f"{name} {precision}"
     step_seconds, steps = 0.0, 0
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
@@ -87,12 +142,32 @@ def train(name: str, data, epochs: int, batch_size: int, lr: float, seed: int) -
             steps += 1
         print(f"{name}: epoch {epoch}: test accuracy {accuracy(model, x_test, y_test):.4f}")
     return {"accuracy": accuracy(model, x_test, y_test), "step_ms": 1e3 * step_seconds / steps,
-            "total_s": time.perf_counter() - start}
+            "total_s": time.perf_counter() - start,
+            "weights": [p.detach().clone() for p in model.parameters()]}
+
+
+def compare_weights(results: Dict[Tuple[str, str], Dict[str, object]]) -> None:
+    """Say, per precision trained by both, whether fastadam's final weights are torch
+    fused's bit for bit."""
+    for (name, precision), result in results.items():
+        control = results.get(("torch-fused", precision))
+        if name != "fastadam" or control is None:
+            continue
+        ours, theirs = result["weights"], control["weights"]
+        if all(torch.equal(a, b) for a, b in zip(ours, theirs)):
+            print(f"{precision}: fastadam's final weights are torch-fused's, bit for bit")
+        else:
+            diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(ours, theirs))
+            print(f"{precision}: fastadam's final weights differ from torch-fused's "
+                  f"(max |difference| {diff:.3g})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--optimizer", choices=[*OPTIMIZERS, "all"], default="fastadam")
+    parser.add_argument("--optimizer", nargs="+", choices=[*OPTIMIZERS, "all"], default=["fastadam"])
+    parser.add_argument("--precision", nargs="+", choices=[*PRECISIONS, "all"], default=["fp32"],
+                        help="fp32, or a bfloat16 model with float32 master weights, in pure "
+                             "bfloat16, or in pure bfloat16 with stochastic rounding")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -113,12 +188,21 @@ def main() -> None:
     print(f"{len(train_images)} training and {len(test_images)} test images; "
           f"{sum(p.numel() for p in make_model().parameters())} parameters")
 
-    names = list(OPTIMIZERS) if args.optimizer == "all" else [args.optimizer]
-    results = {name: train(name, data, args.epochs, args.batch_size, args.lr, args.seed) for name in names}
-    print("\n| optimizer | test accuracy | optimizer.step() ms | training s |")
-    print("|---|---:|---:|---:|")
-    for name, r in results.items():
-        print(f"| {name} | {r['accuracy']:.4f} | {r['step_ms']:.3f} | {r['total_s']:.1f} |")
+    names = list(OPTIMIZERS) if "all" in args.optimizer else list(dict.fromkeys(args.optimizer))
+    precisions = (list(PRECISIONS) if "all" in args.precision
+                  else list(dict.fromkeys(args.precision)))
+    pairs, notes = runs(names, precisions)
+    for note in notes:
+        print(note)
+    results = {(name, precision): train(name, precision, data, args.epochs, args.batch_size,
+                                        args.lr, args.seed)
+               for name, precision in pairs}
+    print("\n| optimizer | precision | test accuracy | optimizer.step() ms | training s |")
+    print("|---|---|---:|---:|---:|")
+    for (name, precision), r in results.items():
+        print(f"| {name} | {precision} | {r['accuracy']:.4f} | {r['step_ms']:.3f} | "
+              f"{r['total_s']:.1f} |")
+    compare_weights(results)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,8 @@ def site(tmp_path_factory):
 
 def test_docs_build_with_warnings_as_errors(site):
     for page in ("index", "install", "api", "design", "cli", "guide/numpy", "guide/pytorch",
-                 "guide/keras", "guide/embeddings", "guide/distributed", "guide/numerics",
-                 "guide/threads", "guide/performance", "guide/pictures", "reliability",
+                 "guide/keras", "guide/embeddings", "guide/distributed", "guide/mixed-precision",
+                 "guide/numerics", "guide/threads", "guide/performance", "guide/pictures", "reliability",
                  "building", "changelog"):
         assert (site / f"{page}.html").exists(), page
     assert (site / "_images" / "trajectories.png").exists()  # the pictures are copied in
