@@ -1,0 +1,225 @@
+"""JAX front end: ``fastadam.jax.adam`` / ``adamw``, an in-place Adam step for pytrees of
+JAX CPU arrays that runs inside ``jax.jit``.
+
+A step is ONE XLA custom call (``jax.ffi.ffi_call`` of fastadam's FFI handler,
+fastadam._xla_ffi) over every leaf of the tree: the kernels, threads and SIMD dispatch of
+``fastadam.adam_step``, with the params, both moments and the step count declared as
+outputs aliased to their inputs. When the caller's ``jax.jit`` donates params and
+state (``donate_argnums``), XLA hands their buffers to the call and the update happens
+in them: no copy, the same buffers step after step. Without donation XLA copies them
+first (correct, only slower).
+
+The interface has optax's shape, ``init(params) -> state`` and
+``update(grads, state, params)``, except that ``update`` returns the new params rather
+than updates to add: optax's ``apply_updates`` is folded into the step, which is what
+lets it write in place (``p + u`` would read and write every parameter once more). The
+state is ``AdamState(count, mu, nu)``, the fields of optax's ``ScaleByAdamState``.
+
+Numerics: optax's ``adam``/``adamw`` (its ``eps`` and ``eps_root`` forms), within a few
+ulps, and bit-identical to ``fastadam.adam_step`` on the same inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple
+
+from fastadam._hints import missing_framework
+
+try:
+    import jax
+    import jax.numpy as jnp
+except ImportError as exc:  # say what to install (issue 23)
+    raise missing_framework("jax", exc) from exc
+
+import numpy as np
+
+from fastadam import _xla_ffi
+from fastadam._threads import threads_for
+from fastadam._validation import (
+    FLOAT_DTYPES,
+    Hyperparameters,
+    check_call_hyperparameters,
+    check_element_type_range,
+    check_num_threads,
+)
+
+__all__ = ["AdamState", "InPlaceTransformation", "adam", "adamw"]
+
+
+def _register() -> None:
+    """Register the handler with XLA for the CPU. XLA asks it for the FFI API version it
+    was written against and refuses the registration if it does not support it."""
+    try:
+        jax.ffi.register_ffi_target(_xla_ffi.TARGET_NAME, _xla_ffi.handler(), platform="cpu",
+                                    api_version=1)
+    except Exception as exc:
+        major, minor = _xla_ffi.api_version()
+        raise ImportError(
+            f"fastadam.jax: this jaxlib ({jax.__version__}) refused fastadam's XLA FFI "
+            f"handler, written against XLA FFI API {major}.{minor}: {exc}") from exc
+
+
+_register()
+
+
+class AdamState(NamedTuple):
+    """The optimizer state: optax's ``ScaleByAdamState`` fields.
+
+    ``count``: int32 scalar, the steps taken. ``mu``, ``nu``: pytrees of the params'
+    structure, shapes and dtypes (the moments)."""
+
+    count: Any
+    mu: Any
+    nu: Any
+
+
+class InPlaceTransformation(NamedTuple):
+    """``init(params) -> AdamState``; ``update(grads, state, params) -> (new_params,
+    new_state)``: one Adam step, in place when the caller's ``jax.jit`` donates
+    ``params`` and ``state``; ``step``: ``update`` jitted with that donation."""
+
+    init: Callable[[Any], AdamState]
+    update: Callable[[Any, AdamState, Any], Tuple[Any, AdamState]]
+    step: Callable[[Any, AdamState, Any], Tuple[Any, AdamState]]
+
+
+def adam(learning_rate: float = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+         eps_root: float = 0.0, *, num_threads: Optional[int] = None,
+         numerics: str = "exact") -> InPlaceTransformation:
+    """Adam with optax's arguments and numerics (``optax.adam``), updating in place.
+
+    Parameters
+    ----------
+    learning_rate, b1, b2, eps, eps_root : float
+        As in ``optax.adam`` (a number: schedules are not supported yet).
+    num_threads : int, optional
+        OpenMP threads of each step; None follows :func:`fastadam.get_num_threads`. Read
+        when ``jax.jit`` traces the step.
+    numerics : {"exact", "fast"}
+        fastadam's rounding profile (see the numerics guide).
+
+    Raises
+    ------
+    TypeError, ValueError
+        For a bad argument, naming it (here); for params, grads or state that do not fit
+        each other (in ``init``/``update``, when traced).
+    """
+    return _transformation(_hyperparameters(learning_rate, b1, b2, eps, eps_root, 0.0, numerics),
+                           check_num_threads(num_threads))
+
+
+def adamw(learning_rate: float = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+          eps_root: float = 0.0, weight_decay: float = 1e-4, *,
+          num_threads: Optional[int] = None, numerics: str = "exact") -> InPlaceTransformation:
+    """AdamW with optax's arguments and numerics (``optax.adamw``, decoupled weight decay
+    ``p -= learning_rate * weight_decay * p`` on every leaf), updating in place; the
+    other arguments as in :func:`adam`."""
+    return _transformation(
+        _hyperparameters(learning_rate, b1, b2, eps, eps_root, weight_decay, numerics),
+        check_num_threads(num_threads))
+
+
+def _hyperparameters(learning_rate: Any, b1: Any, b2: Any, eps: Any, eps_root: Any,
+                     weight_decay: Any, numerics: Any) -> Hyperparameters:
+    if callable(learning_rate):
+        raise TypeError("learning_rate must be a number: fastadam.jax does not take "
+                        "schedules yet")
+    try:
+        return check_call_hyperparameters(learning_rate, b1, b2, eps, weight_decay,
+                                          weight_decay != 0.0, False, False, False, eps_root,
+                                          numerics)
+    except (TypeError, ValueError) as exc:  # in optax's words
+        message = str(exc)
+        for ours, theirs in (("lr", "learning_rate"), ("beta1", "b1"), ("beta2", "b2")):
+            message = message.replace(f"{ours} ", f"{theirs} ", 1) if message.startswith(
+                f"{ours} ") else message
+        raise type(exc)(message) from None
+
+
+def _transformation(hp: Hyperparameters, num_threads: Optional[int]) -> InPlaceTransformation:
+    def init(params: Any) -> AdamState:
+        leaves, _ = _float_leaves(params, "params")
+        zeros = [jnp.zeros_like(p) for p in leaves]
+        tree = jax.tree.structure(params)
+        return AdamState(count=jnp.zeros((), jnp.int32), mu=jax.tree.unflatten(tree, zeros),
+                         nu=jax.tree.unflatten(tree, [jnp.zeros_like(p) for p in leaves]))
+
+    def update(grads: Any, state: AdamState, params: Any) -> Tuple[Any, AdamState]:
+        return _step(grads, state, params, hp, num_threads)
+
+    # jax.jit pairs each donated input with the first free output of its shape and dtype,
+    # in order: the donated arguments must come in the order of the results (params, then
+    # state), or the pairs cross (a moment's buffer for a param) and XLA copies them all.
+    jitted = jax.jit(lambda params, state, grads: update(grads, state, params),
+                     donate_argnums=(0, 1))
+
+    def step(grads: Any, state: AdamState, params: Any) -> Tuple[Any, AdamState]:
+        return jitted(params, state, grads)
+
+    return InPlaceTransformation(init, update, step)
+
+
+def _float_leaves(tree: Any, name: str) -> Tuple[List[Any], List[str]]:
+    """The leaves of ``tree`` and their paths, each a float32/float64 array (or tracer)
+    on the CPU, else a TypeError naming the leaf."""
+    with_paths, _ = jax.tree_util.tree_flatten_with_path(tree)
+    leaves, paths = [], []
+    for path, leaf in with_paths:
+        where = f"{name}{jax.tree_util.keystr(path)}"
+        dtype = getattr(leaf, "dtype", None)
+        if not isinstance(leaf, (jax.Array, np.ndarray)) or np.dtype(dtype) not in FLOAT_DTYPES:
+            raise TypeError(f"{where} must be a float32 or float64 array, got "
+                            f"{type(leaf).__name__}{'' if dtype is None else f' of {dtype}'}")
+        if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
+            platforms = {device.platform for device in leaf.devices()}
+            if platforms != {"cpu"}:
+                raise TypeError(f"{where} is on {', '.join(sorted(platforms))}: fastadam.jax "
+                                "updates CPU arrays only")
+        leaves.append(leaf)
+        paths.append(where)
+    return leaves, paths
+
+
+def _matching(tree: Any, name: str, structure: Any, params: List[Any]) -> List[Any]:
+    """The leaves of ``tree``, which must have the params' structure, shapes and dtypes."""
+    if jax.tree.structure(tree) != structure:
+        raise ValueError(f"{name} has another tree structure than params: "
+                         f"{jax.tree.structure(tree)} against {structure}")
+    leaves, paths = _float_leaves(tree, name)
+    for leaf, where, param in zip(leaves, paths, params):
+        if leaf.shape != param.shape or leaf.dtype != param.dtype:
+            raise ValueError(f"{where} is {leaf.dtype}{list(leaf.shape)}, its param is "
+                             f"{param.dtype}{list(param.shape)}")
+    return leaves
+
+
+def _step(grads: Any, state: AdamState, params: Any, hp: Hyperparameters,
+          num_threads: Optional[int]) -> Tuple[Any, AdamState]:
+    """One step of every leaf as one XLA custom call (fastadam._xla_ffi's operands)."""
+    if not isinstance(state, AdamState):
+        raise TypeError(f"state must be a fastadam.jax.AdamState, got {type(state).__name__}")
+    param_leaves, _ = _float_leaves(params, "params")
+    structure = jax.tree.structure(params)
+    grad_leaves = _matching(grads, "grads", structure, param_leaves)
+    mu = _matching(state.mu, "state.mu", structure, param_leaves)
+    nu = _matching(state.nu, "state.nu", structure, param_leaves)
+    count = state.count
+    if getattr(count, "shape", None) != () or np.dtype(getattr(count, "dtype", None)) not in (
+            np.dtype(np.int32), np.dtype(np.int64)):
+        raise TypeError("state.count must be an int32 or int64 scalar array")
+    check_element_type_range(hp, {np.dtype(p.dtype) for p in param_leaves})
+    n = len(param_leaves)
+    total = sum(int(np.prod(p.shape)) for p in param_leaves)
+    attributes = _xla_ffi.hyper_attributes(hp, threads_for(num_threads, total))
+    # args [count, params, grads, mu, nu]; results [count, params, mu, nu], each aliased
+    aliases = {0: 0}
+    for i in range(n):
+        aliases[1 + i] = 1 + i
+        aliases[1 + 2 * n + i] = 1 + n + i
+        aliases[1 + 3 * n + i] = 1 + 2 * n + i
+    results = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in [count, *param_leaves, *mu, *nu]]
+    call = jax.ffi.ffi_call(_xla_ffi.TARGET_NAME, results, input_output_aliases=aliases)
+    out = call(count, *param_leaves, *grad_leaves, *mu, *nu, **attributes)
+    new_params = jax.tree.unflatten(structure, out[1:1 + n])
+    return new_params, AdamState(count=out[0], mu=jax.tree.unflatten(structure, out[1 + n:1 + 2 * n]),
+                                 nu=jax.tree.unflatten(structure, out[1 + 2 * n:]))
