@@ -14,17 +14,23 @@ Built without JAX: _xla_ffi_api.h declares the part of XLA's versioned FFI C ABI
 here. XLA asks a handler for the API version it was written against when it is
 registered (the metadata call below), and refuses versions it does not support.
 
-Operands (n leaves; the optional block only with ``amsgrad``):
-  args  [count, params[n], grads[n], mu[n], nu[n], (nu_max[n])]
+Operands (n leaves; ``lr`` only with the attribute ``traced_lr``, the last block only
+with ``amsgrad``):
+  args  [count, (lr), params[n], grads[n], mu[n], nu[n], (nu_max[n])]
   rets  [count, params[n], mu[n], nu[n], (nu_max[n])]   (each aliased to its argument)
 ``count``: an int32 or int64 scalar, the number of steps already taken (optax's
-``count``); this step is number count + 1, and count + 1 is written back. Leaf i of each
+``count``); this step is number count + 1, and count + 1 is written back. ``lr``: a
+float32 or float64 scalar computed in the step (a schedule's value), which replaces the
+``lr`` attribute; being traced, it is checked here, when the step runs. Leaf i of each
 list has the element count of params[i] and its dtype (float32 or float64). The
-hyperparameters are scalar attributes named after the fields of ``Hyper``
-(see ``hyper_attributes``), plus ``num_threads``.
+hyperparameters are scalar attributes named after the fields of ``Hyper`` (see
+``hyper_attributes``), plus ``num_threads``, ``traced_lr`` and ``decayed_leaves``: weight
+decay applies to the first ``decayed_leaves`` leaves only (optax's ``mask``).
 """
 
 from cpython.pycapsule cimport PyCapsule_New
+from libc.float cimport FLT_MAX
+from libc.math cimport fabs, isfinite
 from libc.stdint cimport INT32_MAX, INT64_MAX, int32_t, int64_t
 from libc.stdio cimport snprintf
 from libc.stdlib cimport malloc, free
@@ -130,11 +136,19 @@ cdef extern from "_xla_ffi_api.h" nogil:
 
 # The name fastadam.jax registers the handler under, and the attributes it reads: the
 # fields of Hyper (fastadam._kernels.pxd) that a Hyperparameters record fills, and the
-# team size. Every attribute must be present, of its type, exactly once.
+# call's own (see the module docstring). Every attribute must be present, of its type,
+# exactly once.
 TARGET_NAME = "fastadam_adam"
 cdef enum:
-    N_ATTRIBUTES = 12
+    N_ATTRIBUTES = 14
     MESSAGE_SIZE = 256
+
+
+cdef struct CallAttributes:
+    # The attributes that belong to the call rather than to Hyper.
+    int num_threads
+    bint traced_lr
+    int64_t decayed_leaves
 
 
 cdef XLA_FFI_Error* _error(const XLA_FFI_CallFrame* frame, XLA_FFI_Error_Code code,
@@ -169,10 +183,10 @@ cdef bint _named(const XLA_FFI_ByteSpan* name, const char* expected) noexcept no
     return name.len == n and memcmp(name.ptr, expected, n) == 0
 
 
-cdef int _read_attributes(const XLA_FFI_Attrs* attrs, Hyper* h, int* num_threads,
+cdef int _read_attributes(const XLA_FFI_Attrs* attrs, Hyper* h, CallAttributes* call,
                           char* message) noexcept nogil:
-    """Fill ``h`` and ``num_threads`` from the call's attributes; -1 (with ``message``
-    set) if one is missing, repeated, unknown or of another type."""
+    """Fill ``h`` and ``call`` from the call's attributes; -1 (with ``message`` set) if
+    one is missing, repeated, unknown or of another type."""
     cdef int64_t i
     cdef int k, seen = 0
     cdef const XLA_FFI_Scalar* s
@@ -194,8 +208,8 @@ cdef int _read_attributes(const XLA_FFI_Attrs* attrs, Hyper* h, int* num_threads
             return -1
         k = _attribute_index(name, double_names, flag_names)
         if k < 0 or seen & (1 << k) or s.dtype != (
-                XLA_FFI_DataType_F64 if k < 6 else
-                XLA_FFI_DataType_PRED if k < 10 else XLA_FFI_DataType_S32):
+                XLA_FFI_DataType_F64 if k < 6 else XLA_FFI_DataType_PRED if k < 10 or k == 12
+                else XLA_FFI_DataType_S64 if k == 13 else XLA_FFI_DataType_S32):
             snprintf(message, MESSAGE_SIZE,
                      "fastadam_adam: unknown, repeated or mistyped attribute %.*s",
                      <int>name.len, name.ptr)
@@ -207,8 +221,12 @@ cdef int _read_attributes(const XLA_FFI_Attrs* attrs, Hyper* h, int* num_threads
             flags[k - 6][0] = (<const unsigned char*>s.value)[0] != 0
         elif k == 10:
             h.numerics = (<const int32_t*>s.value)[0]
+        elif k == 11:
+            call.num_threads = (<const int32_t*>s.value)[0]
+        elif k == 12:
+            call.traced_lr = (<const unsigned char*>s.value)[0] != 0
         else:
-            num_threads[0] = (<const int32_t*>s.value)[0]
+            call.decayed_leaves = (<const int64_t*>s.value)[0]
     if seen != (1 << N_ATTRIBUTES) - 1:
         snprintf(message, MESSAGE_SIZE, "fastadam_adam: expected %d attributes",
                  <int>N_ATTRIBUTES)
@@ -218,7 +236,8 @@ cdef int _read_attributes(const XLA_FFI_Attrs* attrs, Hyper* h, int* num_threads
 
 cdef int _attribute_index(const XLA_FFI_ByteSpan* name, const char** double_names,
                           const char** flag_names) noexcept nogil:
-    """0-5: a double of Hyper, 6-9: a flag of Hyper, 10: numerics, 11: num_threads."""
+    """0-5: a double of Hyper, 6-9: a flag of Hyper, 10: numerics, 11: num_threads,
+    12: traced_lr, 13: decayed_leaves."""
     cdef int k
     for k in range(6):
         if _named(name, double_names[k]):
@@ -230,6 +249,10 @@ cdef int _attribute_index(const XLA_FFI_ByteSpan* name, const char** double_name
         return 10
     if _named(name, b"num_threads"):
         return 11
+    if _named(name, b"traced_lr"):
+        return 12
+    if _named(name, b"decayed_leaves"):
+        return 13
     return -1
 
 
@@ -290,18 +313,39 @@ cdef void _write_count(const XLA_FFI_Buffer* out, int64_t value) noexcept nogil:
         (<int64_t*>out.data)[0] = value
 
 
+cdef int _read_lr(const XLA_FFI_Buffer* lr, Hyper* h) noexcept nogil:
+    """The traced learning rate: a float32 or float64 scalar, finite and >= 0."""
+    if lr.rank != 0:
+        return -1
+    if lr.dtype == XLA_FFI_DataType_F32:
+        h.lr = (<const float*>lr.data)[0]
+    elif lr.dtype == XLA_FFI_DataType_F64:
+        h.lr = (<const double*>lr.data)[0]
+    else:
+        return -1
+    return 0 if isfinite(h.lr) and h.lr >= 0.0 else -1
+
+
+cdef bint _fits_float32(const Coefficients* c) noexcept nogil:
+    """Are the coefficients a traced learning rate gives finite in float32? (The
+    validation layer's check_element_type_range, for a value known only now.)"""
+    return fabs(c.step_coef) <= FLT_MAX and fabs(c.param_scale) <= FLT_MAX
+
+
 cdef XLA_FFI_Error* _adam(XLA_FFI_CallFrame* frame) noexcept nogil:
     """The handler: see the module docstring for its operands."""
     cdef char message[MESSAGE_SIZE]
     cdef Hyper h
-    cdef int num_threads = 1
-    cdef int64_t i, n, k, count = 0
+    cdef CallAttributes call
+    cdef int64_t i, n, k, first, count = 0
     cdef int64_t blocks
-    cdef Coefficients coef
+    cdef Coefficients coef[2]  # with weight decay, and without (leaves past decayed_leaves)
     cdef AdamTensor* tensors
     cdef const XLA_FFI_Buffer** args
     cdef const XLA_FFI_Buffer** rets
     cdef int status
+    cdef bint float32 = False
+    call.num_threads, call.traced_lr, call.decayed_leaves = 1, False, 0  # all set, or refused
     if frame.extension_start != NULL and frame.extension_start.type == XLA_FFI_Extension_Metadata:
         return _metadata(frame)
     # (XLA checked the major version when it registered the handler: the API table's
@@ -312,12 +356,13 @@ cdef XLA_FFI_Error* _adam(XLA_FFI_CallFrame* frame) noexcept nogil:
     if frame.stage != XLA_FFI_ExecutionStage_EXECUTE:
         return _error(frame, XLA_FFI_Error_Code_FAILED_PRECONDITION,
                       b"fastadam_adam: registered for the execute stage only")
-    if _read_attributes(&frame.attrs, &h, &num_threads, message) != 0:
+    if _read_attributes(&frame.attrs, &h, &call, message) != 0:
         return _error(frame, XLA_FFI_Error_Code_INVALID_ARGUMENT, message)
     blocks = 5 if h.amsgrad else 4  # params, grads, mu, nu (, nu_max)
-    n = (frame.args.size - 1) // blocks
-    if (frame.args.size != 1 + blocks * n or frame.rets.size != 1 + (blocks - 1) * n
-            or num_threads < 1):
+    first = 2 if call.traced_lr else 1  # the first param's operand
+    n = (frame.args.size - first) // blocks
+    if (frame.args.size != first + blocks * n or frame.rets.size != 1 + (blocks - 1) * n
+            or call.num_threads < 1 or not 0 <= call.decayed_leaves <= n):
         return _error(frame, XLA_FFI_Error_Code_INVALID_ARGUMENT,
                       b"fastadam_adam: wrong number of operands or results")
     args = <const XLA_FFI_Buffer**>frame.args.args
@@ -334,28 +379,41 @@ cdef XLA_FFI_Error* _adam(XLA_FFI_CallFrame* frame) noexcept nogil:
         return _error(frame, XLA_FFI_Error_Code_INVALID_ARGUMENT,
                       b"fastadam_adam: the step count must be an int32 or int64 scalar, "
                       b">= 0 and below its type's maximum, aliased to its result")
+    if call.traced_lr and _read_lr(args[1], &h) != 0:
+        return _error(frame, XLA_FFI_Error_Code_INVALID_ARGUMENT,
+                      b"fastadam_adam: the learning rate must be a float32 or float64 scalar, "
+                      b"finite and >= 0")
     # Every result is written in place: it must be its argument's buffer (the aliases
     # fastadam.jax declares). Anything else would leave a result unwritten.
     for k in range(blocks - 1):
         for i in range(n):
-            if rets[1 + k * n + i].data != args[1 + (k if k == 0 else k + 1) * n + i].data:
+            if rets[1 + k * n + i].data != args[first + (k if k == 0 else k + 1) * n + i].data:
                 return _error(frame, XLA_FFI_Error_Code_INVALID_ARGUMENT,
                               b"fastadam_adam: a result is not aliased to its operand")
     tensors = <AdamTensor*>malloc(max(n, 1) * sizeof(AdamTensor))
     if tensors == NULL:
         return _error(frame, XLA_FFI_Error_Code_RESOURCE_EXHAUSTED,
                       b"fastadam_adam: out of memory")
-    fill_coefficients(&coef, &h, <double>(count + 1), 1.0)
+    fill_coefficients(&coef[0], &h, <double>(count + 1), 1.0)
+    h.weight_decay = 0.0
+    fill_coefficients(&coef[1], &h, <double>(count + 1), 1.0)
     for i in range(n):
-        if _record(&tensors[i], args[1 + i], args[1 + n + i], args[1 + 2 * n + i],
-                   args[1 + 3 * n + i], args[1 + 4 * n + i] if h.amsgrad else NULL) != 0:
+        if _record(&tensors[i], args[first + i], args[first + n + i], args[first + 2 * n + i],
+                   args[first + 3 * n + i], args[first + 4 * n + i] if h.amsgrad else NULL) != 0:
             free(tensors)
             snprintf(message, MESSAGE_SIZE, "fastadam_adam: leaf %lld: param, grad and state "
                      "must have one float32 or float64 dtype and one element count",
                      <long long>i)
             return _error(frame, XLA_FFI_Error_Code_INVALID_ARGUMENT, message)
-        tensors[i].coef = coef
-    status = run_tensors(tensors, n, num_threads)
+        tensors[i].coef = coef[0 if i < call.decayed_leaves else 1]
+        float32 = float32 or args[first + i].dtype == XLA_FFI_DataType_F32
+    if call.traced_lr and float32 and not (_fits_float32(&coef[0]) and _fits_float32(&coef[1])):
+        free(tensors)
+        snprintf(message, MESSAGE_SIZE, "fastadam_adam: the learning rate %.9g makes the step "
+                 "coefficient or the decay factor overflow float32, the params' element type",
+                 h.lr)
+        return _error(frame, XLA_FFI_Error_Code_INVALID_ARGUMENT, message)
+    status = run_tensors(tensors, n, call.num_threads)
     free(tensors)
     if status != 0:
         return _error(frame, XLA_FFI_Error_Code_RESOURCE_EXHAUSTED,
@@ -374,10 +432,11 @@ def api_version():
     return FA_XLA_FFI_API_MAJOR, FA_XLA_FFI_API_MINOR
 
 
-def hyper_attributes(record, int num_threads):
+def hyper_attributes(record, int num_threads, bint traced_lr, int64_t decayed_leaves):
     """The call's attributes for a validated Hyperparameters record: read into C by
     fastadam._kernels.hyper_from_record (the one reader of the record), then named after
-    Hyper's fields, as NumPy scalars of the types the handler reads."""
+    Hyper's fields, as NumPy scalars of the types the handler reads; and the call's own
+    (see the module docstring)."""
     cdef Hyper h
     hyper_from_record(&h, record)
     return {
@@ -387,5 +446,6 @@ def hyper_attributes(record, int num_threads):
         "decoupled_weight_decay": np.bool_(h.decoupled_weight_decay),
         "amsgrad": np.bool_(h.amsgrad), "maximize": np.bool_(h.maximize),
         "eps_hat": np.bool_(h.eps_hat), "numerics": np.int32(h.numerics),
-        "num_threads": np.int32(num_threads),
+        "num_threads": np.int32(num_threads), "traced_lr": np.bool_(traced_lr),
+        "decayed_leaves": np.int64(decayed_leaves),
     }

@@ -83,15 +83,21 @@ class InPlaceTransformation(NamedTuple):
     step: Callable[[Any, AdamState, Any], Tuple[Any, AdamState]]
 
 
-def adam(learning_rate: float = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+def adam(learning_rate: Any = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
          eps_root: float = 0.0, *, num_threads: Optional[int] = None,
          numerics: str = "exact") -> InPlaceTransformation:
     """Adam with optax's arguments and numerics (``optax.adam``), updating in place.
 
     Parameters
     ----------
-    learning_rate, b1, b2, eps, eps_root : float
-        As in ``optax.adam`` (a number: schedules are not supported yet).
+    learning_rate : float or callable
+        A number, or a schedule: a function of the step count (``state.count``, the
+        steps already taken, as in optax) returning a float32 or float64 scalar, e.g. an
+        ``optax.schedules`` function. A schedule's value is computed inside the step and
+        checked when the step runs (finite, >= 0, and within the params' element type:
+        else the call fails with XLA's error naming the learning rate).
+    b1, b2, eps, eps_root : float
+        As in ``optax.adam``.
     num_threads : int, optional
         OpenMP threads of each step; None follows :func:`fastadam.get_num_threads`. Read
         when ``jax.jit`` traces the step.
@@ -104,48 +110,44 @@ def adam(learning_rate: float = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: f
         For a bad argument, naming it (here); for params, grads or state that do not fit
         each other (in ``init``/``update``, when traced).
     """
-    return _transformation(_hyperparameters(learning_rate, b1, b2, eps, eps_root, 0.0, numerics),
-                           check_num_threads(num_threads))
+    return _transformation(learning_rate, b1, b2, eps, eps_root, 0.0, None, num_threads,
+                           numerics)
 
 
-def adamw(learning_rate: float = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-          eps_root: float = 0.0, weight_decay: float = 1e-4, *,
+def adamw(learning_rate: Any = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+          eps_root: float = 0.0, weight_decay: float = 1e-4, mask: Any = None, *,
           num_threads: Optional[int] = None, numerics: str = "exact") -> InPlaceTransformation:
-    """AdamW with optax's arguments and numerics (``optax.adamw``, decoupled weight decay
-    ``p -= learning_rate * weight_decay * p`` on every leaf), updating in place; the
-    other arguments as in :func:`adam`."""
-    return _transformation(
-        _hyperparameters(learning_rate, b1, b2, eps, eps_root, weight_decay, numerics),
-        check_num_threads(num_threads))
+    """AdamW with optax's arguments and numerics (``optax.adamw``: decoupled weight decay,
+    ``p -= learning_rate * weight_decay * p``), updating in place.
+
+    ``mask``: as in optax, None (decay every leaf), or a pytree of the params' structure
+    whose leaves are bools, or a function of the params returning one: leaves marked
+    False are not decayed. The bools must be Python or NumPy bools (the leaves are sorted
+    by them when the step is traced). The other arguments as in :func:`adam`.
+    """
+    return _transformation(learning_rate, b1, b2, eps, eps_root, weight_decay, mask,
+                           num_threads, numerics)
 
 
-def _hyperparameters(learning_rate: Any, b1: Any, b2: Any, eps: Any, eps_root: Any,
-                     weight_decay: Any, numerics: Any) -> Hyperparameters:
-    if callable(learning_rate):
-        raise TypeError("learning_rate must be a number: fastadam.jax does not take "
-                        "schedules yet")
-    try:
-        return check_call_hyperparameters(learning_rate, b1, b2, eps, weight_decay,
-                                          weight_decay != 0.0, False, False, False, eps_root,
-                                          numerics)
-    except (TypeError, ValueError) as exc:  # in optax's words
-        message = str(exc)
-        for ours, theirs in (("lr", "learning_rate"), ("beta1", "b1"), ("beta2", "b2")):
-            message = message.replace(f"{ours} ", f"{theirs} ", 1) if message.startswith(
-                f"{ours} ") else message
-        raise type(exc)(message) from None
+def _transformation(learning_rate: Any, b1: Any, b2: Any, eps: Any, eps_root: Any,
+                    weight_decay: Any, mask: Any, num_threads: Any,
+                    numerics: Any) -> InPlaceTransformation:
+    schedule = learning_rate if callable(learning_rate) else None
+    hp = _hyperparameters(0.0 if schedule else learning_rate, b1, b2, eps, eps_root,
+                          weight_decay, numerics)
+    threads = check_num_threads(num_threads)
 
-
-def _transformation(hp: Hyperparameters, num_threads: Optional[int]) -> InPlaceTransformation:
     def init(params: Any) -> AdamState:
         leaves, _ = _float_leaves(params, "params")
-        zeros = [jnp.zeros_like(p) for p in leaves]
         tree = jax.tree.structure(params)
-        return AdamState(count=jnp.zeros((), jnp.int32), mu=jax.tree.unflatten(tree, zeros),
+        return AdamState(count=jnp.zeros((), jnp.int32),
+                         mu=jax.tree.unflatten(tree, [jnp.zeros_like(p) for p in leaves]),
                          nu=jax.tree.unflatten(tree, [jnp.zeros_like(p) for p in leaves]))
 
     def update(grads: Any, state: AdamState, params: Any) -> Tuple[Any, AdamState]:
-        return _step(grads, state, params, hp, num_threads)
+        lr = None if schedule is None else schedule(state.count)
+        decayed = None if mask is None else (mask(params) if callable(mask) else mask)
+        return _step(grads, state, params, hp, lr, decayed, threads)
 
     # jax.jit pairs each donated input with the first free output of its shape and dtype,
     # in order: the donated arguments must come in the order of the results (params, then
@@ -157,6 +159,21 @@ def _transformation(hp: Hyperparameters, num_threads: Optional[int]) -> InPlaceT
         return jitted(params, state, grads)
 
     return InPlaceTransformation(init, update, step)
+
+
+def _hyperparameters(learning_rate: Any, b1: Any, b2: Any, eps: Any, eps_root: Any,
+                     weight_decay: Any, numerics: Any) -> Hyperparameters:
+    """The validated record, with errors in optax's argument names."""
+    try:
+        return check_call_hyperparameters(learning_rate, b1, b2, eps, weight_decay,
+                                          weight_decay != 0.0, False, False, False, eps_root,
+                                          numerics)
+    except (TypeError, ValueError) as exc:
+        message = str(exc)
+        for ours, theirs in (("lr", "learning_rate"), ("beta1", "b1"), ("beta2", "b2")):
+            if message.startswith(f"{ours} "):
+                message = theirs + message[len(ours):]
+        raise type(exc)(message) from None
 
 
 def _float_leaves(tree: Any, name: str) -> Tuple[List[Any], List[str]]:
@@ -193,9 +210,31 @@ def _matching(tree: Any, name: str, structure: Any, params: List[Any]) -> List[A
     return leaves
 
 
-def _step(grads: Any, state: AdamState, params: Any, hp: Hyperparameters,
-          num_threads: Optional[int]) -> Tuple[Any, AdamState]:
-    """One step of every leaf as one XLA custom call (fastadam._xla_ffi's operands)."""
+def _decay_order(mask: Any, structure: Any, n: int) -> List[int]:
+    """The leaves' order in the call: those to decay first (all of them without a mask)."""
+    if mask is None:
+        return list(range(n))
+    if jax.tree.structure(mask) != structure:
+        raise ValueError(f"mask has another tree structure than params: "
+                         f"{jax.tree.structure(mask)} against {structure}")
+    flags = jax.tree.leaves(mask)
+    if not all(isinstance(flag, (bool, np.bool_)) for flag in flags):
+        raise TypeError("mask's leaves must be Python or NumPy bools")
+    return [i for i in range(n) if flags[i]] + [i for i in range(n) if not flags[i]]
+
+
+def _traced_lr(lr: Any) -> Any:
+    lr = jnp.asarray(lr)
+    if lr.shape != () or lr.dtype not in (jnp.float32, jnp.float64):
+        raise TypeError(f"the learning-rate schedule must return a float32 or float64 scalar, "
+                        f"got {lr.dtype}{list(lr.shape)}")
+    return lr
+
+
+def _step(grads: Any, state: AdamState, params: Any, hp: Hyperparameters, lr: Any,
+          mask: Any, num_threads: Optional[int]) -> Tuple[Any, AdamState]:
+    """One step of every leaf as one XLA custom call (fastadam._xla_ffi's operands).
+    ``lr``: None (``hp.lr``) or a schedule's value; ``mask``: None or a pytree of bools."""
     if not isinstance(state, AdamState):
         raise TypeError(f"state must be a fastadam.jax.AdamState, got {type(state).__name__}")
     param_leaves, _ = _float_leaves(params, "params")
@@ -209,17 +248,28 @@ def _step(grads: Any, state: AdamState, params: Any, hp: Hyperparameters,
         raise TypeError("state.count must be an int32 or int64 scalar array")
     check_element_type_range(hp, {np.dtype(p.dtype) for p in param_leaves})
     n = len(param_leaves)
+    order = _decay_order(mask, structure, n)
+    decayed = n if mask is None else sum(1 for flag in jax.tree.leaves(mask) if flag)
+    lr_operand = [] if lr is None else [_traced_lr(lr)]
     total = sum(int(np.prod(p.shape)) for p in param_leaves)
-    attributes = _xla_ffi.hyper_attributes(hp, threads_for(num_threads, total))
-    # args [count, params, grads, mu, nu]; results [count, params, mu, nu], each aliased
+    attributes = _xla_ffi.hyper_attributes(hp, threads_for(num_threads, total), lr is not None,
+                                           decayed)
+    first = 1 + len(lr_operand)
+    # args [count, (lr), params, grads, mu, nu]; results [count, params, mu, nu], aliased
     aliases = {0: 0}
     for i in range(n):
-        aliases[1 + i] = 1 + i
-        aliases[1 + 2 * n + i] = 1 + n + i
-        aliases[1 + 3 * n + i] = 1 + 2 * n + i
-    results = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in [count, *param_leaves, *mu, *nu]]
+        aliases[first + i] = 1 + i
+        aliases[first + 2 * n + i] = 1 + n + i
+        aliases[first + 3 * n + i] = 1 + 2 * n + i
+    p, g, m, v = ([leaves[i] for i in order] for leaves in (param_leaves, grad_leaves, mu, nu))
+    results = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in [count, *p, *m, *v]]
     call = jax.ffi.ffi_call(_xla_ffi.TARGET_NAME, results, input_output_aliases=aliases)
-    out = call(count, *param_leaves, *grad_leaves, *mu, *nu, **attributes)
-    new_params = jax.tree.unflatten(structure, out[1:1 + n])
-    return new_params, AdamState(count=out[0], mu=jax.tree.unflatten(structure, out[1 + n:1 + 2 * n]),
-                                 nu=jax.tree.unflatten(structure, out[1 + 2 * n:]))
+    out = call(count, *lr_operand, *p, *g, *m, *v, **attributes)
+
+    def tree(block: int) -> Any:
+        leaves: List[Any] = [None] * n
+        for position, i in enumerate(order):
+            leaves[i] = out[1 + block * n + position]
+        return jax.tree.unflatten(structure, leaves)
+
+    return tree(0), AdamState(count=out[0], mu=tree(1), nu=tree(2))
