@@ -230,16 +230,23 @@ def test_step_and_grad_match_the_same_loop_on_numpy():
     assert_trees_equal(params, reference)
 
 
-def test_step_keeps_the_buffers_and_many_leaves_are_one_call():
+def test_many_leaves_take_one_call_per_64_and_keep_their_buffers():
     opt = fj.adam(1e-3)
-    params = as_jax({f"t{i}": np.full(64, float(i), np.float32) for i in range(300)})
+    params = as_jax({f"t{i:03}": np.full(64, float(i), np.float32) for i in range(300)})
     grads = jax.tree.map(jnp.ones_like, params)
     state = opt.init(params)
+    train = jax.jit(lambda p, s, g: opt.update(g, s, p), donate_argnums=(0, 1))
+    hlo = train.lower(params, state, grads).compile().as_text()
+    assert hlo.count('custom_call_target="fastadam_adam"') == 5  # ceil(300 / LEAVES_PER_CALL)
+    assert fj.LEAVES_PER_CALL == 64
+    assert " copy(" not in hlo
     before = leaf_pointers(params, state)
     for _ in range(3):
-        params, state = opt.step(grads, state, params)
+        params, state = train(params, state, grads)
     assert leaf_pointers(params, state) == before
-    np.testing.assert_allclose(np.asarray(params["t5"]), 5.0 - 3e-3, rtol=1e-6)
+    assert int(state.count) == 3
+    for i in (0, 63, 64, 299):
+        np.testing.assert_allclose(np.asarray(params[f"t{i:03}"]), i - 3e-3, rtol=1e-6, atol=1e-6)
 
 
 def test_empty_tree_and_zero_size_leaves():
@@ -443,3 +450,31 @@ def test_import_fastadam_jax_without_jax_says_what_to_install():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.startswith("jax | fastadam.jax needs jax, which is not installed: pip install jax")
+
+
+# --- fastadam.keras.Adam on Keras's JAX backend (issue 22, item 2) ------------------------
+
+@pytest.mark.slow
+def test_keras_adam_on_the_jax_backend_runs_one_xla_call_with_keras_numerics():
+    pytest.importorskip("keras")
+    import json
+    import os
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("keras_jax_worker.py")
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    out = subprocess.run([sys.executable, str(worker)], capture_output=True, text=True,
+                         env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = {r["case"]: r for r in map(json.loads, out.stdout.splitlines())}
+    assert set(results) == {"plain", "amsgrad", "weight_decay", "clipnorm", "ema",
+                            "accumulation", "loss_scale", "schedule"}
+    for name, r in results.items():
+        # Keras computes its step coefficient in float32, fastadam in double: the same
+        # tolerance as tests/test_keras_adapter.py's on the torch backend
+        assert r["diff"] <= 2e-6, name
+        assert r["traces"] == 1, name  # the train step was traced once, with fastadam's call
+        assert r["iterations"] == (4 if name == "accumulation" else 8), name
+    assert results["plain"]["in_place"]
+    assert results["plain"]["loaded"] == "fastadam.keras.Adam"
+    assert results["plain"]["loaded_traces"] == 1

@@ -10,5 +10,9 @@ TARGET_NAME: str
 def handler() -> Any: ...
 def api_version() -> tuple[int, int]: ...
 def hyper_attributes(
-    record: Hyperparameters, num_threads: int, traced_lr: bool, decayed_leaves: int
+    record: Hyperparameters,
+    num_threads: int,
+    traced_lr: bool,
+    decayed_leaves: int,
+    increment_count: bool,
 ) -> dict[str, np.generic]: ...

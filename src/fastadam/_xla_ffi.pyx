@@ -19,13 +19,17 @@ with ``amsgrad``):
   args  [count, (lr), params[n], grads[n], mu[n], nu[n], (nu_max[n])]
   rets  [count, params[n], mu[n], nu[n], (nu_max[n])]   (each aliased to its argument)
 ``count``: an int32 or int64 scalar, the number of steps already taken (optax's
-``count``); this step is number count + 1, and count + 1 is written back. ``lr``: a
+``count``); this step is number count + 1, and with the attribute ``increment_count``
+count + 1 is written back. A step of many leaves is several calls chained through the
+count (each takes the previous one's count result, and only the last increments it): the
+count is then written in place, after every call has read it, with no copy. ``lr``: a
 float32 or float64 scalar computed in the step (a schedule's value), which replaces the
 ``lr`` attribute; being traced, it is checked here, when the step runs. Leaf i of each
 list has the element count of params[i] and its dtype (float32 or float64). The
 hyperparameters are scalar attributes named after the fields of ``Hyper`` (see
-``hyper_attributes``), plus ``num_threads``, ``traced_lr`` and ``decayed_leaves``: weight
-decay applies to the first ``decayed_leaves`` leaves only (optax's ``mask``).
+``hyper_attributes``), plus ``num_threads``, ``traced_lr``, ``increment_count`` and
+``decayed_leaves``: weight decay applies to the first ``decayed_leaves`` leaves only
+(optax's ``mask``).
 """
 
 from cpython.pycapsule cimport PyCapsule_New
@@ -140,7 +144,7 @@ cdef extern from "_xla_ffi_api.h" nogil:
 # exactly once.
 TARGET_NAME = "fastadam_adam"
 cdef enum:
-    N_ATTRIBUTES = 14
+    N_ATTRIBUTES = 15
     MESSAGE_SIZE = 256
 
 
@@ -148,6 +152,7 @@ cdef struct CallAttributes:
     # The attributes that belong to the call rather than to Hyper.
     int num_threads
     bint traced_lr
+    bint increment_count
     int64_t decayed_leaves
 
 
@@ -208,8 +213,8 @@ cdef int _read_attributes(const XLA_FFI_Attrs* attrs, Hyper* h, CallAttributes* 
             return -1
         k = _attribute_index(name, double_names, flag_names)
         if k < 0 or seen & (1 << k) or s.dtype != (
-                XLA_FFI_DataType_F64 if k < 6 else XLA_FFI_DataType_PRED if k < 10 or k == 12
-                else XLA_FFI_DataType_S64 if k == 13 else XLA_FFI_DataType_S32):
+                XLA_FFI_DataType_F64 if k < 6 else XLA_FFI_DataType_PRED if k < 10 or k >= 12
+                and k != 13 else XLA_FFI_DataType_S64 if k == 13 else XLA_FFI_DataType_S32):
             snprintf(message, MESSAGE_SIZE,
                      "fastadam_adam: unknown, repeated or mistyped attribute %.*s",
                      <int>name.len, name.ptr)
@@ -225,8 +230,10 @@ cdef int _read_attributes(const XLA_FFI_Attrs* attrs, Hyper* h, CallAttributes* 
             call.num_threads = (<const int32_t*>s.value)[0]
         elif k == 12:
             call.traced_lr = (<const unsigned char*>s.value)[0] != 0
-        else:
+        elif k == 13:
             call.decayed_leaves = (<const int64_t*>s.value)[0]
+        else:
+            call.increment_count = (<const unsigned char*>s.value)[0] != 0
     if seen != (1 << N_ATTRIBUTES) - 1:
         snprintf(message, MESSAGE_SIZE, "fastadam_adam: expected %d attributes",
                  <int>N_ATTRIBUTES)
@@ -237,7 +244,7 @@ cdef int _read_attributes(const XLA_FFI_Attrs* attrs, Hyper* h, CallAttributes* 
 cdef int _attribute_index(const XLA_FFI_ByteSpan* name, const char** double_names,
                           const char** flag_names) noexcept nogil:
     """0-5: a double of Hyper, 6-9: a flag of Hyper, 10: numerics, 11: num_threads,
-    12: traced_lr, 13: decayed_leaves."""
+    12: traced_lr, 13: decayed_leaves, 14: increment_count."""
     cdef int k
     for k in range(6):
         if _named(name, double_names[k]):
@@ -253,6 +260,8 @@ cdef int _attribute_index(const XLA_FFI_ByteSpan* name, const char** double_name
         return 12
     if _named(name, b"decayed_leaves"):
         return 13
+    if _named(name, b"increment_count"):
+        return 14
     return -1
 
 
@@ -294,7 +303,7 @@ cdef int _record(AdamTensor* t, const XLA_FFI_Buffer* param, const XLA_FFI_Buffe
 cdef int _read_count(const XLA_FFI_Buffer* count, const XLA_FFI_Buffer* out,
                      int64_t* value) noexcept nogil:
     """The step count: an int32 or int64 scalar, >= 0 and below its type's maximum (so
-    that count + 1 is written back exactly), aliased to its output."""
+    that count + 1 is written back exactly), aliased to its result."""
     if count.rank != 0 or out.data != count.data or out.dtype != count.dtype:
         return -1
     if count.dtype == XLA_FFI_DataType_S32:
@@ -304,13 +313,6 @@ cdef int _read_count(const XLA_FFI_Buffer* count, const XLA_FFI_Buffer* out,
         value[0] = (<const int64_t*>count.data)[0]
         return 0 if 0 <= value[0] < INT64_MAX else -1
     return -1
-
-
-cdef void _write_count(const XLA_FFI_Buffer* out, int64_t value) noexcept nogil:
-    if out.dtype == XLA_FFI_DataType_S32:
-        (<int32_t*>out.data)[0] = <int32_t>value
-    else:
-        (<int64_t*>out.data)[0] = value
 
 
 cdef int _read_lr(const XLA_FFI_Buffer* lr, Hyper* h) noexcept nogil:
@@ -346,6 +348,7 @@ cdef XLA_FFI_Error* _adam(XLA_FFI_CallFrame* frame) noexcept nogil:
     cdef int status
     cdef bint float32 = False
     call.num_threads, call.traced_lr, call.decayed_leaves = 1, False, 0  # all set, or refused
+    call.increment_count = False
     if frame.extension_start != NULL and frame.extension_start.type == XLA_FFI_Extension_Metadata:
         return _metadata(frame)
     # (XLA checked the major version when it registered the handler: the API table's
@@ -418,8 +421,16 @@ cdef XLA_FFI_Error* _adam(XLA_FFI_CallFrame* frame) noexcept nogil:
     if status != 0:
         return _error(frame, XLA_FFI_Error_Code_RESOURCE_EXHAUSTED,
                       b"fastadam_adam: could not allocate the chunk table")
-    _write_count(rets[0], count + 1)
+    if call.increment_count:
+        _write_count(rets[0], count + 1)
     return NULL
+
+
+cdef void _write_count(const XLA_FFI_Buffer* out, int64_t value) noexcept nogil:
+    if out.dtype == XLA_FFI_DataType_S32:
+        (<int32_t*>out.data)[0] = <int32_t>value
+    else:
+        (<int64_t*>out.data)[0] = value
 
 
 def handler():
@@ -432,7 +443,8 @@ def api_version():
     return FA_XLA_FFI_API_MAJOR, FA_XLA_FFI_API_MINOR
 
 
-def hyper_attributes(record, int num_threads, bint traced_lr, int64_t decayed_leaves):
+def hyper_attributes(record, int num_threads, bint traced_lr, int64_t decayed_leaves,
+                     bint increment_count):
     """The call's attributes for a validated Hyperparameters record: read into C by
     fastadam._kernels.hyper_from_record (the one reader of the record), then named after
     Hyper's fields, as NumPy scalars of the types the handler reads; and the call's own
@@ -447,5 +459,5 @@ def hyper_attributes(record, int num_threads, bint traced_lr, int64_t decayed_le
         "amsgrad": np.bool_(h.amsgrad), "maximize": np.bool_(h.maximize),
         "eps_hat": np.bool_(h.eps_hat), "numerics": np.int32(h.numerics),
         "num_threads": np.int32(num_threads), "traced_lr": np.bool_(traced_lr),
-        "decayed_leaves": np.int64(decayed_leaves),
+        "decayed_leaves": np.int64(decayed_leaves), "increment_count": np.bool_(increment_count),
     }
