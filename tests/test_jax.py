@@ -417,6 +417,7 @@ def test_a_negative_count_is_refused_by_the_handler():
     (dict(eps_root=-1.0), ValueError, r"^eps_root must be >= 0"),
     (dict(num_threads=0), ValueError, r"^num_threads must be"),
     (dict(numerics="quick"), ValueError, r"numerics"),
+    (dict(numerics="torch"), ValueError, r'numerics must be "exact" or "fast" in fastadam.jax'),
 ])
 def test_bad_hyperparameters_are_refused_by_name(kwargs, error, message):
     with pytest.raises(error, match=message):

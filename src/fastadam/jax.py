@@ -164,6 +164,9 @@ def _transformation(learning_rate: Any, b1: Any, b2: Any, eps: Any, eps_root: An
 def _hyperparameters(learning_rate: Any, b1: Any, b2: Any, eps: Any, eps_root: Any,
                      weight_decay: Any, numerics: Any) -> Hyperparameters:
     """The validated record, with errors in optax's argument names."""
+    if isinstance(numerics, str) and numerics == "torch":  # torch's per-tensor FMA tails
+        raise ValueError('numerics must be "exact" or "fast" in fastadam.jax, got "torch" '
+                         "(the rounding of torch's fused kernel, for fastadam.torch)")
     try:
         return check_call_hyperparameters(learning_rate, b1, b2, eps, weight_decay,
                                           weight_decay != 0.0, False, False, False, eps_root,
