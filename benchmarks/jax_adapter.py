@@ -22,7 +22,7 @@ import sys
 import numpy as np
 from peers import gpt2_small_shapes, resnet18_shapes
 
-from fastadam.bench import measure
+from fastadam.app.timing import measure
 
 WORKLOADS = {
     "resnet18": resnet18_shapes,

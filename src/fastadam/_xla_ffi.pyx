@@ -42,7 +42,7 @@ from libc.string cimport memcmp, strlen
 
 import numpy as np
 
-from fastadam._adam_types cimport AdamTensor, Coefficients
+from fastadam._adam_types cimport ELEM_F32, ELEM_F64, AdamTensor, Coefficients
 from fastadam._kernels cimport Hyper, fill_coefficients, hyper_from_record, run_tensors
 
 
@@ -295,8 +295,12 @@ cdef int _record(AdamTensor* t, const XLA_FFI_Buffer* param, const XLA_FFI_Buffe
     t.exp_avg = <char*>exp_avg.data
     t.exp_avg_sq = <char*>exp_avg_sq.data
     t.max_exp_avg_sq = NULL if max_exp_avg_sq == NULL else <char*>max_exp_avg_sq.data
+    t.model_param = NULL  # no master weights
     t.size = <Py_ssize_t>size
-    t.is_double = param.dtype == XLA_FFI_DataType_F64
+    t.param_type = ELEM_F64 if param.dtype == XLA_FFI_DataType_F64 else ELEM_F32
+    t.grad_type = t.state_type = t.model_type = t.param_type
+    t.stochastic = False
+    t.rounding_key = 0
     return 0
 
 
