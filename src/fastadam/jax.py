@@ -2,9 +2,9 @@
 JAX CPU arrays that runs inside ``jax.jit``.
 
 A step is ONE XLA custom call (``jax.ffi.ffi_call`` of fastadam's FFI handler,
-fastadam._xla_ffi) over every leaf of the tree: the kernels, threads and SIMD dispatch of
-``fastadam.adam_step``, with the params, both moments and the step count declared as
-outputs aliased to their inputs. When the caller's ``jax.jit`` donates params and
+fastadam._xla_ffi) per ``LEAVES_PER_CALL`` leaves of the tree (one for most models): the
+kernels, threads and SIMD dispatch of ``fastadam.adam_step``, with the params, both
+moments and the step count declared as outputs aliased to their inputs. When the caller's ``jax.jit`` donates params and
 state (``donate_argnums``), XLA hands their buffers to the call and the update happens
 in them: no copy, the same buffers step after step. Without donation XLA copies them
 first (correct, only slower).
