@@ -199,10 +199,12 @@ def targets_x86_64():
 
 
 # The kernels (and their SIMD twins below), the engine's compiled core, the compiled
-# checks of the validation layer, and fastadam.torch's compiled gather (no torch needed
-# to build it: it calls tensors' Python methods).
+# checks of the validation layer, fastadam.torch's compiled gather (no torch needed
+# to build it: it calls tensors' Python methods) and fastadam.jax's XLA FFI handler (no
+# JAX needed either: it declares the part of XLA's C ABI it uses).
 extensions = [kernel_extension(name) for name in
-              ("fastadam._kernels", "fastadam._table", "fastadam._checks", "fastadam._torch_gather")]
+              ("fastadam._kernels", "fastadam._table", "fastadam._checks", "fastadam._torch_gather",
+               "fastadam._xla_ffi")]
 extensions += [kernel_extension(name) for name, level in SIMD_LEVELS.items()
                if not level.x86_64_only or targets_x86_64()]
 

@@ -4,7 +4,7 @@ Build: pip install ".[docs]" (or ".[test]"), then
     python -m sphinx -W --keep-going -b html docs docs/_build/html
 -W turns every warning into an error; tests/test_docs.py runs the same build.
 The API reference imports fastadam (installed, or built in place under src/) and its
-front ends: torch, keras and mpi4py are imported when installed and mocked otherwise.
+front ends: torch, keras, mpi4py and jax are imported when installed and mocked otherwise.
 """
 
 import importlib.util
@@ -35,7 +35,7 @@ napoleon_google_docstring = False
 napoleon_use_ivar = True
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
-autodoc_mock_imports = [name for name in ("torch", "keras", "mpi4py")
+autodoc_mock_imports = [name for name in ("torch", "keras", "mpi4py", "jax")
                         if importlib.util.find_spec(name) is None]
 html_theme = "alabaster"
 html_title = f"fastadam {release}"

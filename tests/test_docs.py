@@ -22,8 +22,9 @@ pytestmark = [
 # The public modules and, for each, the names the API page must document: the module's
 # __all__ (fastadam.schedules is a module of its own below; __version__ is documented as data).
 PUBLIC_MODULES = ["fastadam", "fastadam.schedules", "fastadam.torch", "fastadam.keras",
-                  "fastadam.distributed", "fastadam.datasets"]
-FRAMEWORK = {"fastadam.torch": "torch", "fastadam.keras": "keras", "fastadam.distributed": "mpi4py"}
+                  "fastadam.jax", "fastadam.distributed", "fastadam.datasets"]
+FRAMEWORK = {"fastadam.torch": "torch", "fastadam.keras": "keras", "fastadam.jax": "jax",
+             "fastadam.distributed": "mpi4py"}
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,9 @@ def site(tmp_path_factory):
 
 def test_docs_build_with_warnings_as_errors(site):
     for page in ("index", "install", "api", "design", "cli", "guide/numpy", "guide/pytorch",
-                 "guide/keras", "guide/embeddings", "guide/distributed", "guide/mixed-precision",
-                 "guide/numerics", "guide/threads", "guide/performance", "guide/pictures", "reliability",
+                 "guide/keras", "guide/jax", "guide/embeddings", "guide/distributed",
+                 "guide/mixed-precision", "guide/numerics", "guide/threads", "guide/performance",
+                 "guide/pictures", "reliability",
                  "building", "changelog"):
         assert (site / f"{page}.html").exists(), page
     assert (site / "_images" / "trajectories.png").exists()  # the pictures are copied in

@@ -22,7 +22,7 @@ from fastadam import _kernels, _simd
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = Path(fastadam.__file__).parent
 COMPILED = ["fastadam._kernels", "fastadam._kernels_avx2", "fastadam._kernels_avx512",
-            "fastadam._table", "fastadam._checks", "fastadam._torch_gather"]
+            "fastadam._table", "fastadam._checks", "fastadam._torch_gather", "fastadam._xla_ffi"]
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 
 requires_openmp = pytest.mark.skipif(not _kernels.openmp_enabled(),

@@ -25,7 +25,8 @@ def run_block(code, cwd, name):
     """Run a code block as a user would paste it: a fresh interpreter, in an empty
     directory, without this test session's KERAS_BACKEND; skip it when it imports an
     optional package that is not installed."""
-    for module in ("torch", "keras", "mpi4py", "transformers", "lightning", "timm", "ml_dtypes"):
+    for module in ("torch", "keras", "jax", "mpi4py", "transformers", "lightning", "timm",
+                   "ml_dtypes"):
         if re.search(rf"^\s*(import|from) {module}\b", code, flags=re.M) and \
                 importlib.util.find_spec(module) is None:
             pytest.skip(f"{name} needs {module}, which is not installed")

@@ -16,6 +16,8 @@ FRONT_ENDS = {
     "torch": ("fastadam.torch", 'pip install torch (or "fastadam[torch]")'),
     "keras": ("fastadam.keras", 'pip install keras (or "fastadam[keras]"); fastadam.keras '
                                 "runs its kernels on Keras's torch backend"),
+    "jax": ("fastadam.jax", 'pip install jax (or "fastadam[jax]"); fastadam.jax updates CPU '
+                            "arrays"),
 }
 
 
@@ -38,8 +40,8 @@ def framework_hint(obj: Any) -> str:
     if module in ("keras", "tensorflow"):
         return "; for Keras variables use fastadam.keras.Adam (a keras.optimizers.Optimizer)"
     if module in ("jax", "jaxlib"):
-        return ("; JAX arrays are immutable, and fastadam updates buffers in place: keep the "
-                "parameters in NumPy arrays")
+        return ("; JAX arrays are immutable: use fastadam.jax.adam, whose step runs inside "
+                "jax.jit and updates donated arrays in place")
     return ""
 
 

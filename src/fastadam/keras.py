@@ -7,10 +7,13 @@ numerics: epsilon is the paper's epsilon-hat, i.e. fastadam's ``eps_hat`` form
 Where it runs fastadam's kernels: with ``KERAS_BACKEND=torch`` and float32/float64
 variables on the CPU, every update of a step (all variables; weight decay folded in, in
 Keras's decoupled form) is ONE call into fastadam's kernels, in place on the variables'
-memory. Everything Keras does around the update (gradient clipping, loss scaling,
-gradient accumulation, EMA, the iteration counter, learning-rate schedules) is Keras's own.
-On any other backend, or for variables the kernels cannot update (GPU, other dtypes), it
-is exactly ``keras.optimizers.Adam``: Keras's own update, documented and tested here.
+memory. With ``KERAS_BACKEND=jax`` on the CPU, it is ONE XLA custom call inside Keras's
+jitted train step (fastadam.jax's call: Keras donates the state it jits, so the kernels
+update the variables' buffers in place). Everything Keras does around the update
+(gradient clipping, loss scaling, gradient accumulation, EMA, the iteration counter,
+learning-rate schedules) is Keras's own. On any other backend, or for variables the
+kernels cannot update (GPU, other dtypes), it is exactly ``keras.optimizers.Adam``:
+Keras's own update, documented and tested here.
 
 Registered for serialization as ``"fastadam>Adam"``: ``model.save`` /
 ``keras.models.load_model`` need no ``custom_objects``.
@@ -86,6 +89,7 @@ class Adam(keras.optimizers.Adam):
         self.num_threads = num_threads
         self._fastadam: Optional[tuple] = None  # (key, kernel table or None): _kernel_table
         self.kernel_steps = 0  # steps that ran through fastadam's kernels (for tests)
+        self.kernel_traces = 0  # JAX: train steps traced with fastadam's call (for tests)
 
     def get_config(self) -> Dict[str, Any]:
         return {**super().get_config(), "num_threads": self.num_threads}
@@ -93,6 +97,8 @@ class Adam(keras.optimizers.Adam):
     # --- the fast path --------------------------------------------------------------------
 
     def _uses_kernels(self, variables: List[Any]) -> bool:
+        if keras.backend.backend() == "jax":
+            return _jax_usable(variables)
         if keras.backend.backend() != "torch":
             return False
         import torch
@@ -109,6 +115,9 @@ class Adam(keras.optimizers.Adam):
                              learning_rate: Any) -> None:
         if not self._uses_kernels(trainable_variables):
             super()._backend_update_step(grads, trainable_variables, learning_rate)
+            return
+        if keras.backend.backend() == "jax":
+            self._update_in_xla(grads, trainable_variables, learning_rate)
             return
         import torch
 
@@ -128,10 +137,7 @@ class Adam(keras.optimizers.Adam):
             engine, order, gather, addresses = table
             lr = check_at_least(float(learning_rate), "learning_rate", 0.0)
             wd = 0.0 if self.weight_decay is None else check_real(self.weight_decay, "weight_decay")
-            hypers = [check_hyperparameters(
-                lr=lr, beta1=float(self.beta_1), beta2=float(self.beta_2), eps=float(self.epsilon),
-                weight_decay=decay, decoupled_weight_decay=True, amsgrad=bool(self.amsgrad),
-                maximize=False, eps_hat=True, eps_root=0.0) for decay in (0.0, wd)]
+            hypers = [self._hyperparameters(lr, decay) for decay in (0.0, wd)]
             ordered = [grads[i] for i in order]
             first_irregular, active = gather.run(addresses, ordered)
             if first_irregular >= 0:  # a variable moved, or a gradient the loop does not take
@@ -141,6 +147,41 @@ class Adam(keras.optimizers.Adam):
             engine.step_pointers(addresses, active, hypers, grad_scale=1.0,
                                  num_threads=self.num_threads)
         self.kernel_steps += 1
+
+    def _hyperparameters(self, lr: float, weight_decay: float) -> Any:
+        return check_hyperparameters(
+            lr=lr, beta1=float(self.beta_1), beta2=float(self.beta_2), eps=float(self.epsilon),
+            weight_decay=weight_decay, decoupled_weight_decay=True, amsgrad=bool(self.amsgrad),
+            maximize=False, eps_hat=True, eps_root=0.0)
+
+    def _update_in_xla(self, grads: List[Any], variables: List[Any], learning_rate: Any) -> None:
+        """The JAX backend's update, traced into Keras's train step: one custom call over
+        every variable (fastadam.jax.call_kernels), decayed variables first, with the
+        traced learning rate and iteration count; its results are assigned to the
+        variables (in Keras's stateless scope: the new state Keras returns and donates)."""
+        import jax.numpy as jnp
+
+        from fastadam.jax import call_kernels
+
+        decayed = [self.weight_decay is not None and self._use_weight_decay(v) for v in variables]
+        order = sorted(range(len(variables)), key=lambda i: not decayed[i])  # stable
+        slots = [self._get_variable_index(variables[i]) for i in order]
+        wd = 0.0 if self.weight_decay is None else check_real(self.weight_decay, "weight_decay")
+        params = [variables[i].value for i in order]
+        grads = [jnp.asarray(grads[i], params[j].dtype) for j, i in enumerate(order)]
+        lr = jnp.asarray(keras.ops.convert_to_tensor(learning_rate))
+        _, params, mu, nu, nu_max = call_kernels(
+            jnp.asarray(keras.ops.convert_to_tensor(self.iterations)), lr, params, grads,
+            [self._momentums[k].value for k in slots], [self._velocities[k].value for k in slots],
+            [self._velocity_hats[k].value for k in slots] if self.amsgrad else None,
+            self._hyperparameters(0.0, wd), sum(decayed), self.num_threads)
+        for j, i in enumerate(order):
+            variables[i].assign(params[j])
+            self._momentums[slots[j]].assign(mu[j])
+            self._velocities[slots[j]].assign(nu[j])
+            if self.amsgrad:
+                self._velocity_hats[slots[j]].assign(nu_max[j])
+        self.kernel_traces += 1
 
     def _general_update(self, grads: List[Any], variables: List[Any], learning_rate: Any,
                         hypers: List[Any]) -> None:
@@ -210,3 +251,12 @@ class Adam(keras.optimizers.Adam):
                         np.array([t.data_ptr() for t in tensors], np.int64),
                         np.array([t.numel() for t in tensors], np.int64), torch.Tensor)
         return engine, order, gather, np.zeros(len(tensors), np.int64)
+
+
+def _jax_usable(variables: List[Any]) -> bool:
+    """Can fastadam's XLA call update these variables (JAX backend): float32/float64 on
+    XLA's CPU backend?"""
+    import jax
+
+    return jax.default_backend() == "cpu" and all(
+        str(v.dtype) in ("float32", "float64") for v in variables)

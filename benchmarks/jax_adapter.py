@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""fastadam.jax.adam against optax.adam, both under jax.jit with params and state donated.
+
+Workloads (issue 22's targets): the parameters of ResNet-18 (62 tensors, 11.7M elements)
+and GPT-2 small (148 tensors, 124M), 2000 tensors of 512 elements, and single tensors of
+2^24 and 2^10 elements (at 2^10, fastadam.adam_step on NumPy arrays too: the per-call
+overhead of the XLA call against a plain call). float32; one jitted step timed
+(``jax.block_until_ready``), implementations interleaved, medians of repeats.
+
+XLA's CPU thread pool is sized when jax starts, so one process measures one thread count:
+``--threads T`` sets XLA's intra-op threads (XLA_FLAGS) and fastadam's num_threads before
+jax is imported. Run it once per thread count.
+
+    python benchmarks/jax_adapter.py --threads 1 [--workloads resnet18 2000x512]
+    python benchmarks/jax_adapter.py --threads 2
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+from peers import gpt2_small_shapes, resnet18_shapes
+
+from fastadam.app.timing import measure
+
+WORKLOADS = {
+    "resnet18": resnet18_shapes,
+    "gpt2": gpt2_small_shapes,
+    "2000x512": lambda: [(512,)] * 2000,
+    "2^24": lambda: [(1 << 24,)],
+    "2^10": lambda: [(1 << 10,)],
+}
+LR, B1, B2, EPS = 1e-3, 0.9, 0.999, 1e-8
+
+
+def arrays(shapes, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(np.float32) for s in shapes]
+
+
+def runners(shapes, threads):
+    import jax
+    import optax
+
+    import fastadam
+    import fastadam.jax
+
+    params, grads = arrays(shapes, 0), [g * 1e-2 for g in arrays(shapes, 1)]
+    ours = fastadam.jax.adam(LR, B1, B2, EPS, num_threads=threads)
+    box = {"params": [jax.numpy.array(p) for p in params]}
+    box["state"] = ours.init(box["params"])
+    jax_grads = [jax.numpy.array(g) for g in grads]
+
+    def run_ours():
+        box["params"], box["state"] = ours.step(jax_grads, box["state"], box["params"])
+        jax.block_until_ready(box["params"])
+
+    tx = optax.adam(LR, B1, B2, EPS)
+
+    def update(p, s, g):
+        updates, s = tx.update(g, s, p)
+        return optax.apply_updates(p, updates), s
+
+    theirs = jax.jit(update, donate_argnums=(0, 1))
+    other = {"params": [jax.numpy.array(p) for p in params]}
+    other["state"] = tx.init(other["params"])
+
+    def run_optax():
+        other["params"], other["state"] = theirs(other["params"], other["state"], jax_grads)
+        jax.block_until_ready(other["params"])
+
+    result = {"fastadam.jax.adam": run_ours, "optax.adam (jax.jit)": run_optax}
+    if len(shapes) == 1:
+        p, g = params[0].copy(), grads[0]
+        state = fastadam.adam_state(p)
+        steps = iter(range(1, 10**9))
+        result["fastadam.adam_step (NumPy)"] = lambda: fastadam.adam_step(
+            p, g, state["exp_avg"], state["exp_avg_sq"], step=next(steps), lr=LR,
+            num_threads=threads)
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    if "jax" in sys.modules:
+        raise SystemExit("jax was imported before XLA_FLAGS could be set")
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
+                               f"{'false' if args.threads == 1 else 'true'} "
+                               f"intra_op_parallelism_threads={args.threads}").strip()
+    print(f"threads: {args.threads} (XLA_FLAGS={os.environ['XLA_FLAGS']})")
+    print("| workload | implementation | ms/step | vs optax |")
+    print("|---|---|---:|---:|")
+    for name in args.workloads:
+        shapes = WORKLOADS[name]()
+        elements = sum(int(np.prod(s)) for s in shapes)
+        times = measure(runners(shapes, args.threads), args.repeats, 0.2)
+        for label, seconds in times.items():
+            print(f"| {name} ({len(shapes)} tensors, {elements / 1e6:.2f}M) | {label} | "
+                  f"{seconds * 1e3:.3f} | {times['optax.adam (jax.jit)'] / seconds:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
