@@ -339,3 +339,18 @@ def test_bad_dtype_arguments_are_refused(dtype, buffers, exc, match):
     with pytest.raises(exc, match=match):
         fastadam.adam_step(*buffers, step=1, dtype=dtype)
     assert all(b == bytearray(len(b)) for b in buffers)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["bfloat16", "float16"])
+def test_every_16bit_value_survives_a_round_trip_on_every_level(restore_levels, dtype):
+    """lr=0 and a zero gradient: the kernels widen every finite value of the type and
+    round it back (F16C at the avx2/avx512 levels, integer sequences elsewhere)."""
+    values = np.arange(65536, dtype=np.uint16).view(dtype)
+    values = values[np.isfinite(values.astype(np.float32))]
+    for level in _simd.available_levels():
+        _simd.use(level, level)
+        p = values.copy()
+        zeros = np.zeros_like(p)
+        fastadam.adam_step(p, zeros, zeros.copy(), zeros.copy(), step=1, lr=0.0, eps=1.0)
+        np.testing.assert_array_equal(p.astype(np.float32), values.astype(np.float32))
+        assert_same_bits(p[p != 0], values[values != 0])

@@ -32,6 +32,8 @@ cdef extern from "_convert.h" nogil:
     float fa_f16_to_f32(uint16_t h)
     uint16_t fa_f32_to_f16(float f)
     uint16_t fa_f32_to_f16_keeping_nan_payload(float f)
+    void fa_widen_f16(const uint16_t* bits, float* out, Py_ssize_t n)
+    void fa_narrow_f16(const float* values, uint16_t* bits, Py_ssize_t n, int keep_nan_payload)
     uint32_t fa_mix32(uint32_t x)
     uint32_t fa_random16(uint32_t key, uint32_t index)
     uint16_t fa_f32_to_bf16_stochastic(float f, uint32_t random16)
@@ -339,9 +341,8 @@ cdef void _widen(const char* source, int element_type, Py_ssize_t start, Py_ssiz
     if element_type == ELEM_BF16:
         for i in range(n):  # vectorized: kernel loop
             out[i] = fa_bf16_to_f32(bits[i])
-    else:
-        for i in range(n):  # vectorized: kernel loop
-            out[i] = fa_f16_to_f32(bits[i])
+    else:   # F16C where the level has it (_convert.h)
+        fa_widen_f16(bits, out, n)
 
 
 cdef void _narrow(const float* values, char* target, int element_type, Py_ssize_t start,
@@ -356,12 +357,8 @@ cdef void _narrow(const float* values, char* target, int element_type, Py_ssize_
     if element_type == ELEM_BF16:
         for i in range(n):  # vectorized: kernel loop
             bits[i] = fa_f32_to_bf16(values[i], nan_bits)
-    elif vector_nans:
-        for i in range(n):  # vectorized: kernel loop
-            bits[i] = fa_f32_to_f16_keeping_nan_payload(values[i])
-    else:
-        for i in range(n):  # vectorized: kernel loop
-            bits[i] = fa_f32_to_f16(values[i])
+    else:   # F16C where the level has it (_convert.h)
+        fa_narrow_f16(values, bits, n, vector_nans)
 
 
 cdef void _narrow_stochastic(const float* values, char* target, Py_ssize_t start,

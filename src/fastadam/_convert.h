@@ -20,6 +20,7 @@
 #ifndef FASTADAM_CONVERT_H
 #define FASTADAM_CONVERT_H
 
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -91,6 +92,47 @@ static inline uint16_t fa_f32_to_f16_keeping_nan_payload(float f) {
     const uint32_t w = fa_bits_of_float(f);
     const uint16_t payload = (uint16_t)(f != f ? (w >> 13) & 0x3FFu : 0u);
     return (uint16_t)(fa_f32_to_f16(f) | payload);
+}
+
+/* Whole blocks of float16: with F16C (the avx2 and avx512 levels), eight elements per
+ * vcvtph2ps/vcvtps2ph, NaNs then given the bits of the scalar functions above (a NaN's
+ * float is rebuilt as sign | 0x7FC00000 | the kept payload before vcvtps2ph, so the
+ * vector and scalar paths agree bit for bit); elsewhere the scalar functions, which GCC
+ * vectorizes. The remainder of a block takes the scalar functions at every level. */
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+static inline void fa_widen_f16(const uint16_t* bits, float* out, ptrdiff_t n) {
+    ptrdiff_t i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(bits + i))));
+#endif
+    for (; i < n; i++)
+        out[i] = fa_f16_to_f32(bits[i]);
+}
+
+static inline void fa_narrow_f16(const float* values, uint16_t* bits, ptrdiff_t n,
+                                 int keep_nan_payload) {
+    ptrdiff_t i = 0;
+#if defined(__F16C__)
+    const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
+    const __m256 quiet = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000));
+    const __m256 payload = _mm256_castsi256_ps(_mm256_set1_epi32(
+        keep_nan_payload ? 0x003FE000 : 0));   /* the 9 payload bits below the quiet bit */
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(values + i);
+        __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+        __m256 canonical = _mm256_or_ps(_mm256_or_ps(_mm256_and_ps(x, sign), quiet),
+                                        _mm256_and_ps(x, payload));
+        x = _mm256_blendv_ps(x, canonical, nan);
+        _mm_storeu_si128((__m128i*)(bits + i), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+    }
+#endif
+    for (; i < n; i++)
+        bits[i] = keep_nan_payload ? fa_f32_to_f16_keeping_nan_payload(values[i])
+                                   : fa_f32_to_f16(values[i]);
 }
 
 #endif
