@@ -269,6 +269,24 @@ def test_the_compiled_gather_takes_the_common_step(monkeypatch):
     assert first == -1 and active == sum(p.numel() for p in model.parameters())
 
 
+@needs_default_capability
+def test_params_without_elements_count_their_steps_like_torch():
+    # An empty tensor's data_ptr() is 0, the engine's "no gradient": the compiled gather
+    # hands over another address, so the step count advances as torch's does (FSDP2 gives
+    # the ranks past a small parameter's last row empty shards). The same with elements
+    # beside it, and with only empty ones.
+    for shapes in ([(0, 7), (3,)], [(0, 7)]):
+        make = lambda shapes=shapes: [torch.nn.Parameter(torch.ones(s)) for s in shapes]  # noqa: E731
+        (a, ours), (b, theirs) = twin_optimizers(make)
+        for k in range(3):
+            for params, opt in ((a, ours), (b, theirs)):
+                set_grads(params, k)
+                opt.step()
+            for p, q in zip(a, b):
+                assert float(ours.state[p]["step"]) == float(theirs.state[q]["step"]) == k + 1
+            assert_same(a, b)
+
+
 @pytest.mark.parametrize("edit", ["replace_entry", "delete_entry", "new_dict", "new_table"])
 def test_every_edit_of_opt_state_is_seen_by_the_next_step(edit):
     p = torch.nn.Parameter(torch.zeros(3))

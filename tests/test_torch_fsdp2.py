@@ -1,0 +1,46 @@
+"""fastadam.torch as FSDP2's optimizer: ``fully_shard`` on a CPU device mesh with gloo, on
+2 and 3 processes (tests/fsdp2_worker.py, each run bounded by a timeout, so a hang fails
+here). Each rank checks its shards bit for bit against torch.optim.Adam/AdamW(fused=True)
+in the same run; see the worker's docstring for the scenarios."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("fastadam.torch")
+if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+    pytest.skip("this torch has no torch.distributed with gloo", allow_module_level=True)
+
+WORKER = Path(__file__).with_name("fsdp2_worker.py")
+pytestmark = pytest.mark.slow  # each run starts 2 or 3 processes that import torch
+
+
+def run_worker(ranks, scenario, directory, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 or 3 ranks share this machine's cores
+    result = subprocess.run([sys.executable, str(WORKER), str(ranks), scenario, str(directory)],
+                            capture_output=True, text=True, timeout=timeout, env=env)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"no report (exit {result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    report = json.loads(lines[-1])
+    assert report["failures"] == [], "\n".join(report["failures"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert report["world_size"] == ranks
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_fsdp2_steps_are_torch_fused_adams_bit_for_bit(ranks, tmp_path):
+    run_worker(ranks, "parity", tmp_path)
+
+
+def test_distributed_checkpoints_resume_bit_identically_on_2_and_then_3_ranks(tmp_path):
+    run_worker(2, "checkpoint", tmp_path)
+    run_worker(3, "reshard", tmp_path)  # the 2-rank checkpoint, re-sharded
+
+
+def test_bad_input_raises_the_same_error_on_every_rank(tmp_path):
+    run_worker(2, "refusals", tmp_path)
