@@ -17,11 +17,21 @@ if not (torch.distributed.is_available() and torch.distributed.is_gloo_available
     pytest.skip("this torch has no torch.distributed with gloo", allow_module_level=True)
 
 WORKER = Path(__file__).with_name("fsdp2_worker.py")
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guide" / "fsdp2.md"
 pytestmark = pytest.mark.slow  # each run starts 2 or 3 processes that import torch
 
 
+def environment():
+    """This session's fastadam (installed, or built under src/) for the ranks, each on one
+    thread (2 or 3 ranks share this machine's cores)."""
+    import fastadam
+
+    path = os.pathsep.join([str(Path(fastadam.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+
+
 def run_worker(ranks, scenario, directory, timeout=600):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 or 3 ranks share this machine's cores
+    env = environment()
     result = subprocess.run([sys.executable, str(WORKER), str(ranks), scenario, str(directory)],
                             capture_output=True, text=True, timeout=timeout, env=env)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
@@ -44,3 +54,18 @@ def test_distributed_checkpoints_resume_bit_identically_on_2_and_then_3_ranks(tm
 
 def test_bad_input_raises_the_same_error_on_every_rank(tmp_path):
     run_worker(2, "refusals", tmp_path)
+
+
+@pytest.mark.skipif(not GUIDE.exists(), reason="not a source checkout")
+def test_the_guides_example_runs_under_torchrun_as_pasted(tmp_path):
+    text = GUIDE.read_text()
+    script = text.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "train.py").write_text(script)
+    env = environment()
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc-per-node", "2", "train.py"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: loss" in result.stdout
+    assert (tmp_path / "checkpoint" / ".metadata").exists()
