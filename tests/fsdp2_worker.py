@@ -10,8 +10,9 @@ runs SCENARIO on each, and prints one JSON line: ``{"world_size": RANKS, "failur
 Scenarios:
 
 * ``parity``: fastadam.torch.Adam/AdamW against torch.optim.Adam/AdamW(fused=True) in the
-  same FSDP2 run, float32 and float64, with ``clip_grad_norm_`` and under
-  ``MixedPrecisionPolicy(param_dtype=torch.bfloat16)``: every rank's shards of the
+  same FSDP2 run, float32 and float64, with ``clip_grad_norm_``, under
+  ``MixedPrecisionPolicy(param_dtype=torch.bfloat16)`` and as HSDP (a 2-D mesh, replicated
+  along one dimension, sharded along the other): every rank's shards of the
   parameters and of the state, bit for bit, after every step; the state's types and
   placements; the shards updated in place, one kernel call per step.
 * ``checkpoint`` (2 ranks): ``torch.distributed.checkpoint`` save and load of fastadam's
@@ -186,15 +187,27 @@ def scenario_parity(mesh, directory):
                           f"{label}: {key} of parameter {i} is not a view of the engine's state")
     for policy in (MixedPrecisionPolicy(param_dtype=torch.bfloat16),
                    MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)):
-        ours, theirs = build(mesh, mp_policy=policy), build(mesh, mp_policy=policy)
-        opt = fat.AdamW(ours.parameters(), lr=1e-2)
-        reference = torch.optim.AdamW(theirs.parameters(), lr=1e-2, fused=True)
-        for step in steps:
-            train(theirs, reference, [step])
-            train(ours, opt, [step])
-            compare(f"{policy}, step {step}", ours, opt, theirs, reference)
+        ours = twin_runs(str(policy), lambda policy=policy: build(mesh, mp_policy=policy), steps)
         check(all(p.dtype == torch.float32 for p in ours.parameters()),
               f"{policy}: the sharded parameters are not float32")
+    # HSDP: a 2-D mesh, parameters replicated along one dimension and sharded along the other
+    hsdp = init_device_mesh("cpu", (dist.get_world_size(), 1), mesh_dim_names=("replicate", "shard"))
+    ours = twin_runs("HSDP", lambda: build(hsdp), steps)
+    check(all(p.placements == (Replicate(), Shard(0)) for p in ours.parameters()),
+          f"HSDP: placements {[p.placements for p in ours.parameters()]}")
+
+
+def twin_runs(label, make, steps):
+    """fastadam.torch.AdamW and torch's fused AdamW on two models from ``make``, compared
+    after every step; returns fastadam's model."""
+    ours, theirs = make(), make()
+    opt = fat.AdamW(ours.parameters(), lr=1e-2)
+    reference = torch.optim.AdamW(theirs.parameters(), lr=1e-2, fused=True)
+    for step in steps:
+        train(theirs, reference, [step])
+        train(ours, opt, [step])
+        compare(f"{label}, step {step}", ours, opt, theirs, reference)
+    return ours
 
 
 K, M = 3, 3  # steps before the checkpoint, steps after it
