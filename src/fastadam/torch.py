@@ -241,6 +241,7 @@ class Adam(Optimizer):
         self.num_threads = num_threads
         self._lock = threading.RLock()
         self._front: Optional[_Registry] = None
+        self._recent: List[_Registry] = []  # see _registry
         super().__init__(params, defaults)
         self.state = _StateTable(self.state)
 
@@ -265,6 +266,7 @@ class Adam(Optimizer):
                 self.param_groups.pop()  # a rejected call changes nothing
                 raise
             self._front = None  # the next step registers the new parameters
+            self._recent = []
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         with self._lock:
@@ -300,6 +302,7 @@ class Adam(Optimizer):
         self.__dict__.setdefault("numerics", default_numerics())
         self.state = _StateTable(self.state)
         self._front = None
+        self._recent = []
         for group in self.param_groups:  # groups saved before a key existed (torch does so)
             for key, value in GROUP_DEFAULTS.items():
                 group.setdefault(key, value)
@@ -337,9 +340,26 @@ class Adam(Optimizer):
         scale = 1.0 if grad_scale is None else float(grad_scale)
         if not scale > 0.0 or scale != scale or scale == float("inf"):
             raise ValueError(f"grad_scale must be a finite number > 0, got {scale!r}")
-        if self._front is None or self._front.outdated(self):
-            self._front = _Registry(self)
-        self._front.step(self, scale)
+        front = self._front
+        if front is None or not front.serves(self) or front.outdated(self):
+            self._front = front = self._registry()
+        front.step(self, scale)
+
+    _KEPT_REGISTRIES = 8
+
+    def _registry(self) -> _Registry:
+        """The registry of the parameters the groups hold now: a recent one that holds
+        exactly them, else a new one. torch's Adam reads ``group["params"]`` at every
+        step, and DeepSpeed's ZeRO-3 puts each sub-group's parameter there in turn before
+        stepping it: each set keeps its registry, and with it its state in place (state
+        that another registry moved meanwhile is adopted from ``opt.state``)."""
+        for k, front in enumerate(self._recent):
+            if front.serves(self) and not front.outdated(self):
+                self._recent.insert(0, self._recent.pop(k))
+                return front
+        front = _Registry(self)
+        self._recent = [front] + self._recent[:self._KEPT_REGISTRIES - 1]
+        return front
 
 
 class AdamW(Adam):
@@ -414,6 +434,8 @@ class _Registry:
             self.names += names
         self.sharded = any(p is not q for p, q in zip(self.owners, self.params))  # DTensors
         self.layouts = [_layout(p) for p in self.params]
+        self.lists = [group["params"] for group in opt.param_groups]  # see serves
+        self.members = [list(group["params"]) for group in opt.param_groups]
         self.addresses = np.zeros(len(self.params), np.int64)
         self.steps = torch.from_numpy(self.engine.float_steps())
         self.gather = self._new_gather()
@@ -435,6 +457,23 @@ class _Registry:
         for i, entry in self.published.items():
             gather.publish(i, entry)
         return gather
+
+    def serves(self, opt: Adam) -> bool:
+        """Do the optimizer's groups hold the parameters registered here? A group's list
+        seen before is taken as it was (its in-place edits are not seen: add_param_group
+        is the way to add parameters); a new list, as code that replaces
+        ``group["params"]`` gives, is compared element by element."""
+        groups = opt.param_groups
+        if len(groups) != len(self.lists):
+            return False
+        for k, group in enumerate(groups):
+            params = group["params"]
+            if params is not self.lists[k]:
+                if len(params) != len(self.members[k]) or any(
+                        a is not b for a, b in zip(params, self.members[k])):
+                    return False
+                self.lists[k] = params
+        return True
 
     def outdated(self, opt: Adam) -> bool:
         """Has a parameter the engine could not take before become one it can?"""
