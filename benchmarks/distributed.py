@@ -35,11 +35,11 @@ def measure(comm, log2, args):
     params = rng.standard_normal(size).astype(args.dtype)
     grads = rng.standard_normal(size).astype(args.dtype)
     opt = ShardedAdam(params, comm, lr=1e-4, num_threads=1, collectives=args.collectives)
-    reduced = opt._reduce(grads)
-    phases = {  # step()'s three phases one by one (private methods: this is a benchmark)
-        "reduce": lambda: opt._reduce(grads),
+    reduced = opt._exchange.reduce(grads)
+    phases = {  # step()'s three phases one by one (private parts: this is a benchmark)
+        "reduce": lambda: opt._exchange.reduce(grads),
         "update": lambda: opt._adam.step([reduced], grad_scale=comm.size),
-        "gather": opt._gather,
+        "gather": lambda: opt._exchange.gather(opt.params),
         "step": lambda: opt.step(grads),
     }
     samples = {phase: [] for phase in phases}

@@ -13,8 +13,7 @@ import argparse
 import numpy as np
 
 import fastadam
-
-from quick import measure
+from fastadam.app.timing import measure
 
 WORKLOADS = {"2000 x 512": [512] * 2000, "1 x 2^20": [1 << 20]}
 

@@ -5,13 +5,13 @@ Workloads: single tensors of 2^10 .. 2^26 elements, the parameter shapes of ResN
 tensors, 11.7M elements) and GPT-2 small (148 tensors, 124M elements), and 2000 tensors of
 512 elements. Implementations: fastadam.Adam.step (one call for all tensors; the reference
 of every ratio), fastadam.torch.Adam (on torch-allocated tensors, as a model has them),
-fastadam.adam_step (single tensors), an in-place NumPy Adam (quick.py's
+fastadam.adam_step (single tensors), an in-place NumPy Adam (fastadam.app.timing's
 NumpyAdam, one per tensor), torch.optim.Adam (default, foreach=True, fused=True), thinc's
 NumpyOps.adam, optax.adam under jax.jit and DeepSpeedCPUAdam. A peer that is not
 installed, or does not support the dtype, is skipped with a printed note.
 
 Methodology: every implementation of a workload is timed in one run, interleaved repeat by
-repeat, and the tables show medians (quick.measure). Each implementation owns its buffers,
+repeat, and the tables show medians (fastadam.app.timing.measure). Each implementation owns its buffers,
 copies of the same random values. Buffers are built per workload and thread count and
 freed before the next; when a workload's buffers would not fit in --memory-gb the
 implementations are split into passes, each containing fastadam.Adam, so that every ratio
@@ -56,8 +56,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 import fastadam
-
-from quick import BETA1, BETA2, EPS, LR, STREAMS, NumpyAdam, fastadam_runner, measure
+from fastadam.app.timing import BETA1, BETA2, EPS, LR, STREAMS, NumpyAdam, fastadam_runner, measure
 
 Shape = Tuple[int, ...]
 Runner = Callable[[], None]
@@ -401,7 +400,7 @@ def wait_for_quiet(limit_s: float) -> None:
 
 def measure_quietly(runners: Dict[str, Runner], threads: int, repeats: int,
                     args) -> Tuple[dict, float, int]:
-    """quick.measure, repeated (--retries) while other processes disturbed it: on this
+    """fastadam.app.timing.measure, repeated (--retries) while other processes disturbed it: on this
     shared 2-CPU machine one busy neighbour makes a two-thread team wait whole scheduler
     slices (milliseconds). Returns the least disturbed attempt: (times, share, attempts)."""
     best: Optional[Tuple[dict, float]] = None

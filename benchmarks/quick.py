@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Quick speed table: fastadam.adam_step vs an in-place NumPy Adam (and torch, if installed).
 
-The same table as ``fastadam bench`` (fastadam.bench), with sizes up to 2^24 and longer
-samples by default. The other scripts here import its timing helpers from this module.
+The same table as ``fastadam bench`` (fastadam.app.bench), with sizes up to 2^24 and
+longer samples by default. The timing helpers of every script here are
+fastadam.app.timing's, the ones ``fastadam bench`` uses.
 
     python benchmarks/quick.py                      # float32, 2^10..2^24, 1 and 2 threads
     python benchmarks/quick.py --dtype float64 --sizes 16 20 --repeats 11
@@ -10,21 +11,7 @@ samples by default. The other scripts here import its timing helpers from this m
 
 import argparse
 
-from fastadam.bench import (  # noqa: F401  (re-exported for the other benchmark scripts)
-    BETA1,
-    BETA2,
-    EPS,
-    LR,
-    STREAMS,
-    NumpyAdam,
-    add_arguments,
-    calibrate,
-    fastadam_runner,
-    make_buffers,
-    measure,
-    run,
-    torch_runner,
-)
+from fastadam.app.bench import add_arguments, run
 
 
 def main() -> None:

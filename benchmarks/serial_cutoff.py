@@ -12,8 +12,7 @@ import numpy as np
 
 from fastadam import _kernels
 from fastadam._validation import check_hyperparameters
-
-from quick import make_buffers, measure
+from fastadam.app.timing import make_buffers, measure
 
 HYPER = check_hyperparameters(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                               decoupled_weight_decay=False, amsgrad=False, maximize=False,

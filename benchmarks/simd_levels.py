@@ -11,8 +11,7 @@ import numpy as np
 
 import fastadam
 from fastadam import _simd
-
-from quick import make_buffers, measure
+from fastadam.app.timing import make_buffers, measure
 
 
 def main():

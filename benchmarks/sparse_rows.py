@@ -30,8 +30,7 @@ import gc
 import numpy as np
 
 import fastadam
-
-from quick import measure
+from fastadam.app.timing import measure
 
 
 def token_rows(n_rows, batch, rng):

@@ -20,8 +20,7 @@ import torch
 from peers import gpt2_small_shapes, resnet18_shapes
 
 import fastadam.torch
-
-from quick import measure
+from fastadam.app.timing import measure
 
 
 def gpt2_tiny_shapes(layers=2, d=128, vocab=512, positions=128):

@@ -40,7 +40,7 @@ from _requirements import require  # noqa: E402
 
 MPI = require("mpi4py.MPI")
 
-from fastadam import demo  # noqa: E402
+from fastadam.app import demo  # noqa: E402
 from fastadam.distributed import ShardedAdam  # noqa: E402
 
 QUICK_TRAIN, QUICK_TEST = 12_000, 2_000

@@ -27,7 +27,7 @@ torch = require("torch")
 from torch import nn  # noqa: E402
 
 import fastadam.torch  # noqa: E402
-from fastadam.demo import load_data, synthetic_data  # noqa: E402
+from fastadam.app.demo import load_data, synthetic_data  # noqa: E402
 
 # Step sizes, picked the way the paper did (a small search per method); alpha for the
 # logistic regression is the initial value of alpha/sqrt(t).

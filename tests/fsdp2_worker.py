@@ -11,7 +11,8 @@ Scenarios:
 
 * ``parity``: fastadam.torch.Adam/AdamW against torch.optim.Adam/AdamW(fused=True) in the
   same FSDP2 run, float32 and float64, with ``clip_grad_norm_``, under
-  ``MixedPrecisionPolicy(param_dtype=torch.bfloat16)`` and as HSDP (a 2-D mesh, replicated
+  ``MixedPrecisionPolicy(param_dtype=torch.bfloat16)``, with bfloat16 and float16 sharded
+  parameters (and float32 master copies, ``master_weights=True``), and as HSDP (a 2-D mesh, replicated
   along one dimension, sharded along the other): every rank's shards of the
   parameters and of the state, bit for bit, after every step; the state's types and
   placements; the shards updated in place, one kernel call per step.
@@ -190,6 +191,20 @@ def scenario_parity(mesh, directory):
         ours = twin_runs(str(policy), lambda policy=policy: build(mesh, mp_policy=policy), steps)
         check(all(p.dtype == torch.float32 for p in ours.parameters()),
               f"{policy}: the sharded parameters are not float32")
+    # 16-bit sharded parameters (the model converted before fully_shard), as torch's fused
+    # AdamW updates them; and with float32 master copies, which the parameters follow
+    for dtype in (torch.bfloat16, torch.float16):
+        twin_runs(f"{dtype} parameters", lambda dtype=dtype: build(mesh, dtype), steps, dtype)
+    ours = build(mesh, torch.bfloat16)
+    opt = fat.AdamW(ours.parameters(), lr=1e-2, master_weights=True)
+    train(ours, opt, steps, torch.bfloat16)
+    for i, p in enumerate(ours.parameters()):
+        master = opt.state[p]["master_param"]
+        check(isinstance(master, DTensor) and master.dtype == torch.float32
+              and master.placements == p.placements and master.shape == p.shape,
+              f"master_weights: master_param of parameter {i} is not a float32 DTensor like it")
+        check(same_bits(p._local_tensor, master._local_tensor.to(torch.bfloat16)),
+              f"master_weights: parameter {i} is not its master rounded")
     # HSDP: a 2-D mesh, parameters replicated along one dimension and sharded along the other
     hsdp = init_device_mesh("cpu", (dist.get_world_size(), 1), mesh_dim_names=("replicate", "shard"))
     ours = twin_runs("HSDP", lambda: build(hsdp), steps)
@@ -197,15 +212,15 @@ def scenario_parity(mesh, directory):
           f"HSDP: placements {[p.placements for p in ours.parameters()]}")
 
 
-def twin_runs(label, make, steps):
+def twin_runs(label, make, steps, dtype=torch.float32):
     """fastadam.torch.AdamW and torch's fused AdamW on two models from ``make``, compared
     after every step; returns fastadam's model."""
     ours, theirs = make(), make()
     opt = fat.AdamW(ours.parameters(), lr=1e-2)
     reference = torch.optim.AdamW(theirs.parameters(), lr=1e-2, fused=True)
     for step in steps:
-        train(theirs, reference, [step])
-        train(ours, opt, [step])
+        train(theirs, reference, [step], dtype)
+        train(ours, opt, [step], dtype)
         compare(f"{label}, step {step}", ours, opt, theirs, reference)
     return ours
 

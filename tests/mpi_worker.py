@@ -14,8 +14,8 @@ import numpy as np
 from mpi4py import MPI
 
 import fastadam
-from fastadam import checkpoint, distributed
-from fastadam.distributed import ShardedAdam
+from fastadam import _npz, distributed
+from fastadam.distributed import ShardedAdam, _checkpoint, _collectives
 
 WORLD = MPI.COMM_WORLD
 failures = []
@@ -102,7 +102,7 @@ def run_parity(comm, size, dtype, variant, collectives, steps=4, grad_scale=None
     itemsize = np.dtype(dtype).itemsize
     check(opt.state_nbytes == (stop - start) * itemsize * keys, f"{label}: state_nbytes {opt.state_nbytes}")
     if p > 1:  # the summed-gradient shard, and fastadam's bounded receive buffer
-        limit = (stop - start) * itemsize + max(distributed.ORDERED_SCRATCH_BYTES, p * 1024 * itemsize)
+        limit = (stop - start) * itemsize + max(_collectives.ORDERED_SCRATCH_BYTES, p * 1024 * itemsize)
         check(opt.scratch_nbytes <= limit, f"{label}: scratch_nbytes {opt.scratch_nbytes} > {limit}")
     total_state = comm.allreduce(opt.state_nbytes)
     check(total_state == size * itemsize * keys, f"{label}: total state {total_state}")
@@ -126,12 +126,12 @@ def scenario_parity():
         exact, _ = run_parity(WORLD, 1037, dtype, "plain", "fastadam", grad_scale=4.0, use_flat=False)
         check(exact, f"grad_scale=4 {np.dtype(dtype).name} not bit-exact")
     # Large enough for several rounds of fastadam's reduce-scatter (the scratch holds 2**24 bytes).
-    old = distributed.ORDERED_SCRATCH_BYTES
-    distributed.ORDERED_SCRATCH_BYTES = 4096
+    old = _collectives.ORDERED_SCRATCH_BYTES
+    _collectives.ORDERED_SCRATCH_BYTES = 4096
     try:
         exact, opt = run_parity(WORLD, 100_003, np.float32, "plain", "fastadam", steps=2)
     finally:
-        distributed.ORDERED_SCRATCH_BYTES = old
+        _collectives.ORDERED_SCRATCH_BYTES = old
     check(exact, "reduce-scatter in many rounds not bit-exact")
     facts["bounds"] = opt.bounds
     facts["mpi_collectives_bit_exact"] = all(WORLD.allgather(all(mpi_exact)))
@@ -264,19 +264,19 @@ def scenario_checkpoint():
     distributed.save(same, fresh)
     files_before = sorted(os.listdir(fresh))
     same.step(np.ones(size, dtype))
-    real_write = distributed.write_npz_atomically
+    real_write = _checkpoint.write_npz_atomically
     if rank == 2:
         def full_disk(*args):
             raise OSError("No space left on device")
 
-        distributed.write_npz_atomically = full_disk
+        _checkpoint.write_npz_atomically = full_disk
     try:
         distributed.save(same, fresh)
         check(False, "a save that failed on rank 2 succeeded")
     except OSError as exc:
         check(rank == 2 or "rank 2 could not write its shard" in str(exc), f"save error: {exc}")
     finally:
-        distributed.write_npz_atomically = real_write
+        _checkpoint.write_npz_atomically = real_write
     WORLD.Barrier()
     check(sorted(os.listdir(fresh)) == files_before, "a failed save left files behind")
     after_failed_save = make(WORLD)
@@ -412,9 +412,9 @@ def scenario_disagree():
     directory = sys.argv[2]
     distributed.save(opt, directory)
     if rank == 0:
-        header, _ = checkpoint.read_npz(os.path.join(directory, distributed.INDEX))
+        header, _ = _npz.read_npz(os.path.join(directory, _checkpoint.INDEX))
         header["bounds"] = list(range(p))  # ints, not [start, stop] pairs
-        checkpoint.write_npz_atomically(os.path.join(directory, distributed.INDEX), header, {})
+        _npz.write_npz_atomically(os.path.join(directory, _checkpoint.INDEX), header, {})
     WORLD.Barrier()
     expect("malformed index", lambda: distributed.load(opt, directory), ValueError, "bounds")
     distributed.save(opt, directory)  # a good checkpoint again

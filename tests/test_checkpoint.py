@@ -336,7 +336,7 @@ def test_loading_never_unpickles_code(tmp_path):
     # with a payload that creates a marker file when unpickled: np.load(allow_pickle=True)
     # would run it (checked first, so the payload is live); fastadam.load refuses the file
     # with ValueError and the payload never runs. fastadam.distributed reads its shard and
-    # index files with the same reader (checkpoint.read_npz).
+    # index files with the same reader (_npz.read_npz).
     params, opt = make_setup()
     opt.step(grads_for(params, 0))
     fastadam.save(opt, tmp_path / "good.npz")
@@ -419,18 +419,18 @@ def test_zip_and_npy_headers_claiming_200e9_floats_allocate_nothing(tmp_path):
 def test_header_fields_of_the_wrong_type_are_value_errors(tmp_path, field, value):
     # Issue 19, item 6: amsgrad="yes", lr="0.1" or params=5 in the header raised TypeError;
     # a damaged or foreign file is a ValueError, and nothing changes.
-    from fastadam import checkpoint
+    from fastadam import _npz
 
     params, opt = make_setup()
     opt.step(grads_for(params, 0))
     path = tmp_path / "opt.npz"
     fastadam.save(opt, path)
-    header, arrays = checkpoint.read_npz(str(path))
+    header, arrays = _npz.read_npz(str(path))
     if field in ("steps", "param_groups"):
         header[field] = value
     else:
         header["param_groups"][1][field] = value
-    checkpoint.write_npz_atomically(path, header, arrays)
+    _npz.write_npz_atomically(path, header, arrays)
     before = opt.state_dict()
     with pytest.raises(ValueError, match="opt.npz"):
         fastadam.load(opt, path)

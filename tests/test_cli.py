@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import fastadam
-from fastadam import cli, datasets, demo
+from fastadam.app import cli, datasets, demo
 
 from test_datasets import write_split
 

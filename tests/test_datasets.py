@@ -5,7 +5,7 @@ import gzip
 import numpy as np
 import pytest
 
-from fastadam import datasets
+from fastadam.app import datasets
 
 
 def write_idx(path, array, gz=True):

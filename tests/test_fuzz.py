@@ -14,7 +14,7 @@ knows whether it is valid, and the oracle is:
 A crash (a segfault in the kernels) kills the pytest process, so it fails the run too.
 
 Malformed input: wrong types; NumPy arrays and buffer exporters of other formats
-(float16 'e', int32 'i', big-endian '>f', complex64 'Zf', bytearray 'B', array.array('i'));
+(int16 'h', int32 'i', big-endian '>f', complex64 'Zf', bytearray 'B', array.array('i'));
 strided, negative-stride and Fortran-order views; read-only and unaligned buffers; the
 same buffer twice and overlapping views of one block; element counts and shapes that
 differ; row indices that are floats, bools, negative, out of range, near 2**63, uint64
@@ -46,7 +46,7 @@ from hypothesis import HealthCheck, assume, event, given, note, settings
 from hypothesis import strategies as st
 
 import fastadam
-from fastadam import checkpoint
+from fastadam import _npz
 
 from reference import adam_reference as _adam_reference
 
@@ -225,8 +225,8 @@ def non_buffer(obj):
 VALID_KINDS = [k_ndarray, k_ndarray_2d, k_memoryview, k_memoryview_cast, k_array_array,
                k_bytearray_view, k_ctypes, k_unaligned]
 READ_ONLY_KINDS = [k_read_only, k_bytes_view]
-INVALID_KINDS = ([wrong_dtype(d) for d in (np.float16, np.int32, ">f4", np.complex64)]
-                 + [wrong_format_view(d) for d in (np.float16, np.int32, ">f4", np.complex64)]
+INVALID_KINDS = ([wrong_dtype(d) for d in (np.int16, np.int32, ">f4", np.complex64)]
+                 + [wrong_format_view(d) for d in (np.int16, np.int32, ">f4", np.complex64)]
                  + [k_array_array_int, k_bytearray, k_strided, k_reversed, k_fortran,
                     non_buffer(None), non_buffer(1.5), non_buffer("param"),
                     non_buffer(lambda v: list(v)), non_buffer({})])
@@ -1122,8 +1122,8 @@ def test_load_damaged_checkpoints(tmp_path_factory, case):
     fastadam.save(opt, path)
     saved = optimizer_state(opt)
     if compression == "deflated":
-        header, arrays = checkpoint.read_npz(str(path))
-        np.savez_compressed(path, **arrays, **{checkpoint.HEADER: np.array(json.dumps(header))})
+        header, arrays = _npz.read_npz(str(path))
+        np.savez_compressed(path, **arrays, **{_npz.HEADER: np.array(json.dumps(header))})
     data = bytearray(path.read_bytes())
     for position, value in flips:
         data[int(position * len(data))] = value

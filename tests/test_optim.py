@@ -220,7 +220,7 @@ def bad_grads_cases(params):
         "layout": (good[:2] + [np.zeros(2000, np.float32)[::2]] + good[3:], ValueError, r"^grads\[2\] must be C-contiguous"),
         "None": (good[:4] + [None], TypeError, r"^grads\[4\] must be a NumPy array"),
         "overlap": (good[:3] + [params[3]] + good[4:], ValueError, r"^grads\[3\] overlaps a parameter or optimizer-state buffer"),
-        "int": (good[:1] + [np.zeros(17 * 5, np.int32).reshape(17, 5)] + good[2:], TypeError, r"^grads\[1\] must have dtype float32 or float64"),
+        "int": (good[:1] + [np.zeros(17 * 5, np.int32).reshape(17, 5)] + good[2:], TypeError, r"^grads\[1\] must have dtype float32, float64, bfloat16 or float16"),
         "not a sequence": (good[0], TypeError, r"^grads must be a sequence"),
     }
 
@@ -312,7 +312,7 @@ def test_bad_params_are_rejected():
         ro = p[1].copy()
         ro.flags.writeable = False
         fastadam.Adam([ro])
-    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[0\] must have dtype float32 or float64"):
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[0\] must have dtype float32, float64, bfloat16 or float16"):
         fastadam.Adam([np.zeros(3, np.int64)])
     unaligned = np.frombuffer(bytearray(41), np.float32, count=10, offset=1)
     with pytest.raises(ValueError, match="must be aligned"):
@@ -358,7 +358,7 @@ def test_state_dict_round_trip_continues_identically():
     (lambda sd: sd["param_groups"].append(dict(sd["param_groups"][0])), r"state_dict has 2 param groups, the optimizer has 1"),
     (lambda sd: sd["param_groups"][0]["params"].pop(), r"has 4 params, the optimizer's group 0 has 5"),
     (lambda sd: sd["state"][1].update(exp_avg=np.zeros((5, 17), np.float32)), r"\['exp_avg'\] has shape \(5, 17\), parameter 1 has \(17, 5\)"),
-    (lambda sd: sd["state"][2].update(exp_avg_sq=np.zeros(1000, np.float64)), r"\['exp_avg_sq'\] has dtype float64, parameter 2 has float32"),
+    (lambda sd: sd["state"][2].update(exp_avg_sq=np.zeros(1000, np.float64)), r"\['exp_avg_sq'\] has dtype float64, parameter 2's state has float32"),
     (lambda sd: sd["state"][0].update(step=-1), r"\['step'\] must be a whole number in \[0, 2\*\*63 - 2\], got -1"),
     (lambda sd: sd["state"][0].update(step=float("inf")), r"\['step'\] must be a whole number >= 0, got inf"),
     (lambda sd: sd["param_groups"][0].update(params=[0, 0, 1, 2, 3]), r"repeats the parameter id 0"),

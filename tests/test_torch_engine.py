@@ -48,8 +48,8 @@ def test_a_model_converted_after_steps_is_refused_by_name(convert):
     getattr(model, convert)()
     for p in model.parameters():
         p.grad = torch.ones_like(p)
-    exc = ValueError if convert == "double" else TypeError
-    with pytest.raises(exc, match=r"param_groups\[0\]\['params'\]\[0\]"):
+    # (a float16 model is supported, but not state kept for float32 values)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\] changed from float32"):
         opt.step()
     for key, value in opt.state[model.weight].items():  # nothing changed
         assert torch.equal(value, before[key])

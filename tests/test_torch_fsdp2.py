@@ -30,8 +30,9 @@ def environment():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
-def run_worker(ranks, scenario, directory, timeout=600):
-    env = environment()
+def run_worker(ranks, scenario, directory, timeout=600, **env_changes):
+    env = {**environment(), **env_changes}
+    env = {k: v for k, v in env.items() if v is not None}
     result = subprocess.run([sys.executable, str(WORKER), str(ranks), scenario, str(directory)],
                             capture_output=True, text=True, timeout=timeout, env=env)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
@@ -45,6 +46,12 @@ def run_worker(ranks, scenario, directory, timeout=600):
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_fsdp2_steps_are_torch_fused_adams_bit_for_bit(ranks, tmp_path):
     run_worker(ranks, "parity", tmp_path)
+
+
+def test_fsdp2_steps_are_torch_fused_adams_bit_for_bit_at_the_native_capability(tmp_path):
+    # without conftest's ATEN_CPU_CAPABILITY=default: torch runs its AVX2/AVX-512 kernel
+    # and fastadam's default numerics follow it (fastadam.torch.default_numerics)
+    run_worker(2, "parity", tmp_path, ATEN_CPU_CAPABILITY=None)
 
 
 def test_distributed_checkpoints_resume_bit_identically_on_2_and_then_3_ranks(tmp_path):

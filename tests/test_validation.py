@@ -54,15 +54,15 @@ def test_non_buffers_are_type_errors(name, bad):
 
 
 @pytest.mark.parametrize("name", ["param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"])
-@pytest.mark.parametrize("dtype", [np.int64, np.float16, np.complex64, np.int32, np.uint8])
+@pytest.mark.parametrize("dtype", [np.int64, np.int16, np.complex64, np.int32, np.uint8])
 def test_non_float_dtypes_are_type_errors(name, dtype):
-    assert_rejected(TypeError, rf"^{name} must have dtype float32 or float64, got {np.dtype(dtype).name}",
+    assert_rejected(TypeError, rf"^{name} must have dtype float32, float64, bfloat16 or float16, got {np.dtype(dtype).name}",
                     **{name: np.zeros(N, dtype)})
 
 
 def test_non_native_byte_order_is_a_type_error():
     swapped = np.zeros(N, np.dtype(np.float32).newbyteorder())
-    assert_rejected(TypeError, r"^param must have dtype float32 or float64, got float32 in non-native byte order",
+    assert_rejected(TypeError, r"^param must have dtype float32, float64, bfloat16 or float16, got float32 in non-native byte order",
                     param=swapped)
 
 

@@ -4,20 +4,14 @@ Cython kernels with OpenMP update float32 and float64 buffers in place; this pac
 wraps them for NumPy arrays and any object supporting the buffer protocol.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
 from fastadam import _simd, schedules  # noqa: F401  (_simd selects the SIMD level)
 from fastadam._config import show_config
 from fastadam._functional import adam_state, adam_step, adam_step_rows
 from fastadam._threads import get_num_threads, set_num_threads
+from fastadam._version import __version__
 from fastadam.checkpoint import load, save
 from fastadam.flat import FlatParams
 from fastadam.optim import Adam, AdamW
-
-try:
-    __version__ = version("fastadam")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
 
 __all__ = [
     "Adam",

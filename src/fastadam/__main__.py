@@ -1,5 +1,5 @@
-"""``python -m fastadam``: see fastadam.cli."""
+"""``python -m fastadam``: the app's command line, fastadam.app.cli."""
 
-from fastadam.cli import main
+from fastadam.app.cli import main
 
 raise SystemExit(main())

@@ -13,10 +13,27 @@
 
 from cpython.pycapsule cimport PyCapsule_New
 from libc.math cimport fma, fmaf, sqrt, sqrtf
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from cython cimport floating
 
-from fastadam._adam_types cimport NUMERICS_FAST, NUMERICS_TORCH, AdamTensor
+from fastadam._adam_types cimport (
+    ELEM_BF16,
+    ELEM_F16,
+    ELEM_F32,
+    ELEM_F64,
+    NUMERICS_FAST,
+    NUMERICS_TORCH,
+    AdamTensor,
+)
+
+cdef extern from "_convert.h" nogil:
+    float fa_bf16_to_f32(uint16_t b)
+    uint16_t fa_f32_to_bf16(float f, uint16_t nan_bits)
+    float fa_f16_to_f32(uint16_t h)
+    uint16_t fa_f32_to_f16(float f)
+    uint32_t fa_mix32(uint32_t x)
+    uint32_t fa_random16(uint32_t key, uint32_t index)
+    uint16_t fa_f32_to_bf16_stochastic(float f, uint32_t random16)
 
 
 # --- compile-time switches ------------------------------------------------------------
@@ -203,15 +220,23 @@ cdef void _update(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
 
 # --- run-time flags -> compile-time specialization, once per chunk ------------------------
 
+cdef inline Py_ssize_t _torch_lanes(const AdamTensor* t) noexcept nogil:
+    """Elements per vector of torch's fused loop for this tensor's storage (its AVX2
+    build: 256 bits of the param's element type)."""
+    if t.param_type == ELEM_BF16 or t.param_type == ELEM_F16:
+        return 16
+    return 4 if t.param_type == ELEM_F64 else 8
+
+
 cdef void _by_form(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop, floating* dtype,
                    GradTag* a, DecayTag* b, LerpTag* c, MaxTag* d) noexcept nogil:
     cdef Py_ssize_t tail
     if t.coef.numerics == NUMERICS_TORCH:
-        # torch's vector loop (its AVX2 build, 8 floats / 4 doubles per vector, which it
-        # runs at its AVX512 capability too) covers all of a tensor but its last
-        # size % 8 float32 (size % 4 float64) elements, which its scalar tail computes.
-        # Its threads split tensors at multiples of 64 bytes: no other element is a tail.
-        tail = t.size - t.size % (8 if floating is float else 4)
+        # torch's vector loop (its AVX2 build, 8 floats / 4 doubles / 16 bfloat16 or
+        # float16 per vector, which it runs at its AVX512 capability too) covers all of a
+        # tensor but its last size % lanes elements, which its scalar tail computes. Its
+        # threads split tensors at multiples of 64 bytes: no other element is a tail.
+        tail = t.size - t.size % _torch_lanes(t)
         if start < tail:
             _update(t, start, min(stop, tail), dtype, a, b, c, d, <TorchForm*>NULL)
         if stop > tail:
@@ -257,12 +282,127 @@ cdef void _by_grad(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
         _by_decay(t, start, stop, dtype, <Unscaled*>NULL)
 
 
+# --- 16-bit storage: staged through float32 blocks -------------------------------------
+# A tensor with any 16-bit buffer (or a master copy) runs block by block: its 16-bit
+# buffers are widened into float32 scratch arrays on the stack, the float32 loops above
+# update the block there (float32 buffers in place), and the results are rounded back.
+# The scratch stays in L1, so memory sees only the 16-bit traffic; the loops and their
+# specializations are the float32 ones, not one set per storage type.
+
+cdef enum:
+    STAGE_ELEMENTS = 512    # a multiple of every torch lane count: block starts keep the
+                            # position of torch's scalar tail
+
+
+cdef void _widen(const char* source, int element_type, Py_ssize_t start, Py_ssize_t n,
+                 float* out) noexcept nogil:
+    cdef const uint16_t* bits = (<const uint16_t*>source) + start
+    cdef Py_ssize_t i
+    if element_type == ELEM_BF16:
+        for i in range(n):  # vectorized: kernel loop
+            out[i] = fa_bf16_to_f32(bits[i])
+    else:
+        for i in range(n):  # vectorized: kernel loop
+            out[i] = fa_f16_to_f32(bits[i])
+
+
+cdef void _narrow(const float* values, char* target, int element_type, Py_ssize_t start,
+                  Py_ssize_t n, uint16_t nan_bits) noexcept nogil:
+    """Round values[0:n] to nearest even into target[start:start + n]."""
+    cdef uint16_t* bits = (<uint16_t*>target) + start
+    cdef Py_ssize_t i
+    if element_type == ELEM_BF16:
+        for i in range(n):  # vectorized: kernel loop
+            bits[i] = fa_f32_to_bf16(values[i], nan_bits)
+    else:
+        for i in range(n):  # vectorized: kernel loop
+            bits[i] = fa_f32_to_f16(values[i])
+
+
+cdef void _narrow_stochastic(const float* values, char* target, Py_ssize_t start,
+                             Py_ssize_t n, uint64_t key) noexcept nogil:
+    """Round values[0:n] stochastically into bfloat16 target[start:start + n]; the random
+    bits depend on (key, element index) only."""
+    cdef uint16_t* bits = (<uint16_t*>target) + start
+    # fold the index's high half into the key once (a block never straddles 2**32)
+    cdef uint32_t block_key = fa_mix32(<uint32_t>key ^ fa_mix32(<uint32_t>(key >> 32)
+                                                              + <uint32_t>(<uint64_t>start >> 32)))
+    cdef uint32_t first = <uint32_t>start
+    cdef Py_ssize_t i
+    for i in range(n):  # vectorized: kernel loop
+        bits[i] = fa_f32_to_bf16_stochastic(values[i], fa_random16(block_key, first + <uint32_t>i))
+
+
+cdef inline char* _staged(const char* buffer, int element_type, Py_ssize_t start,
+                          Py_ssize_t n, float* scratch) noexcept nogil:
+    """Elements [start, start + n) as float32: the buffer itself, or widened into scratch."""
+    if element_type == ELEM_F32:
+        return <char*>((<const float*>buffer) + start)
+    _widen(buffer, element_type, start, n, scratch)
+    return <char*>scratch
+
+
+cdef inline void _unstage(const AdamTensor* t, const float* values, char* target,
+                          int element_type, Py_ssize_t start, Py_ssize_t n) noexcept nogil:
+    """Write a staged block back: nothing for float32 (updated in place), else rounded."""
+    cdef Py_ssize_t vector_end
+    if element_type == ELEM_F32:
+        return
+    if element_type == ELEM_BF16 and t.coef.numerics == NUMERICS_TORCH:
+        # torch's vector conversion writes a NaN as 0xFFFF, its scalar tail as 0x7FC0
+        vector_end = min(n, max(<Py_ssize_t>0, t.size - t.size % _torch_lanes(t) - start))
+        _narrow(values, target, element_type, start, vector_end, 0xffff)
+        _narrow(values + vector_end, target, element_type, start + vector_end,
+                n - vector_end, 0x7fc0)
+    else:
+        _narrow(values, target, element_type, start, n, 0x7fc0)
+
+
+cdef void _run_staged(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop) noexcept nogil:
+    """Elements [start, stop) of a tensor with 16-bit buffers or a master copy."""
+    cdef float param[STAGE_ELEMENTS]
+    cdef float grad[STAGE_ELEMENTS]
+    cdef float exp_avg[STAGE_ELEMENTS]
+    cdef float exp_avg_sq[STAGE_ELEMENTS]
+    cdef float max_exp_avg_sq[STAGE_ELEMENTS]
+    cdef AdamTensor block = t[0]
+    cdef Py_ssize_t first = start, n
+    while first < stop:
+        n = min(<Py_ssize_t>STAGE_ELEMENTS, stop - first)
+        block.param = _staged(t.param, t.param_type, first, n, param)
+        block.grad = _staged(t.grad, t.grad_type, first, n, grad)
+        block.exp_avg = _staged(t.exp_avg, t.state_type, first, n, exp_avg)
+        block.exp_avg_sq = _staged(t.exp_avg_sq, t.state_type, first, n, exp_avg_sq)
+        if t.max_exp_avg_sq != NULL:
+            block.max_exp_avg_sq = _staged(t.max_exp_avg_sq, t.state_type, first, n,
+                                           max_exp_avg_sq)
+        # the block's elements are 0..n; its size counts from ``first`` to the tensor's
+        # end, so torch's scalar tail stays where it is in the tensor
+        block.size = t.size - first
+        _by_grad(&block, 0, n, <float*>NULL)
+        if t.stochastic and t.param_type == ELEM_BF16:
+            _narrow_stochastic(<const float*>block.param, t.param, first, n, t.rounding_key)
+        else:
+            _unstage(t, <const float*>block.param, t.param, t.param_type, first, n)
+        _unstage(t, <const float*>block.exp_avg, t.exp_avg, t.state_type, first, n)
+        _unstage(t, <const float*>block.exp_avg_sq, t.exp_avg_sq, t.state_type, first, n)
+        if t.max_exp_avg_sq != NULL:
+            _unstage(t, <const float*>block.max_exp_avg_sq, t.max_exp_avg_sq, t.state_type,
+                     first, n)
+        if t.model_param != NULL:   # master weights: the model's copy, rounded to nearest
+            _narrow(<const float*>block.param, t.model_param, t.model_type, first, n, 0x7fc0)
+        first += n
+
+
 cdef void run_chunk(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop) noexcept nogil:
     """Elements [start, stop) of one tensor, through its specialization."""
-    if t.is_double:
+    if t.param_type == ELEM_F64:
         _by_grad(t, start, stop, <double*>NULL)
-    else:
+    elif (t.param_type == ELEM_F32 and t.grad_type == ELEM_F32 and t.state_type == ELEM_F32
+          and t.model_param == NULL):
         _by_grad(t, start, stop, <float*>NULL)
+    else:
+        _run_staged(t, start, stop)
 
 
 # --- scanning gradients for NaN/Inf ----------------------------------------------------------
@@ -283,11 +423,23 @@ cdef Py_ssize_t _count_nonfinite_f64(const uint64_t* bits, Py_ssize_t n) noexcep
     return bad
 
 
+cdef Py_ssize_t _count_nonfinite_16(const uint16_t* bits, Py_ssize_t n,
+                                    uint16_t exponent) noexcept nogil:
+    cdef Py_ssize_t i, bad = 0
+    for i in range(n):  # vectorized: kernel loop
+        bad += (bits[i] & exponent) == exponent
+    return bad
+
+
 cdef Py_ssize_t count_nonfinite_chunk(const AdamTensor* t, Py_ssize_t start,
                                       Py_ssize_t stop) noexcept nogil:
     """How many gradient elements in [start, stop) of one tensor are NaN or Inf."""
-    if t.is_double:
+    if t.grad_type == ELEM_F64:
         return _count_nonfinite_f64((<const uint64_t*>t.grad) + start, stop - start)
+    if t.grad_type == ELEM_BF16:
+        return _count_nonfinite_16((<const uint16_t*>t.grad) + start, stop - start, 0x7f80)
+    if t.grad_type == ELEM_F16:
+        return _count_nonfinite_16((<const uint16_t*>t.grad) + start, stop - start, 0x7c00)
     return _count_nonfinite_f32((<const uint32_t*>t.grad) + start, stop - start)
 
 

@@ -113,7 +113,12 @@ def first_nonconforming(list grads, list params, const uint64_t[:, ::1] written)
             return i
         g = <cnp.ndarray>obj
         p = <cnp.ndarray?>params[i]
-        if (cnp.PyArray_TYPE(g) != cnp.PyArray_TYPE(p) or not cnp.PyArray_SAMESHAPE(g, p)
+        if (cnp.PyArray_TYPE(g) != cnp.PyArray_TYPE(p)
+                # bfloat16 is a user-defined (ml_dtypes) or a structured type: those type
+                # numbers are shared, so compare the types themselves
+                or (cnp.PyArray_TYPE(p) >= cnp.NPY_VOID
+                    and g.dtype != p.dtype)
+                or not cnp.PyArray_SAMESHAPE(g, p)
                 or not cnp.PyArray_IS_C_CONTIGUOUS(g) or not cnp.PyArray_ISALIGNED(g)
                 or not cnp.PyArray_ISNOTSWAPPED(g)):
             return i

@@ -10,6 +10,7 @@ from typing import Any, Dict, List
 import numpy as np
 
 from fastadam import _kernels, _simd, _threads
+from fastadam._version import __version__
 
 
 def _openmp_libraries() -> List[str]:
@@ -22,8 +23,6 @@ def _openmp_libraries() -> List[str]:
 
 
 def config() -> Dict[str, Any]:
-    from fastadam import __version__
-
     build = _kernels.build_info()
     return {
         "fastadam": __version__,

@@ -14,7 +14,14 @@ memory, with the number of its group):
   page offsets so that state never 4K-aliases the params or each other), or memory a
   front end adopts (Keras owns its variables);
 * its step count, in one int64 array; front ends that show steps as floats (torch's
-  ``state["step"]``) get float32 mirrors whose in-place edits the next step adopts.
+  ``state["step"]``) get float32 mirrors whose in-place edits the next step adopts;
+* master weights (a bfloat16 or float16 tensor registered with ``master=True``): a
+  float32 ``master_param``, copied from the param when its moments are allocated, with
+  float32 moments. The kernels update the master and write the param rounded to nearest
+  even in the same pass.
+
+With ``rounding_seed`` set (an int), bfloat16 params without a master are rounded
+stochastically (reproducibly: per seed, step and tensor position).
 
 A step (:meth:`Engine.step` with arrays, :meth:`Engine.step_pointers` with addresses a
 compiled gather took) checks everything first, scans for non-finite values if asked,
@@ -36,16 +43,19 @@ from fastadam._rows import sum_duplicate_rows
 from fastadam._table import AdamTable
 from fastadam._threads import threads_for
 from fastadam._validation import (
+    BFLOAT16_BITS,
     MAX_STEP,
     Hyperparameters,
     check_grads,
+    check_master_weights,
     check_no_overlap,
     check_step_count,
     sorted_ranges,
 )
 
-STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
 MOMENT_KEYS = STATE_KEYS[:2]
+MASTER_DTYPE = np.dtype(np.float32)
 # Stands in for the state of a tensor that has none yet: the table never touches it
 # (such a tensor has no gradient in that pass, or gets its state before the pass runs).
 _NO_STATE = np.zeros(0, np.float32)
@@ -57,6 +67,8 @@ class Engine:
     def __init__(self) -> None:
         self.params: List[np.ndarray] = []
         self.names: List[str] = []
+        self.master: List[bool] = []  # per tensor: updated through a float32 master copy
+        self._rounding_seed: Optional[int] = None
         self.group_of: List[int] = []
         self.state: List[Dict[str, np.ndarray]] = []  # 1-D views; a missing key: not allocated
         self.steps = np.zeros(0, np.int64)
@@ -80,12 +92,27 @@ class Engine:
     def size(self) -> int:
         return sum(p.size for p in self.params)
 
+    @property
+    def rounding_seed(self) -> Optional[int]:
+        """None (round to nearest even), or the seed of stochastic rounding of bfloat16
+        params (a checked int64)."""
+        return self._rounding_seed
+
+    @rounding_seed.setter
+    def rounding_seed(self, seed: Optional[int]) -> None:
+        self._rounding_seed = seed
+        self._invalidate()
+
     # --- registration --------------------------------------------------------------------
 
-    def add(self, arrays: Sequence[np.ndarray], group: int, names: Sequence[str]) -> range:
-        """Register validated, aligned, writable N-d arrays of group ``group``; raises
+    def add(self, arrays: Sequence[np.ndarray], group: int, names: Sequence[str],
+            master: bool = False) -> range:
+        """Register validated, aligned, writable N-d arrays of group ``group`` (with
+        ``master``, 16-bit arrays updated through float32 master copies); raises
         ValueError, changing nothing, if one overlaps another parameter or any state
         the engine holds (an ``exp_avg`` given back as a parameter, say)."""
+        if master:
+            check_master_weights(arrays, names)
         self._check_clear_of_everything(list(arrays), list(names))
         first = len(self.params)
         if len(arrays):
@@ -94,6 +121,7 @@ class Engine:
                                                {a.dtype for a in arrays}, key=str))
         self.params += list(arrays)
         self.names += list(names)
+        self.master += [master] * len(arrays)
         self.group_of += [group] * len(arrays)
         self.state += [{} for _ in arrays]
         self.steps = np.concatenate([self.steps, np.zeros(len(arrays), np.int64)])
@@ -113,6 +141,8 @@ class Engine:
                 f"{array.dtype.name} {array.shape} after the optimizer had state for it; the "
                 "state no longer fits: convert the model before creating the optimizer, or "
                 "create a new one")
+        if self.master[i]:
+            check_master_weights([array], [self.names[i]])
         others = [j for j in range(len(self.params)) if j != i]
         check_no_overlap(
             [self.params[j].reshape(-1) for j in others] + self._state_arrays() + [array.reshape(-1)],
@@ -147,22 +177,33 @@ class Engine:
     def has_moments(self, i: int) -> bool:
         return "exp_avg" in self.state[i]
 
+    def state_dtype(self, i: int) -> np.dtype:
+        """The element type of tensor ``i``'s state: float32 with a master copy, else
+        the param's."""
+        return MASTER_DTYPE if self.master[i] else self.params[i].dtype
+
     def allocate(self, indices: Iterable[int], keys: Sequence[str] = MOMENT_KEYS) -> None:
         """Zeroed state ``keys`` for these tensors where missing: one block per (group,
         dtype) and key, in index order (adjacent params get adjacent state), at the
-        key's page offset."""
+        key's page offset. A tensor with master weights gets its master copy (of the
+        param's current values) with its moments."""
+        indices = list(indices)
+        if "exp_avg" in keys:
+            keys = tuple(keys) + ("master_param",)
         for key in keys:
             blocks: Dict[Tuple[int, np.dtype], List[int]] = {}
             for i in indices:
-                if key not in self.state[i]:
-                    blocks.setdefault((self.group_of[i], self.params[i].dtype), []).append(i)
+                if key not in self.state[i] and (key != "master_param" or self.master[i]):
+                    blocks.setdefault((self.group_of[i], self.state_dtype(i)), []).append(i)
             for (_, dtype), members in blocks.items():
                 block = zeros_at(sum(self.params[i].size for i in members), dtype,
-                                 STATE_PAGE_OFFSETS[key])
+                                 STATE_PAGE_OFFSETS["master" if key == "master_param" else key])
                 offset = 0
                 for i in members:
                     size = self.params[i].size
                     self.state[i][key] = block[offset:offset + size]
+                    if key == "master_param":
+                        self.state[i][key][...] = _as_float32(self.params[i].reshape(-1))
                     offset += size
                 if key == "exp_avg":
                     self._without_moments -= len(members)
@@ -188,6 +229,8 @@ class Engine:
         for key, array in self.state[i].items():
             if key in arrays:
                 np.copyto(array, np.asarray(arrays[key]).reshape(-1))
+            elif key == "master_param":  # a state saved without one: the param's values
+                array[...] = _as_float32(self.params[i].reshape(-1))
             else:
                 array.fill(0)
         self.steps[i] = step
@@ -195,9 +238,14 @@ class Engine:
         self.generation += 1
 
     def zero(self) -> None:
-        """Forget every moment and step count (the buffers stay)."""
-        for array in self._state_arrays():
-            array.fill(0)
+        """Forget every moment and step count (the buffers stay; master copies take the
+        params' current values)."""
+        for i, state in enumerate(self.state):
+            for key, array in state.items():
+                if key == "master_param":
+                    array[...] = _as_float32(self.params[i].reshape(-1))
+                else:
+                    array.fill(0)
         self.steps.fill(0)
         self._refresh_mirrors()
 
@@ -326,6 +374,8 @@ class Engine:
                 self.steps,
                 self.group_of,
                 self._mirror,
+                [s.get("master_param") for s in self.state],
+                self._rounding_seed,
             )
         return self._table
 
@@ -333,6 +383,13 @@ class Engine:
     def table(self) -> AdamTable:
         """The kernel table over the current tensors (its runs, its last pass's records)."""
         return self._table_as_is()
+
+
+def _as_float32(array: np.ndarray) -> np.ndarray:
+    """A 16-bit array's values in float32 (exact): a master copy's starting point."""
+    if array.dtype == BFLOAT16_BITS:  # the bits of bfloat16 are float32's high half
+        return (array.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return array.astype(MASTER_DTYPE)
 
 
 def _summed(grad: Tuple[np.ndarray, np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:

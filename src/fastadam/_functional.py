@@ -23,8 +23,11 @@ from fastadam._validation import (
     check_hyperparameters,
     check_num_threads,
     check_row_buffers,
+    check_seed,
     check_step,
+    is_bfloat16,
     plain_buffers,
+    type_name,
 )
 
 
@@ -48,6 +51,9 @@ def adam_step(
     grad_scale: float = 1.0,
     num_threads: Optional[int] = None,
     numerics: str = "exact",
+    master_param: Any = None,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
 ) -> None:
     """One in-place Adam step (Kingma & Ba, Algorithm 1) on one set of buffers.
 
@@ -55,10 +61,13 @@ def adam_step(
     ----------
     param, grad, exp_avg, exp_avg_sq : buffer
         NumPy arrays or any object exporting the buffer protocol (memoryview,
-        array.array, bytearray- or mmap-backed memory, ...), all float32 or all float64,
+        array.array, bytearray- or mmap-backed memory, ...), all of one element type
+        (float32, float64, float16, or bfloat16 as ``ml_dtypes.bfloat16`` arrays),
         C-contiguous, with the same number of elements (shapes may differ). ``param``,
         ``exp_avg`` and ``exp_avg_sq`` are updated in place and must be writable; no two
-        buffers may overlap. ``grad`` is only read (read-only buffers are fine).
+        buffers may overlap. ``grad`` is only read (read-only buffers are fine). For
+        bfloat16 and float16 the update is computed in float32 (as torch's fused Adam
+        does) and rounded to nearest even on store.
     step : int
         The 1-based number of this update (bias corrections use ``beta ** step``).
     lr, beta1, beta2, eps : float
@@ -89,6 +98,18 @@ def adam_step(
         ``param`` is treated as one torch tensor (its last ``size % 8`` float32 or
         ``size % 4`` float64 elements get torch's scalar-tail rounding). Not with
         ``eps_root > 0``. See docs/numerics-torch.md.
+    master_param : buffer, optional
+        Master weights: a float32 copy of a bfloat16 or float16 ``param``. The update is
+        made in ``master_param`` (with float32 ``exp_avg``/``exp_avg_sq``, and a grad of
+        the param's type or float32), and ``param`` receives the master rounded to
+        nearest even, in the same pass: bit-identical to a float32 step on
+        ``grad.astype(float32)`` followed by ``param[...] = master_param``.
+    stochastic_rounding : bool
+        Round a bfloat16 ``param`` stochastically instead of to nearest even (only for
+        bfloat16 params without ``master_param``); reproducible: the random bits depend
+        on ``seed``, ``step`` and the element's index only, not on threads or vector width.
+    seed : int
+        The seed of stochastic rounding (an int64).
 
     Raises
     ------
@@ -112,20 +133,39 @@ def adam_step(
     scale = 1.0 if grad_scale == 1.0 and type(grad_scale) is float else check_at_least(
         grad_scale, "grad_scale", 0.0, strict=True)
     threads = check_num_threads(num_threads)
-    if plain_buffers(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq):  # the common case
+    rounding_seed = _check_rounding(stochastic_rounding, seed)
+    if (master_param is None and rounding_seed is None
+            and plain_buffers(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)):  # the common case
         _check_range(hp, param.dtype, step_number, scale)
         if param.size:
             _kernels.adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hp, step_number,
                                scale, threads_for(threads, param.size))
         return
-    buffers = check_buffers(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)
+    buffers = check_buffers(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master_param)
+    if rounding_seed is not None and not (is_bfloat16(buffers.param.dtype)
+                                          and master_param is None):
+        raise ValueError("stochastic_rounding is for a bfloat16 param without master_param, got "
+                         f"a {type_name(buffers.param.dtype)} param"
+                         + (" with master_param" if master_param is not None else ""))
     _check_range(hp, buffers.param.dtype, step_number, scale)
     size = buffers.param.size
     if size == 0:
         return
     aligned = _aligned(buffers)
-    _kernels.adam_step(*aligned, hp, step_number, scale, threads_for(threads, size))
+    if aligned.master_param is None:
+        _kernels.adam_step(*aligned[:5], hp, step_number, scale, threads_for(threads, size),
+                           None, rounding_seed)
+    else:  # the kernels update the master; the param is the model's copy they write
+        _kernels.adam_step(aligned.master_param, *aligned[1:5], hp, step_number, scale,
+                           threads_for(threads, size), aligned.param)
     _copy_back(aligned, buffers)
+
+
+def _check_rounding(stochastic_rounding: Any, seed: Any) -> Optional[int]:
+    """The int64 seed of stochastic rounding, or None for round to nearest even."""
+    if not check_flag(stochastic_rounding, "stochastic_rounding"):
+        return None
+    return check_seed(seed)
 
 
 def adam_step_rows(
@@ -257,9 +297,12 @@ def _copy_back(aligned: AdamBuffers, buffers: AdamBuffers) -> None:
             target[...] = source
 
 
-def adam_state(param: Any, *, amsgrad: bool = False) -> Dict[str, np.ndarray]:
+def adam_state(param: Any, *, amsgrad: bool = False,
+               master_weights: bool = False) -> Dict[str, np.ndarray]:
     """Zeroed state buffers for :func:`adam_step` on ``param``: ``exp_avg``, ``exp_avg_sq``
     (and ``max_exp_avg_sq`` with ``amsgrad=True``), shaped like ``param``, of its dtype.
+    With ``master_weights=True`` (a bfloat16 or float16 param), the state is float32 and
+    holds ``master_param``, a float32 copy of ``param``.
 
     Use these rather than ``np.zeros_like``: they start at different offsets within a
     4 KiB page from each other and from where NumPy places arrays, which avoids the
@@ -271,5 +314,15 @@ def adam_state(param: Any, *, amsgrad: bool = False) -> Dict[str, np.ndarray]:
     """
     array = as_array(param, "param", writable=False, flatten=False)
     keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if check_flag(amsgrad, "amsgrad") else ())
-    return {key: zeros_at(array.size, array.dtype, STATE_PAGE_OFFSETS[key]).reshape(array.shape)
-            for key in keys}
+    master = check_flag(master_weights, "master_weights")
+    if master and array.itemsize != 2:
+        raise TypeError("master_weights is for a bfloat16 or float16 param, got "
+                        f"{type_name(array.dtype)}")
+    dtype = np.dtype(np.float32) if master else array.dtype
+    state = {key: zeros_at(array.size, dtype, STATE_PAGE_OFFSETS[key]).reshape(array.shape)
+             for key in keys}
+    if master:
+        state["master_param"] = zeros_at(array.size, dtype, STATE_PAGE_OFFSETS["master"])
+        state["master_param"][...] = array.reshape(-1).astype(np.float32)
+        state["master_param"] = state["master_param"].reshape(array.shape)
+    return state

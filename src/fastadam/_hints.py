@@ -58,7 +58,8 @@ def keyword_names(prefix: str = "defaults") -> Iterator[None]:
         raise type(exc)(renamed) from None
 
 
-def check_torch_params(group: Mapping[str, Any], index: int, dtypes: Sequence[Any]) -> None:
+def check_torch_params(group: Mapping[str, Any], index: int, dtypes: Sequence[Any],
+                       why: str = "") -> None:
     """Refuse, when a param group is added, the parameters fastadam.torch can never update
     (of a dtype not in ``dtypes``, or not strided), naming each by its place, its name
     when the group has ``param_names``, and its shape; so a float16 model fails at
@@ -75,8 +76,9 @@ def check_torch_params(group: Mapping[str, Any], index: int, dtypes: Sequence[An
             names = [str(d).replace("torch.", "") for d in dtypes]
             allowed = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
             raise TypeError(f"{where} has dtype {p.dtype} ({shape}); fastadam.torch updates "
-                            f"{allowed} parameters: convert the model first (model.float()) "
-                            "or use torch.optim.Adam for it")
+                            f"{allowed} parameters"
+                            + (f" ({why})" if why else ": convert the model first (model.float()) "
+                               "or use torch.optim.Adam for it"))
         if str(p.layout) != "torch.strided":
             raise TypeError(f"{where} has layout {p.layout}; fastadam.torch updates dense "
                             f"(strided) parameters ({shape})")

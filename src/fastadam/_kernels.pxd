@@ -3,9 +3,9 @@
 # that run a table of tensor records on one OpenMP team. Pointers and sizes only: the
 # callers hand in validated memory.
 
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint64_t
 
-from fastadam._adam_types cimport AdamTensor, Coefficients
+from fastadam._adam_types cimport ELEM_F32, ELEM_F64, AdamTensor, Coefficients
 
 
 cdef struct Hyper:
@@ -36,3 +36,14 @@ cdef Py_ssize_t count_nonfinite_grads(const AdamTensor* tensors, Py_ssize_t n_te
                                       int num_threads) noexcept nogil
 cdef void run_rows(const RowUpdate* u, int num_threads) noexcept nogil
 cdef Py_ssize_t count_nonfinite_rows(const RowUpdate* u, int num_threads) noexcept nogil
+cdef int element_type(object array) except -1
+cdef int fill_buffers(AdamTensor* t, object param, object grad, object exp_avg,
+                      object exp_avg_sq, object max_exp_avg_sq, object model_param) except -1
+cdef uint64_t rounding_key(int64_t seed, int64_t step, Py_ssize_t tensor) noexcept nogil
+
+
+cdef inline size_t element_size(int element_type) noexcept nogil:
+    """Bytes per element of an ELEM_* type."""
+    if element_type == ELEM_F64:
+        return 8
+    return 4 if element_type == ELEM_F32 else 2

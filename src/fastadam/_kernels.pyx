@@ -9,8 +9,8 @@ Design (see docs/design.md "Layers"):
   hyperparameter; nothing in this module raises for bad data, so a rejected call never
   reaches a write. Hyperparameters arrive as one record (``Hyper``, read from the
   validated ``Hyperparameters`` by ``hyper_from_record``), never as positional lists.
-* One update is described by an ``AdamTensor`` record: raw pointers, a length, a dtype
-  flag and the step's ``Coefficients`` (computed once, in double, by
+* One update is described by an ``AdamTensor`` record: raw pointers, a length, each
+  buffer's element type and the step's ``Coefficients`` (computed once, in double, by
   ``fill_coefficients``). ``run_tensors`` takes a table of them, cuts every tensor into
   fixed-size chunks and lets one OpenMP team work through the chunk table with the GIL
   released. ``adam_step`` is a table of one; the multi-tensor optimizer step reuses
@@ -41,7 +41,7 @@ Design (see docs/design.md "Layers"):
 
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid
 from libc.math cimport pow, sqrt
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from cython cimport floating
 from cython.parallel cimport prange
@@ -49,7 +49,15 @@ from cython.parallel cimport prange
 cimport numpy as cnp
 import numpy
 
-from fastadam._adam_types cimport NUMERICS_EXACT, NUMERICS_FAST, NUMERICS_TORCH
+from fastadam._adam_types cimport (
+    ELEM_BF16,
+    ELEM_F16,
+    ELEM_F32,
+    ELEM_F64,
+    NUMERICS_EXACT,
+    NUMERICS_FAST,
+    NUMERICS_TORCH,
+)
 
 
 cnp.import_array()
@@ -311,16 +319,17 @@ cdef enum:
 
 
 cdef inline void _prefetch_row(const RowUpdate* u, Py_ssize_t i) noexcept nogil:
-    cdef size_t row_bytes = <size_t>u.row_size * (8 if u.tensor.is_double else 4)
-    cdef size_t offset = <size_t>u.rows[i] * row_bytes
+    cdef size_t param_offset = <size_t>u.rows[i] * u.row_size * element_size(u.tensor.param_type)
+    cdef size_t state_offset = <size_t>u.rows[i] * u.row_size * element_size(u.tensor.state_type)
     cdef size_t line
-    cdef size_t stop = min(row_bytes, <size_t>(PREFETCH_LINES * 64))
+    cdef size_t stop = min(<size_t>u.row_size * element_size(u.tensor.state_type),
+                           <size_t>(PREFETCH_LINES * 64))
     for line in range(0, stop, 64):
-        FA_PREFETCH_FOR_WRITE(u.tensor.param + offset + line)
-        FA_PREFETCH_FOR_WRITE(u.tensor.exp_avg + offset + line)
-        FA_PREFETCH_FOR_WRITE(u.tensor.exp_avg_sq + offset + line)
+        FA_PREFETCH_FOR_WRITE(u.tensor.param + param_offset + line)
+        FA_PREFETCH_FOR_WRITE(u.tensor.exp_avg + state_offset + line)
+        FA_PREFETCH_FOR_WRITE(u.tensor.exp_avg_sq + state_offset + line)
         if u.tensor.max_exp_avg_sq != NULL:
-            FA_PREFETCH_FOR_WRITE(u.tensor.max_exp_avg_sq + offset + line)
+            FA_PREFETCH_FOR_WRITE(u.tensor.max_exp_avg_sq + state_offset + line)
 
 
 cdef inline Py_ssize_t _pieces_per_row(const RowUpdate* u) noexcept nogil:
@@ -334,19 +343,21 @@ cdef void _run_row_piece(const RowUpdate* u, Py_ssize_t unit, Py_ssize_t pieces)
     so the same SIMD level): bit-identical to adam_step on the row."""
     cdef Py_ssize_t i = unit // pieces
     cdef Py_ssize_t start = (unit % pieces) * CHUNK_ELEMENTS
-    cdef size_t row_bytes = <size_t>u.row_size * (8 if u.tensor.is_double else 4)
-    cdef size_t offset = <size_t>u.rows[i] * row_bytes
-    cdef AdamTensor row = u.tensor
+    cdef size_t row = <size_t>u.rows[i] * u.row_size  # the row's first element
+    cdef size_t state_offset = row * element_size(u.tensor.state_type)
+    cdef AdamTensor record = u.tensor
     if start == 0 and i + PREFETCH_ROWS_AHEAD < u.n_rows:
         _prefetch_row(u, i + PREFETCH_ROWS_AHEAD)
-    row.size = u.row_size
-    row.param = u.tensor.param + offset
-    row.grad = u.tensor.grad + <size_t>i * row_bytes
-    row.exp_avg = u.tensor.exp_avg + offset
-    row.exp_avg_sq = u.tensor.exp_avg_sq + offset
+    record.size = u.row_size
+    record.param = u.tensor.param + row * element_size(u.tensor.param_type)
+    record.grad = u.tensor.grad + <size_t>i * u.row_size * element_size(u.tensor.grad_type)
+    record.exp_avg = u.tensor.exp_avg + state_offset
+    record.exp_avg_sq = u.tensor.exp_avg_sq + state_offset
     if u.tensor.max_exp_avg_sq != NULL:
-        row.max_exp_avg_sq = u.tensor.max_exp_avg_sq + offset
-    _runner(&row)(&row, start, min(start + CHUNK_ELEMENTS, u.row_size))
+        record.max_exp_avg_sq = u.tensor.max_exp_avg_sq + state_offset
+    if u.tensor.model_param != NULL:
+        record.model_param = u.tensor.model_param + row * element_size(u.tensor.model_type)
+    _runner(&record)(&record, start, min(start + CHUNK_ELEMENTS, u.row_size))
 
 
 cdef void run_rows(const RowUpdate* u, int num_threads) noexcept nogil:
@@ -404,17 +415,53 @@ cdef inline char* _data(object array) except? NULL:
     return <char*>cnp.PyArray_DATA(<cnp.ndarray?>array)
 
 
-cdef int _fill_tensor(AdamTensor* t, object param, object grad, object exp_avg,
-                      object exp_avg_sq, object max_exp_avg_sq) except -1:
-    """t's buffers: validated, contiguous, aligned, same-dtype 1-D NumPy arrays."""
+cdef int element_type(object array) except -1:
+    """The ELEM_* code of a validated array's dtype (float32, float64, float16, or a
+    2-byte bfloat16 type: ml_dtypes' or fastadam._dtypes' stand-in)."""
+    cdef int code = cnp.PyArray_TYPE(<cnp.ndarray?>array)
+    if code == cnp.NPY_FLOAT:
+        return ELEM_F32
+    if code == cnp.NPY_DOUBLE:
+        return ELEM_F64
+    if code == cnp.NPY_FLOAT16:
+        return ELEM_F16
+    return ELEM_BF16
+
+
+cdef int fill_buffers(AdamTensor* t, object param, object grad, object exp_avg,
+                      object exp_avg_sq, object max_exp_avg_sq, object model_param) except -1:
+    """t's buffers and their element types: validated, contiguous, aligned 1-D NumPy
+    arrays of one element count (exp_avg_sq and max_exp_avg_sq of exp_avg's type).
+    ``model_param`` None, or the 16-bit model copy of a float32 master ``param``."""
     t.size = cnp.PyArray_SIZE(<cnp.ndarray?>param)
-    t.is_double = cnp.PyArray_TYPE(<cnp.ndarray>param) == cnp.NPY_DOUBLE
     t.param = _data(param)
     t.grad = _data(grad)
     t.exp_avg = _data(exp_avg)
     t.exp_avg_sq = _data(exp_avg_sq)
     t.max_exp_avg_sq = NULL if max_exp_avg_sq is None else _data(max_exp_avg_sq)
+    t.model_param = NULL if model_param is None else _data(model_param)
+    t.param_type = element_type(param)
+    t.grad_type = element_type(grad)
+    t.state_type = element_type(exp_avg)
+    t.model_type = ELEM_F32 if model_param is None else element_type(model_param)
+    t.stochastic = False
+    t.rounding_key = 0
     return 0
+
+
+cdef uint64_t rounding_key(int64_t seed, int64_t step, Py_ssize_t tensor) noexcept nogil:
+    """The random stream of one tensor's stochastic rounding at one step (splitmix64 of
+    seed, step and the tensor's position): the same bits on every run with that seed."""
+    cdef uint64_t x = _splitmix64(<uint64_t>seed)
+    x = _splitmix64(x ^ <uint64_t>step)
+    return _splitmix64(x ^ <uint64_t>tensor)
+
+
+cdef inline uint64_t _splitmix64(uint64_t x) noexcept nogil:
+    x += 0x9E3779B97F4A7C15ULL
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL
+    return x ^ (x >> 31)
 
 
 cdef int _coefficients(Coefficients* c, object hyper, double step, double grad_scale,
@@ -429,16 +476,22 @@ cdef int _coefficients(Coefficients* c, object hyper, double step, double grad_s
 
 
 def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hyper, double step,
-              double grad_scale, int num_threads):
-    """One Adam step on validated, contiguous, aligned, same-dtype 1-D NumPy arrays.
+              double grad_scale, int num_threads, model_param=None, rounding_seed=None):
+    """One Adam step on validated, contiguous, aligned 1-D NumPy arrays of one element
+    count and a validated combination of element types.
 
     ``max_exp_avg_sq`` is None or an array (AMSGrad); ``hyper`` a validated
-    Hyperparameters record. Releases the GIL while it runs.
+    Hyperparameters record; ``model_param`` None or the 16-bit copy of a float32 master
+    ``param``; ``rounding_seed`` None (round to nearest even) or the int64 seed of a
+    bfloat16 param's stochastic rounding. Releases the GIL while it runs.
     """
     cdef AdamTensor t
     cdef int status
-    _fill_tensor(&t, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)
+    fill_buffers(&t, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, model_param)
     _coefficients(&t.coef, hyper, step, grad_scale, max_exp_avg_sq)
+    if rounding_seed is not None:
+        t.stochastic = True
+        t.rounding_key = rounding_key(rounding_seed, <int64_t>step, 0)
     with nogil:
         status = run_tensors(&t, 1, num_threads)
     if status != 0:
@@ -452,13 +505,7 @@ def adam_step_rows(param, grad_rows, rows, Py_ssize_t row_size, exp_avg, exp_avg
     per row; grad_rows: len(rows) rows). ``rows``: int64, unique, in range, owned by
     fastadam (checked after copying: nobody else writes them)."""
     cdef RowUpdate u
-    u.tensor.size = cnp.PyArray_SIZE(<cnp.ndarray>param)
-    u.tensor.is_double = cnp.PyArray_TYPE(<cnp.ndarray>param) == cnp.NPY_DOUBLE
-    u.tensor.param = _data(param)
-    u.tensor.grad = _data(grad_rows)
-    u.tensor.exp_avg = _data(exp_avg)
-    u.tensor.exp_avg_sq = _data(exp_avg_sq)
-    u.tensor.max_exp_avg_sq = NULL if max_exp_avg_sq is None else _data(max_exp_avg_sq)
+    fill_buffers(&u.tensor, param, grad_rows, exp_avg, exp_avg_sq, max_exp_avg_sq, None)
     u.rows = <const int64_t*>_data(rows)
     u.n_rows = cnp.PyArray_SIZE(<cnp.ndarray>rows)
     u.row_size = row_size
@@ -505,7 +552,7 @@ def run_chunks_from(Py_ssize_t first_element, param, grad, exp_avg, exp_avg_sq,
     cdef AdamTensor t
     cdef Py_ssize_t n_chunks, first = 0, k
     cdef Chunk* chunks
-    _fill_tensor(&t, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)
+    fill_buffers(&t, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, None)
     _coefficients(&t.coef, hyper, step, grad_scale, max_exp_avg_sq)
     n_chunks = _count_chunks(&t, 1)
     chunks = _make_chunks(&t, 1, n_chunks)

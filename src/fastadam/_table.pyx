@@ -13,14 +13,17 @@ from libc.stdlib cimport calloc, free, malloc
 
 cimport numpy as cnp
 
-from fastadam._adam_types cimport NUMERICS_TORCH, AdamTensor
+from fastadam._adam_types cimport ELEM_BF16, ELEM_F32, NUMERICS_TORCH, AdamTensor
 from fastadam._kernels cimport (
     Hyper,
     RowUpdate,
     count_nonfinite_grads,
     count_nonfinite_rows,
+    element_size,
+    element_type,
     fill_coefficients,
     hyper_from_record,
+    rounding_key,
     run_rows,
     run_tensors,
 )
@@ -38,18 +41,26 @@ cdef enum:
 cdef int64_t MAX_STEP = 0x7fffffffffffffff
 
 
-cdef inline size_t _nbytes(const AdamTensor* t) noexcept nogil:
-    return <size_t>t.size * (8 if t.is_double else 4)
+cdef inline size_t _nbytes(const AdamTensor* t, int element_type) noexcept nogil:
+    return <size_t>t.size * element_size(element_type)
 
 
 cdef inline bint _follows(const AdamTensor* t, const AdamTensor* previous) noexcept nogil:
-    """Do t's param and state buffers start exactly where previous's end?"""
-    cdef size_t gap = _nbytes(previous)
-    if (previous.max_exp_avg_sq == NULL) != (t.max_exp_avg_sq == NULL):
+    """Are t's buffers of the same types as previous's, and do they start exactly where
+    previous's end?"""
+    cdef size_t param_gap = _nbytes(previous, previous.param_type)
+    cdef size_t state_gap = _nbytes(previous, previous.state_type)
+    if (t.param_type != previous.param_type or t.grad_type != previous.grad_type
+            or t.state_type != previous.state_type or t.model_type != previous.model_type
+            or (previous.max_exp_avg_sq == NULL) != (t.max_exp_avg_sq == NULL)
+            or (previous.model_param == NULL) != (t.model_param == NULL)):
         return False
-    return (t.param == previous.param + gap and t.exp_avg == previous.exp_avg + gap
-            and t.exp_avg_sq == previous.exp_avg_sq + gap
-            and (t.max_exp_avg_sq == NULL or t.max_exp_avg_sq == previous.max_exp_avg_sq + gap))
+    return (t.param == previous.param + param_gap and t.exp_avg == previous.exp_avg + state_gap
+            and t.exp_avg_sq == previous.exp_avg_sq + state_gap
+            and (t.max_exp_avg_sq == NULL
+                 or t.max_exp_avg_sq == previous.max_exp_avg_sq + state_gap)
+            and (t.model_param == NULL
+                 or t.model_param == previous.model_param + _nbytes(previous, previous.model_type)))
 
 
 cdef inline char* _data(object array) except? NULL:
@@ -67,6 +78,12 @@ cdef class AdamTable:
     runs every active tensor of every group through one OpenMP team. A tensor whose
     gradient is None (or address 0) is inactive this pass: untouched, its step count
     unchanged (torch skips parameters without a gradient).
+
+    Element types: each tensor's param, gradient and state have their own (validated)
+    types. A tensor with a float32 master copy (``masters[i]``) is updated in the
+    master, and its registered param (16-bit: the model's copy) is written in the same
+    pass. With ``rounding_seed`` (an int), bfloat16 params are rounded stochastically,
+    each tensor with its own stream per step (rounding_key: seed, step, tensor index).
 
     Runs: consecutive tensors of one group and dtype whose params lie back to back in
     memory, and whose states do too (the engine allocates a group's state as one block),
@@ -97,12 +114,18 @@ cdef class AdamTable:
     cdef unsigned char* kind      # per tensor, this pass: INACTIVE, DENSE or SPARSE
     cdef list params              # the params as given (N-d), for shape checks
     cdef object keep_alive
+    cdef bint stochastic          # bfloat16 params are rounded stochastically
+    cdef int64_t rounding_seed
 
     def __cinit__(self, list params, list exp_avgs, list exp_avg_sqs, list max_exp_avg_sqs,
-                  cnp.ndarray steps, list group_of, float_steps=None):
+                  cnp.ndarray steps, list group_of, float_steps=None, list masters=None,
+                  rounding_seed=None):
         cdef Py_ssize_t i, n = len(params)
         cdef AdamTensor* t
+        if masters is None:
+            masters = [None] * n
         if not (len(exp_avgs) == len(exp_avg_sqs) == len(max_exp_avg_sqs) == len(group_of) == n
+                and len(masters) == n
                 and cnp.PyArray_TYPE(steps) == cnp.NPY_INT64 and cnp.PyArray_SIZE(steps) == n
                 and cnp.PyArray_IS_C_CONTIGUOUS(steps)):
             raise ValueError("AdamTable: one state, step count and group per param")
@@ -129,8 +152,18 @@ cdef class AdamTable:
         for i in range(n):
             t = &self.tensors[i]
             t.size = cnp.PyArray_SIZE(<cnp.ndarray?>params[i])
-            t.is_double = cnp.PyArray_TYPE(<cnp.ndarray>params[i]) == cnp.NPY_DOUBLE
-            t.param = _data(params[i])
+            if masters[i] is None:
+                t.param = _data(params[i])
+                t.param_type = element_type(params[i])
+                t.model_param = NULL
+                t.model_type = ELEM_F32
+            else:  # the engine's master copy is what Adam updates; the param is the model's
+                t.param = _data(masters[i])
+                t.param_type = element_type(masters[i])
+                t.model_param = _data(params[i])
+                t.model_type = element_type(params[i])
+            t.grad_type = element_type(params[i])  # gradients come in the model's type
+            t.state_type = element_type(exp_avgs[i])
             t.exp_avg = _data(exp_avgs[i])
             t.exp_avg_sq = _data(exp_avg_sqs[i])
             t.max_exp_avg_sq = NULL if max_exp_avg_sqs[i] is None else _data(max_exp_avg_sqs[i])
@@ -140,7 +173,9 @@ cdef class AdamTable:
         self.steps = <int64_t*>cnp.PyArray_DATA(steps)
         self.float_steps = NULL if float_steps is None else <float*>cnp.PyArray_DATA(float_steps)
         self.params = params
-        self.keep_alive = (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, float_steps)
+        self.keep_alive = (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, float_steps, masters)
+        self.stochastic = rounding_seed is not None
+        self.rounding_seed = 0 if rounding_seed is None else rounding_seed
 
     def __dealloc__(self):
         free(self.tensors)
@@ -157,7 +192,6 @@ cdef class AdamTable:
         while i < self.n:
             j = i + 1
             while (j < self.n and self.group_of[j] == self.group_of[i]
-                   and self.tensors[j].is_double == self.tensors[i].is_double
                    and _follows(&self.tensors[j], &self.tensors[j - 1])):
                 j += 1
             self.run_stop[i] = j
@@ -192,6 +226,7 @@ cdef class AdamTable:
             else:
                 self.kind[i] = DENSE
                 self.tensors[i].grad = _data(grad)
+                self.tensors[i].grad_type = element_type(grad)
         return 0
 
     cdef int _set_grad_pointers(self, const int64_t[::1] addresses) except -1:
@@ -204,25 +239,31 @@ cdef class AdamTable:
         for i in range(self.n):
             self.kind[i] = DENSE if addresses[i] != 0 else INACTIVE
             self.tensors[i].grad = <const char*><size_t>addresses[i]
+            # of the model param's type (the gather checked)
+            self.tensors[i].grad_type = (self.tensors[i].param_type
+                                         if self.tensors[i].model_param == NULL
+                                         else self.tensors[i].model_type)
         return 0
 
     cdef void _build_records(self, const Hyper* hyper) noexcept:
         """Each run as one record if all its gradients are dense and lie back to back and
         its step counts agree, else its dense tensors one by one. Never merged under the
         torch numerics profile (``hyper`` given): torch treats each tensor's last
-        elements apart (its scalar tail), so a tensor's end must stay a record's end."""
+        elements apart (its scalar tail), so a tensor's end must stay a record's end; nor
+        with stochastic rounding of bfloat16 params, whose random bits are per tensor."""
         cdef Py_ssize_t i = 0, k, stop
         cdef bint merge
         self.n_records = 0
         while i < self.n:
             stop = self.run_stop[i]
             merge = (stop - i > 1 and self.kind[i] == DENSE
-                     and (hyper == NULL or hyper[self.group_of[i]].numerics != NUMERICS_TORCH))
+                     and (hyper == NULL or hyper[self.group_of[i]].numerics != NUMERICS_TORCH)
+                     and not (self.stochastic and self.tensors[i].param_type == ELEM_BF16))
             k = i + 1
             while merge and k < stop:
                 merge = (self.kind[k] == DENSE and self.steps[k] == self.steps[i] and
-                         self.tensors[k].grad
-                         == self.tensors[k - 1].grad + _nbytes(&self.tensors[k - 1]))
+                         self.tensors[k].grad == self.tensors[k - 1].grad
+                         + _nbytes(&self.tensors[k - 1], self.tensors[k - 1].grad_type))
                 k += 1
             if merge:
                 self.records[self.n_records] = self.tensors[i]
@@ -244,6 +285,7 @@ cdef class AdamTable:
         cdef cnp.ndarray param = <cnp.ndarray>self.params[i]
         u.tensor = self.tensors[i]
         u.tensor.grad = _data(values)
+        u.tensor.grad_type = element_type(values)
         u.rows = <const int64_t*>_data(rows)
         u.n_rows = cnp.PyArray_SIZE(<cnp.ndarray?>rows)
         # (row-sparse gradients are validated to have a param of at least one axis)
@@ -331,10 +373,17 @@ cdef class AdamTable:
                     fill_coefficients(&r.coef, &hyper[self.group_of[first]],
                                       <double>(self.steps[first] + 1), grad_scale)
                 previous = first
+                r.stochastic = self.stochastic and r.param_type == ELEM_BF16
+                r.rounding_key = (rounding_key(self.rounding_seed, self.steps[first] + 1, first)
+                                  if r.stochastic else 0)
             for k in range(self.n_row_updates):
                 first = self.row_update_of[k]
                 fill_coefficients(&self.row_updates[k].tensor.coef, &hyper[self.group_of[first]],
                                   <double>(self.steps[first] + 1), grad_scale)
+                self.row_updates[k].tensor.stochastic = (
+                    self.stochastic and self.row_updates[k].tensor.param_type == ELEM_BF16)
+                self.row_updates[k].tensor.rounding_key = rounding_key(
+                    self.rounding_seed, self.steps[first] + 1, first)
             with nogil:
                 status = run_tensors(self.records, self.n_records, num_threads)
                 if status == 0:

@@ -31,6 +31,7 @@ from typing import Any, List, Optional, Sequence
 
 import torch
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
 
 def refusal(p: DTensor, name: str, unsupported: type) -> Optional[Exception]:
@@ -90,10 +91,16 @@ def local_state(value: torch.Tensor, p: DTensor, name: str) -> torch.Tensor:
 
 def as_state(shard: torch.Tensor, p: DTensor) -> DTensor:
     """The DTensor of ``p``'s sharding whose local tensor is ``shard`` (a view of the
-    engine's state for ``p``'s local shard), without copying or moving it: built on p's
-    own spec as FSDP2 builds its parameters (``DTensor.from_local`` would move a CPU
-    shard onto an accelerator mesh's device; under CPUOffloadPolicy it must stay)."""
-    return DTensor(shard, p._spec, requires_grad=False)
+    engine's state for ``p``'s local shard, of p's dtype, or float32 for the master copy
+    of a 16-bit parameter and its moments), without copying or moving it: built on p's
+    spec as FSDP2 builds its parameters (``DTensor.from_local`` would move a CPU shard
+    onto an accelerator mesh's device; under CPUOffloadPolicy it must stay)."""
+    spec = p._spec
+    meta = spec.tensor_meta
+    if meta is not None and meta.dtype != shard.dtype:
+        spec = DTensorSpec(spec.mesh, spec.placements,
+                           tensor_meta=TensorMeta(meta.shape, meta.stride, shard.dtype))
+    return DTensor(shard, spec, requires_grad=False)
 
 
 def _sharded_alike(t: DTensor, p: DTensor) -> bool:

@@ -32,18 +32,47 @@ from fastadam._hints import framework_hint
 __all__ = ["plain_buffers", "sorted_ranges"]
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+FLOAT16 = np.dtype(np.float16)
+# bfloat16 storage where ml_dtypes (NumPy's bfloat16, as JAX and TensorFlow use it) is not
+# installed: fastadam.torch views a torch.bfloat16 tensor's memory with it. The engine
+# only moves such arrays (copies, zeros); the kernels read them as bfloat16.
+BFLOAT16_BITS = np.dtype([("bfloat16", "<u2")])
+ELEMENT_TYPES = "float32, float64, bfloat16 or float16"
+
+
+def is_bfloat16(dtype: np.dtype) -> bool:
+    """ml_dtypes' bfloat16, or fastadam's stand-in for its bits."""
+    return dtype == BFLOAT16_BITS or (dtype.kind == "V" and dtype.itemsize == 2
+                                      and dtype.name == "bfloat16")
+
+
+def is_element_type(dtype: np.dtype) -> bool:
+    """Can the kernels store elements of this dtype?"""
+    return dtype in FLOAT_DTYPES or dtype == FLOAT16 or is_bfloat16(dtype)
+
+
+def type_name(dtype: np.dtype) -> str:
+    return "bfloat16" if is_bfloat16(dtype) else dtype.name
+
+
+def math_type(dtype: np.dtype) -> np.dtype:
+    """The type the kernels compute in for elements of ``dtype``: float64 for float64,
+    float32 for the rest (torch's opmath)."""
+    return FLOAT_DTYPES[1] if dtype == FLOAT_DTYPES[1] else FLOAT_DTYPES[0]
 MAX_STEP = 2**63 - 1  # step counts are int64 in optimizer state and in PyTorch
 MAX_THREADS = 2**31 - 1  # a C int
 
 
 class AdamBuffers(NamedTuple):
-    """Validated 1-D views of one tensor's buffers, all of one dtype and size."""
+    """Validated 1-D views of one tensor's buffers, all of one size: all of one dtype, or
+    (with ``master_param``) a 16-bit param and grad beside float32 master and state."""
 
     param: np.ndarray
     grad: np.ndarray
     exp_avg: np.ndarray
     exp_avg_sq: np.ndarray
     max_exp_avg_sq: Optional[np.ndarray]
+    master_param: Optional[np.ndarray] = None
 
 
 class Hyperparameters(NamedTuple):
@@ -67,14 +96,15 @@ class Hyperparameters(NamedTuple):
 
 
 def _describe_dtype(dtype: np.dtype) -> str:
-    if dtype.byteorder not in ("=", "|") and dtype.newbyteorder("=") in FLOAT_DTYPES:
+    if dtype.byteorder not in ("=", "|") and is_element_type(dtype.newbyteorder("=")):
         return f"{dtype.newbyteorder('=').name} in non-native byte order ({dtype.str})"
-    return dtype.name
+    return type_name(dtype)
 
 
 def as_array(obj: Any, name: str, *, writable: bool, flatten: bool = True) -> np.ndarray:
-    """A zero-copy, C-contiguous float32/float64 view of ``obj``'s memory (1-D unless
-    ``flatten=False``)."""
+    """A zero-copy, C-contiguous view of ``obj``'s memory, of an element type the kernels
+    store (float32, float64, float16; bfloat16 from ml_dtypes), 1-D unless
+    ``flatten=False``."""
     if isinstance(obj, np.ndarray):
         array = obj if type(obj) is np.ndarray else np.asarray(obj)
     else:
@@ -83,18 +113,18 @@ def as_array(obj: Any, name: str, *, writable: bool, flatten: bool = True) -> np
         except TypeError:
             raise TypeError(
                 f"{name} must be a NumPy array or an object supporting the buffer protocol "
-                f"(float32 or float64), got {type(obj).__name__}{framework_hint(obj)}"
+                f"({ELEMENT_TYPES}), got {type(obj).__name__}{framework_hint(obj)}"
             ) from None
         try:
             array = np.asarray(view)
         except (TypeError, ValueError, NotImplementedError):
             raise TypeError(
-                f"{name} must hold float32 or float64 elements, got a buffer of format "
+                f"{name} must hold {ELEMENT_TYPES} elements, got a buffer of format "
                 f"{view.format!r}"
             ) from None
-    if array.dtype not in FLOAT_DTYPES:
+    if not is_element_type(array.dtype):
         raise TypeError(
-            f"{name} must have dtype float32 or float64, got {_describe_dtype(array.dtype)}"
+            f"{name} must have dtype {ELEMENT_TYPES}, got {_describe_dtype(array.dtype)}"
         )
     flags = array.flags
     if not flags.c_contiguous:
@@ -108,7 +138,8 @@ def as_array(obj: Any, name: str, *, writable: bool, flatten: bool = True) -> np
 
 
 def check_buffers(
-    param: Any, grad: Any, exp_avg: Any, exp_avg_sq: Any, max_exp_avg_sq: Any = None
+    param: Any, grad: Any, exp_avg: Any, exp_avg_sq: Any, max_exp_avg_sq: Any = None,
+    master_param: Any = None
 ) -> AdamBuffers:
     """Coerce and cross-check one tensor's buffers (see module docstring)."""
     p = as_array(param, "param", writable=True)
@@ -117,24 +148,49 @@ def check_buffers(
         as_array(grad, "grad", writable=False),
         as_array(exp_avg, "exp_avg", writable=True),
         as_array(exp_avg_sq, "exp_avg_sq", writable=True),
+        None if max_exp_avg_sq is None else as_array(max_exp_avg_sq, "max_exp_avg_sq", writable=True),
+        None if master_param is None else as_array(master_param, "master_param", writable=True),
     ]
-    if max_exp_avg_sq is not None:
-        present.append(as_array(max_exp_avg_sq, "max_exp_avg_sq", writable=True))
-    dtype, size = p.dtype, p.size
+    check_element_types(*present)
+    size = p.size
     for name, array in zip(AdamBuffers._fields[1:], present[1:]):
-        if array.dtype != dtype:
-            raise TypeError(f"{name} must have param's dtype {dtype.name}, got {array.dtype.name}")
-        if array.size != size:
+        if array is not None and array.size != size:
             raise ValueError(f"{name} must have {size} elements like param, got {array.size}")
     # The kernel reads grad and writes the others through restrict pointers: no two
     # buffers may share memory. For contiguous buffers the bounds test is exact.
-    overlap = first_overlap(present)
+    given = [(name, a) for name, a in zip(AdamBuffers._fields, present) if a is not None]
+    overlap = first_overlap([a for _, a in given])
     if overlap is not None:
-        first, second = AdamBuffers._fields[overlap[0]], AdamBuffers._fields[overlap[1]]
+        first, second = given[overlap[0]][0], given[overlap[1]][0]
         raise ValueError(f"{second} overlaps {first} in memory; every buffer must be separate memory")
-    if max_exp_avg_sq is None:
-        present.append(None)
     return AdamBuffers(*present)
+
+
+def check_element_types(param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray,
+                        exp_avg_sq: np.ndarray, max_exp_avg_sq: Optional[np.ndarray] = None,
+                        master_param: Optional[np.ndarray] = None) -> None:
+    """The combinations of element types the kernels update (TypeError otherwise):
+    every buffer of one type (float32, float64, bfloat16 or float16); or master weights,
+    a bfloat16/float16 ``param`` with a float32 ``master_param`` and float32 state, the
+    gradient of the param's type or float32."""
+    state = [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("max_exp_avg_sq", max_exp_avg_sq)]
+    if master_param is None:
+        for name, array in [("grad", grad)] + state:
+            if array is not None and array.dtype != param.dtype:
+                raise TypeError(f"{name} must have param's dtype {type_name(param.dtype)}, got "
+                                f"{type_name(array.dtype)}")
+        return
+    if param.itemsize != 2:
+        raise TypeError(f"master_param is for a bfloat16 or float16 param (the model's copy), "
+                        f"got a {type_name(param.dtype)} param: a float32 or float64 param is "
+                        "its own master")
+    for name, array in [("master_param", master_param)] + state:
+        if array is not None and array.dtype != FLOAT_DTYPES[0]:
+            raise TypeError(f"{name} must be float32 with master_param (the master copy and "
+                            f"its state), got {type_name(array.dtype)}")
+    if grad.dtype != param.dtype and grad.dtype != FLOAT_DTYPES[0]:
+        raise TypeError(f"grad must have param's dtype {type_name(param.dtype)} or be float32, "
+                        f"got {type_name(grad.dtype)}")
 
 
 def check_rows(rows: Any, n_rows: int, name: str = "rows") -> np.ndarray:
@@ -190,11 +246,14 @@ def check_row_grad(param: np.ndarray, rows: Any, values: Any, name: str, rows_na
     if param.ndim == 0:
         raise ValueError(f"{name} is row-sparse, which needs a param with rows (its first "
                          "axis), got a 0-d param")
+    if param.itemsize == 2:
+        raise TypeError(f"{name} is row-sparse, which fastadam updates for float32 and float64 "
+                        f"params, got a {type_name(param.dtype)} param")
     indices = check_rows(rows, param.shape[0], rows_name)
     array = as_array(values, values_name, writable=False, flatten=False)
     if array.dtype != param.dtype:
-        raise TypeError(f"{values_name} must have the param's dtype {param.dtype.name}, got "
-                        f"{array.dtype.name}")
+        raise TypeError(f"{values_name} must have the param's dtype {type_name(param.dtype)}, "
+                        f"got {type_name(array.dtype)}")
     expected = (indices.size,) + param.shape[1:]
     count = indices.size * (param.size // param.shape[0] if param.shape[0] else 0)
     # a flat buffer (array.array, a 1-D memoryview) of exactly the rows' elements is fine too
@@ -223,7 +282,8 @@ def check_row_buffers(
     names = ["param", "grad_rows", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
     for name, array in zip(names[2:], present[2:]):
         if array.dtype != p.dtype:
-            raise TypeError(f"{name} must have param's dtype {p.dtype.name}, got {array.dtype.name}")
+            raise TypeError(f"{name} must have param's dtype {type_name(p.dtype)}, got "
+                            f"{type_name(array.dtype)}")
         if array.size != p.size:
             raise ValueError(f"{name} must have {p.size} elements like param (laid out like "
                              f"its rows), got {array.size}")
@@ -410,7 +470,7 @@ def check_element_type_range(hp: Any, dtypes: Any, name: str = "", step: int = 1
     decay = lr * hp.weight_decay if hp.decoupled_weight_decay else hp.weight_decay
     largest_input = max(coefficient, decay, eps, eps_root)
     for dtype in dtypes:
-        r = _RANGES[dtype]
+        r = _RANGES[math_type(dtype)]
         if (largest_input <= r.max and not 0.0 < eps <= r.rounds_to_zero
                 and not 0.0 < eps_root <= r.rounds_to_zero):
             continue  # the common case, without building any message
@@ -439,7 +499,7 @@ def check_grad_scale_range(scale: float, dtypes: Any, name: str = "grad_scale") 
     """``grad_scale`` must be a normal number of every element type it divides (see
     :func:`check_element_type_range`)."""
     for dtype in dtypes:
-        r = _RANGES[dtype]
+        r = _RANGES[math_type(dtype)]
         if not r.tiny <= scale <= r.max:
             raise ValueError(f"{name} must be a normal number of {r.name}, the gradients' element "
                              f"type (between {r.tiny:.7g} and {r.max:.7g}), got {scale!r}")
@@ -510,6 +570,14 @@ def check_params(params: list, name: str) -> list:
     return arrays
 
 
+def check_master_weights(arrays: Any, names: Any) -> None:
+    """Master weights are for bfloat16 and float16 params (TypeError otherwise)."""
+    for array, name in zip(arrays, names):
+        if array.itemsize != 2:
+            raise TypeError(f"master_weights is for bfloat16 and float16 params, but {name} is "
+                            f"{type_name(array.dtype)}: a float32 or float64 param is its own master")
+
+
 def check_no_overlap(arrays: list, names: list) -> None:
     overlap = first_overlap(arrays)
     if overlap is not None:
@@ -517,6 +585,16 @@ def check_no_overlap(arrays: list, names: list) -> None:
             f"{names[overlap[1]]} overlaps {names[overlap[0]]} in memory; every parameter must "
             "be separate memory (the same parameter given twice?)"
         )
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    """A seed of stochastic rounding: an int in the int64 range."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    seed = operator.index(value)
+    if not -2**63 <= seed < 2**63:
+        raise ValueError(f"{name} must fit in an int64, got {seed}")
+    return seed
 
 
 def check_step_count(value: Any, name: str) -> int:
@@ -605,8 +683,8 @@ def check_grads(grads: Any, params: list, written: np.ndarray, names: Optional[l
             continue
         array = as_array(grad, name, writable=False, flatten=False)
         if array.dtype != param.dtype:
-            raise TypeError(f"{name} must have the dtype of params[{i}] ({param.dtype.name}), "
-                            f"got {array.dtype.name}")
+            raise TypeError(f"{name} must have the dtype of params[{i}] "
+                            f"({type_name(param.dtype)}), got {type_name(array.dtype)}")
         if array.shape != param.shape:
             raise ValueError(f"{name} must have the shape of params[{i}] {param.shape}, got {array.shape}")
         if overlaps(written, array):

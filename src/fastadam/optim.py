@@ -40,8 +40,10 @@ from fastadam._validation import (
     check_grad_scale_range,
     check_group_hyperparameters,
     check_params,
+    check_seed,
     check_sequence,
     check_step_count,
+    type_name,
 )
 
 LearningRate = Union[float, Callable[[int], float]]
@@ -76,6 +78,14 @@ class Adam:
         As in :func:`fastadam.adam_step` (each may differ per group).
     num_threads : int, optional
         OpenMP threads for each step; None follows :func:`fastadam.get_num_threads`.
+    master_weights : bool
+        For bfloat16/float16 params: keep a float32 master copy of each (``master_param``
+        in its state, taken from the param when the optimizer is built) and float32
+        moments; each step updates the master and writes the param rounded to nearest
+        even, in one pass. Gradients come in the param's type.
+    stochastic_rounding, seed
+        Round bfloat16 params (without master weights) stochastically, reproducibly for
+        a given ``seed`` (see :func:`fastadam.adam_step`).
 
     Attributes
     ----------
@@ -114,6 +124,9 @@ class Adam:
         *,
         decoupled_weight_decay: bool = False,
         numerics: str = "exact",
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
     ) -> None:
         self.defaults: Dict[str, Any] = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -128,6 +141,9 @@ class Adam:
         self.param_groups: List[Dict[str, Any]] = []
         self.skipped_steps = 0
         self.engine = Engine()
+        self.master_weights = check_flag(master_weights, "master_weights")
+        if check_flag(stochastic_rounding, "stochastic_rounding"):
+            self.engine.rounding_seed = check_seed(seed)
         self._group_params: List[tuple] = []  # each group's params tuple, to detect edits
 
         params = check_sequence(params, "params", "buffers or of param-group dicts "
@@ -195,7 +211,8 @@ class Adam:
         group["params"] = params
         group["betas"] = tuple(group["betas"])
         names = [f"{name}['params'][{i}]" for i in range(len(arrays))]
-        added = self.engine.add(arrays, index, names)  # refuses overlap with params and state
+        # refuses overlap with params and state, and master weights of other than 16-bit params
+        added = self.engine.add(arrays, index, names, master=self.master_weights)
         self.engine.allocate(added)  # moments from the start (AMSGrad's on first use)
         self.param_groups.append(group)
         self._group_params.append(params)
@@ -357,10 +374,14 @@ class Adam:
             for key in STATE_KEYS:
                 if key not in entry:
                     continue
+                if key == "master_param" and not self.engine.master[i]:
+                    raise ValueError(f"{name} has a 'master_param', but the optimizer keeps no "
+                                     "master weights (master_weights=False)")
                 array = np.asarray(entry[key])
-                if array.dtype != param.dtype:
-                    raise ValueError(f"{name}['{key}'] has dtype {array.dtype}, parameter {i} has "
-                                     f"{param.dtype}")
+                expected = self.engine.state_dtype(i)
+                if array.dtype != expected:
+                    raise ValueError(f"{name}['{key}'] has dtype {type_name(array.dtype)}, "
+                                     f"parameter {i}'s state has {type_name(expected)}")
                 if array.shape != param.shape:
                     raise ValueError(f"{name}['{key}'] has shape {array.shape}, parameter {i} has "
                                      f"{param.shape}")
@@ -390,6 +411,11 @@ class AdamW(Adam):
         num_threads: Optional[int] = None,
         *,
         numerics: str = "exact",
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize, eps_hat,
-                         eps_root, num_threads, decoupled_weight_decay=True, numerics=numerics)
+                         eps_root, num_threads, decoupled_weight_decay=True, numerics=numerics,
+                         master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+                         seed=seed)

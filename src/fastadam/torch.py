@@ -1,7 +1,8 @@
 """PyTorch front end: ``fastadam.torch.Adam`` and ``fastadam.torch.AdamW``.
 
 Drop-in ``torch.optim.Optimizer`` subclasses with torch's signatures and defaults. Each
-``step()`` hands every CPU float32/float64 parameter that has a gradient to fastadam's
+``step()`` hands every CPU float32/float64/bfloat16/float16 parameter that has a gradient
+to fastadam's
 engine in ONE call (all groups, one OpenMP team, GIL released), zero-copy. The adapter
 computes no Adam math and keeps no state of its own: parameters are registered with the
 engine (fastadam._engine) as views of their memory, and ``opt.state`` shows the engine's
@@ -41,14 +42,22 @@ SparseAdam the update is Adam's full one (weight decay, AMSGrad, maximize) in th
 paper's epsilon form, as for dense gradients; SparseAdam adds eps to the un-corrected
 sqrt(v), so the two agree exactly in the math for eps=0 and differ by O(eps) otherwise.
 
+16-bit parameters: bfloat16 and float16 parameters are updated as torch's fused Adam does
+(state of the parameter's type, math in float32, rounded to nearest even), bit for bit.
+``master_weights=True`` keeps a float32 master copy of each (``opt.state[p]
+["master_param"]``) with float32 moments instead: each step updates the master and writes
+the parameter rounded in the same pass, bit-identical to float32 Adam on ``grad.float()``
+followed by ``p.copy_(master)``. ``stochastic_rounding=True`` (with ``seed``) rounds
+bfloat16 parameters without a master stochastically, reproducibly.
+
 DTensor parameters (FSDP2's ``fully_shard``, on a CPU device mesh or with
 ``CPUOffloadPolicy``): each rank's local shard is updated in place with its local shard of
 the gradient, in the same one engine call per step, and the state is shown as DTensors
 sharded like the parameter, so ``torch.distributed.checkpoint`` saves, loads and re-shards
 it (fastadam._torch_dtensor; docs/guide/fsdp2.md). A step communicates nothing.
 
-Differences from torch, by design: parameters must be CPU float32/float64 tensors
-(anything else is a TypeError naming the parameter); ``capturable=True`` and
+Differences from torch, by design: parameters must be CPU float32/float64/bfloat16/float16
+(or complex) tensors (anything else is a TypeError naming the parameter); ``capturable=True`` and
 ``differentiable=True`` are refused (they concern CUDA graphs and autograd through the
 step); ``foreach`` and ``fused`` are accepted and change nothing. With ``grad_scale``
 (as ``torch.amp.GradScaler`` passes it) the gradients are divided inside the kernel and
@@ -82,18 +91,22 @@ from fastadam._engine import STATE_KEYS, Engine
 from fastadam._threads import NumThreadsAttribute
 from fastadam._torch_gather import Gather
 from fastadam._validation import (
+    BFLOAT16_BITS,
     Hyperparameters,
     check_call_hyperparameters,
     check_element_type_range,
     check_grad_scale_range,
     check_group_hyperparameters,
+    check_flag,
     check_numerics,
+    check_seed,
     check_step_count,
 )
 
 __all__ = ["Adam", "AdamW", "UnsupportedParameter", "default_numerics"]
 
-SUPPORTED_DTYPES = (torch.float32, torch.float64)
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+HALF_DTYPES = (torch.bfloat16, torch.float16)  # may have master weights
 # Updated as pairs of reals (torch.view_as_real), as torch's Adam does.
 COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 # What torch.optim.Adam's __setstate__ fills in for groups saved before a key existed.
@@ -220,6 +233,9 @@ class Adam(Optimizer):
         decoupled_weight_decay: bool = False,
         num_threads: Optional[int] = None,
         numerics: Optional[str] = None,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
     ) -> None:
         _check_arguments_like_torch(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -228,6 +244,9 @@ class Adam(Optimizer):
             decoupled_weight_decay=decoupled_weight_decay)
         self.numerics = default_numerics() if numerics is None else numerics
         check_numerics(self.numerics, 0.0)
+        self.master_weights = check_flag(master_weights, "master_weights")
+        self.rounding_seed = (check_seed(seed)
+                              if check_flag(stochastic_rounding, "stochastic_rounding") else None)
         if capturable:
             raise ValueError("capturable=True is for CUDA graph capture; fastadam.torch updates "
                              "CPU tensors (use torch.optim.Adam for GPU parameters)")
@@ -259,8 +278,12 @@ class Adam(Optimizer):
             check_group_hyperparameters(_fastadam_group(candidate, self.numerics),
                                         f"param_groups[{index}]", 1)
             super().add_param_group(param_group)
-            try:  # a float16 or GPU parameter fails here, named, not at the first step()
-                check_torch_params(self.param_groups[-1], index, SUPPORTED_DTYPES + COMPLEX_DTYPES)
+            try:  # an int8 or sparse parameter fails here, named, not at the first step()
+                check_torch_params(self.param_groups[-1], index,
+                                   HALF_DTYPES if self.master_weights
+                                   else SUPPORTED_DTYPES + COMPLEX_DTYPES,
+                                   "master_weights=True keeps float32 masters of bfloat16 and "
+                                   "float16 parameters" if self.master_weights else "")
                 _check_one_kind(self.param_groups)
             except TypeError:
                 self.param_groups.pop()  # a rejected call changes nothing
@@ -293,13 +316,16 @@ class Adam(Optimizer):
         # the copy's state tensors are its own (deepcopy/pickle copy them), so the copy
         # registers them with an engine of its own on its first step.
         return {**super().__getstate__(), "_num_threads": self._num_threads,
-                "numerics": self.numerics}
+                "numerics": self.numerics, "master_weights": self.master_weights,
+                "rounding_seed": self.rounding_seed}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         self._lock = threading.RLock()  # a lock is never copied: each copy has its own
         self.__dict__.setdefault("_num_threads", None)
         self.__dict__.setdefault("numerics", default_numerics())
+        self.__dict__.setdefault("master_weights", False)
+        self.__dict__.setdefault("rounding_seed", None)
         self.state = _StateTable(self.state)
         self._front = None
         self._recent = []
@@ -383,25 +409,31 @@ class AdamW(Adam):
         fused: Optional[bool] = None,
         num_threads: Optional[int] = None,
         numerics: Optional[str] = None,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable, differentiable=differentiable,
                          fused=fused, decoupled_weight_decay=True, num_threads=num_threads,
-                         numerics=numerics)
+                         numerics=numerics, master_weights=master_weights,
+                         stochastic_rounding=stochastic_rounding, seed=seed)
 
 
 class _Registry:
     """The optimizer's parameters as the engine's tensors: what this front end maps
     between torch's objects and the engine's inputs (and nothing else).
 
-    Every parameter of every group that the engine can update (a dense CPU float32/
-    float64 tensor) is registered at construction, in group order; the others are
+    Every parameter of every group that the engine can update (a dense CPU float32,
+    float64, bfloat16 or float16 tensor) is registered at construction, in group order
+    (with the optimizer's master weights and rounding); the others are
     checked at each step and refused once they have a gradient. State is created by
     the engine on a tensor's first gradient and shown in ``opt.state`` as torch views.
     """
 
     def __init__(self, opt: Adam) -> None:
         self.engine = Engine()
+        self.engine.rounding_seed = opt.rounding_seed
         # What the engine updates: each parameter, or a DTensor parameter's local shard.
         self.params: List[torch.Tensor] = []
         # The parameters as the user gave them: the keys of opt.state, the holders of .grad.
@@ -428,7 +460,7 @@ class _Registry:
                     self.unregistered.append((name, p))
             first = len(self.params)
             self.engine.add([self._engine_view_of(first + k, _local(p))
-                             for k, p in enumerate(tensors)], g, names)
+                             for k, p in enumerate(tensors)], g, names, master=opt.master_weights)
             self.params += [_local(p) for p in tensors]
             self.owners += tensors
             self.names += names
@@ -648,12 +680,16 @@ class _Registry:
             if value.shape != p.shape:
                 raise ValueError(f"{name}['{key}'] has shape {tuple(value.shape)}, the parameter "
                                  f"has {tuple(p.shape)}")
-            arrays[key] = value.detach().to(device="cpu", dtype=p.dtype).contiguous()
+            arrays[key] = value.detach().to(device="cpu", dtype=self._state_dtype(i, p)).contiguous()
         if not {"exp_avg", "exp_avg_sq"} <= set(arrays):
             raise ValueError(f"{name} must have 'exp_avg' and 'exp_avg_sq' tensors")
         self.engine.load(i, step, _in_memory_order(arrays, p))
         self.published.pop(i, None)
         self.published_generation = -1
+
+    def _state_dtype(self, i: int, p: torch.Tensor) -> torch.dtype:
+        """The dtype of parameter i's state: float32 with a master copy, else p's."""
+        return torch.float32 if self.engine.master[i] else p.dtype
 
     # --- showing the engine's state in opt.state -------------------------------------
 
@@ -754,8 +790,8 @@ def _refusal(p: Any, name: str) -> Optional[Exception]:
                                     f"tensors only ({torch_says})")
     if p.dtype not in SUPPORTED_DTYPES + COMPLEX_DTYPES:
         return UnsupportedParameter(
-            f"{name} has dtype {p.dtype}; fastadam.torch updates float32, float64, complex64 "
-            f"and complex128 parameters ({torch_says})")
+            f"{name} has dtype {p.dtype}; fastadam.torch updates float32, float64, bfloat16, "
+            f"float16, complex64 and complex128 parameters ({torch_says})")
     if p.layout != torch.strided:
         return UnsupportedParameter(f"{name} has layout {p.layout}; fastadam.torch updates "
                                     "dense (strided) parameters")
@@ -794,18 +830,25 @@ def _real(t: torch.Tensor) -> torch.Tensor:
 
 def _engine_view(t: torch.Tensor) -> np.ndarray:
     """The NumPy view the engine takes of a dense tensor (a complex one as pairs of
-    reals): the tensor itself when it is contiguous (row-sparse gradients need its
-    rows), else its memory in memory order (1-D; its state and gradient are then laid
-    out the same way)."""
+    reals; a bfloat16 one with fastadam's bfloat16 stand-in dtype, NumPy having none):
+    the tensor itself when it is contiguous (row-sparse gradients need its rows), else
+    its memory in memory order (1-D; its state and gradient are then laid out the same
+    way)."""
     t = _real(t.detach())
-    if t.is_contiguous():
-        return t.numpy()
-    return t.as_strided((t.numel(),), (1,)).numpy()
+    if not t.is_contiguous():
+        t = t.as_strided((t.numel(),), (1,))
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(BFLOAT16_BITS)
+    return t.numpy()
 
 
 def _torch_view(array: np.ndarray, p: torch.Tensor) -> torch.Tensor:
-    """The engine's 1-D state of ``p`` as a torch tensor of p's dtype, shape and strides."""
-    flat = torch.from_numpy(array)
+    """The engine's 1-D state of ``p`` as a torch tensor of p's shape and strides (and
+    of the state's dtype: p's, or float32 for a master copy and its moments)."""
+    if array.dtype == BFLOAT16_BITS:
+        flat = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    else:
+        flat = torch.from_numpy(array)
     strides = _state_strides(p)
     if not p.is_complex():
         return flat.view(p.shape) if p.is_contiguous() else flat.as_strided(p.shape, strides)
@@ -819,6 +862,6 @@ def _in_memory_order(arrays: Dict[str, torch.Tensor], p: torch.Tensor) -> Dict[s
     out = {}
     for key, tensor in arrays.items():
         if not p.is_contiguous():
-            tensor = torch.empty_strided(p.shape, _state_strides(p), dtype=p.dtype).copy_(tensor)
+            tensor = torch.empty_strided(p.shape, _state_strides(p), dtype=tensor.dtype).copy_(tensor)
         out[key] = _engine_view(tensor)
     return out

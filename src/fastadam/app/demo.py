@@ -25,8 +25,9 @@ from typing import Any, ContextManager, Optional, TextIO, Tuple
 import numpy as np
 
 import fastadam
-from fastadam.bench import NumpyAdam, positive_int
-from fastadam.datasets import DownloadError, load_fashion_mnist, search_dirs
+from fastadam.app.cli import positive_int
+from fastadam.app.datasets import DownloadError, load_fashion_mnist, search_dirs
+from fastadam.app.timing import NumpyAdam
 
 Data = Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 

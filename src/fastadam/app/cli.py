@@ -1,4 +1,4 @@
-"""The ``fastadam`` command (also ``python -m fastadam``).
+"""The ``fastadam`` command (also ``python -m fastadam``): the entry point of the app.
 
     fastadam demo      train a NumPy-only MLP on Fashion-MNIST with fastadam.Adam
     fastadam bench     a quick speed table on this machine (under a minute)
@@ -32,8 +32,16 @@ Each command has its own options: fastadam demo --help, fastadam bench --help.
 The documentation (docs/ in the source tree) covers the Python API."""
 
 
+def positive_int(text: str) -> int:
+    """An argparse type the subcommands share: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from fastadam import bench, demo
+    from fastadam.app import bench, demo
 
     parser = argparse.ArgumentParser(
         prog="fastadam", description="fastadam: the fast, exact Adam optimizer for the CPU.",
@@ -58,11 +66,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "demo":
-            from fastadam import demo
+            from fastadam.app import demo
 
             demo.run(args)
         elif args.command == "bench":
-            from fastadam import bench
+            from fastadam.app import bench
 
             bench.run(args)
         elif args.command == "config":

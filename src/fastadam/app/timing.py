@@ -1,0 +1,112 @@
+"""Timing Adam implementations on this machine: the helpers ``fastadam bench`` and the
+scripts in benchmarks/ share.
+
+:func:`measure` runs several implementations interleaved, repeat by repeat, and reports
+medians, so a noisy shared machine disturbs them alike. :class:`NumpyAdam` is the in-place
+NumPy baseline; :func:`fastadam_runner` and :func:`torch_runner` wrap one tensor's step of
+fastadam and of torch.optim.Adam as calls without arguments.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+import fastadam
+
+LR, BETA1, BETA2, EPS = 1e-3, 0.9, 0.999, 1e-8
+STREAMS = 7  # 4 read + 3 written per element
+
+
+class NumpyAdam:
+    """A careful in-place NumPy Adam of one tensor: no allocation per step (one scratch
+    buffer). Each call is one step with the current contents of ``grad``."""
+
+    def __init__(self, param, grad, m, v, lr=LR):
+        self.p, self.g, self.m, self.v = param, grad, m, v
+        self.tmp = np.empty_like(param)
+        self.step = 0
+        self.lr = lr
+
+    def __call__(self):
+        self.step += 1
+        bc1, bc2 = 1 - BETA1**self.step, 1 - BETA2**self.step
+        p, g, m, v, tmp = self.p, self.g, self.m, self.v, self.tmp
+        m *= BETA1
+        np.multiply(g, 1 - BETA1, out=tmp)
+        m += tmp
+        v *= BETA2
+        np.multiply(g, g, out=tmp)
+        tmp *= 1 - BETA2
+        v += tmp
+        np.sqrt(v, out=tmp)
+        tmp /= math.sqrt(bc2)
+        tmp += EPS
+        np.divide(m, tmp, out=tmp)
+        tmp *= -self.lr / bc1
+        p += tmp
+
+
+def fastadam_runner(param, grad, m, v, threads):
+    state = {"step": 0}
+
+    def run():
+        state["step"] += 1
+        fastadam.adam_step(param, grad, m, v, step=state["step"], lr=LR, num_threads=threads)
+
+    return run
+
+
+def torch_runner(param, grad, threads, fused=True):
+    import torch
+
+    tensor = torch.nn.Parameter(torch.from_numpy(param))
+    tensor.grad = torch.from_numpy(grad)
+    opt = torch.optim.Adam([tensor], lr=LR, fused=fused)
+
+    def run():
+        torch.set_num_threads(threads)
+        opt.step()
+
+    return run
+
+
+def make_buffers(size, dtype, seed=0) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(param, grad, exp_avg, exp_avg_sq) of one tensor."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(size).astype(dtype), rng.standard_normal(size).astype(dtype),
+            np.zeros(size, dtype), np.zeros(size, dtype))
+
+
+def calibrate(run: Callable[[], None], target_s: float) -> int:
+    """Calls per timed sample so that one sample lasts about target_s."""
+    run()
+    start = time.perf_counter()
+    run()
+    once = max(time.perf_counter() - start, 1e-7)
+    return max(1, int(target_s / once))
+
+
+def measure(runners: Dict[str, Callable[[], None]], repeats: int, target_s: float,
+            setups: Optional[Dict[str, Callable[[], None]]] = None) -> Dict[str, float]:
+    """Median seconds per call of each runner, interleaved repeat by repeat.
+
+    ``setups[name]``, if given, runs (untimed) before each of that runner's samples."""
+    setups = setups or {}
+    loops = {}
+    for name, run in runners.items():
+        setups.get(name, lambda: None)()
+        loops[name] = calibrate(run, target_s)
+    samples: Dict[str, List[float]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            setups.get(name, lambda: None)()
+            start = time.perf_counter()
+            for _ in range(loops[name]):
+                run()
+            samples[name].append((time.perf_counter() - start) / loops[name])
+    return {name: statistics.median(values) for name, values in samples.items()}
