@@ -18,6 +18,7 @@ if not (torch.distributed.is_available() and torch.distributed.is_gloo_available
 
 WORKER = Path(__file__).with_name("fsdp2_worker.py")
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guide" / "fsdp2.md"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fsdp2_offload.py"
 pytestmark = pytest.mark.slow  # each run starts 2 or 3 processes that import torch
 
 
@@ -63,16 +64,30 @@ def test_bad_input_raises_the_same_error_on_every_rank(tmp_path):
     run_worker(2, "refusals", tmp_path)
 
 
+def torchrun(*args, cwd):
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc-per-node", "2", *map(str, args)], cwd=cwd, env=environment(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
 @pytest.mark.skipif(not GUIDE.exists(), reason="not a source checkout")
 def test_the_guides_example_runs_under_torchrun_as_pasted(tmp_path):
     text = GUIDE.read_text()
     script = text.split("```python\n", 1)[1].split("```", 1)[0]
     (tmp_path / "train.py").write_text(script)
-    env = environment()
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc-per-node", "2", "train.py"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = torchrun("train.py", cwd=tmp_path)
     for rank in (0, 1):
         assert f"rank {rank}: loss" in result.stdout
     assert (tmp_path / "checkpoint" / ".metadata").exists()
+
+
+@pytest.mark.skipif(not EXAMPLE.exists(), reason="not a source checkout")
+def test_the_gpt2_shaped_example_learns_under_torchrun_quick(tmp_path):
+    out = torchrun(EXAMPLE, "--quick", cwd=tmp_path).stdout
+    for rank in (0, 1):
+        line = next(line for line in out.splitlines() if line.startswith(f"rank {rank}: fastadam"))
+        first, last = (float(x) for x in line.split("loss ")[1].split(";")[0].split(" -> "))
+        assert last < first, line
+        assert "GB/s" in line
