@@ -21,7 +21,7 @@ checks here look at where the local tensors are, not at the mesh's device type, 
 state's DTensors are built on the parameter's own spec (as FSDP2 builds its own), never
 moved to the mesh's device: the same code path serves that case.
 
-Imported by fastadam.torch only once it meets a tensor subclass (this imports
+Imported by fastadam.torch only once it meets a DTensor (this imports
 ``torch.distributed``).
 """
 
