@@ -117,7 +117,7 @@ def restore_levels():
 QUICK_MODULES = {
     "test_kernels.py", "test_validation.py", "test_optim.py", "test_buffers.py",
     "test_schedules.py", "test_flat.py", "test_checkpoint.py", "test_torch_adapter.py",
-    "test_keras_adapter.py", "test_hints.py",
+    "test_keras_adapter.py", "test_hints.py", "test_low_precision.py",
 }
 # 1000003-element buffers for every option: the bulk of test_kernels' time; the same
 # options run on small buffers in the quick set, and the chunking on large ones in full.

@@ -25,7 +25,7 @@ def run_block(code, cwd, name):
     """Run a code block as a user would paste it: a fresh interpreter, in an empty
     directory, without this test session's KERAS_BACKEND; skip it when it imports an
     optional package that is not installed."""
-    for module in ("torch", "keras", "mpi4py"):
+    for module in ("torch", "keras", "mpi4py", "transformers", "lightning", "timm"):
         if re.search(rf"^\s*(import|from) {module}\b", code, flags=re.M) and \
                 importlib.util.find_spec(module) is None:
             pytest.skip(f"{name} needs {module}, which is not installed")
@@ -40,11 +40,18 @@ def run_block(code, cwd, name):
     return result.stdout
 
 
-def test_readme_has_numpy_pytorch_and_keras_examples():
+def test_readme_has_numpy_pytorch_keras_and_mixed_precision_examples():
     blocks = python_blocks(README)
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     assert "import fastadam\n" in blocks[0] and "import fastadam.torch" in blocks[1]
     assert "import fastadam.keras" in blocks[2]
+    assert "master_weights=True" in blocks[3]
+
+
+def test_readme_mixed_precision_example_learns(tmp_path):
+    out = run_block(python_blocks(README)[3], tmp_path, "README's mixed-precision example")
+    assert float(out.split("loss ")[1].split()[0]) < 0.1
+    assert out.strip().endswith("torch.float32")
 
 
 def test_readme_numpy_example_learns(tmp_path):
@@ -96,6 +103,20 @@ def test_ci_runs_the_full_suite_line_of_readme():
                  if re.match(r"^pip install .*pytest", line))
     assert first.endswith("python -m pytest") and "mpi4py" in first
     assert "-m quick" in ci  # and it refuses a quick line, should the order change
+
+
+def test_the_full_test_line_installs_the_frameworks_beside_the_torch_it_names():
+    # issue 18: transformers' accelerate and lightning require torch; unconstrained, pip
+    # would replace the torch the line names by its newest release, a CUDA build with
+    # gigabytes of nvidia-* wheels. The constraints file pins the same torch.
+    first = next(line for line in README.read_text().splitlines()
+                 if re.match(r"^pip install .*pytest", line))
+    assert re.search(r'"\.\[[\w,]*integrations[\w,]*\]"', first)
+    assert " -c constraints/torch-cpu.txt " in first
+    named = re.search(r"\btorch==(\S+)", first).group(1)
+    pins = [line for line in (ROOT / "constraints" / "torch-cpu.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    assert pins == [f"torch=={named}"]
 
 
 def test_reliability_md_names_tests_that_exist():

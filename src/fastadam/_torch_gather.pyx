@@ -41,9 +41,14 @@ cdef class Gather:
     cdef int64_t[::1] addresses
     cdef int64_t[::1] sizes
     cdef object tensor_type
+    cdef tuple own_keys
 
     def __init__(self, list params, list dtypes, list shapes, list strides, addresses, sizes,
-                 tensor_type):
+                 tensor_type, tuple own_keys=()):
+        # own_keys: every key fastadam may publish in an entry; an entry may hold other
+        # keys besides (other code's: timm's Lookahead keeps its slow weights there), but
+        # none of these that was not published.
+        self.own_keys = own_keys
         self.params = params
         self.dtypes = dtypes
         self.shapes = shapes
@@ -89,21 +94,25 @@ cdef class Gather:
             except Exception:  # a sparse gradient has no strides: the general path
                 return i, active
             entry = self.published[i]
-            if entry is not None and not _holds(entry):
+            if entry is not None and not _holds(entry, self.own_keys):
                 return i, active
             active += self.sizes[i]
         return -1, active
 
 
-cdef bint _holds(tuple entry) except -1:
-    """Does the dict entry[0] still hold exactly the tensors entry[2:] under the keys
-    entry[1]?"""
+cdef bint _holds(tuple entry, tuple own_keys) except -1:
+    """Does the dict entry[0] still hold the tensors entry[2:] under the keys entry[1],
+    and no key of own_keys besides them?"""
     cdef dict state = entry[0]
     cdef tuple keys = entry[1]
     cdef Py_ssize_t k
     cdef PyObject* value
     if len(state) != len(keys):
-        return False
+        if len(state) < len(keys):
+            return False
+        for key in own_keys:  # other code's keys are allowed; an own one not published is not
+            if key not in keys and key in state:
+                return False
     for k in range(len(keys)):
         value = PyDict_GetItem(state, keys[k])
         if value == NULL or <object>value is not entry[k + 2]:

@@ -23,6 +23,7 @@ from typing import Any, Dict
 import numpy as np
 
 from fastadam._npz import PathLike, read_npz, write_npz_atomically
+from fastadam._validation import BFLOAT16_BITS, is_bfloat16
 from fastadam.optim import Adam
 
 __all__ = ["load", "save"]
@@ -57,11 +58,16 @@ def save(opt: Adam, path: PathLike) -> None:
     state_dict = opt.state_dict()
     arrays: Dict[str, np.ndarray] = {}
     steps = {}
+    bfloat16 = []  # NumPy's format has no bfloat16: such arrays are stored as their bits
     for i, entry in state_dict["state"].items():
         steps[str(i)] = entry["step"]
         for key, value in entry.items():
             if key != "step":
-                arrays[f"state/{i}/{key}"] = value
+                name = f"state/{i}/{key}"
+                if is_bfloat16(value.dtype):
+                    value = value.view(np.uint16)
+                    bfloat16.append(name)
+                arrays[name] = value
     header = {
         "format": FORMAT,
         "version": VERSION,
@@ -69,6 +75,7 @@ def save(opt: Adam, path: PathLike) -> None:
             {**hyperparameters_to_json(g), "params": g["params"]} for g in state_dict["param_groups"]
         ],
         "steps": steps,
+        "bfloat16": bfloat16,
     }
     write_npz_atomically(path, header, arrays)
 
@@ -97,6 +104,16 @@ def load(opt: Adam, path: PathLike) -> None:
         raise ValueError(f"{path} has a malformed fastadam header ({exc})") from None
 
 
+def _bfloat16_dtype() -> np.dtype:
+    """NumPy's bfloat16 (ml_dtypes, which bfloat16 arrays given to fastadam.Adam come
+    from), else fastadam's stand-in for its bits."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return BFLOAT16_BITS
+    return np.dtype(ml_dtypes.bfloat16)
+
+
 def state_dict_from_archive(opt: Adam, header: Dict[str, Any], arrays: Dict[str, np.ndarray],
                             path: str) -> Dict[str, Any]:
     """The state dict for ``opt.load_state_dict`` that a checkpoint's header and arrays
@@ -113,9 +130,11 @@ def state_dict_from_archive(opt: Adam, header: Dict[str, Any], arrays: Dict[str,
         state: Dict[int, Dict[str, Any]] = {}
         for index, step in header["steps"].items():
             state[int(index)] = {"step": step}
+        bfloat16 = set(header.get("bfloat16", ()))
         for name, array in arrays.items():
             _, index, key = name.split("/")
-            state[int(index)][key] = array
+            state[int(index)][key] = (array.view(_bfloat16_dtype())
+                                      if name in bfloat16 and array.dtype == np.uint16 else array)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         raise ValueError(f"{path} has a malformed fastadam header ({exc!r})") from None
     return {"state": state, "param_groups": groups}

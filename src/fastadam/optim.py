@@ -371,12 +371,12 @@ class Adam:
             if not isinstance(entry, Mapping) or not {"step", "exp_avg", "exp_avg_sq"} <= set(entry):
                 raise ValueError(f"{name} must have 'step', 'exp_avg' and 'exp_avg_sq'")
             staged: Dict[str, Any] = {"step": check_step_count(entry["step"], f"{name}['step']")}
+            if "master_param" in entry and not self.engine.master[i]:
+                raise ValueError(f"{name} has a 'master_param', but the optimizer keeps no "
+                                 "master weights (master_weights=False)")
             for key in STATE_KEYS:
                 if key not in entry:
                     continue
-                if key == "master_param" and not self.engine.master[i]:
-                    raise ValueError(f"{name} has a 'master_param', but the optimizer keeps no "
-                                     "master weights (master_weights=False)")
                 array = np.asarray(entry[key])
                 expected = self.engine.state_dtype(i)
                 if array.dtype != expected:

@@ -110,6 +110,8 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)  # may have master weights
 # Updated as pairs of reals (torch.view_as_real), as torch's Adam does.
 COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 # What torch.optim.Adam's __setstate__ fills in for groups saved before a key existed.
+# The keys of a parameter's opt.state entry that fastadam publishes and adopts.
+OWN_KEYS = ("step",) + STATE_KEYS
 GROUP_DEFAULTS = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
                   "differentiable": False, "fused": None, "decoupled_weight_decay": False}
 
@@ -294,6 +296,8 @@ class Adam(Optimizer):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         with self._lock:
             super().load_state_dict(state_dict)
+            if self.master_weights:
+                self._keep_float32_state(state_dict)
             # torch keeps the loaded tensors themselves (no copy when dtype and device
             # match): take a snapshot, so the source's later steps cannot leak in. The
             # next step copies the values into the engine.
@@ -301,6 +305,19 @@ class Adam(Optimizer):
                 if isinstance(state, dict):
                     self.state[key] = {k: v.clone() if isinstance(v, torch.Tensor) else v
                                        for k, v in state.items()}
+
+    def _keep_float32_state(self, state_dict: Dict[str, Any]) -> None:
+        """Undo torch's cast of loaded state to each parameter's dtype (bfloat16 here):
+        master weights and their moments are float32, and must load bit for bit."""
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if not isinstance(saved, dict) or not isinstance(self.state.get(p), dict):
+                continue
+            for key in STATE_KEYS:
+                if isinstance(saved.get(key), torch.Tensor):
+                    self.state[p][key] = saved[key].detach().to(device="cpu")
 
     def state_dict(self) -> Dict[str, Any]:
         state_dict = super().state_dict()
@@ -485,7 +502,8 @@ class _Registry:
                         [lay[2] for lay in self.layouts],
                         [_state_strides(p) for p in self.params],
                         np.array([lay[0] for lay in self.layouts], np.int64),
-                        np.array([p.numel() for p in self.params], np.int64), torch.Tensor)
+                        np.array([p.numel() for p in self.params], np.int64), torch.Tensor,
+                        OWN_KEYS)
         for i, entry in self.published.items():
             gather.publish(i, entry)
         return gather
@@ -715,8 +733,10 @@ class _Registry:
             views = [_dtensors().as_state(view, owner) for view in views]
         tensors = (self.steps[i],) + tuple(views)
         state = opt.state[owner]
+        others = {k: v for k, v in state.items() if k not in OWN_KEYS}  # kept, as torch does
         state.clear()
         state.update(zip(keys, tensors))
+        state.update(others)
         entry = (state, keys) + tensors
         self.published[i] = entry
         self.gather.publish(i, entry)
@@ -729,8 +749,13 @@ def _plain_float(value: Any) -> Any:
 
 
 def _holds(entry: tuple) -> bool:
+    """Does the dict entry[0] still hold fastadam's tensors entry[2:] under the keys
+    entry[1], and none of fastadam's other keys? Keys that are not fastadam's belong to
+    other code (timm's Lookahead keeps its slow weights in the entry): they are left alone.
+    The compiled gather checks the same (fastadam._torch_gather._holds)."""
     state, keys = entry[0], entry[1]
-    return len(state) == len(keys) and all(state.get(k) is t for k, t in zip(keys, entry[2:]))
+    return (all(state.get(k) is t for k, t in zip(keys, entry[2:]))
+            and not any(k in state for k in OWN_KEYS if k not in keys))
 
 
 def _is_dtensor(p: Any) -> bool:

@@ -1,0 +1,302 @@
+"""bfloat16 and float16 storage (issue 20): pure 16-bit updates, master weights and
+stochastic rounding, through adam_step, fastadam.Adam and checkpoints.
+
+The reference of a 16-bit update is the float32 update of the widened values
+(tests/reference.py in float32, bit-exact for the kernels' float32 math), rounded to the
+storage type to nearest even by NumPy/ml_dtypes; it is also checked against the float64
+reference of the formulas, within the storage type's rounding."""
+
+import numpy as np
+import pytest
+
+import fastadam
+from fastadam import _simd
+from reference import adam_reference
+from conftest import TAIL_SIZES, VARIANT_SUBSET, make_state, variant_id, variant_kwargs
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F16 = np.dtype(np.float16)
+LOW = [BF16, F16]
+SIZES = TAIL_SIZES + [1000, _simd.SMALL_TENSOR_ELEMENTS + 77]
+
+
+def bits(a):
+    return None if a is None else np.asarray(a).view(np.uint16 if a.dtype.itemsize == 2 else np.uint32)
+
+
+def assert_same_bits(actual, expected):
+    np.testing.assert_array_equal(bits(actual), bits(expected))
+
+
+def low_state(size, dtype, amsgrad, seed=0):
+    p, m, v, vmax = make_state(size, np.float32, amsgrad=amsgrad, seed=seed)
+    return [None if a is None else a.astype(dtype) for a in (p, m, v, vmax)]
+
+
+def reference_16bit(p, g, m, v, vmax, dtype, **kwargs):
+    """The float32 update of the widened values, rounded to ``dtype``."""
+    out = adam_reference(*(None if a is None else a.astype(np.float32) for a in (p, g, m, v)),
+                         None if vmax is None else vmax.astype(np.float32),
+                         dtype=np.float32, **kwargs)
+    return [None if a is None else a.astype(dtype) for a in out]
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("variant", VARIANT_SUBSET, ids=variant_id)
+def test_pure_16bit_update_is_float32_math_rounded_to_nearest_even(dtype, size, variant):
+    amsgrad = variant["amsgrad"]
+    kwargs = variant_kwargs(variant)
+    p, m, v, vmax = low_state(size, dtype, amsgrad)
+    rng = np.random.default_rng(5)
+    for step in (1, 2, 3):
+        g = rng.standard_normal(size).astype(dtype)
+        expected = reference_16bit(p, g, m, v, vmax, dtype, step=step, **kwargs)
+        fastadam.adam_step(p, g, m, v, max_exp_avg_sq=vmax, step=step, **kwargs)
+        for actual, want in zip((p, m, v, vmax), expected):
+            if actual is not None:
+                assert_same_bits(actual, want)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["bfloat16", "float16"])
+def test_pure_16bit_update_is_within_rounding_of_the_float64_formulas(dtype):
+    size = 5000
+    p, m, v, _ = low_state(size, dtype, False)
+    g = np.random.default_rng(3).standard_normal(size).astype(dtype)
+    exact = adam_reference(p.astype(np.float64), g.astype(np.float64), m.astype(np.float64),
+                           v.astype(np.float64), step=4, lr=1e-2)
+    fastadam.adam_step(p, g, m, v, step=4, lr=1e-2)
+    spacing = np.spacing(np.abs(exact[0]).astype(np.float32)) * (2**16 if dtype == BF16 else 2**13)
+    # at most the storage type's rounding (half a spacing) plus float32's own error
+    assert np.all(np.abs(p.astype(np.float64) - exact[0]) <= 0.5 * spacing + 1e-6 * np.abs(exact[0]))
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("grad_type", ["model", "float32"])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_master_weights_equal_a_float32_step_then_a_rounded_copy(dtype, grad_type, amsgrad):
+    size = _simd.SMALL_TENSOR_ELEMENTS + 77
+    state = fastadam.adam_state(np.zeros(size, dtype), amsgrad=amsgrad, master_weights=True)
+    rng = np.random.default_rng(7)
+    state["master_param"][...] = rng.standard_normal(size).astype(np.float32)
+    param = state["master_param"].astype(dtype)
+    twin = {k: v.copy() for k, v in state.items()}
+    for step in (1, 2, 3):
+        grad = rng.standard_normal(size).astype(dtype)
+        given = grad if grad_type == "model" else grad.astype(np.float32)
+        fastadam.adam_step(param, given, state["exp_avg"], state["exp_avg_sq"], step=step,
+                           max_exp_avg_sq=state.get("max_exp_avg_sq"),
+                           master_param=state["master_param"], lr=1e-2, weight_decay=0.1,
+                           decoupled_weight_decay=True)
+        fastadam.adam_step(twin["master_param"], grad.astype(np.float32), twin["exp_avg"],
+                           twin["exp_avg_sq"], max_exp_avg_sq=twin.get("max_exp_avg_sq"),
+                           step=step, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True)
+        for key in state:
+            assert_same_bits(state[key], twin[key])
+        assert_same_bits(param, twin["master_param"].astype(dtype))
+
+
+def test_adam_state_with_master_weights_copies_the_param():
+    param = np.arange(6, dtype=np.float32).reshape(2, 3).astype(BF16)
+    state = fastadam.adam_state(param, master_weights=True)
+    assert state["master_param"].dtype == np.float32 and state["master_param"].shape == (2, 3)
+    np.testing.assert_array_equal(state["master_param"], param.astype(np.float32))
+    assert state["exp_avg"].dtype == np.float32
+    with pytest.raises(TypeError, match="master_weights is for a bfloat16 or float16 param"):
+        fastadam.adam_state(np.zeros(3, np.float32), master_weights=True)
+
+
+def run_everywhere(dtype, **kwargs):
+    """The same 16-bit update on every SIMD level and thread count: {(level, threads): param}."""
+    results = {}
+    for level in _simd.available_levels():
+        _simd.use(level)
+        for threads in (1, 2):
+            p, m, v, _ = low_state(_simd.SMALL_TENSOR_ELEMENTS * 4 + 77, dtype, False)
+            g = np.random.default_rng(2).standard_normal(p.size).astype(dtype)
+            fastadam.adam_step(p, g, m, v, step=3, lr=1e-2, num_threads=threads, **kwargs)
+            results[level, threads] = (p, m, v)
+    return results
+
+
+@pytest.mark.parametrize("dtype, kwargs", [
+    (BF16, {}), (F16, {}), (BF16, {"stochastic_rounding": True, "seed": 11}),
+    (BF16, {"numerics": "torch"}), (F16, {"numerics": "fast"}),
+], ids=["bfloat16", "float16", "bfloat16-stochastic", "bfloat16-torch", "float16-fast"])
+def test_16bit_results_do_not_depend_on_simd_level_or_threads(restore_levels, dtype, kwargs):
+    results = list(run_everywhere(dtype, **kwargs).values())
+    for other in results[1:]:
+        for actual, expected in zip(other, results[0]):
+            assert_same_bits(actual, expected)
+
+
+def stochastic_step(seed, size=20000, step=1):
+    p = np.full(size, 1.0, BF16)
+    m, v = np.zeros(size, BF16), np.zeros(size, BF16)
+    fastadam.adam_step(p, np.ones(size, BF16), m, v, step=step, lr=1e-4,
+                       stochastic_rounding=True, seed=seed)
+    return p, m, v
+
+
+def test_stochastic_rounding_is_reproducible_and_unbiased():
+    p, m, v = stochastic_step(seed=1)
+    again, m2, v2 = stochastic_step(seed=1)
+    assert_same_bits(p, again)
+    other, _, _ = stochastic_step(seed=2)
+    assert not np.array_equal(bits(p), bits(other))
+    later, _, _ = stochastic_step(seed=1, step=2)   # a new stream each step
+    assert not np.array_equal(bits(p), bits(later))
+    # 1 - 1e-4 lies between the bfloat16 neighbours 1 - 2**-8 and 1: each element rounds
+    # down with probability 1e-4 / 2**-8 = 0.0256; the mean keeps the float32 value
+    values = p.astype(np.float64)
+    assert set(np.unique(values)) == {1.0 - 2**-8, 1.0}
+    exact = 1.0 - 1e-4
+    standard_error = 2**-8 * np.sqrt(0.0256 * (1 - 0.0256) / values.size)
+    assert abs(values.mean() - exact) < 4 * standard_error
+    # the moments are rounded to nearest even (only the param is stochastic)
+    assert_same_bits(m, m2)
+    nearest = np.full(v.size, 1.0, BF16)
+    fastadam.adam_step(nearest, np.ones(v.size, BF16), np.zeros(v.size, BF16),
+                       np.zeros(v.size, BF16), step=1, lr=1e-4)
+    assert np.all(nearest.astype(np.float32) == 1.0)  # nearest rounding loses the update
+
+
+def test_stochastic_rounding_through_the_optimizer_is_per_tensor_and_reproducible():
+    def run(seed):
+        params = [np.full(3000, 1.0, BF16), np.full(3000, 1.0, BF16)]
+        opt = fastadam.Adam(params, lr=1e-4, stochastic_rounding=True, seed=seed)
+        for _ in range(3):
+            opt.step([np.ones(3000, BF16), np.ones(3000, BF16)])
+        return params
+    a, b = run(5), run(5)
+    for x, y in zip(a, b):
+        assert_same_bits(x, y)
+    assert not np.array_equal(bits(a[0]), bits(a[1]))  # each tensor has its own stream
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["bfloat16", "float16"])
+def test_nonfinite_16bit_gradients_are_found(dtype):
+    params = [np.ones(100, dtype)]
+    opt = fastadam.Adam(params)
+    grad = np.ones(100, dtype)
+    grad[37] = np.inf
+    before = params[0].copy()
+    assert opt.step([grad], skip_if_nonfinite=True) is False
+    assert_same_bits(params[0], before)
+    grad[37] = np.nan
+    assert opt.step([grad], skip_if_nonfinite=True) is False
+    assert opt.step([np.ones(100, dtype)], skip_if_nonfinite=True) is True
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda b: fastadam.adam_step(b["p"], np.zeros(8, np.float64), b["m"], b["v"], step=1),
+     TypeError, r"^grad must have param's dtype bfloat16, got float64"),
+    (lambda b: fastadam.adam_step(b["p"], b["g"], np.zeros(8, np.float32), b["v"], step=1),
+     TypeError, r"^exp_avg must have param's dtype bfloat16, got float32"),
+    (lambda b: fastadam.adam_step(b["p"], b["g"], b["m"], b["v"], step=1,
+                                  master_param=np.zeros(8, np.float32)),
+     TypeError, r"^exp_avg must be float32 with master_param"),
+    (lambda b: fastadam.adam_step(np.zeros(8, np.float32), np.zeros(8, np.float32),
+                                  np.zeros(8, np.float32), np.zeros(8, np.float32), step=1,
+                                  master_param=np.zeros(8, np.float32)),
+     TypeError, r"^master_param is for a bfloat16 or float16 param"),
+    (lambda b: fastadam.adam_step(b["p"], np.zeros(8, np.float16), np.zeros(8, np.float32),
+                                  np.zeros(8, np.float32), step=1,
+                                  master_param=np.zeros(8, np.float32)),
+     TypeError, r"^grad must have param's dtype bfloat16 or be float32, got float16"),
+    (lambda b: fastadam.adam_step(b["p"], b["g"], b["m"], b["v"], step=1,
+                                  master_param=np.zeros(8, np.float64)),
+     TypeError, r"^master_param must be float32"),
+    (lambda b: fastadam.adam_step(np.zeros(8, np.float16), np.zeros(8, np.float16),
+                                  np.zeros(8, np.float16), np.zeros(8, np.float16), step=1,
+                                  stochastic_rounding=True),
+     ValueError, r"^stochastic_rounding is for a bfloat16 param without master_param, got a float16"),
+    (lambda b: fastadam.adam_step(b["p"], b["g"], b["m"], b["v"], step=1,
+                                  stochastic_rounding=True, seed=1.5),
+     TypeError, r"^seed must be an int"),
+    (lambda b: fastadam.adam_step(b["p"], b["g"], b["m"], b["v"], step=1,
+                                  stochastic_rounding=True, seed=2**63),
+     ValueError, r"^seed must fit in an int64"),
+    (lambda b: fastadam.adam_step_rows(np.zeros((4, 2), BF16), np.zeros((1, 2), BF16), [0],
+                                       np.zeros(8, BF16), np.zeros(8, BF16), step=1),
+     TypeError, r"^grad_rows is row-sparse, which fastadam updates for float32 and float64"),
+])
+def test_bad_combinations_are_refused_and_change_nothing(call, exc, match):
+    buffers = {"p": np.ones(8, BF16), "g": np.ones(8, BF16), "m": np.ones(8, BF16),
+               "v": np.ones(8, BF16)}
+    before = {k: v.copy() for k, v in buffers.items()}
+    with pytest.raises(exc, match=match):
+        call(buffers)
+    for key in buffers:
+        assert_same_bits(buffers[key], before[key])
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["bfloat16", "float16"])
+def test_optimizer_with_master_weights_round_trips_through_checkpoints(tmp_path, dtype):
+    rng = np.random.default_rng(0)
+    shapes = [(40, 3), (7,)]
+
+    def make():
+        return [rng.standard_normal(s).astype(dtype) for s in shapes]
+
+    params = make()
+    opt = fastadam.AdamW(params, lr=1e-2, master_weights=True, amsgrad=True)
+    grads = [[g for g in make()] for _ in range(4)]
+    opt.step(grads[0])
+    opt.step(grads[1])
+    fastadam.save(opt, tmp_path / "ckpt.npz")
+    resumed_params = [p.copy() for p in params]
+    resumed = fastadam.AdamW(resumed_params, lr=1e-2, master_weights=True, amsgrad=True)
+    fastadam.load(resumed, tmp_path / "ckpt.npz")
+    for a, b in zip(opt.state, resumed.state):
+        assert a.keys() == b.keys() == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq",
+                                        "master_param"}
+        for key in a:
+            if key != "step":
+                assert b[key].dtype == np.float32
+                assert_same_bits(a[key], b[key])
+    for g in grads[2:]:
+        opt.step(g)
+        resumed.step(g)
+    for a, b in zip(params, resumed_params):
+        assert_same_bits(a, b)
+
+
+def test_pure_bfloat16_optimizer_round_trips_through_checkpoints(tmp_path):
+    params = [np.linspace(-1, 1, 50).astype(BF16)]
+    opt = fastadam.Adam(params, lr=1e-2)
+    opt.step([np.full(50, 0.5, BF16)])
+    fastadam.save(opt, tmp_path / "ckpt.npz")
+    again = fastadam.Adam([params[0].copy()], lr=1e-2)
+    fastadam.load(again, tmp_path / "ckpt.npz")
+    assert again.state[0]["exp_avg"].dtype == BF16
+    assert_same_bits(again.state[0]["exp_avg_sq"], opt.state[0]["exp_avg_sq"])
+
+
+def test_master_weights_are_refused_for_float32_params_and_state_is_checked():
+    with pytest.raises(TypeError, match=r"master_weights is for bfloat16 and float16 params, but "
+                                        r"param_groups\[0\]\['params'\]\[1\] is float32"):
+        fastadam.Adam([np.zeros(3, BF16), np.zeros(3, np.float32)], master_weights=True)
+    opt = fastadam.Adam([np.zeros(3, BF16)], master_weights=True)
+    state = opt.state_dict()
+    state["state"][0]["master_param"] = np.zeros(3, np.float64)
+    with pytest.raises(ValueError, match=r"\['master_param'\] has dtype float64, parameter 0's "
+                                         r"state has float32"):
+        opt.load_state_dict(state)
+    plain = fastadam.Adam([np.zeros(3, BF16)])
+    with pytest.raises(ValueError, match="has a 'master_param', but the optimizer keeps no master"):
+        plain.load_state_dict(opt.state_dict())
+
+
+def test_a_state_dict_without_master_weights_starts_the_master_from_the_param():
+    source = fastadam.Adam([np.full(4, 0.5, BF16)])
+    source.step([np.ones(4, BF16)])
+    target_param = np.full(4, 0.25, BF16)
+    target = fastadam.Adam([target_param], master_weights=True)
+    saved = source.state_dict()
+    saved["state"][0] = {k: (v.astype(np.float32) if k != "step" else v)
+                         for k, v in saved["state"][0].items()}
+    target.load_state_dict(saved)
+    np.testing.assert_array_equal(target.state[0]["master_param"], np.full(4, 0.25, np.float32))
+    assert target.state[0]["step"] == 1
