@@ -94,7 +94,24 @@ def test_config_round_trip_and_model_save_load(tmp_path):
     assert_weights_close(loaded, model)
 
 
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_policies_run_through_the_kernels(policy):
+    # float32 variables computed in 16 bits (mixed_float16 wraps the optimizer in Keras's
+    # LossScaleOptimizer): the update is fastadam's, with Keras's numbers
+    keras.config.set_dtype_policy(policy)
+    try:
+        ours, _ = fit(fk.Adam(), epochs=2)
+        theirs, _ = fit(keras.optimizers.Adam(), epochs=2)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    inner = getattr(ours.optimizer, "inner_optimizer", ours.optimizer)
+    assert isinstance(inner, fk.Adam) and inner.kernel_steps == 16
+    assert_weights_close(ours, theirs)
+
+
 def test_variables_the_kernels_cannot_update_use_keras_math():
+    # float16 variables: Keras computes their update in float16 itself, fastadam would in
+    # float32 (torch's opmath), so Keras's own update keeps its numbers
     keras.config.set_dtype_policy("float16")
     try:
         ours, _ = fit(fk.Adam(), epochs=1)

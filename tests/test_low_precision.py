@@ -11,8 +11,9 @@ import pytest
 
 import fastadam
 from fastadam import _simd
-from reference import adam_reference
+
 from conftest import TAIL_SIZES, VARIANT_SUBSET, make_state, variant_id, variant_kwargs
+from reference import adam_reference
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -300,3 +301,41 @@ def test_a_state_dict_without_master_weights_starts_the_master_from_the_param():
     target.load_state_dict(saved)
     np.testing.assert_array_equal(target.state[0]["master_param"], np.full(4, 0.25, np.float32))
     assert target.state[0]["step"] == 1
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("make", [bytearray, lambda data: np.frombuffer(bytearray(data), np.uint16)],
+                         ids=["bytearray", "uint16-bits"])
+def test_raw_buffers_are_read_as_the_dtype_given(dtype, make):
+    values, grad = low_state(33, dtype, False)[:2]
+    expected, reference_grad = values.copy(), grad.copy()
+    state = fastadam.adam_state(expected)
+    fastadam.adam_step(expected, reference_grad, state["exp_avg"], state["exp_avg_sq"],
+                       step=1, lr=0.1)
+    p, g = make(values.tobytes()), make(grad.tobytes())
+    m, v = make(bytes(2 * 33)), make(bytes(2 * 33))
+    fastadam.adam_step(p, g, m, v, step=1, lr=0.1, dtype=dtype.name)
+    assert bytes(p) == expected.tobytes()
+    assert bytes(m) == state["exp_avg"].tobytes()
+
+
+def test_raw_16bit_buffers_beside_a_float32_master():
+    model = np.linspace(-1, 1, 20).astype(BF16)
+    state = fastadam.adam_state(model, master_weights=True)
+    raw = bytearray(model.tobytes())
+    fastadam.adam_step(raw, bytearray(np.ones(20, BF16).tobytes()), state["exp_avg"],
+                       state["exp_avg_sq"], master_param=state["master_param"], step=1, lr=0.1,
+                       dtype="bfloat16")
+    assert bytes(raw) == state["master_param"].astype(BF16).tobytes()
+
+
+@pytest.mark.parametrize("dtype, buffers, exc, match", [
+    ("float16", [bytearray(3)] * 4, ValueError, r"^param holds 3 bytes, not a whole number of float16"),
+    ("int8", [bytearray(4)] * 4, TypeError, r"^dtype must be one of float32, float64, bfloat16 or float16"),
+    (object(), [bytearray(4)] * 4, TypeError, r"^dtype must name an element type"),
+])
+def test_bad_dtype_arguments_are_refused(dtype, buffers, exc, match):
+    buffers = [bytearray(b) for b in buffers]
+    with pytest.raises(exc, match=match):
+        fastadam.adam_step(*buffers, step=1, dtype=dtype)
+    assert all(b == bytearray(len(b)) for b in buffers)

@@ -12,6 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import fastadam.torch as ft  # noqa: E402
+
 from conftest import default_capability_mark  # noqa: E402
 
 LOW = [torch.bfloat16, torch.float16]
@@ -174,3 +175,26 @@ def test_stochastic_rounding_is_reproducible_and_moves_small_updates():
     changed = sum(int((x != y).sum()) for x, y in zip(before, a))
     changed_nearest = sum(int((x != y).sum()) for x, y in zip(before, nearest.parameters()))
     assert changed > changed_nearest  # updates below half a bfloat16 spacing still count
+
+
+@default_capability_mark(torch)
+@pytest.mark.parametrize("dtype", LOW, ids=["bfloat16", "float16"])
+def test_nan_and_inf_gradients_land_where_torch_puts_them(dtype):
+    # (the NaN bits of param are not promised, their places are; max_exp_avg_sq keeps its
+    # old value where v is NaN in the exact profile: RELIABILITY.md "NaN and AMSGrad")
+    torch.manual_seed(0)
+    ours = torch.nn.Parameter(torch.randn(37, dtype=dtype))
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    opt = ft.Adam([ours], lr=1e-2, amsgrad=True)
+    reference = torch.optim.Adam([theirs], lr=1e-2, amsgrad=True, fused=True)
+    for step in range(3):
+        grad = torch.randn(37, dtype=dtype)
+        grad[step::5] = float("nan")
+        grad[step + 1::7] = float("inf")
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        opt.step()
+        reference.step()
+    assert torch.equal(ours.detach().isnan(), theirs.detach().isnan())
+    assert torch.equal(ours.detach().nan_to_num(), theirs.detach().nan_to_num())
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert same_bits(opt.state[ours][key], reference.state[theirs][key])

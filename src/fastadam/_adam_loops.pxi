@@ -31,6 +31,7 @@ cdef extern from "_convert.h" nogil:
     uint16_t fa_f32_to_bf16(float f, uint16_t nan_bits)
     float fa_f16_to_f32(uint16_t h)
     uint16_t fa_f32_to_f16(float f)
+    uint16_t fa_f32_to_f16_keeping_nan_payload(float f)
     uint32_t fa_mix32(uint32_t x)
     uint32_t fa_random16(uint32_t key, uint32_t index)
     uint16_t fa_f32_to_bf16_stochastic(float f, uint32_t random16)
@@ -289,9 +290,10 @@ cdef void _by_grad(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
 # The scratch stays in L1, so memory sees only the 16-bit traffic; the loops and their
 # specializations are the float32 ones, not one set per storage type.
 
+# A multiple of every torch lane count: block starts keep the position of torch's scalar
+# tail.
 cdef enum:
-    STAGE_ELEMENTS = 512    # a multiple of every torch lane count: block starts keep the
-                            # position of torch's scalar tail
+    STAGE_ELEMENTS = 512
 
 
 cdef void _widen(const char* source, int element_type, Py_ssize_t start, Py_ssize_t n,
@@ -307,13 +309,20 @@ cdef void _widen(const char* source, int element_type, Py_ssize_t start, Py_ssiz
 
 
 cdef void _narrow(const float* values, char* target, int element_type, Py_ssize_t start,
-                  Py_ssize_t n, uint16_t nan_bits) noexcept nogil:
-    """Round values[0:n] to nearest even into target[start:start + n]."""
+                  Py_ssize_t n, bint vector_nans) noexcept nogil:
+    """Round values[0:n] to nearest even into target[start:start + n]. A NaN becomes c10's
+    scalar NaN (bfloat16 0x7FC0; float16 0x7E00 with its sign), or with ``vector_nans``
+    the NaN of ATen's vector conversion (bfloat16 0xFFFF; float16 keeping the top of its
+    payload)."""
     cdef uint16_t* bits = (<uint16_t*>target) + start
     cdef Py_ssize_t i
+    cdef uint16_t nan_bits = 0xffff if vector_nans else 0x7fc0
     if element_type == ELEM_BF16:
         for i in range(n):  # vectorized: kernel loop
             bits[i] = fa_f32_to_bf16(values[i], nan_bits)
+    elif vector_nans:
+        for i in range(n):  # vectorized: kernel loop
+            bits[i] = fa_f32_to_f16_keeping_nan_payload(values[i])
     else:
         for i in range(n):  # vectorized: kernel loop
             bits[i] = fa_f32_to_f16(values[i])
@@ -325,8 +334,8 @@ cdef void _narrow_stochastic(const float* values, char* target, Py_ssize_t start
     bits depend on (key, element index) only."""
     cdef uint16_t* bits = (<uint16_t*>target) + start
     # fold the index's high half into the key once (a block never straddles 2**32)
-    cdef uint32_t block_key = fa_mix32(<uint32_t>key ^ fa_mix32(<uint32_t>(key >> 32)
-                                                              + <uint32_t>(<uint64_t>start >> 32)))
+    cdef uint32_t high = fa_mix32(<uint32_t>(key >> 32) + <uint32_t>(<uint64_t>start >> 32))
+    cdef uint32_t block_key = fa_mix32(<uint32_t>key ^ high)
     cdef uint32_t first = <uint32_t>start
     cdef Py_ssize_t i
     for i in range(n):  # vectorized: kernel loop
@@ -348,14 +357,14 @@ cdef inline void _unstage(const AdamTensor* t, const float* values, char* target
     cdef Py_ssize_t vector_end
     if element_type == ELEM_F32:
         return
-    if element_type == ELEM_BF16 and t.coef.numerics == NUMERICS_TORCH:
-        # torch's vector conversion writes a NaN as 0xFFFF, its scalar tail as 0x7FC0
+    if t.coef.numerics == NUMERICS_TORCH:
+        # torch's vector loop converts a NaN otherwise than its scalar tail (_narrow)
         vector_end = min(n, max(<Py_ssize_t>0, t.size - t.size % _torch_lanes(t) - start))
-        _narrow(values, target, element_type, start, vector_end, 0xffff)
+        _narrow(values, target, element_type, start, vector_end, True)
         _narrow(values + vector_end, target, element_type, start + vector_end,
-                n - vector_end, 0x7fc0)
+                n - vector_end, False)
     else:
-        _narrow(values, target, element_type, start, n, 0x7fc0)
+        _narrow(values, target, element_type, start, n, False)
 
 
 cdef void _run_staged(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop) noexcept nogil:
@@ -390,7 +399,7 @@ cdef void _run_staged(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop) no
             _unstage(t, <const float*>block.max_exp_avg_sq, t.max_exp_avg_sq, t.state_type,
                      first, n)
         if t.model_param != NULL:   # master weights: the model's copy, rounded to nearest
-            _narrow(<const float*>block.param, t.model_param, t.model_type, first, n, 0x7fc0)
+            _narrow(<const float*>block.param, t.model_param, t.model_type, first, n, False)
         first += n
 
 

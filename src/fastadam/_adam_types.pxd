@@ -52,8 +52,9 @@ cdef struct AdamTensor:
     char* exp_avg           # OUT
     char* exp_avg_sq        # OUT
     char* max_exp_avg_sq    # OUT, NULL unless coef.amsgrad
-    char* model_param       # OUT, NULL unless master weights: the 16-bit model copy of
-                            # param, written (rounded to nearest even) in the same pass
+    # OUT, NULL unless master weights: the 16-bit model copy of param, written (rounded
+    # to nearest even) in the same pass
+    char* model_param
     Py_ssize_t size         # elements
     int param_type          # ELEM_*
     int grad_type

@@ -10,7 +10,8 @@
  *    conversion do; a NaN becomes the NaN the caller names (ATen's scalar code writes
  *    0x7FC0, its AVX2/AVX-512 vector code 0xFFFF).
  *  - float16 <-> float32: IEEE conversions, round to nearest even, by c10's own integer
- *    and float sequence (below); a float32 NaN becomes 0x7E00 with its sign, as in c10.
+ *    and float sequence (below); a float32 NaN becomes 0x7E00 with its sign, as in c10's
+ *    scalar code (ATen's vector code keeps the top of the payload: the _keeping_ variant).
  *  - stochastic rounding to bfloat16 adds 16 random bits below the kept ones and
  *    truncates: rounds away from zero with probability equal to the dropped fraction.
  *    The random bits come from a counter-based hash of (key, element index), so they do
@@ -68,6 +69,10 @@ static inline float fa_f16_to_f32(uint16_t h) {
     return fa_float_from_bits(sign | (denormalized & is_denormal) | (normalized & ~is_denormal));
 }
 
+/* As fa_f32_to_f16, but a NaN keeps its sign and the top of its payload, quieted (what
+ * F16C's vcvtps2ph writes, and so ATen's vector conversion). */
+static inline uint16_t fa_f32_to_f16_keeping_nan_payload(float f);
+
 static inline uint16_t fa_f32_to_f16(float f) {
     const uint32_t w = fa_bits_of_float(f);
     const uint32_t shl1_w = w + w;
@@ -80,6 +85,12 @@ static inline uint16_t fa_f32_to_f16(float f) {
     const uint32_t nonsign = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
     const uint32_t is_nan = 0u - (uint32_t)(shl1_w > 0xFF000000u);
     return (uint16_t)((sign >> 16) | (0x7E00u & is_nan) | (nonsign & ~is_nan));
+}
+
+static inline uint16_t fa_f32_to_f16_keeping_nan_payload(float f) {
+    const uint32_t w = fa_bits_of_float(f);
+    const uint16_t payload = (uint16_t)(f != f ? (w >> 13) & 0x3FFu : 0u);
+    return (uint16_t)(fa_f32_to_f16(f) | payload);
 }
 
 #endif

@@ -197,7 +197,7 @@ class Engine:
                     blocks.setdefault((self.group_of[i], self.state_dtype(i)), []).append(i)
             for (_, dtype), members in blocks.items():
                 block = zeros_at(sum(self.params[i].size for i in members), dtype,
-                                 STATE_PAGE_OFFSETS["master" if key == "master_param" else key])
+                                 STATE_PAGE_OFFSETS[key])
                 offset = 0
                 for i in members:
                     size = self.params[i].size

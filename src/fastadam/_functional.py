@@ -17,6 +17,7 @@ from fastadam._validation import (
     check_at_least,
     check_buffers,
     check_call_hyperparameters,
+    check_element_dtype,
     check_element_type_range,
     check_flag,
     check_grad_scale_range,
@@ -54,6 +55,7 @@ def adam_step(
     master_param: Any = None,
     stochastic_rounding: bool = False,
     seed: int = 0,
+    dtype: Any = None,
 ) -> None:
     """One in-place Adam step (Kingma & Ba, Algorithm 1) on one set of buffers.
 
@@ -110,6 +112,12 @@ def adam_step(
         on ``seed``, ``step`` and the element's index only, not on threads or vector width.
     seed : int
         The seed of stochastic rounding (an int64).
+    dtype : {"bfloat16", "float16", "float32", "float64"} or NumPy dtype, optional
+        The element type of buffers that carry none of their own: raw bytes
+        (``bytearray``, ``mmap``, a ``memoryview`` of format ``"B"``) or bits (``uint16``
+        arrays holding bfloat16 values, without ml_dtypes) are read as ``dtype``.
+        Buffers of a float type keep theirs (a float32 ``master_param`` beside raw
+        bfloat16 ``param`` and ``grad``, say).
 
     Raises
     ------
@@ -134,6 +142,7 @@ def adam_step(
         grad_scale, "grad_scale", 0.0, strict=True)
     threads = check_num_threads(num_threads)
     rounding_seed = _check_rounding(stochastic_rounding, seed)
+    element_type = None if dtype is None else check_element_dtype(dtype)
     if (master_param is None and rounding_seed is None
             and plain_buffers(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)):  # the common case
         _check_range(hp, param.dtype, step_number, scale)
@@ -141,7 +150,8 @@ def adam_step(
             _kernels.adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, hp, step_number,
                                scale, threads_for(threads, param.size))
         return
-    buffers = check_buffers(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master_param)
+    buffers = check_buffers(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master_param,
+                            element_type)
     if rounding_seed is not None and not (is_bfloat16(buffers.param.dtype)
                                           and master_param is None):
         raise ValueError("stochastic_rounding is for a bfloat16 param without master_param, got "
@@ -322,7 +332,7 @@ def adam_state(param: Any, *, amsgrad: bool = False,
     state = {key: zeros_at(array.size, dtype, STATE_PAGE_OFFSETS[key]).reshape(array.shape)
              for key in keys}
     if master:
-        state["master_param"] = zeros_at(array.size, dtype, STATE_PAGE_OFFSETS["master"])
+        state["master_param"] = zeros_at(array.size, dtype, STATE_PAGE_OFFSETS["master_param"])
         state["master_param"][...] = array.reshape(-1).astype(np.float32)
         state["master_param"] = state["master_param"].reshape(array.shape)
     return state

@@ -17,6 +17,8 @@ def adam_step(
     step: float,
     grad_scale: float,
     num_threads: int,
+    model_param: Optional[np.ndarray] = None,
+    rounding_seed: Optional[int] = None,
 ) -> None: ...
 def adam_step_rows(
     param: np.ndarray,

@@ -15,7 +15,7 @@ import numpy as np
 PAGE = 4096
 ALIGNMENT = 64  # a cache line, and the widest vector (AVX-512)
 # exp_avg, exp_avg_sq, max_exp_avg_sq: 1 KiB apart from each other and from offset 0-63.
-STATE_PAGE_OFFSETS = {"exp_avg": 1024, "exp_avg_sq": 2048, "max_exp_avg_sq": 3072, "master": 512}
+STATE_PAGE_OFFSETS = {"exp_avg": 1024, "exp_avg_sq": 2048, "max_exp_avg_sq": 3072, "master_param": 512}
 
 
 def zeros_at(size: int, dtype: np.dtype, page_offset: int = 0) -> np.ndarray:

@@ -19,6 +19,8 @@ class AdamTable:
         steps: np.ndarray,
         group_of: list[int],
         float_steps: Optional[np.ndarray] = None,
+        masters: Optional[list[Optional[np.ndarray]]] = None,
+        rounding_seed: Optional[int] = None,
     ) -> AdamTable: ...
     def runs(self) -> list[tuple[int, int]]: ...
     @property

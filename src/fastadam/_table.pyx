@@ -41,8 +41,8 @@ cdef enum:
 cdef int64_t MAX_STEP = 0x7fffffffffffffff
 
 
-cdef inline size_t _nbytes(const AdamTensor* t, int element_type) noexcept nogil:
-    return <size_t>t.size * element_size(element_type)
+cdef inline size_t _nbytes(const AdamTensor* t, int of_type) noexcept nogil:
+    return <size_t>t.size * element_size(of_type)
 
 
 cdef inline bint _follows(const AdamTensor* t, const AdamTensor* previous) noexcept nogil:
@@ -50,6 +50,7 @@ cdef inline bint _follows(const AdamTensor* t, const AdamTensor* previous) noexc
     previous's end?"""
     cdef size_t param_gap = _nbytes(previous, previous.param_type)
     cdef size_t state_gap = _nbytes(previous, previous.state_type)
+    cdef size_t model_gap = _nbytes(previous, previous.model_type)
     if (t.param_type != previous.param_type or t.grad_type != previous.grad_type
             or t.state_type != previous.state_type or t.model_type != previous.model_type
             or (previous.max_exp_avg_sq == NULL) != (t.max_exp_avg_sq == NULL)
@@ -60,7 +61,7 @@ cdef inline bint _follows(const AdamTensor* t, const AdamTensor* previous) noexc
             and (t.max_exp_avg_sq == NULL
                  or t.max_exp_avg_sq == previous.max_exp_avg_sq + state_gap)
             and (t.model_param == NULL
-                 or t.model_param == previous.model_param + _nbytes(previous, previous.model_type)))
+                 or t.model_param == previous.model_param + model_gap))
 
 
 cdef inline char* _data(object array) except? NULL:

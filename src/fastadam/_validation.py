@@ -101,10 +101,32 @@ def _describe_dtype(dtype: np.dtype) -> str:
     return type_name(dtype)
 
 
-def as_array(obj: Any, name: str, *, writable: bool, flatten: bool = True) -> np.ndarray:
+def check_element_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
+    """An element type named by the caller: "float32", "float64", "float16", "bfloat16"
+    (ml_dtypes' when it is installed, else fastadam's stand-in for its bits), or a NumPy
+    dtype of one of them."""
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            return BFLOAT16_BITS
+        return np.dtype(ml_dtypes.bfloat16)
+    try:
+        result = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name} must name an element type ({ELEMENT_TYPES}), got "
+                        f"{dtype!r:.80}") from None
+    if not is_element_type(result):
+        raise TypeError(f"{name} must be one of {ELEMENT_TYPES}, got {_describe_dtype(result)}")
+    return result
+
+
+def as_array(obj: Any, name: str, *, writable: bool, flatten: bool = True,
+             dtype: Optional[np.dtype] = None) -> np.ndarray:
     """A zero-copy, C-contiguous view of ``obj``'s memory, of an element type the kernels
     store (float32, float64, float16; bfloat16 from ml_dtypes), 1-D unless
-    ``flatten=False``."""
+    ``flatten=False``. With ``dtype`` (checked by :func:`check_element_dtype`), memory
+    whose own type is not one of those (raw bytes, uint16 bits) is read as ``dtype``."""
     if isinstance(obj, np.ndarray):
         array = obj if type(obj) is np.ndarray else np.asarray(obj)
     else:
@@ -122,6 +144,8 @@ def as_array(obj: Any, name: str, *, writable: bool, flatten: bool = True) -> np
                 f"{name} must hold {ELEMENT_TYPES} elements, got a buffer of format "
                 f"{view.format!r}"
             ) from None
+    if dtype is not None and not is_element_type(array.dtype):
+        array = _reinterpreted(array, dtype, name)
     if not is_element_type(array.dtype):
         raise TypeError(
             f"{name} must have dtype {ELEMENT_TYPES}, got {_describe_dtype(array.dtype)}"
@@ -137,18 +161,32 @@ def as_array(obj: Any, name: str, *, writable: bool, flatten: bool = True) -> np
     return array if array.ndim == 1 or not flatten else array.reshape(-1)
 
 
+def _reinterpreted(array: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
+    """The bytes of a C-contiguous array read as elements of ``dtype`` (1-D)."""
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous, got a non-contiguous buffer "
+                         f"(shape {array.shape}, strides {array.strides})")
+    raw = array.reshape(-1).view(np.uint8)
+    if raw.size % dtype.itemsize:
+        raise ValueError(f"{name} holds {raw.size} bytes, not a whole number of "
+                         f"{type_name(dtype)} elements ({dtype.itemsize} bytes each)")
+    return raw.view(dtype)
+
+
 def check_buffers(
     param: Any, grad: Any, exp_avg: Any, exp_avg_sq: Any, max_exp_avg_sq: Any = None,
-    master_param: Any = None
+    master_param: Any = None, dtype: Optional[np.dtype] = None
 ) -> AdamBuffers:
-    """Coerce and cross-check one tensor's buffers (see module docstring)."""
-    p = as_array(param, "param", writable=True)
+    """Coerce and cross-check one tensor's buffers (see module docstring); ``dtype``: the
+    element type of buffers that hold raw bytes or bits (:func:`as_array`)."""
+    p = as_array(param, "param", writable=True, dtype=dtype)
     present: list = [
         p,
-        as_array(grad, "grad", writable=False),
-        as_array(exp_avg, "exp_avg", writable=True),
-        as_array(exp_avg_sq, "exp_avg_sq", writable=True),
-        None if max_exp_avg_sq is None else as_array(max_exp_avg_sq, "max_exp_avg_sq", writable=True),
+        as_array(grad, "grad", writable=False, dtype=dtype),
+        as_array(exp_avg, "exp_avg", writable=True, dtype=dtype),
+        as_array(exp_avg_sq, "exp_avg_sq", writable=True, dtype=dtype),
+        None if max_exp_avg_sq is None else as_array(max_exp_avg_sq, "max_exp_avg_sq",
+                                                     writable=True, dtype=dtype),
         None if master_param is None else as_array(master_param, "master_param", writable=True),
     ]
     check_element_types(*present)
