@@ -125,6 +125,7 @@ def test_trajectories_writes_where_it_is_run_and_never_over_the_docs_image(tmp_p
     ("fashion_mnist_torch.py", "torch", "fastadam[torch]"),
     ("fashion_mnist_keras.py", "keras", "fastadam[keras]"),
     ("distributed_mpi.py", "mpi4py", "fastadam[mpi]"),
+    ("fsdp2_offload.py", "torch", "fastadam[torch]"),
 ])
 def test_an_example_without_its_extra_names_what_to_install(script, missing, extra):
     # issue 23: examples failed with a bare ModuleNotFoundError

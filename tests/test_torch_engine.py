@@ -269,6 +269,47 @@ def test_the_compiled_gather_takes_the_common_step(monkeypatch):
     assert first == -1 and active == sum(p.numel() for p in model.parameters())
 
 
+@needs_default_capability
+def test_params_without_elements_count_their_steps_like_torch():
+    # An empty tensor's data_ptr() is 0, the engine's "no gradient": the compiled gather
+    # hands over another address, so the step count advances as torch's does (FSDP2 gives
+    # the ranks past a small parameter's last row empty shards). The same with elements
+    # beside it, and with only empty ones.
+    for shapes in ([(0, 7), (3,)], [(0, 7)]):
+        make = lambda shapes=shapes: [torch.nn.Parameter(torch.ones(s)) for s in shapes]  # noqa: E731
+        (a, ours), (b, theirs) = twin_optimizers(make)
+        for k in range(3):
+            for params, opt in ((a, ours), (b, theirs)):
+                set_grads(params, k)
+                opt.step()
+            for p, q in zip(a, b):
+                assert float(ours.state[p]["step"]) == float(theirs.state[q]["step"]) == k + 1
+            assert_same(a, b)
+
+
+@needs_default_capability
+def test_parameters_put_into_a_group_in_turn_are_stepped_like_torch():
+    # DeepSpeed's ZeRO-3 steps its sub-groups so: group["params"] = [its flat partition],
+    # step(), group["params"] = []. torch's Adam reads the list at each step; so must we,
+    # and each set keeps its registry (state in place, the compiled gather after the first
+    # turn).
+    make = lambda: [torch.nn.Parameter(torch.ones(s)) for s in (5, 9)]  # noqa: E731
+    (a, ours), (b, theirs) = twin_optimizers(make, ours=ft.AdamW, theirs=torch.optim.AdamW)
+    for k in range(4):
+        for turn in range(2):
+            for params, opt in ((a, ours), (b, theirs)):
+                set_grads(params, 10 * k + turn)
+                opt.param_groups[0]["params"] = [params[turn]]
+                opt.step()
+                opt.param_groups[0]["params"] = []
+            assert_same(a, b)
+            assert [float(ours.state[p]["step"]) for p in a if p in ours.state] == [
+                float(theirs.state[q]["step"]) for q in b if q in theirs.state]
+        if k == 1:
+            registries = {id(r) for r in ours._recent}
+    assert len(ours._recent) == 2 and {id(r) for r in ours._recent} == registries
+
+
 @pytest.mark.parametrize("edit", ["replace_entry", "delete_entry", "new_dict", "new_table"])
 def test_every_edit_of_opt_state_is_seen_by_the_next_step(edit):
     p = torch.nn.Parameter(torch.zeros(3))

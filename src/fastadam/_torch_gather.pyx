@@ -23,6 +23,11 @@ cimport numpy as cnp
 
 cnp.import_array()
 
+# The address handed over for a gradient without elements: its data_ptr() is 0, which
+# the engine reads as "no gradient", yet its step counts (as torch's does; FSDP2 gives
+# the ranks past a small parameter's last row empty shards). Nothing is read from it.
+cdef double _empty_grad[8]
+
 
 cdef class Gather:
     """The cached facts of the engine's tensors, in engine order: each parameter, its
@@ -84,6 +89,8 @@ cdef class Gather:
                         or g.stride() != self.strides[i]):
                     return i, active
                 out[i] = g.data_ptr()
+                if out[i] == 0:
+                    out[i] = <int64_t><size_t>&_empty_grad[0]
             except Exception:  # a sparse gradient has no strides: the general path
                 return i, active
             entry = self.published[i]

@@ -50,6 +50,12 @@ the parameter rounded in the same pass, bit-identical to float32 Adam on ``grad.
 followed by ``p.copy_(master)``. ``stochastic_rounding=True`` (with ``seed``) rounds
 bfloat16 parameters without a master stochastically, reproducibly.
 
+DTensor parameters (FSDP2's ``fully_shard``, on a CPU device mesh or with
+``CPUOffloadPolicy``): each rank's local shard is updated in place with its local shard of
+the gradient, in the same one engine call per step, and the state is shown as DTensors
+sharded like the parameter, so ``torch.distributed.checkpoint`` saves, loads and re-shards
+it (fastadam._torch_dtensor; docs/guide/fsdp2.md). A step communicates nothing.
+
 Differences from torch, by design: parameters must be CPU float32/float64/bfloat16/float16
 (or complex) tensors (anything else is a TypeError naming the parameter); ``capturable=True`` and
 ``differentiable=True`` are refused (they concern CUDA graphs and autograd through the
@@ -66,6 +72,7 @@ once). ``state_dict()`` is torch's: it returns the live state tensors.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections import defaultdict
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -255,6 +262,7 @@ class Adam(Optimizer):
         self.num_threads = num_threads
         self._lock = threading.RLock()
         self._front: Optional[_Registry] = None
+        self._recent: List[_Registry] = []  # see _registry
         super().__init__(params, defaults)
         self.state = _StateTable(self.state)
 
@@ -278,10 +286,12 @@ class Adam(Optimizer):
                                    else SUPPORTED_DTYPES + COMPLEX_DTYPES,
                                    "master_weights=True keeps float32 masters of bfloat16 and "
                                    "float16 parameters" if self.master_weights else "")
+                _check_one_kind(self.param_groups)
             except TypeError:
                 self.param_groups.pop()  # a rejected call changes nothing
                 raise
             self._front = None  # the next step registers the new parameters
+            self._recent = []
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         with self._lock:
@@ -335,6 +345,7 @@ class Adam(Optimizer):
         self.__dict__.setdefault("rounding_seed", None)
         self.state = _StateTable(self.state)
         self._front = None
+        self._recent = []
         for group in self.param_groups:  # groups saved before a key existed (torch does so)
             for key, value in GROUP_DEFAULTS.items():
                 group.setdefault(key, value)
@@ -372,9 +383,26 @@ class Adam(Optimizer):
         scale = 1.0 if grad_scale is None else float(grad_scale)
         if not scale > 0.0 or scale != scale or scale == float("inf"):
             raise ValueError(f"grad_scale must be a finite number > 0, got {scale!r}")
-        if self._front is None or self._front.outdated(self):
-            self._front = _Registry(self)
-        self._front.step(self, scale)
+        front = self._front
+        if front is None or not front.serves(self) or front.outdated(self):
+            self._front = front = self._registry()
+        front.step(self, scale)
+
+    _KEPT_REGISTRIES = 8
+
+    def _registry(self) -> _Registry:
+        """The registry of the parameters the groups hold now: a recent one that holds
+        exactly them, else a new one. torch's Adam reads ``group["params"]`` at every
+        step, and DeepSpeed's ZeRO-3 puts each sub-group's parameter there in turn before
+        stepping it: each set keeps its registry, and with it its state in place (state
+        that another registry moved meanwhile is adopted from ``opt.state``)."""
+        for k, front in enumerate(self._recent):
+            if front.serves(self) and not front.outdated(self):
+                self._recent.insert(0, self._recent.pop(k))
+                return front
+        front = _Registry(self)
+        self._recent = [front] + self._recent[:self._KEPT_REGISTRIES - 1]
+        return front
 
 
 class AdamW(Adam):
@@ -423,7 +451,10 @@ class _Registry:
     def __init__(self, opt: Adam) -> None:
         self.engine = Engine()
         self.engine.rounding_seed = opt.rounding_seed
+        # What the engine updates: each parameter, or a DTensor parameter's local shard.
         self.params: List[torch.Tensor] = []
+        # The parameters as the user gave them: the keys of opt.state, the holders of .grad.
+        self.owners: List[torch.Tensor] = []
         self.names: List[str] = []
         self.unregistered: List[Tuple[str, torch.Tensor]] = []
         self.published: Dict[int, tuple] = {}  # what fastadam put into opt.state, per tensor
@@ -445,11 +476,15 @@ class _Registry:
                 else:
                     self.unregistered.append((name, p))
             first = len(self.params)
-            self.engine.add([self._engine_view_of(first + k, p) for k, p in enumerate(tensors)],
-                            g, names, master=opt.master_weights)
-            self.params += tensors
+            self.engine.add([self._engine_view_of(first + k, _local(p))
+                             for k, p in enumerate(tensors)], g, names, master=opt.master_weights)
+            self.params += [_local(p) for p in tensors]
+            self.owners += tensors
             self.names += names
+        self.sharded = any(p is not q for p, q in zip(self.owners, self.params))  # DTensors
         self.layouts = [_layout(p) for p in self.params]
+        self.lists = [group["params"] for group in opt.param_groups]  # see serves
+        self.members = [list(group["params"]) for group in opt.param_groups]
         self.addresses = np.zeros(len(self.params), np.int64)
         self.steps = torch.from_numpy(self.engine.float_steps())
         self.gather = self._new_gather()
@@ -473,6 +508,23 @@ class _Registry:
             gather.publish(i, entry)
         return gather
 
+    def serves(self, opt: Adam) -> bool:
+        """Do the optimizer's groups hold the parameters registered here? A group's list
+        seen before is taken as it was (its in-place edits are not seen: add_param_group
+        is the way to add parameters); a new list, as code that replaces
+        ``group["params"]`` gives, is compared element by element."""
+        groups = opt.param_groups
+        if len(groups) != len(self.lists):
+            return False
+        for k, group in enumerate(groups):
+            params = group["params"]
+            if params is not self.lists[k]:
+                if len(params) != len(self.members[k]) or any(
+                        a is not b for a, b in zip(params, self.members[k])):
+                    return False
+                self.lists[k] = params
+        return True
+
     def outdated(self, opt: Adam) -> bool:
         """Has a parameter the engine could not take before become one it can?"""
         return any(p.grad is not None and _refusal(p, name) is None
@@ -490,9 +542,9 @@ class _Registry:
         if grad_scale != 1.0:  # a normal number of every element type it divides
             check_grad_scale_range(grad_scale, self.engine.dtypes())
         if not self.stale and opt.state is self.watched and opt.state.edits == self.edits:
-            first_irregular, active = self.gather.run(self.addresses)
+            first_irregular, active = self.gather.run(self.addresses, self._local_grads())
             if first_irregular < 0:
-                if active:
+                if active or self.addresses.any():  # (gradients without elements count a step)
                     with self._staged():
                         self.engine.step_pointers(self.addresses, active, hypers,
                                                   grad_scale=grad_scale,
@@ -501,6 +553,11 @@ class _Registry:
                 return
         self.watched = None
         self._general_step(opt, hypers, grad_scale)
+
+    def _local_grads(self) -> Optional[List[Any]]:
+        """For DTensor parameters, their gradients' local shards, as the gather takes
+        them (fastadam._torch_dtensor.local_grads); None: the gather reads ``.grad``."""
+        return _dtensors().local_grads(self.owners, self.params) if self.sharded else None
 
     def _hyperparameters(self, opt: Adam) -> List[Hyperparameters]:
         return [self._group_hyperparameters(opt, g, group)
@@ -531,6 +588,7 @@ class _Registry:
         """The step for everything the compiled gather does not take: parameters whose
         storage moved, state replaced or loaded, sparse or differently laid out
         gradients. Each is handled, or refused before anything is written."""
+        self._follow_shards()
         for i, p in enumerate(self.params):
             self._follow_storage(i, p)
         grads = [self._kernel_grad(i, p) for i, p in enumerate(self.params)]
@@ -554,6 +612,16 @@ class _Registry:
         for i, copy in self.staged.items():
             self.params[i].copy_(copy)
 
+    def _follow_shards(self) -> None:
+        """Take the new local tensor of a DTensor parameter whose local tensor was
+        replaced (FSDP2 does on ``load_state_dict(assign=True)`` or ``model.to()``);
+        :meth:`_follow_storage` then re-points the engine if its memory moved."""
+        replaced = [i for i, owner in enumerate(self.owners) if _local(owner) is not self.params[i]]
+        for i in replaced:
+            self.params[i] = _local(self.owners[i])
+        if replaced:
+            self.gather = self._new_gather()
+
     def _follow_storage(self, i: int, p: torch.Tensor) -> None:
         """Re-point the engine when the parameter's storage was replaced (``p.data =``,
         ``model.double()``, a resize); the engine refuses a new dtype or shape once it
@@ -571,10 +639,11 @@ class _Registry:
     def _kernel_grad(self, i: int, p: torch.Tensor) -> Any:
         """A NumPy view of the gradient's memory in the engine's order, (rows, values)
         views of a row-sparse COO gradient, or None; refuses anything else by name."""
-        grad = p.grad
+        name = self.names[i]
+        owner = self.owners[i]
+        grad = p.grad if owner is p else _dtensors().local_grad(owner, name)
         if grad is None:
             return None
-        name = self.names[i]
         if grad.device.type != "cpu":
             raise TypeError(f"{name} has a gradient on {grad.device}; fastadam.torch updates "
                             "CPU tensors only")
@@ -603,7 +672,8 @@ class _Registry:
     def _adopt_user_state(self, opt: Adam, i: int, p: torch.Tensor) -> None:
         """Copy into the engine what ``opt.state[p]`` holds when it is not what fastadam
         published (loaded, or replaced by the user), checked as torch would."""
-        state = opt.state.get(p)
+        owner = self.owners[i]
+        state = opt.state.get(owner)
         published = self.published.get(i)
         if published is not None and state is published[0] and _holds(published):
             return
@@ -623,6 +693,8 @@ class _Registry:
                 continue
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"{name}['{key}'] must be a tensor, got {type(value).__name__}")
+            if owner is not p:  # a DTensor parameter's state: its local shard
+                value = _dtensors().local_state(value, owner, f"{name}['{key}']")
             if value.shape != p.shape:
                 raise ValueError(f"{name}['{key}'] has shape {tuple(value.shape)}, the parameter "
                                  f"has {tuple(p.shape)}")
@@ -653,11 +725,14 @@ class _Registry:
     def _publish_one(self, opt: Adam, i: int, p: torch.Tensor) -> None:
         keys = ("step",) + tuple(k for k in STATE_KEYS if k in self.engine.state[i])
         entry = self.published.get(i)
-        if entry is not None and entry[1] == keys and opt.state.get(p) is entry[0] and _holds(entry):
+        owner = self.owners[i]
+        if entry is not None and entry[1] == keys and opt.state.get(owner) is entry[0] and _holds(entry):
             return
-        tensors = (self.steps[i],) + tuple(_torch_view(self.engine.state[i][k], p)
-                                            for k in keys[1:])
-        state = opt.state[p]
+        views = [_torch_view(self.engine.state[i][k], p) for k in keys[1:]]
+        if owner is not p:  # DTensors sharded like the parameter (torch's step stays plain)
+            views = [_dtensors().as_state(view, owner) for view in views]
+        tensors = (self.steps[i],) + tuple(views)
+        state = opt.state[owner]
         others = {k: v for k, v in state.items() if k not in OWN_KEYS}  # kept, as torch does
         state.clear()
         state.update(zip(keys, tensors))
@@ -683,18 +758,58 @@ def _holds(entry: tuple) -> bool:
             and not any(k in state for k in OWN_KEYS if k not in keys))
 
 
+def _is_dtensor(p: Any) -> bool:
+    """Is p a DTensor (torch.distributed.tensor's: FSDP2's parameters)? Found without
+    importing torch.distributed: a DTensor exists only once its module is loaded."""
+    if type(p) is torch.Tensor or type(p) is torch.nn.Parameter:
+        return False
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(p, module.DTensor)
+
+
+def _dtensors() -> Any:
+    """fastadam._torch_dtensor, imported when first needed (it imports torch.distributed)."""
+    from fastadam import _torch_dtensor
+    return _torch_dtensor
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """The tensor that holds p's elements in this process, which the engine updates in
+    place: a DTensor's local shard, else p itself."""
+    return p._local_tensor if _is_dtensor(p) else p  # type: ignore[attr-defined]
+
+
+def _check_one_kind(param_groups: List[Dict[str, Any]]) -> None:
+    """Refuse DTensor parameters mixed with plain tensors: torch's Adam refuses the mix
+    (DTensor operations take no plain tensors), and under FSDP2 it means a module left
+    out of ``fully_shard``, whose gradients no rank averages with the others'."""
+    kinds: Dict[bool, str] = {}
+    for g, group in enumerate(param_groups):
+        for i, p in enumerate(group["params"]):
+            kinds.setdefault(_is_dtensor(p), f"param_groups[{g}]['params'][{i}]")
+    if len(kinds) > 1:
+        raise TypeError(f"{kinds[True]} is a DTensor and {kinds[False]} a plain tensor: "
+                        "fastadam.torch takes DTensor parameters (FSDP2's: apply fully_shard "
+                        "to the root module too) or plain ones, not both in one optimizer")
+
+
 def _refusal(p: Any, name: str) -> Optional[Exception]:
     """Why the engine cannot update this parameter in place (an exception to raise), or
-    None when it can."""
+    None when it can (a DTensor: when it can update its local shard)."""
     # (what torch's fused Adam says of such parameters, for code that matches on it)
     torch_says = ("`fused=True` requires all the params to be floating point Tensors of "
                   "supported devices")
     if not isinstance(p, torch.Tensor):
         return TypeError(f"{name} must be a torch.Tensor, got {type(p).__name__}")
-    if type(p) not in (torch.Tensor, torch.nn.Parameter):
+    if _is_dtensor(p):
+        problem = _dtensors().refusal(p, name, UnsupportedParameter)
+        if problem is not None:
+            return problem
+        p = _local(p)
+    elif type(p) not in (torch.Tensor, torch.nn.Parameter):
         return UnsupportedParameter(
-            f"{name} is a {type(p).__name__}; fastadam.torch updates plain CPU tensors "
-            "(tensor subclasses such as DTensor are not supported yet)")
+            f"{name} is a {type(p).__name__}; fastadam.torch updates plain CPU tensors and "
+            "DTensors (tensor subclasses other than DTensor are not supported)")
     if p.device.type != "cpu":
         return UnsupportedParameter(f"{name} is on {p.device}; fastadam.torch updates CPU "
                                     f"tensors only ({torch_says})")
