@@ -321,12 +321,13 @@ cdef void _by_grad(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
         _by_decay(t, start, stop, dtype, s, <Unscaled*>NULL)
 
 
-# --- 16-bit storage: staged through float32 blocks -------------------------------------
-# A tensor with any 16-bit buffer (or a master copy) runs block by block: its 16-bit
+# --- 16-bit storage through float32 blocks ------------------------------------------------
+# A tensor whose buffers are not all of one type the loops read in registers (float16,
+# mixed types, a master copy, stochastic rounding) runs block by block: its 16-bit
 # buffers are widened into float32 scratch arrays on the stack, the float32 loops above
 # update the block there (float32 buffers in place), and the results are rounded back.
-# The scratch stays in L1, so memory sees only the 16-bit traffic; the loops and their
-# specializations are the float32 ones, not one set per storage type.
+# The scratch stays in L1, so memory sees only the 16-bit traffic; no further set of
+# specializations is compiled for these combinations.
 
 # A multiple of every torch lane count: block starts keep the position of torch's scalar
 # tail.
