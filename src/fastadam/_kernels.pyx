@@ -24,9 +24,12 @@ Design (see docs/design.md "Layers"):
 * The per-element loop is ``_update``. Every option of docs/design.md (grad_scale/maximize,
   L2 or decoupled decay, the lerp branch, AMSGrad, the form: paper, eps_root or the two
   of the torch numerics profile) is a *compile-time* switch: a fused type of empty tag
-  structs, resolved with ``if Tag is On:`` by Cython, so each of the 2 x 64
-  specializations is straight-line arithmetic that the C
-  compiler vectorizes (checked by .github/scripts/check_vectorization.py). The
+  structs, resolved with ``if Tag is On:`` by Cython, and so is the storage of the
+  buffers (the math type itself, or bfloat16 converted in registers), so each of the
+  3 x 80 specializations that run (float64, float32, float32 math over bfloat16) is
+  straight-line arithmetic that the C compiler vectorizes (checked by
+  .github/scripts/check_vectorization.py). Other 16-bit combinations run the float32
+  ones block by block (``_run_staged`` in _adam_loops.pxi). The
   ``_by_*`` functions walk the run-time flags down to the right specialization once per
   chunk, never per element.
 * Exactness: coefficients are computed in double and cast to the element type once per
