@@ -167,7 +167,7 @@ cdef inline void _store(char* buffer, Py_ssize_t i, floating value, StoreTag* st
     if StoreTag is NativeStore:
         (<floating*>buffer)[i] = value
     else:
-        (<uint16_t*>buffer)[i] = fa_f32_to_bf16(<float>value, 0xffff if vector_nans else 0x7fc0)
+        (<uint16_t*>buffer)[i] = fa_f32_to_bf16(<float>value, _bf16_nan(vector_nans))
 
 
 cdef void _update(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
@@ -267,6 +267,17 @@ cdef inline Py_ssize_t _torch_lanes(const AdamTensor* t) noexcept nogil:
     return 4 if t.param_type == ELEM_F64 else 8
 
 
+cdef inline Py_ssize_t _torch_tail_start(const AdamTensor* t) noexcept nogil:
+    """Where torch's scalar tail of this tensor begins (its vector loop covers the rest)."""
+    return t.size - t.size % _torch_lanes(t)
+
+
+cdef inline uint16_t _bf16_nan(bint vector_nans) noexcept nogil:
+    """The bfloat16 NaN torch writes: 0xFFFF from its vector code, 0x7FC0 from its scalar
+    code (c10::BFloat16)."""
+    return 0xffff if vector_nans else 0x7fc0
+
+
 cdef void _by_form(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop, floating* dtype,
                    StoreTag* s, GradTag* a, DecayTag* b, LerpTag* c, MaxTag* d) noexcept nogil:
     cdef Py_ssize_t tail
@@ -275,7 +286,7 @@ cdef void _by_form(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop, float
         # float16 per vector, which it runs at its AVX512 capability too) covers all of a
         # tensor but its last size % lanes elements, which its scalar tail computes. Its
         # threads split tensors at multiples of 64 bytes: no other element is a tail.
-        tail = t.size - t.size % _torch_lanes(t)
+        tail = _torch_tail_start(t)
         if start < tail:
             _update(t, start, min(stop, tail), dtype, s, a, b, c, d, <TorchForm*>NULL)
         if stop > tail:
@@ -354,7 +365,7 @@ cdef void _narrow(const float* values, char* target, int element_type, Py_ssize_
     payload)."""
     cdef uint16_t* bits = (<uint16_t*>target) + start
     cdef Py_ssize_t i
-    cdef uint16_t nan_bits = 0xffff if vector_nans else 0x7fc0
+    cdef uint16_t nan_bits = _bf16_nan(vector_nans)
     if element_type == ELEM_BF16:
         for i in range(n):  # vectorized: kernel loop
             bits[i] = fa_f32_to_bf16(values[i], nan_bits)
@@ -393,7 +404,7 @@ cdef inline void _unstage(const AdamTensor* t, const float* values, char* target
         return
     if t.coef.numerics == NUMERICS_TORCH:
         # torch's vector loop converts a NaN otherwise than its scalar tail (_narrow)
-        vector_end = min(n, max(<Py_ssize_t>0, t.size - t.size % _torch_lanes(t) - start))
+        vector_end = min(n, max(<Py_ssize_t>0, _torch_tail_start(t) - start))
         _narrow(values, target, element_type, start, vector_end, True)
         _narrow(values + vector_end, target, element_type, start + vector_end,
                 n - vector_end, False)

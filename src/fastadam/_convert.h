@@ -70,10 +70,6 @@ static inline float fa_f16_to_f32(uint16_t h) {
     return fa_float_from_bits(sign | (denormalized & is_denormal) | (normalized & ~is_denormal));
 }
 
-/* As fa_f32_to_f16, but a NaN keeps its sign and the top of its payload, quieted (what
- * F16C's vcvtps2ph writes, and so ATen's vector conversion). */
-static inline uint16_t fa_f32_to_f16_keeping_nan_payload(float f);
-
 static inline uint16_t fa_f32_to_f16(float f) {
     const uint32_t w = fa_bits_of_float(f);
     const uint32_t shl1_w = w + w;
@@ -88,6 +84,8 @@ static inline uint16_t fa_f32_to_f16(float f) {
     return (uint16_t)((sign >> 16) | (0x7E00u & is_nan) | (nonsign & ~is_nan));
 }
 
+/* As fa_f32_to_f16, but a NaN keeps its sign and the top of its payload, quieted (what
+ * F16C's vcvtps2ph writes, and so ATen's vector conversion). */
 static inline uint16_t fa_f32_to_f16_keeping_nan_payload(float f) {
     const uint32_t w = fa_bits_of_float(f);
     const uint16_t payload = (uint16_t)(f != f ? (w >> 13) & 0x3FFu : 0u);

@@ -331,8 +331,8 @@ def adam_state(param: Any, *, amsgrad: bool = False,
     dtype = np.dtype(np.float32) if master else array.dtype
     state = {key: zeros_at(array.size, dtype, STATE_PAGE_OFFSETS[key]).reshape(array.shape)
              for key in keys}
-    if master:
-        state["master_param"] = zeros_at(array.size, dtype, STATE_PAGE_OFFSETS["master_param"])
-        state["master_param"][...] = array.reshape(-1).astype(np.float32)
-        state["master_param"] = state["master_param"].reshape(array.shape)
+    if master:  # the float32 copy of the param's values, at its own page offset
+        copy = zeros_at(array.size, dtype, STATE_PAGE_OFFSETS["master_param"]).reshape(array.shape)
+        np.copyto(copy, array, casting="unsafe")
+        state["master_param"] = copy
     return state

@@ -175,3 +175,12 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, file_size: int
         return array.reshape(shape[::-1]).transpose()
     return array.reshape(shape)
 
+
+def check_format(header: Any, path: str, fmt: str, version: int, what: str) -> None:
+    """ValueError unless ``header`` (of the file at ``path``) names format ``fmt`` and
+    ``version``: the check every fastadam file format opens with."""
+    if not isinstance(header, dict) or header.get("format") != fmt:
+        raise ValueError(f"{path} is not a {what}")
+    if header.get("version") != version:
+        raise ValueError(f"{path} has {what} version {header.get('version')!r}; this fastadam "
+                         f"reads version {version}")

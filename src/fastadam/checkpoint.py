@@ -22,7 +22,7 @@ from typing import Any, Dict
 
 import numpy as np
 
-from fastadam._npz import PathLike, read_npz, write_npz_atomically
+from fastadam._npz import PathLike, check_format, read_npz, write_npz_atomically
 from fastadam._validation import BFLOAT16_BITS, is_bfloat16
 from fastadam.optim import Adam
 
@@ -92,11 +92,7 @@ def load(opt: Adam, path: PathLike) -> None:
         raise TypeError(f"opt must be a fastadam.Adam or AdamW, got {type(opt).__name__}")
     path = os.fspath(path)
     header, arrays = read_npz(path)
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a fastadam optimizer checkpoint")
-    if header.get("version") != VERSION:
-        raise ValueError(f"{path} has checkpoint version {header.get('version')!r}; "
-                         f"this fastadam reads version {VERSION}")
+    check_format(header, path, FORMAT, VERSION, "fastadam optimizer checkpoint")
     state_dict = state_dict_from_archive(opt, header, arrays, path)
     try:  # (load_state_dict checks everything before it changes anything)
         opt.load_state_dict(state_dict)

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from fastadam._npz import read_npz, write_npz_atomically
+from fastadam._npz import check_format, read_npz, write_npz_atomically
 from fastadam.checkpoint import hyperparameters_to_json, state_dict_from_archive
 from fastadam.distributed._collectives import agree
 from fastadam.distributed._sharded_adam import ShardedAdam
@@ -183,11 +183,7 @@ def load(opt: ShardedAdam, directory: Any) -> None:
 def _read_index(directory: str, opt: ShardedAdam) -> Dict[str, Any]:
     path = os.path.join(directory, INDEX)
     header, _ = read_npz(path)
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a fastadam sharded checkpoint index")
-    if header.get("version") != VERSION:
-        raise ValueError(f"{path} has version {header.get('version')!r}; this fastadam reads "
-                         f"version {VERSION}")
+    check_format(header, path, FORMAT, VERSION, "fastadam sharded checkpoint index")
     total, dtype = int(opt.params.size), opt.params.dtype.name
     if header.get("total") != total or header.get("dtype") != dtype:
         raise ValueError(f"{path} holds state for {header.get('total')} x {header.get('dtype')} "
