@@ -138,6 +138,14 @@ def build_fastadam_optimizer(params, grads, threads: int) -> Runner:
     return lambda: opt.step(grads)
 
 
+def build_fastadam_fast(params, grads, threads: int) -> Runner:
+    """fastadam.Adam with numerics="fast": one division per element (the paper's form)."""
+    params, grads = copies(params), copies(grads)
+    opt = fastadam.Adam(params, lr=LR, betas=(BETA1, BETA2), eps=EPS, num_threads=threads,
+                        numerics="fast")
+    return lambda: opt.step(grads)
+
+
 def build_fastadam_torch(params, grads, threads: int) -> Runner:
     """fastadam.torch.Adam on torch-allocated params and grads, as a model has them."""
     import fastadam.torch
@@ -277,6 +285,8 @@ class Implementation:
 TORCH_THREADS = "torch.set_num_threads(T)"
 IMPLEMENTATIONS = [
     Implementation(REFERENCE, build_fastadam_optimizer, "fastadam", 4, "num_threads=T"),
+    Implementation("fastadam.Adam numerics='fast'", build_fastadam_fast, "fastadam", 4,
+                   "num_threads=T"),
     Implementation("fastadam.torch.Adam", build_fastadam_torch, "torch", 4, "num_threads=T"),
     Implementation("fastadam.adam_step", build_fastadam_function, "fastadam", 4, "num_threads=T",
                    single_tensor_only=True),

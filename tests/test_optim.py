@@ -474,6 +474,25 @@ def test_saved_steps_in_every_whole_number_form_load(step):
     assert opt.state[0]["step"] == int(step)
 
 
+@pytest.mark.parametrize("steps_before", [1, 3])
+def test_a_count_that_reaches_the_int64_limit_is_refused_by_name(steps_before):
+    # A step looks at the counts only near the limit (the engine keeps a ceiling of
+    # them): a count stepped up to 2**63 - 1 from a loaded one is still caught, and the
+    # refused step changes nothing.
+    params = make_params(shapes=[(4,), (3,)])
+    opt = fastadam.Adam(params)
+    sd = opt.state_dict()
+    sd["state"][1]["step"] = 2**63 - 1 - steps_before
+    opt.load_state_dict(sd)
+    for k in range(steps_before):
+        opt.step(make_grads(params, k))
+    before = [p.copy() for p in params]
+    with pytest.raises(ValueError, match=r"the step count of param_groups\[0\]\['params'\]\[1\] is 9223372036854775807"):
+        opt.step(make_grads(params, 5))
+    assert all(np.array_equal(p, q) for p, q in zip(params, before))
+    assert [e["step"] for e in opt.state] == [steps_before, 2**63 - 1]
+
+
 @pytest.mark.parametrize("state_dict, exc", [
     ({"state": [], "param_groups": []}, TypeError),
     ({"state": {}, "param_groups": [3]}, TypeError),

@@ -1,6 +1,8 @@
 """fastadam.torch on the engine: parameters whose storage changes between steps, layouts
 other than contiguous, state edited in place, and the state dicts torch loads back."""
 
+import collections
+import copy
 import io
 
 import numpy as np
@@ -310,7 +312,9 @@ def test_parameters_put_into_a_group_in_turn_are_stepped_like_torch():
     assert len(ours._recent) == 2 and {id(r) for r in ours._recent} == registries
 
 
-@pytest.mark.parametrize("edit", ["replace_entry", "delete_entry", "new_dict", "new_table"])
+@pytest.mark.parametrize("edit", ["replace_entry", "delete_entry", "new_dict", "new_table",
+                                  "plain_table", "update", "ior", "setdefault", "clear",
+                                  "pop_each", "popitem_each", "del_each"])
 def test_every_edit_of_opt_state_is_seen_by_the_next_step(edit):
     p = torch.nn.Parameter(torch.zeros(3))
     opt = ft.Adam([p], lr=0.1)
@@ -324,11 +328,104 @@ def test_every_edit_of_opt_state_is_seen_by_the_next_step(edit):
     elif edit == "new_dict":
         opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros(3),
                         "exp_avg_sq": torch.zeros(3)}
-    else:
+    elif edit == "new_table":
         opt.state = type(opt.state)()
+    elif edit == "plain_table":  # torch's own type: watched again from the next step
+        opt.state = collections.defaultdict(dict)
+    elif edit == "update":  # every way a dict changes, inside the entry fastadam published
+        opt.state[p].update(step=torch.tensor(0.0))
+    elif edit == "ior":
+        entry = opt.state[p]
+        entry |= {"step": torch.tensor(0.0)}
+    elif edit == "setdefault":  # (the key removed unseen: only setdefault is counted)
+        dict.__delitem__(opt.state[p], "step")
+        opt.state[p].setdefault("step", torch.tensor(0.0))
+    elif edit == "clear":
+        opt.state[p].clear()
+    else:
+        entry = opt.state[p]
+        for _ in range(len(entry)):
+            if edit == "pop_each":
+                entry.pop(next(iter(entry)))
+            elif edit == "popitem_each":
+                entry.popitem()
+            else:
+                del entry[next(iter(entry))]
     p.grad = torch.ones(3)
     opt.step()
     assert opt.state[p]["step"].item() == 1  # each edit restarts the count, as in torch
+
+
+def test_other_codes_keys_in_an_entry_keep_the_compiled_step(monkeypatch):
+    # Wrappers (timm's Lookahead) keep their own tensors in opt.state[p] and may write
+    # them every step: that is not an edit of fastadam's state, so the step stays on the
+    # compiled path (and the keys stay, as in torch).
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = ft.Adam([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    monkeypatch.setattr(type(opt._front), "_general_step", lambda *a: pytest.fail("general path"))
+    for k in range(3):
+        opt.state[p]["slow_buffer"] = torch.full((3,), float(k))
+        opt.state[p].setdefault("other", k)
+        opt.step()
+    assert opt.state[p]["step"].item() == 4 and opt.state[p]["slow_buffer"][0] == 2.0
+
+
+def test_state_dict_and_copies_hold_plain_dicts_as_torchs_do():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = ft.Adam([p])
+    p.grad = torch.ones(3)
+    opt.step()
+    entries = list(opt.state_dict()["state"].values())
+    assert entries and all(type(e) is dict for e in entries)
+    assert entries[0]["exp_avg"] is opt.state[p]["exp_avg"]  # the state itself, as torch's
+    copied = copy.copy(opt.state)
+    assert type(copied) is collections.defaultdict and copied[p] is opt.state[p]
+    deep = copy.deepcopy(opt.state)
+    assert type(deep[next(iter(deep))]) is dict
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True)["state"][0]["step"].item() == 1
+
+
+@pytest.mark.parametrize("grad_kind", ["expanded", "transposed_copy", "strided"])
+def test_gradients_laid_out_unlike_the_parameter_step_like_torch(grad_kind):
+    # torch's grad setter checks dtype, device and shape, not strides: a gradient that
+    # is an expanded scalar (stride 0) or another layout is read element by element.
+    # (torch's fused Adam 2.13 reads an expanded gradient wrongly: it gets the same
+    # gradient, contiguous.)
+    def grad_for(p, k):
+        if grad_kind == "expanded":
+            return torch.full((1, 1), 0.5 + k).expand(p.shape)
+        if grad_kind == "transposed_copy":
+            return torch.randn(p.shape[1], p.shape[0], generator=torch.Generator().manual_seed(k)).t()
+        return torch.randn(p.shape[0], 2 * p.shape[1], generator=torch.Generator().manual_seed(k))[:, ::2]
+
+    make = lambda: [torch.nn.Parameter(torch.ones(6, 5))]  # noqa: E731
+    (a, ours), (b, theirs) = twin_optimizers(make)
+    for k in range(3):
+        a[0].grad = grad_for(a[0], k)
+        b[0].grad = a[0].grad.contiguous()
+        ours.step()
+        theirs.step()
+        assert_same(a, b)
+
+
+def test_a_parameter_whose_class_changed_steps_like_torch():
+    class Tagged(torch.nn.Parameter):
+        pass
+
+    make = lambda: [torch.nn.Parameter(torch.ones(4))]  # noqa: E731
+    (a, ours), (b, theirs) = twin_optimizers(make)
+    for k in range(3):
+        for params, opt in ((a, ours), (b, theirs)):
+            if k == 1:
+                params[0].__class__ = Tagged
+            set_grads(params, k)
+            opt.step()
+        assert_same(a, b)
 
 
 def test_torch_compile_sees_one_opaque_step():

@@ -72,6 +72,10 @@ class Engine:
         self.group_of: List[int] = []
         self.state: List[Dict[str, np.ndarray]] = []  # 1-D views; a missing key: not allocated
         self.steps = np.zeros(0, np.int64)
+        # At least every step count (counts written here are re-read; a pass adds one):
+        # a step looks at the counts only when this nears the int64 limit.
+        self._step_ceiling = 0
+        self._size = 0  # elements of all params
         self.generation = 0  # bumped whenever state is allocated, adopted or loaded
         self._mirror: Optional[np.ndarray] = None  # float32 steps, for front ends that show them
         self._table: Optional[AdamTable] = None
@@ -90,7 +94,7 @@ class Engine:
 
     @property
     def size(self) -> int:
-        return sum(p.size for p in self.params)
+        return self._size
 
     @property
     def rounding_seed(self) -> Optional[int]:
@@ -120,6 +124,7 @@ class Engine:
             self._dtypes[group] = tuple(sorted(set(self._dtypes.get(group, ())) |
                                                {a.dtype for a in arrays}, key=str))
         self.params += list(arrays)
+        self._size += sum(a.size for a in arrays)
         self.names += list(names)
         self.master += [master] * len(arrays)
         self.group_of += [group] * len(arrays)
@@ -148,6 +153,7 @@ class Engine:
             [self.params[j].reshape(-1) for j in others] + self._state_arrays() + [array.reshape(-1)],
             [self.names[j] for j in others]
             + [f"the optimizer's {label}" for label in self._state_labels()] + [self.names[i]])
+        self._size += array.size - self.params[i].size
         self.params[i] = array
         group = self.group_of[i]
         self._dtypes[group] = tuple(sorted({self.params[j].dtype for j, g in enumerate(self.group_of)
@@ -234,7 +240,7 @@ class Engine:
             else:
                 array.fill(0)
         self.steps[i] = step
-        self._refresh_mirrors()
+        self._steps_written()
         self.generation += 1
 
     def zero(self) -> None:
@@ -247,7 +253,7 @@ class Engine:
                 else:
                     array.fill(0)
         self.steps.fill(0)
-        self._refresh_mirrors()
+        self._steps_written()
 
     def float_steps(self) -> np.ndarray:
         """A float32 array mirroring every tensor's step count (torch shows steps as
@@ -259,17 +265,26 @@ class Engine:
             self._invalidate()
         return self._mirror
 
+    def set_steps(self, step: int) -> None:
+        """Give every tensor the step count ``step`` (Keras counts one for all)."""
+        self.steps.fill(step)
+        self._steps_written()
+
     def _adopt_step_edits(self) -> None:
         mirror = self._mirror
         if mirror is None:
             return
-        for i in np.flatnonzero(mirror != self.steps.astype(np.float32)):  # rare: a user
-            self.steps[i] = check_step_count(float(mirror[i]),                # restarting a
-                                             f"the step count of {self.names[i]}")  # schedule
+        edited = np.flatnonzero(mirror != self.steps.astype(np.float32))
+        for i in edited:  # rare: a user restarting a schedule
+            self.steps[i] = check_step_count(float(mirror[i]), f"the step count of {self.names[i]}")
+        if edited.size:
+            self._steps_written()
 
-    def _refresh_mirrors(self) -> None:
+    def _steps_written(self) -> None:
+        """After counts were written here: the mirrors and the ceiling follow them."""
         if self._mirror is not None:
             self._mirror[...] = self.steps
+        self._step_ceiling = int(self.steps.max()) if len(self.steps) else 0
 
     # --- stepping ------------------------------------------------------------------------
 
@@ -313,6 +328,7 @@ class Engine:
             return False
         self._ensure_state(lambda: [i for i, g in enumerate(checked) if g is not None], hypers)
         self._table_as_is().step(checked, hypers, grad_scale, threads)
+        self._step_ceiling += 1
         return True
 
     def step_pointers(self, addresses: np.ndarray, active_elements: int,
@@ -328,6 +344,7 @@ class Engine:
             return False
         self._ensure_state(lambda: np.flatnonzero(addresses).tolist(), hypers)
         self._table_as_is().step_pointers(addresses, hypers, grad_scale, threads)
+        self._step_ceiling += 1
         return True
 
     def count_nonfinite(self, grads: List[Any], num_threads: Optional[int]) -> int:
@@ -340,7 +357,7 @@ class Engine:
     def _check_can_advance(self, active: Callable[[], List[int]]) -> None:
         """Refuse, before anything is written, a pass that would take a step count past
         the int64 range (a loaded count of 2**63 - 1)."""
-        if len(self.steps) and int(self.steps.max()) >= MAX_STEP:
+        if self._step_ceiling >= MAX_STEP and int(self.steps.max()) >= MAX_STEP:
             for i in active():
                 if self.steps[i] >= MAX_STEP:
                     raise ValueError(f"the step count of {self.names[i]} is {MAX_STEP} (2**63 - 1), "

@@ -4,19 +4,19 @@
 
 A step of ``fastadam.torch.Adam`` must find every parameter's gradient, check it (a
 dense CPU tensor of the parameter's dtype, shape and strides), check that the parameter
-still lives where the engine holds it and that ``opt.state`` still holds the tensors
-fastadam put there, and take the gradient's address. In Python that is several
-microseconds per tensor; here it is a handful of attribute calls on each tensor, with
-the comparisons in C. Built without torch: tensors are reached through their Python
-methods, so any torch version works.
+still lives where the engine holds it, and take the gradient's address. In Python that
+is about a microsecond per tensor; here it is a handful of reads through torch's own
+getters and methods, looked up once per type, with the comparisons in C. Built without
+torch: tensors are reached through their Python types, so any torch version works.
+(``opt.state``'s entries are not read here: fastadam.torch counts their edits.)
 
 Anything this loop does not recognise (a sparse or foreign gradient, a parameter whose
-storage moved, state replaced by the user) stops it; ``fastadam.torch`` then takes its
+storage moved) stops it; ``fastadam.torch`` then takes its
 general path for that step, which handles or refuses every case with a clear error.
 """
 
-from cpython.dict cimport PyDict_GetItem
-from cpython.object cimport PyObject
+from inspect import getattr_static
+
 from libc.stdint cimport int64_t
 
 cimport numpy as cnp
@@ -28,93 +28,133 @@ cnp.import_array()
 # the ranks past a small parameter's last row empty shards). Nothing is read from it.
 cdef double _empty_grad[8]
 
+cdef extern from *:
+    """
+    /* An attribute read through the descriptor found once for the object's type (what
+       obj.name does after its lookup through the type's MRO and the instance dict, which
+       a data descriptor such as torch's getsets takes precedence over), and a method
+       called with only self (obj.name() without the bound method). */
+    static PyObject* fa_descriptor_get(PyObject* descriptor, PyObject* obj) {
+        return Py_TYPE(descriptor)->tp_descr_get(descriptor, obj, (PyObject*)Py_TYPE(obj));
+    }
+    static PyObject* fa_call_method(PyObject* method, PyObject* self) {
+        return PyObject_Vectorcall(method, &self, 1, NULL);
+    }
+    """
+    object fa_descriptor_get(object descriptor, object obj)
+    object fa_call_method(object method, object self)
+
+
+cdef class _Reader:
+    """A tensor type's ``grad``, ``dtype``, ``is_cpu`` and ``shape`` getters and its
+    ``data_ptr``, ``stride`` and ``is_contiguous`` methods, looked up once: a step reads
+    them for every tensor, and the lookups cost more than the reads. Only data
+    descriptors are taken (they win over an instance's own attributes); a type that
+    defines any of these otherwise is read by plain attribute access."""
+    cdef readonly object type
+    cdef object grad, dtype, is_cpu, shape, data_ptr, stride, is_contiguous
+    cdef bint direct
+
+    def __init__(self, tensor_type):
+        self.type = tensor_type
+        found = [getattr_static(tensor_type, name, None) for name in
+                 ("grad", "dtype", "is_cpu", "shape", "data_ptr", "stride", "is_contiguous")]
+        self.direct = (all(hasattr(type(d), "__set__") for d in found[:4])
+                       and all(type(d).__name__ == "method_descriptor" for d in found[4:]))
+        (self.grad, self.dtype, self.is_cpu, self.shape,
+         self.data_ptr, self.stride, self.is_contiguous) = found
+
+    cdef inline object get_grad(self, p):
+        return fa_descriptor_get(self.grad, p) if self.direct else p.grad
+
+    cdef inline int64_t address(self, t) except? -1:
+        return fa_call_method(self.data_ptr, t) if self.direct else t.data_ptr()
+
+    cdef inline bint same_layout(self, g, dtype, shape, strides, bint contiguous) except -1:
+        """Is g a CPU tensor of this dtype and shape, laid out with these strides
+        (``contiguous``: the strides are the shape's contiguous ones)?"""
+        if not self.direct:
+            return (g.dtype is dtype and g.is_cpu and g.shape == shape
+                    and (g.is_contiguous() if contiguous else g.stride() == strides))
+        if fa_descriptor_get(self.dtype, g) is not dtype or not fa_descriptor_get(self.is_cpu, g):
+            return False
+        if fa_descriptor_get(self.shape, g) != shape:
+            return False
+        if contiguous:
+            return fa_call_method(self.is_contiguous, g)
+        return fa_call_method(self.stride, g) == strides
+
 
 cdef class Gather:
     """The cached facts of the engine's tensors, in engine order: each parameter, its
-    address, dtype, shape and strides, its element count, and the ``opt.state`` entry
-    fastadam published for it (or None before its first step)."""
+    address, dtype, shape and strides (and whether they are contiguous ones), and its
+    element count."""
     cdef list params
+    cdef list param_readers
     cdef list dtypes
     cdef list shapes
     cdef list strides
-    cdef list published
+    cdef list contiguous
     cdef int64_t[::1] addresses
     cdef int64_t[::1] sizes
-    cdef object tensor_type
-    cdef tuple own_keys
+    cdef _Reader grad_reader
 
     def __init__(self, list params, list dtypes, list shapes, list strides, addresses, sizes,
-                 tensor_type, tuple own_keys=()):
-        # own_keys: every key fastadam may publish in an entry; an entry may hold other
-        # keys besides (other code's: timm's Lookahead keeps its slow weights there), but
-        # none of these that was not published.
-        self.own_keys = own_keys
+                 tensor_type):
         self.params = params
+        readers = {kind: _Reader(kind) for kind in {type(p) for p in params}}  # (nn.Parameter...)
+        self.param_readers = [readers[type(p)] for p in params]
         self.dtypes = dtypes
         self.shapes = shapes
         self.strides = strides
+        self.contiguous = [_is_contiguous(tuple(shape), tuple(stride))
+                           for shape, stride in zip(shapes, strides)]
         self.addresses = addresses
         self.sizes = sizes
-        self.tensor_type = tensor_type
-        self.published = [None] * len(params)
-
-    def publish(self, Py_ssize_t i, tuple entry):
-        """Remember the state fastadam put into ``opt.state`` for tensor ``i``: (the
-        dict, then the tensors it holds, in the order the dict's keys were given)."""
-        self.published[i] = entry
+        self.grad_reader = _Reader(tensor_type)
 
     def run(self, int64_t[::1] out, list grads=None):
         """Fill ``out[i]`` with tensor i's gradient address (0 without a gradient): its
         ``.grad``, or ``grads[i]`` when a list is given (Keras hands gradients over).
 
         Returns (index of the first tensor this loop cannot take, or -1; the elements
-        of the tensors with a gradient). ``opt.state`` itself is watched by the caller
-        (its entries are never added, removed or replaced unseen); here each published
-        per-parameter dict is checked to still hold fastadam's tensors."""
+        of the tensors with a gradient)."""
         cdef Py_ssize_t i, n = len(self.params)
         cdef Py_ssize_t active = 0
+        cdef _Reader reader, grad_reader = self.grad_reader
         if grads is not None and len(grads) != n:
             return 0, 0
         for i in range(n):
             p = self.params[i]
-            g = p.grad if grads is None else grads[i]
+            reader = self.param_readers[i]
+            if type(p) is not reader.type:  # its class was swapped: the general path
+                return i, active
+            g = reader.get_grad(p) if grads is None else grads[i]
             if g is None:
                 out[i] = 0
                 continue
-            if type(g) is not self.tensor_type:
+            if type(g) is not grad_reader.type:
                 return i, active
             try:
-                if (<int64_t>p.data_ptr() != self.addresses[i] or g.dtype is not self.dtypes[i]
-                        or not g.is_cpu or g.shape != self.shapes[i]
-                        or g.stride() != self.strides[i]):
+                if (reader.address(p) != self.addresses[i] or not grad_reader.same_layout(
+                        g, self.dtypes[i], self.shapes[i], self.strides[i], self.contiguous[i])):
                     return i, active
-                out[i] = g.data_ptr()
+                out[i] = grad_reader.address(g)
                 if out[i] == 0:
                     out[i] = <int64_t><size_t>&_empty_grad[0]
             except Exception:  # a sparse gradient has no strides: the general path
-                return i, active
-            entry = self.published[i]
-            if entry is not None and not _holds(entry, self.own_keys):
                 return i, active
             active += self.sizes[i]
         return -1, active
 
 
-cdef bint _holds(tuple entry, tuple own_keys) except -1:
-    """Does the dict entry[0] still hold the tensors entry[2:] under the keys entry[1],
-    and no key of own_keys besides them?"""
-    cdef dict state = entry[0]
-    cdef tuple keys = entry[1]
-    cdef Py_ssize_t k
-    cdef PyObject* value
-    if len(state) != len(keys):
-        if len(state) < len(keys):
+cdef bint _is_contiguous(tuple shape, tuple strides):
+    """Are these the strides of a contiguous tensor of this shape (those of dimensions
+    of size 1 aside, as torch's is_contiguous() has it)? Then a gradient's own
+    is_contiguous() stands for comparing its strides."""
+    cdef Py_ssize_t expected = 1
+    for size, stride in zip(reversed(shape), reversed(strides)):
+        if size != 1 and stride != expected:
             return False
-        for key in own_keys:  # other code's keys are allowed; an own one not published is not
-            if key not in keys and key in state:
-                return False
-    for k in range(len(keys)):
-        value = PyDict_GetItem(state, keys[k])
-        if value == NULL or <object>value is not entry[k + 2]:
-            return False
+        expected *= size
     return True

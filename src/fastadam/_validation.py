@@ -589,6 +589,8 @@ NOT_A_SEQUENCE = (np.ndarray, memoryview, bytes, bytearray, str, Mapping)
 
 def check_sequence(value: Any, name: str, what: str) -> list:
     """``value`` as a list, if it is a sequence (not a buffer, string or mapping)."""
+    if type(value) is list or type(value) is tuple:  # the common case, before the ABC checks
+        return list(value)
     if isinstance(value, NOT_A_SEQUENCE) or not hasattr(value, "__iter__"):
         raise TypeError(f"{name} must be a sequence of {what}, got {type(value).__name__}")
     return list(value)
@@ -666,6 +668,9 @@ def check_group_hyperparameters(group: Mapping, name: str, step: int,
     """A param group's hyperparameters for step ``step`` (lr schedules are called with it),
     also checked against the element types ``dtypes`` of its buffers
     (:func:`check_element_type_range`)."""
+    record = _group_seen_valid(group, name, step, dtypes)
+    if record is not None:
+        return record
     lr = group["lr"]
     if callable(lr):
         lr = check_at_least(lr(step), f"{name}['lr'] (the schedule's value at step {step})", 0.0)
@@ -680,6 +685,32 @@ def check_group_hyperparameters(group: Mapping, name: str, step: int,
     if dtypes:
         check_element_type_range(result, dtypes, name, step)
     return result
+
+
+def _group_seen_valid(group: Mapping, name: str, step: int, dtypes: Any) -> Optional[Hyperparameters]:
+    """A group of plain numbers (ints taken as the floats they stand for) through
+    :func:`check_call_hyperparameters`'s memory: a training loop's groups are the same
+    every step. None for anything else, or anything invalid: the full check then names it."""
+    lr, betas = group["lr"], group["betas"]
+    if callable(lr) or type(betas) not in (tuple, list) or len(betas) != 2:
+        return None
+    try:
+        record = check_call_hyperparameters(
+            _int_as_float(lr), _int_as_float(betas[0]), _int_as_float(betas[1]),
+            _int_as_float(group["eps"]), _int_as_float(group["weight_decay"]),
+            group["decoupled_weight_decay"], group["amsgrad"], group["maximize"],
+            group["eps_hat"], _int_as_float(group["eps_root"]), group.get("numerics", "exact"))
+        if dtypes:
+            check_element_type_range(record, dtypes, name, step)
+        return record
+    except (TypeError, ValueError, OverflowError):  # (an int beyond any float)
+        return None
+
+
+def _int_as_float(value: Any) -> Any:
+    """An int (torch's default weight_decay is 0) as the float it stands for; anything
+    else as it is (a bool stays a bool, to be refused)."""
+    return float(value) if type(value) is int else value
 
 
 def check_grads(grads: Any, params: list, written: np.ndarray, names: Optional[list] = None,

@@ -143,7 +143,7 @@ class Adam(keras.optimizers.Adam):
             if first_irregular >= 0:  # a variable moved, or a gradient the loop does not take
                 self._general_update(grads, trainable_variables, learning_rate, hypers)
                 return
-            engine.steps.fill(int(self.iterations))  # Keras's t is iterations + 1, for every variable
+            engine.set_steps(int(self.iterations))  # Keras's t is iterations + 1, for every variable
             engine.step_pointers(addresses, active, hypers, grad_scale=1.0,
                                  num_threads=self.num_threads)
         self.kernel_steps += 1
@@ -197,7 +197,7 @@ class Adam(keras.optimizers.Adam):
             super()._backend_update_step(grads, variables, learning_rate)
             return
         engine, order, _, _ = table  # (the rebuilt table's order)
-        engine.steps.fill(int(self.iterations))
+        engine.set_steps(int(self.iterations))
         engine.step([torch.as_tensor(grads[i]).detach().contiguous().numpy() for i in order],
                     hypers, grad_scale=1.0, num_threads=self.num_threads,
                     names=[f"the gradient of {variables[i].path}" for i in order])

@@ -75,7 +75,7 @@ import contextlib
 import sys
 import threading
 from collections import defaultdict
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, cast
 
 import numpy as np
 
@@ -93,8 +93,6 @@ from fastadam._torch_gather import Gather
 from fastadam._validation import (
     BFLOAT16_BITS,
     Hyperparameters,
-    check_call_hyperparameters,
-    check_element_type_range,
     check_flag,
     check_grad_scale_range,
     check_group_hyperparameters,
@@ -163,45 +161,91 @@ def _check_arguments_like_torch(**arguments: Any) -> None:
     torch.optim.Adam([torch.empty(0, requires_grad=True)], **arguments)
 
 
-class _StateTable(defaultdict):
+_ANY_KEY = object()  # an edit that may touch any key
+
+
+class _CountsEdits:
+    """For dict types: each call that may change the dict first counts an edit (of one
+    key, or of any), so that a step can tell nothing changed without looking inside.
+    The dict types that take this pickle and copy as torch's own plain ones."""
+
+    def _edited(self, key: Any = _ANY_KEY) -> None:
+        raise NotImplementedError
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._edited(key)
+        super().__setitem__(key, value)  # type: ignore[misc]
+
+    def __delitem__(self, key: Any) -> None:
+        self._edited(key)
+        super().__delitem__(key)  # type: ignore[misc]
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        self._edited(key)
+        return super().pop(key, *default)  # type: ignore[misc]
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self._edited(key)
+        return super().setdefault(key, default)  # type: ignore[misc]
+
+    def popitem(self) -> Any:
+        self._edited()
+        return super().popitem()  # type: ignore[misc]
+
+    def clear(self) -> None:
+        self._edited()
+        super().clear()  # type: ignore[misc]
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self._edited()
+        super().update(*args, **kwargs)  # type: ignore[misc]
+
+    def __ior__(self, other: Any) -> Any:
+        self._edited()
+        return super().__ior__(other)  # type: ignore[misc]
+
+
+class _StateTable(_CountsEdits, defaultdict):
     """``opt.state``: torch's ``defaultdict(dict)``, counting the edits that add, remove
-    or replace a parameter's entry, so that a step sees them without looking up every
-    parameter (edits inside an entry are checked per tensor, in compiled code)."""
+    or replace a parameter's entry, and (through its :class:`_Entry` dicts) the edits of
+    fastadam's keys inside an entry. A step whose count is the one it last saw reads no
+    entry: nothing in them changed."""
 
     def __init__(self, *args: Any) -> None:
-        super().__init__(dict, *args)
+        super().__init__(self._new_entry, *args)
         self.edits = 0
+
+    def _new_entry(self) -> "_Entry":
+        return _Entry(self)
+
+    def _edited(self, key: Any = _ANY_KEY) -> None:
+        self.edits += 1
 
     def __reduce__(self) -> Any:  # pickles as torch's own
         return (defaultdict, (dict,), None, None, iter(self.items()))
 
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self.edits += 1
-        super().__setitem__(key, value)
+    def __copy__(self) -> Any:
+        return defaultdict(dict, self)
 
-    def __delitem__(self, key: Any) -> None:
-        self.edits += 1
-        super().__delitem__(key)
 
-    def clear(self) -> None:
-        self.edits += 1
-        super().clear()
+class _Entry(_CountsEdits, dict):
+    """One parameter's dict in ``opt.state``: a plain dict that adds to its table's edit
+    count when one of fastadam's keys (``step``, the moments, the master copy) may
+    change. Other code's keys (timm's Lookahead keeps its slow weights here) are free."""
 
-    def pop(self, *args: Any) -> Any:
-        self.edits += 1
-        return super().pop(*args)
+    def __init__(self, table: _StateTable, *args: Any) -> None:
+        super().__init__(*args)
+        self.table = table
 
-    def popitem(self) -> Any:
-        self.edits += 1
-        return super().popitem()
+    def _edited(self, key: Any = _ANY_KEY) -> None:
+        if key is _ANY_KEY or key in OWN_KEYS:
+            self.table.edits += 1
 
-    def setdefault(self, *args: Any) -> Any:
-        self.edits += 1
-        return super().setdefault(*args)
+    def __reduce__(self) -> Any:  # pickles and deep-copies as a plain dict
+        return (dict, (dict(self),))
 
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        self.edits += 1
-        super().update(*args, **kwargs)
+    def __copy__(self) -> Any:
+        return dict(self)
 
 
 class Adam(Optimizer):
@@ -321,6 +365,10 @@ class Adam(Optimizer):
 
     def state_dict(self) -> Dict[str, Any]:
         state_dict = super().state_dict()
+        # Each entry as the plain dict torch's own gives (torch.load(weights_only=True)
+        # takes no other type); its tensors are the state's, as torch's are.
+        state_dict["state"] = {k: dict(v) if isinstance(v, _Entry) else v
+                               for k, v in state_dict["state"].items()}
         # torch.optim.Adam(fused=True) resuming from this state dict takes the group's
         # "fused" value: None would send it down its slow path.
         for group in state_dict["param_groups"]:
@@ -383,6 +431,8 @@ class Adam(Optimizer):
         scale = 1.0 if grad_scale is None else float(grad_scale)
         if not scale > 0.0 or scale != scale or scale == float("inf"):
             raise ValueError(f"grad_scale must be a finite number > 0, got {scale!r}")
+        if type(self.state) is not _StateTable:  # replaced by the user: watched again
+            self.state = _StateTable(self.state)
         front = self._front
         if front is None or not front.serves(self) or front.outdated(self):
             self._front = front = self._registry()
@@ -502,10 +552,7 @@ class _Registry:
                         [lay[2] for lay in self.layouts],
                         [_state_strides(p) for p in self.params],
                         np.array([lay[0] for lay in self.layouts], np.int64),
-                        np.array([p.numel() for p in self.params], np.int64), torch.Tensor,
-                        OWN_KEYS)
-        for i, entry in self.published.items():
-            gather.publish(i, entry)
+                        np.array([p.numel() for p in self.params], np.int64), torch.Tensor)
         return gather
 
     def serves(self, opt: Adam) -> bool:
@@ -541,7 +588,8 @@ class _Registry:
         hypers = self._hyperparameters(opt)
         if grad_scale != 1.0:  # a normal number of every element type it divides
             check_grad_scale_range(grad_scale, self.engine.dtypes())
-        if not self.stale and opt.state is self.watched and opt.state.edits == self.edits:
+        if (not self.stale and opt.state is self.watched and self.edits is not None
+                and opt.state.edits == self.edits):  # no entry of opt.state changed: see _Entry
             first_irregular, active = self.gather.run(self.addresses, self._local_grads())
             if first_irregular < 0:
                 if active or self.addresses.any():  # (gradients without elements count a step)
@@ -564,25 +612,11 @@ class _Registry:
                 for g, group in enumerate(opt.param_groups)]
 
     def _group_hyperparameters(self, opt: Adam, g: int, group: Dict[str, Any]) -> Hyperparameters:
-        """A group's record for this step. Plain Python numbers seen valid before take
-        adam_step's remembered check (validity only: the record holds the values given);
-        anything else, and any value that fails, takes the full check, which names it."""
-        step, dtypes = self.engine.group_step(g), self.engine.group_dtypes(g)
-        betas = group["betas"]
-        if type(betas) in (tuple, list) and len(betas) == 2:
-            lr, beta1, beta2, eps, weight_decay = (
-                _plain_float(v) for v in (group["lr"], betas[0], betas[1], group["eps"],
-                                          group["weight_decay"]))
-            try:
-                record = check_call_hyperparameters(
-                    lr, beta1, beta2, eps, weight_decay, group.get("decoupled_weight_decay", False),
-                    group["amsgrad"], group["maximize"], False, 0.0, opt.numerics)
-                check_element_type_range(record, dtypes, f"param_groups[{g}]", step)
-                return record
-            except (TypeError, ValueError):
-                pass  # the full check below raises with the group's names
+        """A group's record for this step (validated: plain numbers seen valid before
+        take the remembered check)."""
         return check_group_hyperparameters(_fastadam_group(group, opt.numerics),
-                                           f"param_groups[{g}]", step, dtypes)
+                                           f"param_groups[{g}]", self.engine.group_step(g),
+                                           self.engine.group_dtypes(g))
 
     def _general_step(self, opt: Adam, hypers: List[Hyperparameters], grad_scale: float) -> None:
         """The step for everything the compiled gather does not take: parameters whose
@@ -732,27 +766,22 @@ class _Registry:
         if owner is not p:  # DTensors sharded like the parameter (torch's step stays plain)
             views = [_dtensors().as_state(view, owner) for view in views]
         tensors = (self.steps[i],) + tuple(views)
-        state = opt.state[owner]
+        table = cast(_StateTable, opt.state)  # (Adam._step keeps it one)
+        state = table[owner]
         others = {k: v for k, v in state.items() if k not in OWN_KEYS}  # kept, as torch does
+        if not (isinstance(state, _Entry) and state.table is table):
+            # (a loaded or user-given plain dict: one whose edits the table counts)
+            state = table[owner] = _Entry(table)
         state.clear()
         state.update(zip(keys, tensors))
         state.update(others)
-        entry = (state, keys) + tensors
-        self.published[i] = entry
-        self.gather.publish(i, entry)
-
-
-def _plain_float(value: Any) -> Any:
-    """An int (torch's default weight_decay is 0) as the float it stands for; anything
-    else as it is (a bool stays a bool, to be refused; a tensor lr takes the full check)."""
-    return float(value) if type(value) is int else value
+        self.published[i] = (state, keys) + tensors
 
 
 def _holds(entry: tuple) -> bool:
     """Does the dict entry[0] still hold fastadam's tensors entry[2:] under the keys
     entry[1], and none of fastadam's other keys? Keys that are not fastadam's belong to
-    other code (timm's Lookahead keeps its slow weights in the entry): they are left alone.
-    The compiled gather checks the same (fastadam._torch_gather._holds)."""
+    other code (timm's Lookahead keeps its slow weights in the entry): they are left alone."""
     state, keys = entry[0], entry[1]
     return (all(state.get(k) is t for k, t in zip(keys, entry[2:]))
             and not any(k in state for k in OWN_KEYS if k not in keys))
