@@ -17,7 +17,7 @@ moments, and writes the parameter and the moments: 28 bytes per float32 element)
 
 Threads: ranks on one host share its cores, and torchrun sets OMP_NUM_THREADS=1. The
 script gives each rank its share of the CPUs it may run on (``--threads``, by default
-the rank's CPU affinity divided by the ranks on this host).
+``fastadam.threads_per_rank()``: the host's CPUs divided among its ranks).
 """
 
 from __future__ import annotations
@@ -94,11 +94,10 @@ def main() -> None:
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="fastadam")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=None,
-                        help="threads per rank (default: this rank's CPUs / ranks on the host)")
+                        help="threads per rank (default: fastadam.threads_per_rank())")
     args = parser.parse_args()
     steps = args.steps or (8 if args.quick else 20)
-    threads = args.threads or max(1, len(os.sched_getaffinity(0))
-                                  // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    threads = args.threads or fastadam.threads_per_rank()
     torch.set_num_threads(threads)
 
     mesh, device, offload = setup()
