@@ -65,3 +65,13 @@ def test_the_gpt2_shaped_example_learns_on_2_ranks_quick(stage, tmp_path):
         mine, total = (int(x.replace(",", "")) for x in re.search(r"([\d,]+) elements of ([\d,]+);", line).groups())
         assert 0 < mine < total, line
         assert "GB/s" in line
+
+
+def test_the_offload_benchmark_runs_quick_under_deepspeed(tmp_path):
+    from test_torch_fsdp2 import BENCHMARK, run_benchmark
+
+    if not BENCHMARK.exists():
+        pytest.skip("not a source checkout")
+    report = run_benchmark("deepspeed", tmp_path)
+    assert list(report["ranks"][0]["medians"]) == [
+        "fastadam.torch.AdamW", "DeepSpeedCPUAdam", "torch AdamW fused"]
