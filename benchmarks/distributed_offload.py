@@ -16,8 +16,10 @@ The model is GPT-2 small's 148 tensors (124,439,808 elements; benchmarks/peers.p
 fp32, with a sum-of-squares loss: one forward and backward give every rank its shards'
 gradients; only optimizer steps are timed. Each repeat steps every optimizer once, in an
 order rotated per repeat (interleaved), every rank starting each step together after a
-barrier. Reported per rank: the median step time and the rate against the memory bound
-(28 bytes per fp32 element: parameter, gradient and two moments read, three written).
+barrier. Reported per rank: the median step time and the rate at 28 bytes per fp32
+element (parameter, gradient and two moments read, three written), and, with numba
+installed, the share of the memory bound: benchmarks/peers.py's 7-stream kernel over as
+many elements, timed in the same interleaved loop on every rank at once.
 The ranks are started by torchrun with ``--threads`` OpenMP and torch threads each
 (default ``fastadam.threads_per_rank(ranks)``).
 
@@ -40,6 +42,7 @@ import time
 
 BYTES_PER_ELEMENT = 28  # fp32 Adam: 4 streams read (p, g, m, v), 3 written (p, m, v)
 ENGINES = ("fsdp2", "deepspeed")
+BOUND = "bound: 7-stream (numba)"
 
 
 def shapes(quick):
@@ -74,6 +77,20 @@ def model(quick):
 
     torch.manual_seed(0)  # the same model on every rank
     return Shapes(shapes(quick))
+
+
+def memory_bound(elements, threads):
+    """benchmarks/peers.py's 7-stream kernel (numba: one pass reading 4 arrays and writing
+    3, as Adam's) over the rank's element count, run beside the optimizers: the memory
+    bound as both ranks' traffic meets it. Nothing without numba."""
+    if importlib.util.find_spec("numba") is None:
+        return {}
+    import numba
+    import numpy as np
+    from peers import build_bounds
+
+    numba.set_num_threads(threads)
+    return {BOUND: build_bounds(elements, np.dtype(np.float32))[BOUND]}
 
 
 def rotated(names, repeat):
@@ -120,8 +137,10 @@ def fsdp2(args):
         "torch AdamW foreach": torch.optim.AdamW(params, foreach=True),
         "torch AdamW fused": torch.optim.AdamW(params, fused=True),
     }
-    samples = time_steps({name: opt.step for name, opt in optimizers.items()}, args.repeats, args.warmup)
-    return samples, sum(p.to_local().numel() for p in params), sum(p.numel() for p in params)
+    elements = sum(p.to_local().numel() for p in params)
+    runners = {**{name: opt.step for name, opt in optimizers.items()}, **memory_bound(elements, args.threads)}
+    samples = time_steps(runners, args.repeats, args.warmup)
+    return samples, elements, sum(p.numel() for p in params)
 
 
 def deepspeed(args):
@@ -148,10 +167,11 @@ def deepspeed(args):
             partition = [p for group in client.param_groups for p in group["params"]]
             others = {"DeepSpeedCPUAdam": DeepSpeedCPUAdam(partition, weight_decay=0.01, adamw_mode=True),
                       "torch AdamW fused": torch.optim.AdamW(partition, fused=True)}
-            runners = {"fastadam.torch.AdamW": lambda: client_step(*a, **kw),
-                       **{name: opt.step for name, opt in others.items()}}
-            measured["samples"] = time_steps(runners, args.repeats, args.warmup)
             measured["elements"] = sum(p.numel() for p in partition)
+            runners = {"fastadam.torch.AdamW": lambda: client_step(*a, **kw),
+                       **{name: opt.step for name, opt in others.items()},
+                       **memory_bound(measured["elements"], args.threads)}
+            measured["samples"] = time_steps(runners, args.repeats, args.warmup)
         return client_step(*a, **kw)
 
     client.step = step
@@ -181,7 +201,10 @@ def launch(engine, args):
 
     source = os.path.dirname(os.path.dirname(os.path.abspath(fastadam.__file__)))
     here = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "DS_ACCELERATOR": "cpu",
+    # numba's pool has as many threads as NUMBA_NUM_THREADS says, whatever set_num_threads
+    # uses: its idle threads, one per core and rank, stalled torch's steps up to 300x here.
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "NUMBA_NUM_THREADS": str(args.threads),
+           "DS_ACCELERATOR": "cpu",
            "PYTHONPATH": os.pathsep.join([source, here, os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", str(args.ranks), os.path.abspath(__file__), "--worker", engine,
@@ -199,14 +222,16 @@ def table(report):
     names = list(ranks[0]["medians"])
     ours = max(rank["medians"][names[0]] for rank in ranks)
     head = " | ".join(f"rank {r} ms" for r in range(len(ranks)))
-    lines = [f"| optimizer | {head} | GB/s (slowest rank) | slowest rank's time / fastadam's |",
-             "|---" * (len(ranks) + 3) + "|"]
+    bound = max(rank["medians"][BOUND] for rank in ranks) if BOUND in names else None
+    lines = [f"| optimizer | {head} | GB/s (slowest rank) | % of the bound | "
+             "slowest rank's time / fastadam's |", "|---" * (len(ranks) + 4) + "|"]
     for name in names:
         times = [rank["medians"][name] for rank in ranks]
         slowest = max(range(len(ranks)), key=lambda r: times[r])
         rate = BYTES_PER_ELEMENT * ranks[slowest]["elements"] / times[slowest] / 1e9
         cells = " | ".join(f"{t * 1e3:.2f}" for t in times)
-        lines.append(f"| {name} | {cells} | {rate:.2f} | {times[slowest] / ours:.2f} |")
+        share = f"{100 * bound / times[slowest]:.0f}%" if bound else "-"
+        lines.append(f"| {name} | {cells} | {rate:.2f} | {share} | {times[slowest] / ours:.2f} |")
     return "\n".join(lines)
 
 
