@@ -72,6 +72,5 @@ def test_the_offload_benchmark_runs_quick_under_deepspeed(tmp_path):
 
     if not BENCHMARK.exists():
         pytest.skip("not a source checkout")
-    report = run_benchmark("deepspeed", tmp_path)
-    assert list(report["ranks"][0]["medians"]) == [
+    assert run_benchmark("deepspeed", tmp_path) == [
         "fastadam.torch.AdamW", "DeepSpeedCPUAdam", "torch AdamW fused"]

@@ -3,6 +3,7 @@
 here). Each rank checks its shards bit for bit against torch.optim.Adam/AdamW(fused=True)
 in the same run; see the worker's docstring for the scenarios."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -95,7 +96,8 @@ def test_the_gpt2_shaped_example_learns_under_torchrun_quick(tmp_path):
 
 
 def run_benchmark(engine, tmp_path):
-    """benchmarks/distributed_offload.py --quick, one repeat, for ``engine``: its report."""
+    """benchmarks/distributed_offload.py --quick, one repeat, for ``engine``: the optimizers
+    it timed."""
     out = tmp_path / "report.json"
     result = subprocess.run([sys.executable, str(BENCHMARK), "--quick", "--engines", engine,
                              "--repeats", "1", "--warmup", "0", "--json", str(out)],
@@ -107,12 +109,14 @@ def run_benchmark(engine, tmp_path):
     assert sum(rank["elements"] for rank in report["ranks"]) == report["total"]
     assert all(0 < t < 60 for rank in report["ranks"] for t in rank["medians"].values())
     assert "| fastadam.torch.AdamW |" in result.stdout
-    return report
+    names = list(report["ranks"][0]["medians"])
+    bound = "bound: 7-stream (numba)"  # timed beside the optimizers where numba is installed
+    assert (bound in names) == (importlib.util.find_spec("numba") is not None)
+    return [name for name in names if name != bound]
 
 
 @pytest.mark.skipif(not BENCHMARK.exists(), reason="not a source checkout")
 def test_the_offload_benchmark_runs_quick(tmp_path):
-    report = run_benchmark("fsdp2", tmp_path)
-    assert list(report["ranks"][0]["medians"]) == [
+    assert run_benchmark("fsdp2", tmp_path) == [
         "fastadam.torch.AdamW", "torch AdamW (default: for-loop)", "torch AdamW foreach",
         "torch AdamW fused"]
