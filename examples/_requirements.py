@@ -13,6 +13,8 @@ INSTALL = {
     "torch": 'pip install "fastadam[torch]" (or pip install torch)',
     "keras": 'pip install "fastadam[keras]" (or pip install keras)',
     "mpi4py": 'pip install "fastadam[mpi]" mpich (or mpi4py built against your MPI)',
+    "deepspeed": "pip install deepspeed (without CUDA: DS_ACCELERATOR=cpu DS_BUILD_OPS=0 "
+                 "pip install --no-build-isolation deepspeed)",
 }
 
 

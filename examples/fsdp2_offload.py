@@ -17,7 +17,7 @@ moments, and writes the parameter and the moments: 28 bytes per float32 element)
 
 Threads: ranks on one host share its cores, and torchrun sets OMP_NUM_THREADS=1. The
 script gives each rank its share of the CPUs it may run on (``--threads``, by default
-the rank's CPU affinity divided by the ranks on this host).
+``fastadam.threads_per_rank()``: the host's CPUs divided among its ranks).
 """
 
 from __future__ import annotations
@@ -32,45 +32,17 @@ from _requirements import require
 
 torch = require("torch")
 import torch.distributed as dist  # noqa: E402
-from torch import nn  # noqa: E402
+from _gpt import GPT, SHAPES, batch, next_token_loss  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard  # noqa: E402
 
 import fastadam.torch  # noqa: E402
 
-SHAPES = {  # layers, width, heads, vocabulary, sequence
-    "gpt2": (12, 768, 12, 50257, 1024),
-    "quick": (2, 64, 4, 512, 32),
-}
 OPTIMIZERS = {
     "fastadam": lambda params, lr, threads: fastadam.torch.AdamW(params, lr=lr, num_threads=threads),
     "torch-fused": lambda params, lr, threads: torch.optim.AdamW(params, lr=lr, fused=True),
     "torch": lambda params, lr, threads: torch.optim.AdamW(params, lr=lr),  # foreach
 }
-
-
-class GPT(nn.Module):
-    """GPT-2's shapes (pre-norm blocks, GELU MLP of 4x the width, learned positions) with
-    an untied output layer."""
-
-    def __init__(self, layers: int, width: int, heads: int, vocabulary: int, sequence: int):
-        super().__init__()
-        self.tokens = nn.Embedding(vocabulary, width)
-        self.positions = nn.Embedding(sequence, width)
-        self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
-                                       batch_first=True, norm_first=True)
-            for _ in range(layers))
-        self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, vocabulary, bias=False)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        n = tokens.shape[1]
-        x = self.tokens(tokens) + self.positions(torch.arange(n, device=tokens.device))
-        mask = nn.Transformer.generate_square_subsequent_mask(n, device=tokens.device)
-        for block in self.blocks:
-            x = block(x, src_mask=mask, is_causal=True)
-        return self.head(self.norm(x))
 
 
 def setup() -> tuple:
@@ -94,11 +66,10 @@ def main() -> None:
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="fastadam")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=None,
-                        help="threads per rank (default: this rank's CPUs / ranks on the host)")
+                        help="threads per rank (default: fastadam.threads_per_rank())")
     args = parser.parse_args()
     steps = args.steps or (8 if args.quick else 20)
-    threads = args.threads or max(1, len(os.sched_getaffinity(0))
-                                  // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    threads = args.threads or fastadam.threads_per_rank()
     torch.set_num_threads(threads)
 
     mesh, device, offload = setup()
@@ -113,14 +84,11 @@ def main() -> None:
     params = list(model.parameters())
     opt = OPTIMIZERS[args.optimizer](params, args.lr, threads)
 
-    # A task it can learn in a few steps: each token is followed by the next one (mod V).
-    generator = torch.Generator().manual_seed(rank)
+    generator = torch.Generator().manual_seed(rank)  # each rank its own data
     losses, seconds = [], []
     for _ in range(steps):
-        start = torch.randint(vocabulary, (args.batch, 1), generator=generator)
-        tokens = ((start + torch.arange(sequence + 1)) % vocabulary).to(device)
-        logits = model(tokens[:, :-1])
-        loss = nn.functional.cross_entropy(logits.reshape(-1, vocabulary), tokens[:, 1:].reshape(-1))
+        tokens = batch(generator, args.batch, vocabulary, sequence).to(device)
+        loss = next_token_loss(model(tokens[:, :-1]), tokens)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         began = time.perf_counter()

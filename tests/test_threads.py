@@ -354,3 +354,126 @@ print("ok")
                             timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", (result.returncode,
                                                                      result.stderr[-2000:])
+
+
+# threads_per_rank: the CPUs a process may run on are faked (os.sched_getaffinity by pid:
+# 0 is this rank, PARENT the launcher) and so is the launcher's environment.
+PARENT = 4242
+
+
+@pytest.fixture
+def host(monkeypatch):
+    """Set this rank's and its launcher's CPUs and the environment; clears every launcher
+    variable first (the suite itself may run under one)."""
+    for variable in _threads.LOCAL_WORLD_SIZE_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(os, "getppid", lambda: PARENT)
+
+    def configure(own, parent=None, **env):
+        cpus = {0: set(own), PARENT: set(own if parent is None else parent)}
+
+        def affinity(pid):
+            if pid not in cpus:
+                raise ProcessLookupError(pid)
+            return cpus[pid]
+
+        monkeypatch.setattr(os, "sched_getaffinity", affinity, raising=False)
+        for variable, value in env.items():
+            monkeypatch.setenv(variable, value)
+
+    return configure
+
+
+@pytest.mark.parametrize("variable", _threads.LOCAL_WORLD_SIZE_VARIABLES)
+def test_threads_per_rank_shares_the_hosts_cpus_among_the_launchers_local_ranks(host, variable):
+    host(range(16), **{variable: "4"})  # not pinned: each rank may run on all 16
+    assert fastadam.threads_per_rank() == 4
+    host(range(16), **{variable: "3"})
+    assert fastadam.threads_per_rank() == 5  # rounded down: 15 of 16 used, none twice
+
+
+def test_threads_per_rank_is_what_the_rank_may_use_alone_without_a_launcher(host):
+    host(range(8))
+    assert fastadam.threads_per_rank() == 8
+    host({2, 3}, parent=range(8))  # taskset -c 2,3 python train.py
+    assert fastadam.threads_per_rank() == 2
+
+
+def test_threads_per_rank_gives_ranks_pinned_to_disjoint_cpus_their_own(host):
+    # mpiexec --bind-to core / NUMA binding: 4 ranks on 4 cores each of a 16-core host
+    host({4, 5, 6, 7}, parent=range(16), LOCAL_WORLD_SIZE="4")
+    assert fastadam.threads_per_rank() == 4
+    # 2 ranks bound to 2 cores each: their own 2, not half of the host's 16
+    host({0, 1}, parent=range(16), LOCAL_WORLD_SIZE="2")
+    assert fastadam.threads_per_rank() == 2
+
+
+def test_threads_per_rank_shares_a_socket_that_several_ranks_are_bound_to(host):
+    # 4 ranks bound to sockets of 8 cores on a 16-core host: 2 ranks per socket, 4 threads each
+    host(range(8, 16), parent=range(16), OMPI_COMM_WORLD_LOCAL_SIZE="4")
+    assert fastadam.threads_per_rank() == 4
+
+
+def test_threads_per_rank_is_at_least_one_and_ignores_omp_num_threads(host, monkeypatch):
+    host(range(2), LOCAL_WORLD_SIZE="3")  # more ranks than CPUs
+    assert fastadam.threads_per_rank() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torchrun's setting: what this replaces
+    host(range(8), LOCAL_WORLD_SIZE="2")
+    assert fastadam.threads_per_rank() == 4
+
+
+def test_threads_per_rank_argument_wins_over_the_environment(host):
+    host(range(12), LOCAL_WORLD_SIZE="2", MPI_LOCALNRANKS="4")
+    assert fastadam.threads_per_rank() == 6  # torchrun's variable comes first
+    assert fastadam.threads_per_rank(3) == 4
+    assert fastadam.threads_per_rank(local_world_size=1) == 12
+
+
+def test_threads_per_rank_without_a_readable_launcher_uses_the_ranks_own_cpus(host, monkeypatch):
+    host(range(6), LOCAL_WORLD_SIZE="2")
+    monkeypatch.setattr(os, "getppid", lambda: PARENT + 1)  # gone, or another user's
+    assert fastadam.threads_per_rank() == 3
+
+
+def test_threads_per_rank_is_the_cpu_count_where_affinity_is_unknown(host, monkeypatch):
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS, Windows
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert fastadam.threads_per_rank() == 3
+
+
+@pytest.mark.parametrize("bad, exc", [(0, ValueError), (-2, ValueError), (2.0, TypeError),
+                                      ("2", TypeError), (True, TypeError)])
+def test_threads_per_rank_rejects_a_bad_local_world_size(host, bad, exc):
+    host(range(4))
+    with pytest.raises(exc, match="^local_world_size must be None or a positive integer"):
+        fastadam.threads_per_rank(bad)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", ""])
+def test_threads_per_rank_names_a_bad_launcher_variable(host, value):
+    host(range(4), LOCAL_SIZE=value)
+    with pytest.raises(ValueError, match="^the environment variable LOCAL_SIZE must be a positive integer"):
+        fastadam.threads_per_rank()
+
+
+@pytest.mark.slow  # torchrun starts 2 processes
+def test_threads_per_rank_under_torchrun_uses_the_rank_affinity(tmp_path):
+    # the real thing, no fakes: 2 ranks started by torchrun on this machine
+    pytest.importorskip("torch")
+    script = tmp_path / "rank.py"
+    script.write_text("import os, fastadam\n"
+                      "print(os.environ['LOCAL_WORLD_SIZE'], len(os.sched_getaffinity(0)),"
+                      " os.environ['OMP_NUM_THREADS'], fastadam.threads_per_rank(), flush=True)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [os.path.dirname(os.path.dirname(fastadam.__file__)), os.environ.get("PYTHONPATH", "")])}
+    env.pop("OMP_NUM_THREADS", None)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc-per-node", "2", str(script)], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line.split() for line in result.stdout.splitlines() if line.strip()]
+    assert len(lines) == 2
+    for ranks, cpus, omp, threads in lines:
+        assert (ranks, omp) == ("2", "1")  # torchrun's: one thread per rank
+        assert int(threads) == max(1, int(cpus) // 2)

@@ -3,6 +3,7 @@
 here). Each rank checks its shards bit for bit against torch.optim.Adam/AdamW(fused=True)
 in the same run; see the worker's docstring for the scenarios."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ if not (torch.distributed.is_available() and torch.distributed.is_gloo_available
 WORKER = Path(__file__).with_name("fsdp2_worker.py")
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guide" / "fsdp2.md"
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fsdp2_offload.py"
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "distributed_offload.py"
 pytestmark = pytest.mark.slow  # each run starts 2 or 3 processes that import torch
 
 
@@ -91,3 +93,30 @@ def test_the_gpt2_shaped_example_learns_under_torchrun_quick(tmp_path):
         first, last = (float(x) for x in line.split("loss ")[1].split(";")[0].split(" -> "))
         assert last < first, line
         assert "GB/s" in line
+
+
+def run_benchmark(engine, tmp_path):
+    """benchmarks/distributed_offload.py --quick, one repeat, for ``engine``: the optimizers
+    it timed."""
+    out = tmp_path / "report.json"
+    result = subprocess.run([sys.executable, str(BENCHMARK), "--quick", "--engines", engine,
+                             "--repeats", "1", "--warmup", "0", "--json", str(out)],
+                            env=environment(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    [report] = json.loads(out.read_text())
+    assert report["engine"] == engine and len(report["ranks"]) == 2
+    # each rank stepped its own part of the model, and every optimizer was timed there
+    assert sum(rank["elements"] for rank in report["ranks"]) == report["total"]
+    assert all(0 < t < 60 for rank in report["ranks"] for t in rank["medians"].values())
+    assert "| fastadam.torch.AdamW |" in result.stdout
+    names = list(report["ranks"][0]["medians"])
+    bound = "bound: 7-stream (numba)"  # timed beside the optimizers where numba is installed
+    assert (bound in names) == (importlib.util.find_spec("numba") is not None)
+    return [name for name in names if name != bound]
+
+
+@pytest.mark.skipif(not BENCHMARK.exists(), reason="not a source checkout")
+def test_the_offload_benchmark_runs_quick(tmp_path):
+    assert run_benchmark("fsdp2", tmp_path) == [
+        "fastadam.torch.AdamW", "torch AdamW (default: for-loop)", "torch AdamW foreach",
+        "torch AdamW fused"]

@@ -7,7 +7,7 @@ wraps them for NumPy arrays and any object supporting the buffer protocol.
 from fastadam import _simd, schedules  # noqa: F401  (_simd selects the SIMD level)
 from fastadam._config import show_config
 from fastadam._functional import adam_state, adam_step, adam_step_rows
-from fastadam._threads import get_num_threads, set_num_threads
+from fastadam._threads import get_num_threads, set_num_threads, threads_per_rank
 from fastadam._version import __version__
 from fastadam.checkpoint import load, save
 from fastadam.flat import FlatParams
@@ -26,5 +26,6 @@ __all__ = [
     "schedules",
     "set_num_threads",
     "show_config",
+    "threads_per_rank",
     "__version__",
 ]

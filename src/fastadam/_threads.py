@@ -11,13 +11,18 @@ keeps the parent's thread pool in its bookkeeping, and the child's first paralle
 waits forever for pool threads that fork did not copy (a two-thread update in a child
 forked after a two-thread update hung here; tests/test_threads.py checks the remedy).
 Workers that want threads should be started with the "spawn" or "forkserver" method.
+
+:func:`threads_per_rank` is for the other kind of worker: ranks of a distributed job that
+share a host. Launchers set ``OMP_NUM_THREADS=1`` (torchrun does) so that ranks do not
+oversubscribe it, which leaves a CPU optimizer on one thread; the function gives a rank
+its share of the CPUs instead.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from typing import Optional
+from typing import Mapping, Optional, Set
 
 from fastadam import _kernels
 from fastadam._validation import check_num_threads
@@ -80,6 +85,61 @@ def threads_for(num_threads: Optional[int], n_elements: int) -> int:
         return 1
     requested = num_threads if num_threads is not None else get_num_threads()
     return min(requested, -(-n_elements // _CHUNK_ELEMENTS), MAX_TEAM_SIZE)
+
+
+# Where launchers put the number of ranks on this host, in the order they are read:
+# torchrun, DeepSpeed's launcher, Open MPI's mpirun, MPICH's (and Intel MPI's) mpiexec.
+LOCAL_WORLD_SIZE_VARIABLES = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE",
+                              "MPI_LOCALNRANKS")
+
+
+def _local_world_size(environ: Mapping[str, str]) -> int:
+    """The ranks on this host as the launcher's environment says (1 without a launcher)."""
+    for variable in LOCAL_WORLD_SIZE_VARIABLES:
+        value = environ.get(variable)
+        if value is not None:
+            try:
+                count = int(value)
+            except ValueError:
+                count = 0
+            if count < 1:
+                raise ValueError(f"the environment variable {variable} must be a positive "
+                                 f"integer (the number of ranks on this host), got {value!r}")
+            return count
+    return 1
+
+
+def _affinity(pid: int) -> Set[int]:
+    """The CPUs process ``pid`` may run on (0: this one); all of them where the platform
+    cannot say (macOS, Windows)."""
+    if hasattr(os, "sched_getaffinity"):
+        return set(os.sched_getaffinity(pid))
+    return set(range(os.cpu_count() or 1))
+
+
+def threads_per_rank(local_world_size: Optional[int] = None) -> int:
+    """The threads one rank of a distributed job should give its optimizer step, so that
+    the ranks on this host together use its CPUs once: pass it as ``num_threads=``.
+
+    ``local_world_size`` is the number of ranks on this host; None reads it from the
+    launcher's environment (``LOCAL_WORLD_SIZE`` of torchrun, ``LOCAL_SIZE`` of
+    DeepSpeed's launcher, ``OMPI_COMM_WORLD_LOCAL_SIZE`` of Open MPI, ``MPI_LOCALNRANKS``
+    of MPICH), else 1. The host's CPUs are those the launcher may run on (the parent
+    process's CPU affinity, with this rank's own), shared evenly among the local ranks;
+    a rank pinned to fewer CPUs than its share (``--bind-to core``, NUMA binding) gets
+    its own CPUs. So the result is ``min(len(own), len(host) // local_world_size)``, at
+    least 1. ``OMP_NUM_THREADS`` is not read: it is what this replaces.
+    """
+    ranks = check_num_threads(local_world_size, "local_world_size")  # None or a positive int
+    if ranks is None:
+        ranks = _local_world_size(os.environ)
+    own = _affinity(0)
+    try:
+        # The launcher (torchrun's agent, mpiexec's proxy, a shell) is this rank's parent.
+        host = own | _affinity(os.getppid())
+    except OSError:  # the parent is gone or not ours to read: this rank's CPUs are all it knows
+        host = own
+    return max(1, min(len(own), len(host) // ranks))
 
 
 class NumThreadsAttribute:
