@@ -354,3 +354,31 @@ def test_every_16bit_value_survives_a_round_trip_on_every_level(restore_levels, 
         fastadam.adam_step(p, zeros, zeros.copy(), zeros.copy(), step=1, lr=0.0, eps=1.0)
         np.testing.assert_array_equal(p.astype(np.float32), values.astype(np.float32))
         assert_same_bits(p[p != 0], values[values != 0])
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["bfloat16", "float16"])
+def test_optimizer_with_master_weights_takes_float32_gradients_as_they_are(dtype):
+    # A gradient summed or accumulated in float32 (fastadam.distributed's reduce-scatter
+    # of a 16-bit model) is read without a rounding to 16 bits: as adam_step reads it.
+    rng = np.random.default_rng(11)
+    flat = fastadam.FlatParams([(3, 5), 40], dtype)  # one 16-bit block, one stream
+    flat.data[...] = rng.standard_normal(flat.data.size).astype(dtype)
+    twin = {"param": flat.data.copy(), **fastadam.adam_state(flat.data, master_weights=True)}
+    opt = fastadam.Adam(flat.params, lr=1e-2, master_weights=True)
+    other = fastadam.Adam([np.zeros(3, dtype)], master_weights=True)
+    for step in (1, 2):
+        grads = [rng.standard_normal(p.shape).astype(np.float32) for p in flat.params]
+        assert opt.step(grads, grad_scale=3.0, skip_if_nonfinite=True)
+        fastadam.adam_step(twin["param"], np.concatenate([g.reshape(-1) for g in grads]),
+                           twin["exp_avg"], twin["exp_avg_sq"], step=step, lr=1e-2,
+                           grad_scale=3.0, master_param=twin["master_param"])
+    assert_same_bits(flat.data, twin["param"])
+    assert_same_bits(np.concatenate([s["master_param"].reshape(-1) for s in opt.state]),
+                     twin["master_param"])
+    with pytest.raises(TypeError, match=r"grads\[0\] must have the dtype of params\[0\] "
+                                        r"\((bfloat16|float16)\) or be float32, got float64"):
+        other.step([np.zeros(3)])
+    no_master = fastadam.Adam([np.zeros(3, dtype)])
+    with pytest.raises(TypeError, match=r"\((bfloat16|float16)\), got float32"):
+        no_master.step([np.zeros(3, np.float32)])
+    assert opt.state[0]["step"] == 2 and other.state[0]["step"] == 0

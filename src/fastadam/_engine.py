@@ -302,7 +302,8 @@ class Engine:
         ``skip_if_nonfinite`` finds NaN or Inf."""
         self._adopt_step_edits()
         checked, untouched, rows_given = check_grads(grads, self.params, self.written_ranges(),
-                                                     names=names, allow_none=allow_none)
+                                                     names=names, allow_none=allow_none,
+                                                     master=self.master)
         if rows_given:  # sum duplicate rows (in fastadam's own copy); count the rows left out
             checked = [_summed(g) if type(g) is tuple else g for g in checked]
             untouched += sum(p.size - g[1].size for p, g in zip(self.params, checked)
@@ -333,7 +334,8 @@ class Engine:
     def count_nonfinite(self, grads: List[Any], num_threads: Optional[int]) -> int:
         """How many elements of these gradients (checked as :meth:`step` checks them)
         are NaN or Inf; nothing is written."""
-        checked, untouched, _ = check_grads(grads, self.params, self.written_ranges())
+        checked, untouched, _ = check_grads(grads, self.params, self.written_ranges(),
+                                            master=self.master)
         return self._table_as_is().count_nonfinite(checked, threads_for(num_threads,
                                                                         self.size - untouched))
 

@@ -683,10 +683,12 @@ def check_group_hyperparameters(group: Mapping, name: str, step: int,
 
 
 def check_grads(grads: Any, params: list, written: np.ndarray, names: Optional[list] = None,
-                allow_none: bool = False) -> Tuple[list, int, bool]:
+                allow_none: bool = False, master: Optional[list] = None) -> Tuple[list, int, bool]:
     """The gradients of one optimizer step, checked against the params (count, dtype,
     shape, layout, overlap with any ``written`` range: sorted_ranges of the params and
-    state) before anything is written.
+    state) before anything is written. A dense gradient has its param's dtype, or is
+    float32 where ``master[i]`` (a 16-bit param with a float32 master copy: a gradient
+    summed or accumulated in float32, as fastadam.distributed's is).
 
     A gradient may be row-sparse: a tuple ``(rows, values)`` for a param with rows (see
     :func:`check_row_grad`); it is returned as (int64 rows in fastadam's own copy, flat
@@ -720,9 +722,11 @@ def check_grads(grads: Any, params: list, written: np.ndarray, names: Optional[l
             rows_given = True
             continue
         array = as_array(grad, name, writable=False, flatten=False)
-        if array.dtype != param.dtype:
+        float32_ok = master is not None and master[i]
+        if array.dtype != param.dtype and not (float32_ok and array.dtype == FLOAT_DTYPES[0]):
             raise TypeError(f"{name} must have the dtype of params[{i}] "
-                            f"({type_name(param.dtype)}), got {type_name(array.dtype)}")
+                            f"({type_name(param.dtype)}{') or be float32' if float32_ok else ')'}, "
+                            f"got {type_name(array.dtype)}")
         if array.shape != param.shape:
             raise ValueError(f"{name} must have the shape of params[{i}] {param.shape}, got {array.shape}")
         if overlaps(written, array):

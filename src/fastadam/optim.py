@@ -82,7 +82,8 @@ class Adam:
         For bfloat16/float16 params: keep a float32 master copy of each (``master_param``
         in its state, taken from the param when the optimizer is built) and float32
         moments; each step updates the master and writes the param rounded to nearest
-        even, in one pass. Gradients come in the param's type.
+        even, in one pass. Gradients come in the param's type, or in float32 (summed
+        or accumulated in float32: read as they are, without a rounding to 16 bits).
     stochastic_rounding, seed
         Round bfloat16 params (without master weights) stochastically, reproducibly for
         a given ``seed`` (see :func:`fastadam.adam_step`).
@@ -223,8 +224,8 @@ class Adam:
              skip_if_nonfinite: bool = False) -> bool:
         """One Adam step of every parameter, all groups in one pass through the kernels.
 
-        ``grads`` holds one gradient per parameter, in order (float32/float64 buffers of
-        the parameter's dtype and shape). A gradient may instead be row-sparse, a tuple
+        ``grads`` holds one gradient per parameter, in order (buffers of the parameter's
+        dtype and shape; float32 is also accepted for a parameter with master weights). A gradient may instead be row-sparse, a tuple
         ``(rows, values)`` for a parameter with rows (its first axis; an embedding):
         only those rows and their moments change, as with :func:`fastadam.adam_step_rows`
         (``values`` shaped ``(len(rows),) + param.shape[1:]``, duplicate rows summed).
