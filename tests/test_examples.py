@@ -44,7 +44,7 @@ def test_fashion_mnist_torch_trains_every_precision_on_a_tiny_dataset(tmp_path):
     write_split(tmp_path, "test", n=32)
     out = run("fashion_mnist_torch.py", "--data-dir", str(tmp_path), "--epochs", "1",
               "--batch-size", "64", "--precision", "all", "--optimizer", "fastadam", "torch-fused")
-    for precision in ("fp32", "bf16-master", "bf16", "bf16-sr"):
+    for precision in ("fp32", "bf16-master", "bf16", "bf16-sr", "fp32-bf16-moments"):
         assert f"| fastadam | {precision} |" in out
     assert "| torch-fused | fp32 |" in out and "| torch-fused | bf16 |" in out
     # torch has neither master weights nor stochastic rounding: said, not run
