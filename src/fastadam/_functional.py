@@ -15,6 +15,7 @@ from fastadam._validation import (
     AdamBuffers,
     as_array,
     check_at_least,
+    check_bfloat16_state,
     check_buffers,
     check_call_hyperparameters,
     check_element_dtype,
@@ -25,6 +26,7 @@ from fastadam._validation import (
     check_num_threads,
     check_row_buffers,
     check_seed,
+    check_state_dtype,
     check_step,
     is_bfloat16,
     plain_buffers,
@@ -307,12 +309,13 @@ def _copy_back(aligned: AdamBuffers, buffers: AdamBuffers) -> None:
             target[...] = source
 
 
-def adam_state(param: Any, *, amsgrad: bool = False,
-               master_weights: bool = False) -> Dict[str, np.ndarray]:
+def adam_state(param: Any, *, amsgrad: bool = False, master_weights: bool = False,
+               state_dtype: Any = None) -> Dict[str, np.ndarray]:
     """Zeroed state buffers for :func:`adam_step` on ``param``: ``exp_avg``, ``exp_avg_sq``
     (and ``max_exp_avg_sq`` with ``amsgrad=True``), shaped like ``param``, of its dtype.
     With ``master_weights=True`` (a bfloat16 or float16 param), the state is float32 and
-    holds ``master_param``, a float32 copy of ``param``.
+    holds ``master_param``, a float32 copy of ``param``. With ``state_dtype="bfloat16"``
+    (a float32 param), the moments are bfloat16.
 
     Use these rather than ``np.zeros_like``: they start at different offsets within a
     4 KiB page from each other and from where NumPy places arrays, which avoids the
@@ -328,7 +331,13 @@ def adam_state(param: Any, *, amsgrad: bool = False,
     if master and array.itemsize != 2:
         raise TypeError("master_weights is for a bfloat16 or float16 param, got "
                         f"{type_name(array.dtype)}")
-    dtype = np.dtype(np.float32) if master else array.dtype
+    moments = check_state_dtype(state_dtype)
+    if moments is not None:
+        if master:
+            raise ValueError("state_dtype must be None with master_weights=True (the master "
+                             "copy keeps float32 moments)")
+        check_bfloat16_state([array], ["param"])
+    dtype = np.dtype(np.float32) if master else array.dtype if moments is None else moments
     state = {key: zeros_at(array.size, dtype, STATE_PAGE_OFFSETS[key]).reshape(array.shape)
              for key in keys}
     if master:  # the float32 copy of the param's values, at its own page offset

@@ -208,10 +208,14 @@ def check_element_types(param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray
                         exp_avg_sq: np.ndarray, max_exp_avg_sq: Optional[np.ndarray] = None,
                         master_param: Optional[np.ndarray] = None) -> None:
     """The combinations of element types the kernels update (TypeError otherwise):
-    every buffer of one type (float32, float64, bfloat16 or float16); or master weights,
-    a bfloat16/float16 ``param`` with a float32 ``master_param`` and float32 state, the
-    gradient of the param's type or float32."""
+    every buffer of one type (float32, float64, bfloat16 or float16); bfloat16 state
+    beside a float32 param and grad (DeepSpeed's ``fp32_optimizer_states=False``); or
+    master weights, a bfloat16/float16 ``param`` with a float32 ``master_param`` and
+    float32 state, the gradient of the param's type or float32."""
     state = [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("max_exp_avg_sq", max_exp_avg_sq)]
+    if (master_param is None and param.dtype == FLOAT_DTYPES[0] and grad.dtype == param.dtype
+            and all(a is None or is_bfloat16(a.dtype) for _, a in state)):
+        return  # bfloat16 moments of a float32 param
     if master_param is None:
         for name, array in [("grad", grad)] + state:
             if array is not None and array.dtype != param.dtype:
@@ -606,6 +610,26 @@ def check_params(params: list, name: str) -> list:
                 "updated in place, got an unaligned buffer"
             )
     return arrays
+
+
+def check_state_dtype(value: Any, name: str = "state_dtype") -> Optional[np.dtype]:
+    """The element type of an optimizer's moments: None (the param's, or float32 with
+    master weights), or bfloat16 (for float32 params only: see :func:`check_bfloat16_state`)."""
+    if value is None:
+        return None
+    dtype = check_element_dtype(value, name)
+    if not is_bfloat16(dtype):
+        raise ValueError(f"{name} must be None (the params' type) or 'bfloat16', got "
+                         f"{type_name(dtype)}")
+    return dtype
+
+
+def check_bfloat16_state(arrays: Any, names: Any) -> None:
+    """bfloat16 moments are for float32 params (TypeError otherwise)."""
+    for array, name in zip(arrays, names):
+        if array.dtype != FLOAT_DTYPES[0]:
+            raise TypeError(f"state_dtype='bfloat16' is for float32 params, but {name} is "
+                            f"{type_name(array.dtype)}")
 
 
 def check_master_weights(arrays: Any, names: Any) -> None:
