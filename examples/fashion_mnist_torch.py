@@ -15,10 +15,10 @@ for ``torch.optim.Adam``; the script times every ``optimizer.step()`` call.
 master weights and moments in the optimizer (fastadam.torch.Adam(master_weights=True)),
 "bf16" keeps everything in bfloat16 rounded to nearest even, as torch's fused Adam does,
 and "bf16-sr" rounds the bfloat16 params stochastically (seeded with --seed).
-"fp32-bf16-moments" measures what bfloat16 moments beside float32 params would cost
-(DeepSpeed's fp32_optimizer_states=False; fastadam does not offer it): a float32 model
-whose optimizer's exp_avg and exp_avg_sq are rounded to bfloat16 after every step, so
-that each step reads bfloat16 moments and computes in float32, as such a kernel would.
+"fp32-bf16-moments" keeps bfloat16 moments beside the float32 model (DeepSpeed's
+fp32_optimizer_states=False): fastadam.torch.Adam(state_dtype=torch.bfloat16); torch's
+optimizers emulate it, their exp_avg and exp_avg_sq rounded to bfloat16 after every step
+(each step then reads bfloat16 moments and computes in float32, as fastadam's does).
 torch.optim.Adam runs fp32, bf16 and fp32-bf16-moments only. When fastadam and torch-fused both train one precision, the
 script says whether their final weights are bit-identical (bf16: they are; fp32: only
 under ATEN_CPU_CAPABILITY=default, whose kernel has no FMA).
@@ -53,12 +53,14 @@ class Precision:
     dtype: torch.dtype                 # of the model, its inputs and (without master) its state
     master_weights: bool = False       # float32 master and moments in the optimizer
     stochastic_rounding: bool = False  # of the bfloat16 params
-    bf16_moments: bool = False         # emulated: the moments rounded to bfloat16 after each step
+    bf16_moments: bool = False         # bfloat16 moments (torch's optimizers: emulated)
 
     def options(self, seed: int) -> Dict[str, object]:
         """fastadam.torch.Adam's keyword arguments for this precision."""
         if self.stochastic_rounding:
             return {"stochastic_rounding": True, "seed": seed}
+        if self.bf16_moments:
+            return {"state_dtype": torch.bfloat16}
         return {"master_weights": True} if self.master_weights else {}
 
 
@@ -72,8 +74,8 @@ PRECISIONS = {
 
 
 def round_moments_to_bfloat16(optimizer) -> None:
-    """The emulation of "fp32-bf16-moments": every moment rounded to bfloat16 (to nearest
-    even) in place, in the optimizer's own state, after the step that wrote it."""
+    """torch's emulation of "fp32-bf16-moments": every moment rounded to bfloat16 (to
+    nearest even) in place, in the optimizer's own state, after the step that wrote it."""
     with torch.no_grad():
         for state in optimizer.state.values():
             for key in ("exp_avg", "exp_avg_sq"):
@@ -81,7 +83,7 @@ def round_moments_to_bfloat16(optimizer) -> None:
 
 
 def make_optimizer(name: str, precision: str, params, lr: float, seed: int):
-    options = PRECISIONS[precision].options(seed)
+    options = PRECISIONS[precision].options(seed) if name == "fastadam" else {}
     return OPTIMIZERS[name](params, lr, **options) if options else OPTIMIZERS[name](params, lr)
 
 
@@ -91,7 +93,8 @@ def runs(optimizers: List[str], precisions: List[str]) -> Tuple[List[Tuple[str, 
     pairs, notes = [], []
     for precision in precisions:
         for name in optimizers:
-            if name == "fastadam" or not PRECISIONS[precision].options(0):
+            if (name == "fastadam" or not PRECISIONS[precision].options(0)
+                    or PRECISIONS[precision].bf16_moments):  # (emulated by torch's)
                 pairs.append((name, precision))
             else:
                 notes.append(f"{name} does not run {precision} (fastadam only)")
@@ -155,8 +158,8 @@ def train(name: str, precision: str, data, epochs: int, batch_size: int, lr: flo
             optimizer.step()
             step_seconds += time.perf_counter() - t0
             steps += 1
-            if PRECISIONS[precision].bf16_moments:  # (not timed: an emulation)
-                round_moments_to_bfloat16(optimizer)
+            if PRECISIONS[precision].bf16_moments and name.split()[0] != "fastadam":
+                round_moments_to_bfloat16(optimizer)  # (not timed: an emulation)
         print(f"{name}: epoch {epoch}: test accuracy {accuracy(model, x_test, y_test):.4f}")
     return {"accuracy": accuracy(model, x_test, y_test), "step_ms": 1e3 * step_seconds / steps,
             "total_s": time.perf_counter() - start,
