@@ -71,7 +71,10 @@ def adam_step(
         ``exp_avg`` and ``exp_avg_sq`` are updated in place and must be writable; no two
         buffers may overlap. ``grad`` is only read (read-only buffers are fine). For
         bfloat16 and float16 the update is computed in float32 (as torch's fused Adam
-        does) and rounded to nearest even on store.
+        does) and rounded to nearest even on store. One mix is allowed: a float32
+        ``param`` and ``grad`` with bfloat16 ``exp_avg``/``exp_avg_sq`` (and
+        ``max_exp_avg_sq``): bfloat16 moments, computed in float32 (``adam_state(param,
+        state_dtype="bfloat16")``).
     step : int
         The 1-based number of this update (bias corrections use ``beta ** step``).
     lr, beta1, beta2, eps : float
@@ -331,11 +334,8 @@ def adam_state(param: Any, *, amsgrad: bool = False, master_weights: bool = Fals
     if master and array.itemsize != 2:
         raise TypeError("master_weights is for a bfloat16 or float16 param, got "
                         f"{type_name(array.dtype)}")
-    moments = check_state_dtype(state_dtype)
+    moments = check_state_dtype(state_dtype, master)
     if moments is not None:
-        if master:
-            raise ValueError("state_dtype must be None with master_weights=True (the master "
-                             "copy keeps float32 moments)")
         check_bfloat16_state([array], ["param"])
     dtype = np.dtype(np.float32) if master else array.dtype if moments is None else moments
     state = {key: zeros_at(array.size, dtype, STATE_PAGE_OFFSETS[key]).reshape(array.shape)

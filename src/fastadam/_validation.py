@@ -612,15 +612,19 @@ def check_params(params: list, name: str) -> list:
     return arrays
 
 
-def check_state_dtype(value: Any, name: str = "state_dtype") -> Optional[np.dtype]:
+def check_state_dtype(value: Any, master_weights: bool, name: str = "state_dtype") -> Optional[np.dtype]:
     """The element type of an optimizer's moments: None (the param's, or float32 with
-    master weights), or bfloat16 (for float32 params only: see :func:`check_bfloat16_state`)."""
+    master weights), or bfloat16 (for float32 params only: see :func:`check_bfloat16_state`;
+    not with master weights, whose moments are float32)."""
     if value is None:
         return None
     dtype = check_element_dtype(value, name)
     if not is_bfloat16(dtype):
         raise ValueError(f"{name} must be None (the params' type) or 'bfloat16', got "
                          f"{type_name(dtype)}")
+    if master_weights:
+        raise ValueError(f"{name} must be None with master_weights=True (the master copy "
+                         "keeps float32 moments)")
     return dtype
 
 

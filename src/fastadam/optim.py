@@ -151,10 +151,7 @@ class Adam:
         self.skipped_steps = 0
         self.engine = Engine()
         self.master_weights = check_flag(master_weights, "master_weights")
-        self.state_dtype = check_state_dtype(state_dtype)
-        if self.master_weights and self.state_dtype is not None:
-            raise ValueError("state_dtype must be None with master_weights=True (the master "
-                             "copy keeps float32 moments)")
+        self.state_dtype = check_state_dtype(state_dtype, self.master_weights)
         if check_flag(stochastic_rounding, "stochastic_rounding"):
             self.engine.rounding_seed = check_seed(seed)
         self._group_params: List[tuple] = []  # each group's params tuple, to detect edits

@@ -253,10 +253,8 @@ class Adam(Optimizer):
         self.master_weights = check_flag(master_weights, "master_weights")
         # None, or bfloat16 moments (of float32 parameters: checked as groups are added)
         self.bfloat16_state = check_state_dtype(
-            "bfloat16" if state_dtype is torch.bfloat16 else state_dtype) is not None
-        if self.master_weights and self.bfloat16_state:
-            raise ValueError("state_dtype must be None with master_weights=True (the master "
-                             "copy keeps float32 moments)")
+            "bfloat16" if state_dtype is torch.bfloat16 else state_dtype,
+            self.master_weights) is not None
         self.rounding_seed = (check_seed(seed)
                               if check_flag(stochastic_rounding, "stochastic_rounding") else None)
         if capturable:
