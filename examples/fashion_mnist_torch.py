@@ -14,8 +14,12 @@ for ``torch.optim.Adam``; the script times every ``optimizer.step()`` call.
 ("fp32") or as a bfloat16 model (inputs in bfloat16 too): "bf16-master" keeps float32
 master weights and moments in the optimizer (fastadam.torch.Adam(master_weights=True)),
 "bf16" keeps everything in bfloat16 rounded to nearest even, as torch's fused Adam does,
-and "bf16-sr" rounds the bfloat16 params stochastically (seeded with --seed). torch.optim.Adam
-runs fp32 and bf16 only. When fastadam and torch-fused both train one precision, the
+and "bf16-sr" rounds the bfloat16 params stochastically (seeded with --seed).
+"fp32-bf16-moments" keeps bfloat16 moments beside the float32 model (DeepSpeed's
+fp32_optimizer_states=False): fastadam.torch.Adam(state_dtype=torch.bfloat16); torch's
+optimizers emulate it, their exp_avg and exp_avg_sq rounded to bfloat16 after every step
+(each step then reads bfloat16 moments and computes in float32, as fastadam's does).
+torch.optim.Adam runs fp32, bf16 and fp32-bf16-moments only. When fastadam and torch-fused both train one precision, the
 script says whether their final weights are bit-identical (bf16: they are; fp32: only
 under ATEN_CPU_CAPABILITY=default, whose kernel has no FMA).
 """
@@ -49,11 +53,14 @@ class Precision:
     dtype: torch.dtype                 # of the model, its inputs and (without master) its state
     master_weights: bool = False       # float32 master and moments in the optimizer
     stochastic_rounding: bool = False  # of the bfloat16 params
+    bf16_moments: bool = False         # bfloat16 moments (torch's optimizers: emulated)
 
     def options(self, seed: int) -> Dict[str, object]:
         """fastadam.torch.Adam's keyword arguments for this precision."""
         if self.stochastic_rounding:
             return {"stochastic_rounding": True, "seed": seed}
+        if self.bf16_moments:
+            return {"state_dtype": torch.bfloat16}
         return {"master_weights": True} if self.master_weights else {}
 
 
@@ -62,11 +69,21 @@ PRECISIONS = {
     "bf16-master": Precision(torch.bfloat16, master_weights=True),
     "bf16": Precision(torch.bfloat16),
     "bf16-sr": Precision(torch.bfloat16, stochastic_rounding=True),
+    "fp32-bf16-moments": Precision(torch.float32, bf16_moments=True),
 }
 
 
+def round_moments_to_bfloat16(optimizer) -> None:
+    """torch's emulation of "fp32-bf16-moments": every moment rounded to bfloat16 (to
+    nearest even) in place, in the optimizer's own state, after the step that wrote it."""
+    with torch.no_grad():
+        for state in optimizer.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key].copy_(state[key].to(torch.bfloat16))
+
+
 def make_optimizer(name: str, precision: str, params, lr: float, seed: int):
-    options = PRECISIONS[precision].options(seed)
+    options = PRECISIONS[precision].options(seed) if name == "fastadam" else {}
     return OPTIMIZERS[name](params, lr, **options) if options else OPTIMIZERS[name](params, lr)
 
 
@@ -76,7 +93,8 @@ def runs(optimizers: List[str], precisions: List[str]) -> Tuple[List[Tuple[str, 
     pairs, notes = [], []
     for precision in precisions:
         for name in optimizers:
-            if name == "fastadam" or not PRECISIONS[precision].options(0):
+            if (name == "fastadam" or not PRECISIONS[precision].options(0)
+                    or PRECISIONS[precision].bf16_moments):  # (emulated by torch's)
                 pairs.append((name, precision))
             else:
                 notes.append(f"{name} does not run {precision} (fastadam only)")
@@ -140,6 +158,8 @@ def train(name: str, precision: str, data, epochs: int, batch_size: int, lr: flo
             optimizer.step()
             step_seconds += time.perf_counter() - t0
             steps += 1
+            if PRECISIONS[precision].bf16_moments and name.split()[0] != "fastadam":
+                round_moments_to_bfloat16(optimizer)  # (not timed: an emulation)
         print(f"{name}: epoch {epoch}: test accuracy {accuracy(model, x_test, y_test):.4f}")
     return {"accuracy": accuracy(model, x_test, y_test), "step_ms": 1e3 * step_seconds / steps,
             "total_s": time.perf_counter() - start,
@@ -167,7 +187,8 @@ def main() -> None:
     parser.add_argument("--optimizer", nargs="+", choices=[*OPTIMIZERS, "all"], default=["fastadam"])
     parser.add_argument("--precision", nargs="+", choices=[*PRECISIONS, "all"], default=["fp32"],
                         help="fp32, or a bfloat16 model with float32 master weights, in pure "
-                             "bfloat16, or in pure bfloat16 with stochastic rounding")
+                             "bfloat16, or in pure bfloat16 with stochastic rounding; or fp32 "
+                             "with bfloat16 moments (emulated, to measure its accuracy)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)

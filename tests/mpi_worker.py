@@ -15,6 +15,7 @@ from mpi4py import MPI
 
 import fastadam
 from fastadam import _npz, distributed
+from fastadam._validation import check_element_dtype
 from fastadam.distributed import ShardedAdam, _checkpoint, _collectives
 
 WORLD = MPI.COMM_WORLD
@@ -137,6 +138,115 @@ def scenario_parity():
     facts["mpi_collectives_bit_exact"] = all(WORLD.allgather(all(mpi_exact)))
     check_order_sensitive_sum()
     scenario_skip_nonfinite()
+
+
+BF16 = check_element_dtype("bfloat16")
+
+
+def summed32(grads):
+    """The reference of a 16-bit model's reduce-scatter: each gradient widened to float32
+    (exactly) and added in rank order, in float32."""
+    total = grads[0].astype(np.float32)
+    for g in grads[1:]:
+        total += g.astype(np.float32)
+    return total
+
+
+def run_half_parity(comm, size, dtype, variant, collectives, steps=3, grad_scale=None):
+    """A 16-bit model with float32 master shards vs one process's fastadam.Adam with
+    master weights stepped on the float32 rank-order sum (divided by ranks * grad_scale)."""
+    p = comm.Get_size()
+    kwargs = {"lr": 1e-2, **VARIANTS[variant]}
+    initial = np.random.default_rng(size).standard_normal(size).astype(dtype)
+    flat = fastadam.FlatParams([(size // 3,), (size - size // 3,)], dtype)
+    flat.data[...] = initial if comm.Get_rank() == 0 else np.zeros(size, dtype)  # (broadcast)
+    opt = ShardedAdam(flat, comm, collectives=collectives, num_threads=1, master_weights=True, **kwargs)
+    reference = initial.copy()
+    ref_opt = fastadam.Adam([reference], num_threads=1, master_weights=True, **kwargs)
+    for step in range(1, steps + 1):
+        grads = rank_grads(step, p, size, dtype)
+        flat.grad_data[...] = grads[comm.Get_rank()]
+        opt.step(grad_scale=grad_scale)
+        ref_opt.step([summed32(grads)], grad_scale=p * (grad_scale or 1.0))
+    start, stop = opt.shard
+    exact = bits_equal(opt.params, reference)
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param"):
+        if key in ref_opt.state[0]:
+            exact &= bits_equal(opt.state[key], ref_opt.state[0][key][start:stop])
+    label = f"p={p} n={size} {fastadam._validation.type_name(np.dtype(dtype))} {variant} {collectives}"
+    check(bits_equal(opt.params, comm.bcast(opt.params.copy(), root=0)), f"{label}: ranks differ")
+    keys = 4 if kwargs.get("amsgrad") else 3  # float32 moments and master copy
+    check(opt.state_nbytes == (stop - start) * 4 * keys, f"{label}: state_nbytes {opt.state_nbytes}")
+    return exact, opt
+
+
+def scenario_half():
+    """bfloat16 and float16 models with float32 master shards: bit-for-bit parity with one
+    process, both kinds of collectives, skipping a non-finite step, and (on 3 ranks)
+    checkpoints re-sharded 3 -> 2."""
+    p, rank = WORLD.Get_size(), WORLD.Get_rank()
+    mpi_exact = []
+    for dtype in (BF16, np.float16):
+        name = fastadam._validation.type_name(np.dtype(dtype))
+        for size in (1037, 5):
+            for variant in ("plain", "amsgrad-l2", "schedule"):
+                exact, _ = run_half_parity(WORLD, size, dtype, variant, "fastadam")
+                check(exact, f"fastadam n={size} {name} {variant} not bit-exact")
+            exact, _ = run_half_parity(WORLD, size, dtype, "plain", "mpi")
+            mpi_exact.append(exact)
+            if p <= 2:
+                check(exact, f"mpi n={size} {name} not bit-exact at p={p}")
+        exact, _ = run_half_parity(WORLD, 1037, dtype, "plain", "fastadam", grad_scale=8.0)
+        check(exact, f"grad_scale=8 {name} not bit-exact")
+    old = _collectives.ORDERED_SCRATCH_BYTES
+    _collectives.ORDERED_SCRATCH_BYTES = 4096  # several rounds of the reduce-scatter
+    try:
+        exact, opt = run_half_parity(WORLD, 100_003, BF16, "plain", "fastadam", steps=2)
+    finally:
+        _collectives.ORDERED_SCRATCH_BYTES = old
+    check(exact, "bfloat16 reduce-scatter in many rounds not bit-exact")
+    facts["half_bounds"] = opt.bounds
+    facts["half_mpi_collectives_bit_exact"] = all(WORLD.allgather(all(mpi_exact)))
+
+    # A NaN on the last rank's gradient (in rank 0's shard): every rank skips.
+    flat = fastadam.FlatParams([64], BF16)
+    flat.data[...] = 1.0
+    opt = ShardedAdam(flat, WORLD, lr=0.1, master_weights=True)
+    flat.grad_data[...] = 1.0
+    opt.step()
+    before = flat.data.copy(), {k: np.copy(v) for k, v in opt.state.items()}
+    if rank == p - 1:
+        flat.grad_data[3] = np.nan
+    check(opt.step(skip_if_nonfinite=True) is False, "a bfloat16 NaN step was applied")
+    check(bits_equal(flat.data, before[0]) and all(bits_equal(np.asarray(v), np.asarray(before[1][k]))
+                                                   for k, v in opt.state.items()),
+          "a skipped bfloat16 step changed something")
+
+    if p == 3:  # checkpoint on 3 ranks, continue on 2: the master shards travel with it
+        directory = sys.argv[2]
+        size = 1037
+        kwargs = {"lr": 1e-2, "amsgrad": True}
+        initial = np.random.default_rng(0).standard_normal(size).astype(BF16)
+        reference = initial.copy()
+        ref_opt = fastadam.Adam([reference], num_threads=1, master_weights=True, **kwargs)
+        opt3 = ShardedAdam(initial.copy(), WORLD, num_threads=1, master_weights=True, **kwargs)
+        for step, ranks in [(1, 3), (2, 3), (3, 2), (4, 2)]:
+            grads = rank_grads(step, ranks, size, BF16)
+            ref_opt.step([summed32(grads)], grad_scale=float(ranks))
+            if ranks == 3:
+                opt3.step(grads[rank])
+        distributed.save(opt3, directory)
+        pair = WORLD.Split(0 if rank < 2 else MPI.UNDEFINED, rank)
+        if pair != MPI.COMM_NULL:
+            opt2 = ShardedAdam(opt3.params.copy(), pair, num_threads=1, master_weights=True, **kwargs)
+            distributed.load(opt2, directory)
+            for step in (3, 4):
+                opt2.step(rank_grads(step, 2, size, BF16)[rank])
+            start, stop = opt2.shard
+            check(bits_equal(opt2.params, reference), "bfloat16 3 -> 2 re-sharded run differs")
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param"):
+                check(bits_equal(opt2.state[key], ref_opt.state[0][key][start:stop]),
+                      f"bfloat16 re-sharded {key} differs")
 
 
 def check_order_sensitive_sum(size=3 * 2**18):
@@ -336,6 +446,37 @@ def scenario_torch():
         check(False, "a parameter moved out of the flat block was accepted")
     except ValueError as exc:
         check("params[0]" in str(exc), f"message: {exc}")
+
+
+def scenario_torch_half():
+    """A bfloat16 torch model: its params become bfloat16 views of the flat block, its
+    bfloat16 .grad is read, and the result is bit-exact vs one process with master weights."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.ReLU(),
+                                torch.nn.Linear(17, 3)).to(torch.bfloat16)
+    params = list(model.parameters())
+    opt = ShardedAdam(params, WORLD, lr=1e-2, num_threads=1, master_weights=True)
+    flat = opt.flat
+    check(flat.dtype == BF16 and all(p.dtype == torch.bfloat16 for p in params),
+          f"flat block {flat.dtype}, params {[p.dtype for p in params]}")
+    check(all(p.data_ptr() == v.ctypes.data for p, v in zip(params, flat.params)),
+          "bfloat16 params are not views of the flat block")
+    reference = flat.data.copy()
+    ref_opt = fastadam.Adam([reference], lr=1e-2, num_threads=1, master_weights=True)
+    rng = np.random.default_rng(WORLD.rank)
+    for step in range(3):
+        model.zero_grad(set_to_none=step == 1)
+        x = torch.from_numpy(rng.standard_normal((8, 13)).astype(np.float32)).to(torch.bfloat16)
+        model(x).float().square().mean().backward()
+        opt.step()
+        grads = WORLD.allgather(flat.grad_data.copy())
+        ref_opt.step([summed32(grads)], grad_scale=float(WORLD.size))
+    check(bits_equal(flat.data, reference), "bfloat16 torch parameters differ from one process")
+    weight = model[0].weight.detach().view(torch.int16).numpy().reshape(-1)
+    check(bits_equal(weight, flat.params[0].reshape(-1).view(np.int16)),
+          "the model's bfloat16 weights are not the flat block")
 
 
 def scenario_disagree():

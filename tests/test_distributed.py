@@ -122,6 +122,24 @@ def test_torch_model_parameters_across_2_ranks():
 
 
 @needs_mpi
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_16_bit_models_with_float32_master_shards_match_one_process(ranks, tmp_path):
+    report = run_worker(ranks, "half", tmp_path)
+    # 100003 bfloat16 elements in 64-byte blocks of 32
+    expected = {2: [[0, 50016], [50016, 100003]],
+                3: [[0, 33344], [33344, 66688], [66688, 100003]]}[ranks]
+    assert report["half_bounds"] == expected
+    if ranks == 2:
+        assert report["half_mpi_collectives_bit_exact"] is True
+
+
+@needs_mpi
+def test_bfloat16_torch_model_across_2_ranks():
+    pytest.importorskip("torch")
+    run_worker(2, "torch_half")
+
+
+@needs_mpi
 def test_example_trains_across_2_ranks():
     result = mpiexec(2, EXAMPLE, "--quick", "--no-progress", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -333,8 +351,13 @@ def test_save_removes_only_the_files_it_wrote(dist, comm, tmp_path):
 
 def test_torch_parameters_must_be_dense_cpu_float_of_one_dtype(dist, comm):
     torch = pytest.importorskip("torch")
-    with pytest.raises(TypeError, match="dtype float32 or float64"):
-        dist.ShardedAdam([torch.zeros(3, dtype=torch.float16)], comm)
+    with pytest.raises(TypeError, match="dtype float32, float64, bfloat16 or float16"):
+        dist.ShardedAdam([torch.zeros(3, dtype=torch.int32)], comm)
+    half = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
+    pointer = half.data_ptr()
+    with pytest.raises(TypeError, match="pass master_weights=True"):
+        dist.ShardedAdam([half], comm)
+    assert half.data_ptr() == pointer  # refused before the tensor was moved
     with pytest.raises(TypeError, match="one dtype"):
         dist.ShardedAdam([torch.zeros(3), torch.zeros(3, dtype=torch.float64)], comm)
     with pytest.raises(TypeError, match="dense CPU"):
@@ -365,3 +388,89 @@ def test_torch_parameters_must_be_dense_cpu_float_of_one_dtype(dist, comm):
     weight.data = weight.data.clone()
     with pytest.raises(ValueError, match=r"params\[0\] no longer lives"):
         opt.step()
+
+
+# --- 16-bit models with float32 master shards, one rank -----------------------------------------
+
+
+def half_dtypes():
+    from fastadam._validation import check_element_dtype
+
+    return [check_element_dtype("bfloat16"), np.dtype(np.float16)]
+
+
+@pytest.mark.parametrize("kwargs", KWARGS)
+@pytest.mark.parametrize("which", [0, 1])
+def test_one_rank_16_bit_model_is_fastadam_adam_with_master_weights(dist, comm, kwargs, which):
+    dtype = half_dtypes()[which]
+    rng = np.random.default_rng(2)
+    flat = fastadam.FlatParams([(5, 7), 3], dtype)
+    flat.data[...] = rng.standard_normal(flat.data.size).astype(dtype)
+    reference = flat.data.copy()
+    opt = dist.ShardedAdam(flat, comm, lr=0.01, master_weights=True, **kwargs)
+    ref = fastadam.Adam([reference], lr=0.01, master_weights=True, **kwargs)
+    assert opt.state["master_param"].tobytes() == flat.data.astype(np.float32).tobytes()
+    for _ in range(3):
+        flat.grad_data[...] = rng.standard_normal(flat.data.size).astype(dtype)
+        assert opt.step(grad_scale=2.0)
+        ref.step([flat.grad_data], grad_scale=2.0)
+    assert flat.data.tobytes() == reference.tobytes()
+    for key, value in ref.state[0].items():
+        if key != "step":
+            assert value.dtype == np.float32 and opt.state[key].tobytes() == value.tobytes(), key
+    keys = 4 if kwargs.get("amsgrad") else 3  # the moments and the master copy, float32
+    assert opt.state_nbytes == flat.data.size * 4 * keys
+    assert opt.master_weights and "master_weights=True" in repr(opt)
+
+
+def test_16_bit_models_need_master_weights_and_bad_combinations_change_nothing(dist, comm):
+    bf16, f16 = half_dtypes()
+    params = np.ones(8, bf16)
+    for make, error, message in [
+        (lambda: dist.ShardedAdam(params, comm), TypeError, "bfloat16: .* pass master_weights=True"),
+        (lambda: dist.ShardedAdam(np.ones(8, np.float32), comm, master_weights=True), TypeError,
+         "master_weights is for bfloat16 and float16 params, but params are float32"),
+        (lambda: dist.ShardedAdam(params, comm, master_weights="yes"), TypeError, "master_weights"),
+    ]:
+        with pytest.raises(error, match=message):
+            make()
+    assert np.all(params.astype(np.float32) == 1.0)
+    opt = dist.ShardedAdam(params, comm, lr=0.1, master_weights=True)
+    opt.step(np.ones(8, bf16))
+    snapshot = [params.copy(), *(np.copy(v) for k, v in opt.state.items() if k != "step")]
+    for grads, error, message in [
+        (np.ones(8, np.float32), TypeError, r"grads must have the dtype of params \(bfloat16\), got float32"),
+        (np.ones(8, f16), TypeError, "got float16"),
+        (np.ones(7, bf16), ValueError, "8 elements"),
+    ]:
+        with pytest.raises(error, match=message):
+            opt.step(grads)
+    with pytest.raises(ValueError, match="grad_scale"):
+        opt.step(np.ones(8, bf16), grad_scale=1e39)  # beyond float32, the math type
+    after = [params, *(v for k, v in opt.state.items() if k != "step")]
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(snapshot, after))
+    assert opt.state["step"] == 1
+
+
+def test_one_rank_16_bit_checkpoint_round_trips_bit_for_bit(dist, comm, tmp_path):
+    bf16, f16 = half_dtypes()
+    rng = np.random.default_rng(3)
+    params = rng.standard_normal(50).astype(bf16)
+    opt = dist.ShardedAdam(params, comm, lr=0.1, amsgrad=True, master_weights=True)
+    for _ in range(2):
+        opt.step(rng.standard_normal(50).astype(bf16))
+    dist.save(opt, tmp_path)
+    again = dist.ShardedAdam(params.copy(), comm, lr=0.1, amsgrad=True, master_weights=True)
+    dist.load(again, tmp_path)
+    assert set(again.state) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param"}
+    for key, value in opt.state.items():
+        assert np.asarray(value).tobytes() == np.asarray(again.state[key]).tobytes(), key
+    grad = rng.standard_normal(50).astype(bf16)
+    opt.step(grad)
+    again.step(grad)
+    assert opt.params.tobytes() == again.params.tobytes()
+    # another dtype's checkpoint is refused, changing nothing
+    half = dist.ShardedAdam(np.zeros(50, f16), comm, master_weights=True)
+    with pytest.raises(ValueError, match="50 x bfloat16 parameters, the optimizer has 50 x float16"):
+        dist.load(half, tmp_path)
+    assert half.state["step"] == 0 and not half.state["master_param"].any()

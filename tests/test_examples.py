@@ -44,14 +44,18 @@ def test_fashion_mnist_torch_trains_every_precision_on_a_tiny_dataset(tmp_path):
     write_split(tmp_path, "test", n=32)
     out = run("fashion_mnist_torch.py", "--data-dir", str(tmp_path), "--epochs", "1",
               "--batch-size", "64", "--precision", "all", "--optimizer", "fastadam", "torch-fused")
-    for precision in ("fp32", "bf16-master", "bf16", "bf16-sr"):
+    for precision in ("fp32", "bf16-master", "bf16", "bf16-sr", "fp32-bf16-moments"):
         assert f"| fastadam | {precision} |" in out
     assert "| torch-fused | fp32 |" in out and "| torch-fused | bf16 |" in out
+    assert "| torch-fused | fp32-bf16-moments |" in out  # (emulated: moments rounded after each step)
     # torch has neither master weights nor stochastic rounding: said, not run
     assert "torch-fused does not run bf16-master (fastadam only)" in out
     assert "| torch-fused | bf16-sr |" not in out
     # pure bfloat16 is torch's fused Adam bit for bit, over a whole training run
     assert "bf16: fastadam's final weights are torch-fused's, bit for bit" in out
+    # fastadam's bfloat16 moments are torch-fused's emulation of them, bit for bit (ATen's
+    # default capability, which conftest.py sets for the example's process too)
+    assert "fp32-bf16-moments: fastadam's final weights are torch-fused's, bit for bit" in out
 
 
 def test_fashion_mnist_keras_functions_on_a_subset(tmp_path, monkeypatch):

@@ -51,8 +51,8 @@ def test_zero_grad_and_from_arrays():
     ([(2, -1)], np.float32, ValueError, r"shapes\[0\] must have non-negative dimensions"),
     ([(2, 1.5)], np.float32, TypeError, r"shapes\[0\] must be an int or a sequence of ints"),
     ([object()], np.float32, TypeError, r"shapes\[0\] must be an int or a sequence of ints"),
-    ([3], np.int32, TypeError, r"dtype must be float32 or float64, got int32"),
-    ([3], "nonsense", TypeError, r"dtype must be float32 or float64"),
+    ([3], np.int32, TypeError, r"dtype must be one of float32, float64, bfloat16 or float16, got int32"),
+    ([3], "nonsense", TypeError, r"dtype must name an element type"),
     (np.zeros(3), np.float32, TypeError, r"shapes must be a sequence of shapes"),
 ])
 def test_bad_arguments(shapes, dtype, exc, match):
@@ -110,3 +110,13 @@ def test_groups_split_runs_and_uneven_steps_split_merges():
         expected_m, expected_v = state["exp_avg"].copy(), state["exp_avg_sq"].copy()
         fastadam.adam_step(r, g, expected_m, expected_v, step=s + 1, lr=lr)
         np.testing.assert_array_equal(p, r)
+
+
+def test_16_bit_blocks_for_master_weights():
+    from fastadam._validation import type_name
+
+    flat = fastadam.FlatParams([(2, 3), 4], "bfloat16")
+    assert type_name(flat.dtype) == "bfloat16" and flat.data.itemsize == 2
+    assert flat.data.ctypes.data % 64 == 0 and flat.params[1].shape == (4,)
+    half = fastadam.FlatParams.from_arrays([np.full(3, 1.5, np.float16)])
+    assert half.dtype == np.float16 and half.data.tolist() == [1.5] * 3

@@ -354,3 +354,128 @@ def test_every_16bit_value_survives_a_round_trip_on_every_level(restore_levels, 
         fastadam.adam_step(p, zeros, zeros.copy(), zeros.copy(), step=1, lr=0.0, eps=1.0)
         np.testing.assert_array_equal(p.astype(np.float32), values.astype(np.float32))
         assert_same_bits(p[p != 0], values[values != 0])
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["bfloat16", "float16"])
+def test_optimizer_with_master_weights_takes_float32_gradients_as_they_are(dtype):
+    # A gradient summed or accumulated in float32 (fastadam.distributed's reduce-scatter
+    # of a 16-bit model) is read without a rounding to 16 bits: as adam_step reads it.
+    rng = np.random.default_rng(11)
+    flat = fastadam.FlatParams([(3, 5), 40], dtype)  # one 16-bit block, one stream
+    flat.data[...] = rng.standard_normal(flat.data.size).astype(dtype)
+    twin = {"param": flat.data.copy(), **fastadam.adam_state(flat.data, master_weights=True)}
+    opt = fastadam.Adam(flat.params, lr=1e-2, master_weights=True)
+    other = fastadam.Adam([np.zeros(3, dtype)], master_weights=True)
+    for step in (1, 2):
+        grads = [rng.standard_normal(p.shape).astype(np.float32) for p in flat.params]
+        assert opt.step(grads, grad_scale=3.0, skip_if_nonfinite=True)
+        fastadam.adam_step(twin["param"], np.concatenate([g.reshape(-1) for g in grads]),
+                           twin["exp_avg"], twin["exp_avg_sq"], step=step, lr=1e-2,
+                           grad_scale=3.0, master_param=twin["master_param"])
+    assert_same_bits(flat.data, twin["param"])
+    assert_same_bits(np.concatenate([s["master_param"].reshape(-1) for s in opt.state]),
+                     twin["master_param"])
+    with pytest.raises(TypeError, match=r"grads\[0\] must have the dtype of params\[0\] "
+                                        r"\((bfloat16|float16)\) or be float32, got float64"):
+        other.step([np.zeros(3)])
+    no_master = fastadam.Adam([np.zeros(3, dtype)])
+    with pytest.raises(TypeError, match=r"\((bfloat16|float16)\), got float32"):
+        no_master.step([np.zeros(3, np.float32)])
+    assert opt.state[0]["step"] == 2 and other.state[0]["step"] == 0
+
+
+# --- bfloat16 moments beside float32 params (DeepSpeed's fp32_optimizer_states=False) ----------
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("variant", VARIANT_SUBSET, ids=variant_id)
+def test_bfloat16_moments_of_a_float32_param_are_float32_math_rounded(size, variant):
+    amsgrad = variant["amsgrad"]
+    kwargs = variant_kwargs(variant)
+    p, m, v, vmax = make_state(size, np.float32, amsgrad=amsgrad, seed=2)
+    m, v, vmax = (None if a is None else a.astype(BF16) for a in (m, v, vmax))
+    rng = np.random.default_rng(6)
+    for step in (1, 2, 3):
+        g = rng.standard_normal(size).astype(np.float32)
+        want = adam_reference(p, g, m.astype(np.float32), v.astype(np.float32),
+                              None if vmax is None else vmax.astype(np.float32),
+                              dtype=np.float32, step=step, **kwargs)
+        fastadam.adam_step(p, g, m, v, max_exp_avg_sq=vmax, step=step, **kwargs)
+        assert_same_bits(p, want[0])  # the param stays float32, unrounded
+        for actual, expected in zip((m, v, vmax), want[1:]):
+            if actual is not None:
+                assert actual.dtype == BF16
+                assert_same_bits(actual, expected.astype(BF16))  # rounded to nearest even
+
+
+def test_optimizer_with_bfloat16_moments_is_adam_step_and_round_trips_through_checkpoints(tmp_path):
+    rng = np.random.default_rng(4)
+    flat = fastadam.FlatParams([(30, 4), 9])
+    flat.data[...] = rng.standard_normal(flat.data.size)
+    twin = flat.data.copy()
+    state = fastadam.adam_state(twin, amsgrad=True, state_dtype="bfloat16")
+    assert {a.dtype for a in state.values()} == {BF16}
+    opt = fastadam.AdamW(flat.params, lr=1e-2, amsgrad=True, state_dtype="bfloat16")
+    for step in (1, 2):
+        flat.grad_data[...] = rng.standard_normal(flat.data.size)
+        opt.step(flat.grads)
+        fastadam.adam_step(twin, flat.grad_data, state["exp_avg"], state["exp_avg_sq"], step=step,
+                           max_exp_avg_sq=state["max_exp_avg_sq"], lr=1e-2, weight_decay=1e-2,
+                           decoupled_weight_decay=True)
+    assert_same_bits(flat.data, twin)
+    for key in state:
+        assert opt.state[0][key].dtype == BF16
+        assert_same_bits(np.concatenate([s[key].reshape(-1) for s in opt.state]), state[key])
+    assert sum(v.nbytes for s in opt.state for k, v in s.items() if k != "step") == flat.data.size * 6
+    fastadam.save(opt, tmp_path / "ckpt.npz")
+    resumed_params = [p.copy() for p in flat.params]
+    resumed = fastadam.AdamW(resumed_params, lr=1e-2, amsgrad=True, state_dtype="bfloat16")
+    fastadam.load(resumed, tmp_path / "ckpt.npz")
+    grads = [rng.standard_normal(p.shape).astype(np.float32) for p in flat.params]
+    opt.step(grads)
+    resumed.step(grads)
+    for a, b in zip(flat.params, resumed_params):
+        assert_same_bits(a, b)
+    float32_state = fastadam.AdamW([p.copy() for p in flat.params], lr=1e-2, amsgrad=True)
+    with pytest.raises(ValueError, match=r"\['exp_avg'\] has dtype bfloat16, parameter 0's state "
+                                         r"has float32"):
+        float32_state.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: fastadam.Adam([np.zeros(3)], state_dtype="bfloat16"), TypeError,
+     r"state_dtype='bfloat16' is for float32 params, but param_groups\[0\]\['params'\]\[0\] is float64"),
+    (lambda: fastadam.Adam([np.zeros(3, BF16)], state_dtype="bfloat16"), TypeError,
+     "is for float32 params, but .* is bfloat16"),
+    (lambda: fastadam.Adam([np.zeros(3, np.float32)], state_dtype="float16"), ValueError,
+     r"state_dtype must be None \(the params' type\) or 'bfloat16', got float16"),
+    (lambda: fastadam.Adam([np.zeros(3, BF16)], master_weights=True, state_dtype="bfloat16"),
+     ValueError, "state_dtype must be None with master_weights=True"),
+    (lambda: fastadam.adam_state(np.zeros(3), state_dtype="bfloat16"), TypeError,
+     "is for float32 params, but param is float64"),
+    (lambda: fastadam.adam_step(np.zeros(4, np.float32), np.zeros(4, np.float32),
+                                np.zeros(4, BF16), np.zeros(4, np.float32), step=1),
+     TypeError, "exp_avg must have param's dtype float32, got bfloat16"),  # (all or none)
+])
+def test_bfloat16_moments_are_refused_where_they_do_not_apply(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_bfloat16_moments_equal_float32_adam_with_the_moments_rounded_after_each_step():
+    # What examples/fashion_mnist_torch.py --precision fp32-bf16-moments emulates to
+    # measure this mode's accuracy: the same bits.
+    rng = np.random.default_rng(8)
+    params = [rng.standard_normal(300).astype(np.float32), rng.standard_normal(33).astype(np.float32)]
+    emulated = [p.copy() for p in params]
+    opt = fastadam.Adam(params, lr=1e-2, state_dtype="bfloat16")
+    plain = fastadam.Adam(emulated, lr=1e-2)
+    for _ in range(4):
+        grads = [rng.standard_normal(p.shape).astype(np.float32) for p in params]
+        opt.step(grads)
+        plain.step(grads)
+        for state in plain.state:
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key][...] = state[key].astype(BF16).astype(np.float32)
+    for a, b in zip(params, emulated):
+        assert_same_bits(a, b)

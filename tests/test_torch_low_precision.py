@@ -198,3 +198,59 @@ def test_nan_and_inf_gradients_land_where_torch_puts_them(dtype):
     assert torch.equal(ours.detach().nan_to_num(), theirs.detach().nan_to_num())
     for key in ("exp_avg", "exp_avg_sq"):
         assert same_bits(opt.state[ours][key], reference.state[theirs][key])
+
+
+# --- bfloat16 moments of float32 parameters (DeepSpeed's fp32_optimizer_states=False) -----------
+
+
+def round_moments(opt):
+    with torch.no_grad():
+        for state in opt.state.values():
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if key in state:
+                    state[key].copy_(state[key].to(torch.bfloat16))
+
+
+@default_capability_mark(torch)
+@pytest.mark.parametrize("cls", [ft.Adam, ft.AdamW])
+def test_bfloat16_moments_equal_fused_float32_adam_with_the_moments_rounded(cls):
+    ours, theirs = model(torch.float32), model(torch.float32)
+    kwargs = dict(lr=1e-2, weight_decay=0.1, amsgrad=True)
+    opt = cls(ours.parameters(), state_dtype=torch.bfloat16, **kwargs)
+    reference = torch_twin(cls)(theirs.parameters(), fused=True, **kwargs)
+    torch.manual_seed(3)
+    x = torch.randn(4, 3, 8, 8)
+    for _ in range(4):
+        for net, optimizer in ((ours, opt), (theirs, reference)):
+            optimizer.zero_grad()
+            net(x).pow(2).mean().backward()
+            optimizer.step()
+        round_moments(reference)  # what bfloat16 moments mean: read as bfloat16, math in float32
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        assert p.dtype == torch.float32 and same_bits(p.detach(), q.detach())
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            assert opt.state[p][key].dtype == torch.bfloat16
+            assert same_bits(opt.state[p][key], reference.state[q][key].to(torch.bfloat16))
+
+
+def test_bfloat16_moments_state_dict_resumes_bit_identically_and_bad_uses_are_refused():
+    net = model(torch.float32)
+    opt = ft.AdamW(net.parameters(), lr=1e-2, state_dtype=torch.bfloat16)
+    train(net, opt, steps=2)
+    saved = copy.deepcopy(opt.state_dict())
+    assert saved["state"][0]["exp_avg"].dtype == torch.bfloat16
+    again = copy.deepcopy(net)
+    resumed = ft.AdamW(again.parameters(), lr=1e-2, state_dtype="bfloat16")
+    resumed.load_state_dict(saved)  # (torch casts the moments to float32 on the way: exact)
+    train(net, opt, steps=3, seed=4)
+    train(again, resumed, steps=3, seed=4)
+    for p, q in zip(net.parameters(), again.parameters()):
+        assert same_bits(p, q) and same_bits(opt.state[p]["exp_avg_sq"], resumed.state[q]["exp_avg_sq"])
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[0\] has dtype "
+                                        r"torch.bfloat16 .*state_dtype=torch.bfloat16 keeps bfloat16 "
+                                        r"moments of float32 parameters"):
+        ft.Adam(model(torch.bfloat16).parameters(), state_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="state_dtype must be None with master_weights=True"):
+        ft.Adam(model(torch.bfloat16).parameters(), master_weights=True, state_dtype="bfloat16")
+    with pytest.raises(ValueError, match="state_dtype must be None .* or 'bfloat16', got float16"):
+        ft.Adam(net.parameters(), state_dtype="float16")

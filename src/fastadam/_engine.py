@@ -18,7 +18,9 @@ memory, with the number of its group):
 * master weights (a bfloat16 or float16 tensor registered with ``master=True``): a
   float32 ``master_param``, copied from the param when its moments are allocated, with
   float32 moments. The kernels update the master and write the param rounded to nearest
-  even in the same pass.
+  even in the same pass;
+* or bfloat16 moments of a float32 tensor (registered with ``state_dtype``): read and
+  written as bfloat16, computed in float32.
 
 With ``rounding_seed`` set (an int), bfloat16 params without a master are rounded
 stochastically (reproducibly: per seed, step and tensor position).
@@ -46,6 +48,7 @@ from fastadam._validation import (
     BFLOAT16_BITS,
     MAX_STEP,
     Hyperparameters,
+    check_bfloat16_state,
     check_grads,
     check_master_weights,
     check_no_overlap,
@@ -68,6 +71,7 @@ class Engine:
         self.params: List[np.ndarray] = []
         self.names: List[str] = []
         self.master: List[bool] = []  # per tensor: updated through a float32 master copy
+        self.state_types: List[Optional[np.dtype]] = []  # per tensor: None, or bfloat16 moments
         self._rounding_seed: Optional[int] = None
         self.group_of: List[int] = []
         self.state: List[Dict[str, np.ndarray]] = []  # 1-D views; a missing key: not allocated
@@ -110,13 +114,16 @@ class Engine:
     # --- registration --------------------------------------------------------------------
 
     def add(self, arrays: Sequence[np.ndarray], group: int, names: Sequence[str],
-            master: bool = False) -> range:
+            master: bool = False, state_dtype: Optional[np.dtype] = None) -> range:
         """Register validated, aligned, writable N-d arrays of group ``group`` (with
-        ``master``, 16-bit arrays updated through float32 master copies); raises
+        ``master``, 16-bit arrays updated through float32 master copies; with
+        ``state_dtype`` (bfloat16), float32 arrays with bfloat16 moments); raises
         ValueError, changing nothing, if one overlaps another parameter or any state
         the engine holds (an ``exp_avg`` given back as a parameter, say)."""
         if master:
             check_master_weights(arrays, names)
+        if state_dtype is not None:
+            check_bfloat16_state(arrays, names)
         self._check_clear_of_everything(list(arrays), list(names))
         first = len(self.params)
         if len(arrays):
@@ -127,6 +134,7 @@ class Engine:
         self._size += sum(a.size for a in arrays)
         self.names += list(names)
         self.master += [master] * len(arrays)
+        self.state_types += [state_dtype] * len(arrays)
         self.group_of += [group] * len(arrays)
         self.state += [{} for _ in arrays]
         self.steps = np.concatenate([self.steps, np.zeros(len(arrays), np.int64)])
@@ -148,6 +156,8 @@ class Engine:
                 "create a new one")
         if self.master[i]:
             check_master_weights([array], [self.names[i]])
+        if self.state_types[i] is not None:
+            check_bfloat16_state([array], [self.names[i]])
         others = [j for j in range(len(self.params)) if j != i]
         check_no_overlap(
             [self.params[j].reshape(-1) for j in others] + self._state_arrays() + [array.reshape(-1)],
@@ -184,9 +194,12 @@ class Engine:
         return "exp_avg" in self.state[i]
 
     def state_dtype(self, i: int) -> np.dtype:
-        """The element type of tensor ``i``'s state: float32 with a master copy, else
-        the param's."""
-        return MASTER_DTYPE if self.master[i] else self.params[i].dtype
+        """The element type of tensor ``i``'s state: float32 with a master copy, the
+        type it was registered with (bfloat16), else the param's."""
+        if self.master[i]:
+            return MASTER_DTYPE
+        state_type = self.state_types[i]
+        return self.params[i].dtype if state_type is None else state_type
 
     def allocate(self, indices: Iterable[int], keys: Sequence[str] = MOMENT_KEYS) -> None:
         """Zeroed state ``keys`` for these tensors where missing: one block per (group,
@@ -317,7 +330,8 @@ class Engine:
         ``skip_if_nonfinite`` finds NaN or Inf."""
         self._adopt_step_edits()
         checked, untouched, rows_given = check_grads(grads, self.params, self.written_ranges(),
-                                                     names=names, allow_none=allow_none)
+                                                     names=names, allow_none=allow_none,
+                                                     master=self.master)
         if rows_given:  # sum duplicate rows (in fastadam's own copy); count the rows left out
             checked = [_summed(g) if type(g) is tuple else g for g in checked]
             untouched += sum(p.size - g[1].size for p, g in zip(self.params, checked)
@@ -350,7 +364,8 @@ class Engine:
     def count_nonfinite(self, grads: List[Any], num_threads: Optional[int]) -> int:
         """How many elements of these gradients (checked as :meth:`step` checks them)
         are NaN or Inf; nothing is written."""
-        checked, untouched, _ = check_grads(grads, self.params, self.written_ranges())
+        checked, untouched, _ = check_grads(grads, self.params, self.written_ranges(),
+                                            master=self.master)
         return self._table_as_is().count_nonfinite(checked, threads_for(num_threads,
                                                                         self.size - untouched))
 

@@ -15,6 +15,7 @@ from fastadam._validation import (
     AdamBuffers,
     as_array,
     check_at_least,
+    check_bfloat16_state,
     check_buffers,
     check_call_hyperparameters,
     check_element_dtype,
@@ -25,6 +26,7 @@ from fastadam._validation import (
     check_num_threads,
     check_row_buffers,
     check_seed,
+    check_state_dtype,
     check_step,
     is_bfloat16,
     plain_buffers,
@@ -69,7 +71,10 @@ def adam_step(
         ``exp_avg`` and ``exp_avg_sq`` are updated in place and must be writable; no two
         buffers may overlap. ``grad`` is only read (read-only buffers are fine). For
         bfloat16 and float16 the update is computed in float32 (as torch's fused Adam
-        does) and rounded to nearest even on store.
+        does) and rounded to nearest even on store. One mix is allowed: a float32
+        ``param`` and ``grad`` with bfloat16 ``exp_avg``/``exp_avg_sq`` (and
+        ``max_exp_avg_sq``): bfloat16 moments, computed in float32 (``adam_state(param,
+        state_dtype="bfloat16")``).
     step : int
         The 1-based number of this update (bias corrections use ``beta ** step``).
     lr, beta1, beta2, eps : float
@@ -307,12 +312,13 @@ def _copy_back(aligned: AdamBuffers, buffers: AdamBuffers) -> None:
             target[...] = source
 
 
-def adam_state(param: Any, *, amsgrad: bool = False,
-               master_weights: bool = False) -> Dict[str, np.ndarray]:
+def adam_state(param: Any, *, amsgrad: bool = False, master_weights: bool = False,
+               state_dtype: Any = None) -> Dict[str, np.ndarray]:
     """Zeroed state buffers for :func:`adam_step` on ``param``: ``exp_avg``, ``exp_avg_sq``
     (and ``max_exp_avg_sq`` with ``amsgrad=True``), shaped like ``param``, of its dtype.
     With ``master_weights=True`` (a bfloat16 or float16 param), the state is float32 and
-    holds ``master_param``, a float32 copy of ``param``.
+    holds ``master_param``, a float32 copy of ``param``. With ``state_dtype="bfloat16"``
+    (a float32 param), the moments are bfloat16.
 
     Use these rather than ``np.zeros_like``: they start at different offsets within a
     4 KiB page from each other and from where NumPy places arrays, which avoids the
@@ -328,7 +334,10 @@ def adam_state(param: Any, *, amsgrad: bool = False,
     if master and array.itemsize != 2:
         raise TypeError("master_weights is for a bfloat16 or float16 param, got "
                         f"{type_name(array.dtype)}")
-    dtype = np.dtype(np.float32) if master else array.dtype
+    moments = check_state_dtype(state_dtype, master)
+    if moments is not None:
+        check_bfloat16_state([array], ["param"])
+    dtype = np.dtype(np.float32) if master else array.dtype if moments is None else moments
     state = {key: zeros_at(array.size, dtype, STATE_PAGE_OFFSETS[key]).reshape(array.shape)
              for key in keys}
     if master:  # the float32 copy of the param's values, at its own page offset

@@ -208,10 +208,14 @@ def check_element_types(param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray
                         exp_avg_sq: np.ndarray, max_exp_avg_sq: Optional[np.ndarray] = None,
                         master_param: Optional[np.ndarray] = None) -> None:
     """The combinations of element types the kernels update (TypeError otherwise):
-    every buffer of one type (float32, float64, bfloat16 or float16); or master weights,
-    a bfloat16/float16 ``param`` with a float32 ``master_param`` and float32 state, the
-    gradient of the param's type or float32."""
+    every buffer of one type (float32, float64, bfloat16 or float16); bfloat16 state
+    beside a float32 param and grad (DeepSpeed's ``fp32_optimizer_states=False``); or
+    master weights, a bfloat16/float16 ``param`` with a float32 ``master_param`` and
+    float32 state, the gradient of the param's type or float32."""
     state = [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("max_exp_avg_sq", max_exp_avg_sq)]
+    if (master_param is None and param.dtype == FLOAT_DTYPES[0] and grad.dtype == param.dtype
+            and all(a is None or is_bfloat16(a.dtype) for _, a in state)):
+        return  # bfloat16 moments of a float32 param
     if master_param is None:
         for name, array in [("grad", grad)] + state:
             if array is not None and array.dtype != param.dtype:
@@ -610,6 +614,30 @@ def check_params(params: list, name: str) -> list:
     return arrays
 
 
+def check_state_dtype(value: Any, master_weights: bool, name: str = "state_dtype") -> Optional[np.dtype]:
+    """The element type of an optimizer's moments: None (the param's, or float32 with
+    master weights), or bfloat16 (for float32 params only: see :func:`check_bfloat16_state`;
+    not with master weights, whose moments are float32)."""
+    if value is None:
+        return None
+    dtype = check_element_dtype(value, name)
+    if not is_bfloat16(dtype):
+        raise ValueError(f"{name} must be None (the params' type) or 'bfloat16', got "
+                         f"{type_name(dtype)}")
+    if master_weights:
+        raise ValueError(f"{name} must be None with master_weights=True (the master copy "
+                         "keeps float32 moments)")
+    return dtype
+
+
+def check_bfloat16_state(arrays: Any, names: Any) -> None:
+    """bfloat16 moments are for float32 params (TypeError otherwise)."""
+    for array, name in zip(arrays, names):
+        if array.dtype != FLOAT_DTYPES[0]:
+            raise TypeError(f"state_dtype='bfloat16' is for float32 params, but {name} is "
+                            f"{type_name(array.dtype)}")
+
+
 def check_master_weights(arrays: Any, names: Any) -> None:
     """Master weights are for bfloat16 and float16 params (TypeError otherwise)."""
     for array, name in zip(arrays, names):
@@ -714,10 +742,12 @@ def _int_as_float(value: Any) -> Any:
 
 
 def check_grads(grads: Any, params: list, written: np.ndarray, names: Optional[list] = None,
-                allow_none: bool = False) -> Tuple[list, int, bool]:
+                allow_none: bool = False, master: Optional[list] = None) -> Tuple[list, int, bool]:
     """The gradients of one optimizer step, checked against the params (count, dtype,
     shape, layout, overlap with any ``written`` range: sorted_ranges of the params and
-    state) before anything is written.
+    state) before anything is written. A dense gradient has its param's dtype, or is
+    float32 where ``master[i]`` (a 16-bit param with a float32 master copy: a gradient
+    summed or accumulated in float32, as fastadam.distributed's is).
 
     A gradient may be row-sparse: a tuple ``(rows, values)`` for a param with rows (see
     :func:`check_row_grad`); it is returned as (int64 rows in fastadam's own copy, flat
@@ -751,9 +781,11 @@ def check_grads(grads: Any, params: list, written: np.ndarray, names: Optional[l
             rows_given = True
             continue
         array = as_array(grad, name, writable=False, flatten=False)
-        if array.dtype != param.dtype:
+        float32_ok = master is not None and master[i]
+        if array.dtype != param.dtype and not (float32_ok and array.dtype == FLOAT_DTYPES[0]):
             raise TypeError(f"{name} must have the dtype of params[{i}] "
-                            f"({type_name(param.dtype)}), got {type_name(array.dtype)}")
+                            f"({type_name(param.dtype)}{') or be float32' if float32_ok else ')'}, "
+                            f"got {type_name(array.dtype)}")
         if array.shape != param.shape:
             raise ValueError(f"{name} must have the shape of params[{i}] {param.shape}, got {array.shape}")
         if overlaps(written, array):

@@ -25,7 +25,9 @@ count (each takes the previous one's count result, and only the last increments 
 count is then written in place, after every call has read it, with no copy. ``lr``: a
 float32 or float64 scalar computed in the step (a schedule's value), which replaces the
 ``lr`` attribute; being traced, it is checked here, when the step runs. Leaf i of each
-list has the element count of params[i] and its dtype (float32 or float64). The
+list has the element count of params[i] and its dtype (float32, float64, bfloat16 or
+float16: one dtype per leaf; 16-bit leaves are computed in float32 and rounded to
+nearest even, as ``fastadam.adam_step`` does). The
 hyperparameters are scalar attributes named after the fields of ``Hyper`` (see
 ``hyper_attributes``), plus ``num_threads``, ``traced_lr``, ``increment_count`` and
 ``decayed_leaves``: weight decay applies to the first ``decayed_leaves`` leaves only
@@ -42,7 +44,14 @@ from libc.string cimport memcmp, strlen
 
 import numpy as np
 
-from fastadam._adam_types cimport ELEM_F32, ELEM_F64, AdamTensor, Coefficients
+from fastadam._adam_types cimport (
+    ELEM_BF16,
+    ELEM_F16,
+    ELEM_F32,
+    ELEM_F64,
+    AdamTensor,
+    Coefficients,
+)
 from fastadam._kernels cimport Hyper, fill_coefficients, hyper_from_record, run_tensors
 
 
@@ -82,8 +91,10 @@ cdef extern from "_xla_ffi_api.h" nogil:
         XLA_FFI_DataType_PRED
         XLA_FFI_DataType_S32
         XLA_FFI_DataType_S64
+        XLA_FFI_DataType_F16
         XLA_FFI_DataType_F32
         XLA_FFI_DataType_F64
+        XLA_FFI_DataType_BF16
     ctypedef struct XLA_FFI_Buffer:
         size_t struct_size
         XLA_FFI_DataType dtype
@@ -272,18 +283,32 @@ cdef int64_t _elements(const XLA_FFI_Buffer* b) noexcept nogil:
     return n
 
 
+cdef int _element_type(XLA_FFI_DataType dtype) noexcept nogil:
+    """The kernels' ELEM_* of an XLA element type, or -1 for one they do not store."""
+    if dtype == XLA_FFI_DataType_F32:
+        return ELEM_F32
+    if dtype == XLA_FFI_DataType_F64:
+        return ELEM_F64
+    if dtype == XLA_FFI_DataType_BF16:
+        return ELEM_BF16
+    if dtype == XLA_FFI_DataType_F16:
+        return ELEM_F16
+    return -1
+
+
 cdef int _record(AdamTensor* t, const XLA_FFI_Buffer* param, const XLA_FFI_Buffer* grad,
                  const XLA_FFI_Buffer* exp_avg, const XLA_FFI_Buffer* exp_avg_sq,
                  const XLA_FFI_Buffer* max_exp_avg_sq) noexcept nogil:
-    """One leaf's record: XLA's dense row-major buffers of one float dtype and one
+    """One leaf's record: XLA's dense row-major buffers of one float dtype (float32,
+    float64, bfloat16 or float16: pure 16-bit, no master copy) and one
     element count (fastadam.jax checks this when it traces; here it is checked again
     because a mismatch would be an out-of-bounds write). 0, or -1 if they do not match.
     The one place that knows AdamTensor's fields."""
     cdef int64_t size = _elements(param)
     cdef const XLA_FFI_Buffer* state[3]
-    cdef int k
+    cdef int k, element_type = _element_type(param.dtype)
     state[:] = [exp_avg, exp_avg_sq, max_exp_avg_sq]
-    if param.dtype != XLA_FFI_DataType_F32 and param.dtype != XLA_FFI_DataType_F64:
+    if element_type < 0:
         return -1
     if grad.dtype != param.dtype or _elements(grad) != size:
         return -1
@@ -297,7 +322,7 @@ cdef int _record(AdamTensor* t, const XLA_FFI_Buffer* param, const XLA_FFI_Buffe
     t.max_exp_avg_sq = NULL if max_exp_avg_sq == NULL else <char*>max_exp_avg_sq.data
     t.model_param = NULL  # no master weights
     t.size = <Py_ssize_t>size
-    t.param_type = ELEM_F64 if param.dtype == XLA_FFI_DataType_F64 else ELEM_F32
+    t.param_type = element_type
     t.grad_type = t.state_type = t.model_type = t.param_type
     t.stochastic = False
     t.rounding_key = 0
@@ -409,15 +434,17 @@ cdef XLA_FFI_Error* _adam(XLA_FFI_CallFrame* frame) noexcept nogil:
                    args[first + 3 * n + i], args[first + 4 * n + i] if h.amsgrad else NULL) != 0:
             free(tensors)
             snprintf(message, MESSAGE_SIZE, "fastadam_adam: leaf %lld: param, grad and state "
-                     "must have one float32 or float64 dtype and one element count",
+                     "must have one dtype (float32, float64, bfloat16 or float16) and one "
+                     "element count",
                      <long long>i)
             return _error(frame, XLA_FFI_Error_Code_INVALID_ARGUMENT, message)
         tensors[i].coef = coef[0 if i < call.decayed_leaves else 1]
-        float32 = float32 or args[first + i].dtype == XLA_FFI_DataType_F32
+        # (16-bit leaves compute in float32 too)
+        float32 = float32 or args[first + i].dtype != XLA_FFI_DataType_F64
     if call.traced_lr and float32 and not (_fits_float32(&coef[0]) and _fits_float32(&coef[1])):
         free(tensors)
         snprintf(message, MESSAGE_SIZE, "fastadam_adam: the learning rate %.9g makes the step "
-                 "coefficient or the decay factor overflow float32, the params' element type",
+                 "coefficient or the decay factor overflow float32, the params' math type",
                  h.lr)
         return _error(frame, XLA_FFI_Error_Code_INVALID_ARGUMENT, message)
     status = run_tensors(tensors, n, call.num_threads)

@@ -57,8 +57,10 @@ typedef enum {
     XLA_FFI_DataType_PRED = 1,
     XLA_FFI_DataType_S32 = 4,
     XLA_FFI_DataType_S64 = 5,
+    XLA_FFI_DataType_F16 = 10,
     XLA_FFI_DataType_F32 = 11,
     XLA_FFI_DataType_F64 = 12,
+    XLA_FFI_DataType_BF16 = 16,
 } XLA_FFI_DataType;
 
 typedef struct XLA_FFI_Buffer {

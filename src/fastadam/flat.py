@@ -15,7 +15,7 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from fastadam._memory import zeros_at
-from fastadam._validation import FLOAT_DTYPES, check_sequence
+from fastadam._validation import check_element_dtype, check_sequence
 
 Shape = Union[int, Sequence[int]]
 # Params at the start of a page, grads 512 bytes in: apart from each other and from the
@@ -45,8 +45,10 @@ class FlatParams:
     ----------
     shapes : sequence of int or tuple
         One shape per parameter, in order.
-    dtype : float32 or float64
-        The element type of every parameter.
+    dtype : float32, float64, bfloat16 or float16
+        The element type of every parameter ("bfloat16": ml_dtypes' bfloat16 when it is
+        installed; 16-bit params are for master weights: ``Adam(master_weights=True)``,
+        ``fastadam.distributed.ShardedAdam``).
 
     Attributes
     ----------
@@ -66,12 +68,7 @@ class FlatParams:
     def __init__(self, shapes: Sequence[Shape], dtype: Union[str, np.dtype, type] = np.float32):
         shapes = check_sequence(shapes, "shapes", "shapes")
         self.shapes: List[Tuple[int, ...]] = [_check_shape(s, f"shapes[{i}]") for i, s in enumerate(shapes)]
-        try:
-            self.dtype = np.dtype(dtype)
-        except TypeError:
-            raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
-        if self.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
+        self.dtype = check_element_dtype(dtype)
         sizes = [int(np.prod(s, dtype=np.int64)) for s in self.shapes]
         total = sum(sizes)
         self.data = zeros_at(total, self.dtype, PARAM_PAGE_OFFSET)

@@ -17,6 +17,12 @@ state is ``AdamState(count, mu, nu)``, the fields of optax's ``ScaleByAdamState`
 
 Numerics: optax's ``adam``/``adamw`` (its ``eps`` and ``eps_root`` forms), within a few
 ulps, and bit-identical to ``fastadam.adam_step`` on the same inputs.
+
+Leaves may be float32, float64, bfloat16 or float16, one dtype per leaf for its param,
+grad and moments (as optax keeps them by default). A 16-bit leaf is pure 16-bit: its
+update is computed in float32 and param and moments are rounded to nearest even, as
+``fastadam.adam_step`` and torch's fused Adam do (optax computes each operation in the
+16-bit type; the two agree within a few of its ulps).
 """
 
 from __future__ import annotations
@@ -36,11 +42,13 @@ import numpy as np
 from fastadam import _xla_ffi
 from fastadam._threads import threads_for
 from fastadam._validation import (
-    FLOAT_DTYPES,
+    ELEMENT_TYPES,
     Hyperparameters,
     check_call_hyperparameters,
     check_element_type_range,
     check_num_threads,
+    is_element_type,
+    type_name,
 )
 
 __all__ = ["AdamState", "InPlaceTransformation", "adam", "adamw"]
@@ -66,7 +74,7 @@ class AdamState(NamedTuple):
     """The optimizer state: optax's ``ScaleByAdamState`` fields.
 
     ``count``: int32 scalar, the steps taken. ``mu``, ``nu``: pytrees of the params'
-    structure, shapes and dtypes (the moments)."""
+    structure, shapes and dtypes (the moments; bfloat16 for a bfloat16 param)."""
 
     count: Any
     mu: Any
@@ -180,15 +188,15 @@ def _hyperparameters(learning_rate: Any, b1: Any, b2: Any, eps: Any, eps_root: A
 
 
 def _float_leaves(tree: Any, name: str) -> Tuple[List[Any], List[str]]:
-    """The leaves of ``tree`` and their paths, each a float32/float64 array (or tracer)
-    on the CPU, else a TypeError naming the leaf."""
+    """The leaves of ``tree`` and their paths, each a float32/float64/bfloat16/float16
+    array (or tracer) on the CPU, else a TypeError naming the leaf."""
     with_paths, _ = jax.tree_util.tree_flatten_with_path(tree)
     leaves, paths = [], []
     for path, leaf in with_paths:
         where = f"{name}{jax.tree_util.keystr(path)}"
         dtype = getattr(leaf, "dtype", None)
-        if not isinstance(leaf, (jax.Array, np.ndarray)) or np.dtype(dtype) not in FLOAT_DTYPES:
-            raise TypeError(f"{where} must be a float32 or float64 array, got "
+        if not isinstance(leaf, (jax.Array, np.ndarray)) or not is_element_type(np.dtype(dtype)):
+            raise TypeError(f"{where} must be a {ELEMENT_TYPES} array, got "
                             f"{type(leaf).__name__}{'' if dtype is None else f' of {dtype}'}")
         if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
             platforms = {device.platform for device in leaf.devices()}
@@ -201,13 +209,18 @@ def _float_leaves(tree: Any, name: str) -> Tuple[List[Any], List[str]]:
 
 
 def _matching(tree: Any, name: str, structure: Any, params: List[Any]) -> List[Any]:
-    """The leaves of ``tree``, which must have the params' structure, shapes and dtypes."""
+    """The leaves of ``tree``, which must have the params' structure, shapes and dtypes
+    (no mixing: a float32 grad of a bfloat16 param is refused, as optax would cast it)."""
     if jax.tree.structure(tree) != structure:
         raise ValueError(f"{name} has another tree structure than params: "
                          f"{jax.tree.structure(tree)} against {structure}")
     leaves, paths = _float_leaves(tree, name)
     for leaf, where, param in zip(leaves, paths, params):
-        if leaf.shape != param.shape or leaf.dtype != param.dtype:
+        if leaf.dtype != param.dtype:
+            raise TypeError(f"{where} is {type_name(np.dtype(leaf.dtype))}, its param is "
+                            f"{type_name(np.dtype(param.dtype))}: a leaf's param, grad and "
+                            "moments must have one dtype")
+        if leaf.shape != param.shape:
             raise ValueError(f"{where} is {leaf.dtype}{list(leaf.shape)}, its param is "
                              f"{param.dtype}{list(param.shape)}")
     return leaves

@@ -42,6 +42,7 @@ from fastadam._validation import (
     check_params,
     check_seed,
     check_sequence,
+    check_state_dtype,
     check_step_count,
     type_name,
 )
@@ -82,10 +83,17 @@ class Adam:
         For bfloat16/float16 params: keep a float32 master copy of each (``master_param``
         in its state, taken from the param when the optimizer is built) and float32
         moments; each step updates the master and writes the param rounded to nearest
-        even, in one pass. Gradients come in the param's type.
+        even, in one pass. Gradients come in the param's type, or in float32 (summed
+        or accumulated in float32: read as they are, without a rounding to 16 bits).
     stochastic_rounding, seed
         Round bfloat16 params (without master weights) stochastically, reproducibly for
         a given ``seed`` (see :func:`fastadam.adam_step`).
+    state_dtype : None or "bfloat16"
+        The moments' element type: None, the params' (float32 with master weights); or
+        "bfloat16" for float32 params (DeepSpeed's ``fp32_optimizer_states=False``): the
+        moments are read and written as bfloat16 (rounded to nearest even) and computed
+        in float32, 20 instead of 28 bytes per element per step and half the state's
+        memory.
 
     Attributes
     ----------
@@ -127,6 +135,7 @@ class Adam:
         master_weights: bool = False,
         stochastic_rounding: bool = False,
         seed: int = 0,
+        state_dtype: Optional[str] = None,
     ) -> None:
         self.defaults: Dict[str, Any] = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -142,6 +151,7 @@ class Adam:
         self.skipped_steps = 0
         self.engine = Engine()
         self.master_weights = check_flag(master_weights, "master_weights")
+        self.state_dtype = check_state_dtype(state_dtype, self.master_weights)
         if check_flag(stochastic_rounding, "stochastic_rounding"):
             self.engine.rounding_seed = check_seed(seed)
         self._group_params: List[tuple] = []  # each group's params tuple, to detect edits
@@ -212,7 +222,8 @@ class Adam:
         group["betas"] = tuple(group["betas"])
         names = [f"{name}['params'][{i}]" for i in range(len(arrays))]
         # refuses overlap with params and state, and master weights of other than 16-bit params
-        added = self.engine.add(arrays, index, names, master=self.master_weights)
+        added = self.engine.add(arrays, index, names, master=self.master_weights,
+                                state_dtype=self.state_dtype)
         self.engine.allocate(added)  # moments from the start (AMSGrad's on first use)
         self.param_groups.append(group)
         self._group_params.append(params)
@@ -223,8 +234,8 @@ class Adam:
              skip_if_nonfinite: bool = False) -> bool:
         """One Adam step of every parameter, all groups in one pass through the kernels.
 
-        ``grads`` holds one gradient per parameter, in order (float32/float64 buffers of
-        the parameter's dtype and shape). A gradient may instead be row-sparse, a tuple
+        ``grads`` holds one gradient per parameter, in order (buffers of the parameter's
+        dtype and shape; float32 is also accepted for a parameter with master weights). A gradient may instead be row-sparse, a tuple
         ``(rows, values)`` for a parameter with rows (its first axis; an embedding):
         only those rows and their moments change, as with :func:`fastadam.adam_step_rows`
         (``values`` shaped ``(len(rows),) + param.shape[1:]``, duplicate rows summed).
@@ -414,8 +425,9 @@ class AdamW(Adam):
         master_weights: bool = False,
         stochastic_rounding: bool = False,
         seed: int = 0,
+        state_dtype: Optional[str] = None,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize, eps_hat,
                          eps_root, num_threads, decoupled_weight_decay=True, numerics=numerics,
                          master_weights=master_weights, stochastic_rounding=stochastic_rounding,
-                         seed=seed)
+                         seed=seed, state_dtype=state_dtype)

@@ -48,7 +48,9 @@ sqrt(v), so the two agree exactly in the math for eps=0 and differ by O(eps) oth
 ["master_param"]``) with float32 moments instead: each step updates the master and writes
 the parameter rounded in the same pass, bit-identical to float32 Adam on ``grad.float()``
 followed by ``p.copy_(master)``. ``stochastic_rounding=True`` (with ``seed``) rounds
-bfloat16 parameters without a master stochastically, reproducibly.
+bfloat16 parameters without a master stochastically, reproducibly. ``state_dtype=
+torch.bfloat16`` keeps bfloat16 moments of float32 parameters (DeepSpeed's
+``fp32_optimizer_states=False``): read and written as bfloat16, computed in float32.
 
 DTensor parameters (FSDP2's ``fully_shard``, on a CPU device mesh or with
 ``CPUOffloadPolicy``): each rank's local shard is updated in place with its local shard of
@@ -98,6 +100,7 @@ from fastadam._validation import (
     check_group_hyperparameters,
     check_numerics,
     check_seed,
+    check_state_dtype,
     check_step_count,
 )
 
@@ -282,6 +285,7 @@ class Adam(Optimizer):
         master_weights: bool = False,
         stochastic_rounding: bool = False,
         seed: int = 0,
+        state_dtype: Any = None,
     ) -> None:
         _check_arguments_like_torch(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -291,6 +295,10 @@ class Adam(Optimizer):
         self.numerics = default_numerics() if numerics is None else numerics
         check_numerics(self.numerics, 0.0)
         self.master_weights = check_flag(master_weights, "master_weights")
+        # None, or bfloat16 moments (of float32 parameters: checked as groups are added)
+        self.bfloat16_state = check_state_dtype(
+            "bfloat16" if state_dtype is torch.bfloat16 else state_dtype,
+            self.master_weights) is not None
         self.rounding_seed = (check_seed(seed)
                               if check_flag(stochastic_rounding, "stochastic_rounding") else None)
         if capturable:
@@ -325,17 +333,22 @@ class Adam(Optimizer):
                                         f"param_groups[{index}]", 1)
             super().add_param_group(param_group)
             try:  # an int8 or sparse parameter fails here, named, not at the first step()
-                check_torch_params(self.param_groups[-1], index,
-                                   HALF_DTYPES if self.master_weights
-                                   else SUPPORTED_DTYPES + COMPLEX_DTYPES,
-                                   "master_weights=True keeps float32 masters of bfloat16 and "
-                                   "float16 parameters" if self.master_weights else "")
+                check_torch_params(self.param_groups[-1], index, *self._param_dtypes())
                 _check_one_kind(self.param_groups)
             except TypeError:
                 self.param_groups.pop()  # a rejected call changes nothing
                 raise
             self._front = None  # the next step registers the new parameters
             self._recent = []
+
+    def _param_dtypes(self) -> Tuple[Tuple[torch.dtype, ...], str]:
+        """The parameter dtypes this optimizer's options allow, and why, if restricted."""
+        if self.master_weights:
+            return HALF_DTYPES, ("master_weights=True keeps float32 masters of bfloat16 and "
+                                 "float16 parameters")
+        if self.bfloat16_state:
+            return (torch.float32,), "state_dtype=torch.bfloat16 keeps bfloat16 moments of float32 parameters"
+        return SUPPORTED_DTYPES + COMPLEX_DTYPES, ""
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         with self._lock:
@@ -382,7 +395,7 @@ class Adam(Optimizer):
         # registers them with an engine of its own on its first step.
         return {**super().__getstate__(), "_num_threads": self._num_threads,
                 "numerics": self.numerics, "master_weights": self.master_weights,
-                "rounding_seed": self.rounding_seed}
+                "rounding_seed": self.rounding_seed, "bfloat16_state": self.bfloat16_state}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -390,6 +403,7 @@ class Adam(Optimizer):
         self.__dict__.setdefault("_num_threads", None)
         self.__dict__.setdefault("numerics", default_numerics())
         self.__dict__.setdefault("master_weights", False)
+        self.__dict__.setdefault("bfloat16_state", False)
         self.__dict__.setdefault("rounding_seed", None)
         self.state = _StateTable(self.state)
         self._front = None
@@ -479,12 +493,14 @@ class AdamW(Adam):
         master_weights: bool = False,
         stochastic_rounding: bool = False,
         seed: int = 0,
+        state_dtype: Any = None,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable, differentiable=differentiable,
                          fused=fused, decoupled_weight_decay=True, num_threads=num_threads,
                          numerics=numerics, master_weights=master_weights,
-                         stochastic_rounding=stochastic_rounding, seed=seed)
+                         stochastic_rounding=stochastic_rounding, seed=seed,
+                         state_dtype=state_dtype)
 
 
 class _Registry:
@@ -527,7 +543,8 @@ class _Registry:
                     self.unregistered.append((name, p))
             first = len(self.params)
             self.engine.add([self._engine_view_of(first + k, _local(p))
-                             for k, p in enumerate(tensors)], g, names, master=opt.master_weights)
+                             for k, p in enumerate(tensors)], g, names, master=opt.master_weights,
+                            state_dtype=BFLOAT16_BITS if opt.bfloat16_state else None)
             self.params += [_local(p) for p in tensors]
             self.owners += tensors
             self.names += names
@@ -740,8 +757,11 @@ class _Registry:
         self.published_generation = -1
 
     def _state_dtype(self, i: int, p: torch.Tensor) -> torch.dtype:
-        """The dtype of parameter i's state: float32 with a master copy, else p's."""
-        return torch.float32 if self.engine.master[i] else p.dtype
+        """The dtype of parameter i's state: float32 with a master copy, bfloat16 for
+        bfloat16 moments, else p's."""
+        if self.engine.master[i]:
+            return torch.float32
+        return torch.bfloat16 if self.engine.state_types[i] is not None else p.dtype
 
     # --- showing the engine's state in opt.state -------------------------------------
 

@@ -24,6 +24,14 @@ rank count (recursive halving for short messages, a pairwise exchange that start
 rank's sum with its own contribution for long ones), so with three or more ranks its sums
 differ in the last bits from the rank-order sum, and differently on different ranks.
 
+16-bit models. A bfloat16 or float16 model needs ``master_weights=True``: each rank keeps a
+float32 master copy of its shard and float32 moments. The gradients travel as 16-bit words
+and are summed in float32, ``((float(g_0) + float(g_1)) + ...)`` in rank order; the update
+writes the shard's 16-bit params (rounded to nearest even) in the same pass, and the
+all-gather sends those. Every rank then equals one process running
+:class:`fastadam.Adam` with ``master_weights=True`` on that float32 sum, ``grad_scale`` the
+number of ranks, bit for bit.
+
 Collectives. ``collectives="fastadam"`` (the default) runs fastadam's own, on MPI's
 all-to-all and point-to-point calls: the reduce-scatter receives the other ranks' slices of
 this rank's shard (``Alltoallv``, in rounds through a bounded scratch buffer) and adds them

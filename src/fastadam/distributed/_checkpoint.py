@@ -3,7 +3,7 @@
 A checkpoint is a directory: one archive per rank (``shard-<id>-<rank>.npz``) with that
 rank's shard of the state, and ``index.npz``, written last (the commit), naming the
 checkpoint id, the shard bounds, the model's size and dtype, the hyperparameters and the
-step count. The archives are fastadam's (:mod:`fastadam._npz`: atomic, no pickle), and the
+step count. A 16-bit model's shards hold its float32 ``master_param`` beside the moments. The archives are fastadam's (:mod:`fastadam._npz`: atomic, no pickle), and the
 hyperparameters and step counts are encoded as in the optimizer checkpoint
 (:mod:`fastadam.checkpoint`). Every part is collective: when one rank fails, every rank
 raises (:func:`fastadam.distributed._collectives.agree`).
@@ -18,7 +18,9 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from fastadam._engine import STATE_KEYS
 from fastadam._npz import check_format, read_npz, write_npz_atomically
+from fastadam._validation import type_name
 from fastadam.checkpoint import hyperparameters_to_json, state_dict_from_archive
 from fastadam.distributed._collectives import agree
 from fastadam.distributed._sharded_adam import ShardedAdam
@@ -91,7 +93,7 @@ def _commit(opt: ShardedAdam, directory: str, checkpoint_id: str) -> Optional[OS
     header = {
         "format": FORMAT, "version": VERSION, "id": checkpoint_id,
         "world_size": opt.world_size, "total": int(opt.params.size),
-        "dtype": opt.params.dtype.name, "bounds": [list(b) for b in opt.bounds],
+        "dtype": type_name(opt.params.dtype), "bounds": [list(b) for b in opt.bounds],
         "param_groups": [{**hyperparameters_to_json(opt.param_groups[0]), "params": [0]}],
         "steps": {"0": state["step"]}, "skipped_steps": opt.skipped_steps,
         "state_keys": [key for key in state if key != "step"],
@@ -184,7 +186,7 @@ def _read_index(directory: str, opt: ShardedAdam) -> Dict[str, Any]:
     path = os.path.join(directory, INDEX)
     header, _ = read_npz(path)
     check_format(header, path, FORMAT, VERSION, "fastadam sharded checkpoint index")
-    total, dtype = int(opt.params.size), opt.params.dtype.name
+    total, dtype = int(opt.params.size), type_name(opt.params.dtype)
     if header.get("total") != total or header.get("dtype") != dtype:
         raise ValueError(f"{path} holds state for {header.get('total')} x {header.get('dtype')} "
                          f"parameters, the optimizer has {total} x {dtype}")
@@ -200,7 +202,7 @@ def _read_index(directory: str, opt: ShardedAdam) -> Dict[str, Any]:
         raise ValueError(f"{path} has a malformed checkpoint id")
     keys = header.get("state_keys")
     if (not isinstance(keys, list) or not all(isinstance(k, str) for k in keys)
-            or not {"exp_avg", "exp_avg_sq"} <= set(keys) <= {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}):
+            or not {"exp_avg", "exp_avg_sq"} <= set(keys) <= set(STATE_KEYS)):
         raise ValueError(f"{path} has malformed state keys")
     header.setdefault("skipped_steps", 0)
     if not _is_count(header["skipped_steps"]):
@@ -216,6 +218,7 @@ def _read_shard_state(directory: str, opt: ShardedAdam, header: Dict[str, Any]) 
     """This rank's state dict (for the inner Adam), assembled from the saved shards that
     overlap its shard, fully checked."""
     start, stop = opt.shard
+    dtype = opt._adam.engine.state_dtype(0)  # float32 for a 16-bit model's master and moments
     names = [f"state/0/{key}" for key in header["state_keys"]]
     pieces: Dict[str, List[np.ndarray]] = {name: [] for name in names}
     for rank, (a, b) in enumerate(header["bounds"]):
@@ -231,11 +234,11 @@ def _read_shard_state(directory: str, opt: ShardedAdam, header: Dict[str, Any]) 
         if sorted(arrays) != sorted(names):
             raise ValueError(f"{path} holds {sorted(arrays)}, the index names {sorted(names)}")
         for name, array in arrays.items():
-            if array.dtype != opt.params.dtype or array.shape != (b - a,):
-                raise ValueError(f"{path}: {name} is {array.shape} {array.dtype}, expected "
-                                 f"({b - a},) {opt.params.dtype}")
+            if array.dtype != dtype or array.shape != (b - a,):
+                raise ValueError(f"{path}: {name} is {array.shape} {type_name(array.dtype)}, "
+                                 f"expected ({b - a},) {type_name(dtype)}")
             pieces[name].append(array[low - a:high - a])
-    arrays = {name: np.concatenate(parts) if parts else np.zeros(0, opt.params.dtype)
+    arrays = {name: np.concatenate(parts) if parts else np.zeros(0, dtype)
               for name, parts in pieces.items()}
     state_dict = state_dict_from_archive(opt._adam, header, arrays, os.path.join(directory, INDEX))
     try:

@@ -12,7 +12,10 @@ checkpoint) tells every rank whether all passed, and every rank raises if one fa
 Exchange. :class:`ShardExchange` runs a step's two collectives on one flat block:
 fastadam's reduce-scatter (rank-order sums, bit-identical to one process) and ring
 all-gather, or MPI's ``Reduce_scatter`` and ``Allgatherv`` (see :mod:`fastadam.distributed`
-for when each pays).
+for when each pays). A 16-bit block (bfloat16 or float16) travels as 16-bit words and is
+summed in float32: fastadam's reduce-scatter receives the 16-bit slices and adds them,
+widened, in rank order; MPI's, having no bfloat16 sum, gets the gradient widened to a
+float32 copy first.
 """
 
 from __future__ import annotations
@@ -31,12 +34,14 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
     ) from exc
 
 from fastadam._memory import zeros_at
+from fastadam._validation import BFLOAT16_BITS, FLOAT_DTYPES, math_type
 from fastadam.flat import GRAD_PAGE_OFFSET
 
 __all__ = ["COLLECTIVES", "MPI", "ShardExchange", "agree", "agree_on", "any_rank"]
 
 COLLECTIVES = ("fastadam", "mpi")
 _MPI_TYPES = {np.dtype(np.float32): MPI.FLOAT, np.dtype(np.float64): MPI.DOUBLE}
+FLOAT32 = FLOAT_DTYPES[0]
 # fastadam's reduce-scatter receives the slices of its shard in rounds through a scratch buffer
 # of about this many bytes (kept between steps): bounded memory whatever the model size,
 # and messages of 16 MiB / ranks per peer and round (256 KiB at 64 ranks), far above the
@@ -112,11 +117,25 @@ def any_rank(comm: Any, flag: bool) -> bool:
 # --- the reduce-scatter and the all-gather of a step -------------------------------------------
 
 
+def _words(block: np.ndarray) -> np.ndarray:
+    """What goes on the wire: a float32/float64 block itself, a 16-bit one as its words
+    (MPI has no bfloat16 type; these are only moved, never summed)."""
+    return block.view(np.uint16) if block.itemsize == 2 else block
+
+
+def _widened(block: np.ndarray) -> np.ndarray:
+    """A bfloat16/float16 block's values in float32 (exact)."""
+    if block.dtype == BFLOAT16_BITS:  # the bits of bfloat16 are float32's high half
+        return (block.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return block.astype(FLOAT32)
+
+
 class ShardExchange:
     """A step's collectives over a flat block of ``dtype`` cut into ``bounds`` (one shard
     per rank of ``comm``, in rank order). It keeps the buffers they need between steps:
-    this rank's summed gradient shard and, for fastadam's reduce-scatter, the bounded
-    receive buffer."""
+    this rank's summed gradient shard (float32 for a 16-bit block) and, for fastadam's
+    reduce-scatter, the bounded receive buffer (MPI's, for a 16-bit block: the float32
+    copy of the whole gradient)."""
 
     def __init__(self, comm: Any, bounds: Bounds, dtype: np.dtype, collectives: str) -> None:
         self.comm, self.bounds, self.collectives = comm, bounds, collectives
@@ -125,10 +144,14 @@ class ShardExchange:
         start, stop = self.shard
         self._counts = [b - a for a, b in bounds]
         self._displs = [a for a, _ in bounds]
-        self._type = _MPI_TYPES[np.dtype(dtype)]
-        # The summed gradient of this rank's shard (one rank: the gradient itself, no copy).
-        self._reduced = zeros_at(stop - start if self.world_size > 1 else 0, dtype, GRAD_PAGE_OFFSET)
-        self._scratch: Optional[np.ndarray] = None  # of fastadam's reduce-scatter
+        self._half = np.dtype(dtype).itemsize == 2
+        self._type = MPI.UINT16_T if self._half else _MPI_TYPES[np.dtype(dtype)]
+        # The summed gradient of this rank's shard, in the math type (one rank: the
+        # gradient itself, no copy).
+        self._sum_type = math_type(np.dtype(dtype))
+        self._reduced = zeros_at(stop - start if self.world_size > 1 else 0, self._sum_type,
+                                 GRAD_PAGE_OFFSET)
+        self._scratch: Optional[np.ndarray] = None  # of the reduce-scatter
 
     @property
     def nbytes(self) -> int:
@@ -138,15 +161,22 @@ class ShardExchange:
     def broadcast(self, block: np.ndarray) -> None:
         """Rank 0's ``block`` to every rank, in place."""
         if self.world_size > 1:
-            self.comm.Bcast([block, self._type], root=0)
+            self.comm.Bcast([_words(block), self._type], root=0)
 
     def reduce(self, grad: np.ndarray) -> np.ndarray:
-        """This rank's shard of the sum of every rank's ``grad``."""
+        """This rank's shard of the sum of every rank's ``grad`` (in float32 for a 16-bit
+        gradient)."""
         start, stop = self.shard
         if self.world_size == 1:
             return grad[start:stop]
         if self.collectives == "mpi":
-            self.comm.Reduce_scatter([grad, self._type], [self._reduced, self._type],
+            if self._half:  # MPI cannot sum 16-bit floats: widen the whole gradient first
+                if self._scratch is None or self._scratch.size != grad.size:
+                    self._scratch = np.empty(grad.size, FLOAT32)
+                self._scratch[...] = _widened(grad)
+                grad = self._scratch
+            self.comm.Reduce_scatter([grad, _MPI_TYPES[self._sum_type]],
+                                     [self._reduced, _MPI_TYPES[self._sum_type]],
                                      self._counts, MPI.SUM)
         else:
             self._reduce_in_rank_order(grad)
@@ -175,10 +205,13 @@ class ShardExchange:
             send_counts[me] = recv_counts[me] = 0  # this rank's own slice is read in place
             send_displs = np.minimum(starts + offset, grad.size)
             recv_displs = np.arange(p, dtype=np.int64) * n
-            self.comm.Alltoallv([grad, (send_counts.tolist(), send_displs.tolist()), self._type],
-                                [scratch, (recv_counts.tolist(), recv_displs.tolist()), self._type])
+            self.comm.Alltoallv(
+                [_words(grad), (send_counts.tolist(), send_displs.tolist()), self._type],
+                [_words(scratch), (recv_counts.tolist(), recv_displs.tolist()), self._type])
             rows = [grad[my_start + offset:my_start + offset + n] if q == me
                     else scratch[q * n:(q + 1) * n] for q in range(p)]
+            if self._half:  # summed in float32: ((g_0 + g_1) + g_2) + ..., each widened exactly
+                rows = [_widened(row) for row in rows]
             out = self._reduced[offset:offset + n]
             np.add(rows[0], rows[1], out=out)
             for row in rows[2:]:
@@ -189,6 +222,7 @@ class ShardExchange:
         p, me = self.world_size, self.rank
         if p == 1:
             return
+        block = _words(block)
         if self.collectives == "mpi":
             self.comm.Allgatherv(MPI.IN_PLACE, [block, (self._counts, self._displs), self._type])
             return

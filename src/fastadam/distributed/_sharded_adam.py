@@ -21,6 +21,7 @@ from fastadam._validation import (
     check_group_hyperparameters,
     check_no_overlap,
     check_num_threads,
+    type_name,
 )
 from fastadam.distributed._collectives import (
     COLLECTIVES,
@@ -48,9 +49,9 @@ class ShardedAdam:
         :class:`fastadam.FlatParams` is used in place, its ``grad_data`` being the default
         gradient. A 1-D float32/float64 buffer (NumPy array, or anything exporting the
         buffer protocol: zero-copy) is updated in place; ``step`` then needs ``grads``. The
-        parameters of a PyTorch model (dense CPU float32/float64 tensors of one dtype) are
-        copied once into a FlatParams and each ``p.data`` becomes a view of it; ``step``
-        reads their ``.grad``. A parameter whose ``.grad`` is None counts as having a zero
+        parameters of a PyTorch model (dense CPU tensors of one dtype) are copied once
+        into a FlatParams and each ``p.data`` becomes a view of it; ``step`` reads their
+        ``.grad``. bfloat16 and float16 models need ``master_weights=True``. A parameter whose ``.grad`` is None counts as having a zero
         gradient (its moments still decay and it may still move, where torch.optim would
         skip it): every rank must apply the same update to every element.
     comm : mpi4py.MPI.Intracomm, optional
@@ -64,6 +65,13 @@ class ShardedAdam:
         fastadam's reduce-scatter (rank-order sums: bit-identical to one process) and ring
         all-gather, or MPI's ``Reduce_scatter`` and ``Allgatherv`` (see
         :mod:`fastadam.distributed`).
+    master_weights : bool
+        For a bfloat16 or float16 model (required there, refused for float32/float64):
+        each rank keeps a float32 master copy of its shard (``master_param``, taken from
+        the broadcast model) and float32 moments. The 16-bit gradients travel as 16-bit
+        words and are summed in float32 in rank order; the update writes the shard's
+        16-bit params, rounded to nearest even, in the same pass, and the all-gather
+        sends those.
 
     Attributes
     ----------
@@ -80,7 +88,8 @@ class ShardedAdam:
     param_groups : list of dict
         One group whose hyperparameters may be edited between steps (on every rank alike).
     state : dict
-        ``step`` and this rank's shard of ``exp_avg``, ``exp_avg_sq`` (``max_exp_avg_sq``).
+        ``step`` and this rank's shard of ``exp_avg``, ``exp_avg_sq`` (``max_exp_avg_sq``,
+        ``master_param``).
     state_nbytes : int
         Bytes of optimizer state this rank holds. ``scratch_nbytes``: the other buffers
         of its own, one shard for the summed gradient and, with more than one rank and the
@@ -108,6 +117,7 @@ class ShardedAdam:
         decoupled_weight_decay: bool = False,
         numerics: str = "exact",
         collectives: str = "fastadam",
+        master_weights: bool = False,
     ) -> None:
         if comm is None:
             comm = MPI.COMM_WORLD
@@ -128,7 +138,7 @@ class ShardedAdam:
         error, settings, tensors, total, dtype = None, None, None, 0, np.dtype(np.float64)
         try:
             tensors, total, dtype, settings = self._check_construction(
-                params, hyperparameters, num_threads, collectives)
+                params, hyperparameters, num_threads, collectives, master_weights)
         except Exception as exc:  # raised on every rank by agree_on, after it
             error = exc
         agree_on(comm, error, settings, "construct ShardedAdam")
@@ -141,18 +151,20 @@ class ShardedAdam:
         self.shard = self.bounds[self.rank]
         start, stop = self.shard
         self._exchange = ShardExchange(comm, self.bounds, dtype, collectives)
-        self._adam = Adam([self.params[start:stop]], num_threads=num_threads, **hyperparameters)
+        self._exchange.broadcast(self.params)  # (first: master copies start from rank 0's model)
+        self._adam = Adam([self.params[start:stop]], num_threads=num_threads,
+                          master_weights=bool(master_weights), **hyperparameters)
         self.skipped_steps = 0
         self.seconds = {"reduce": 0.0, "update": 0.0, "gather": 0.0}
-        self._exchange.broadcast(self.params)
 
     def _check_construction(self, params: Any, hyperparameters: Dict[str, Any],
-                            num_threads: Optional[int], collectives: Any) -> tuple:
+                            num_threads: Optional[int], collectives: Any, master_weights: Any) -> tuple:
         """This rank's checks of the constructor's arguments (no communication): (torch
         tensors or None, total elements, dtype, the settings every rank must share). Sets
         ``params``, ``grads`` and ``flat`` for a buffer or a FlatParams."""
         if collectives not in COLLECTIVES:
             raise ValueError(f"collectives must be one of {COLLECTIVES}, got {collectives!r}")
+        master_weights = check_flag(master_weights, "master_weights")
         with keyword_names():  # named as the constructor's arguments
             check_group_hyperparameters(hyperparameters, "defaults", 1)
         check_num_threads(num_threads)
@@ -168,15 +180,18 @@ class ShardedAdam:
                 raise ValueError(f"params must be a 1-D (flat) buffer, got shape {self.params.shape}")
         if tensors is None:
             total, dtype = self.params.size, self.params.dtype
+        _check_master_weights(dtype, master_weights)
         hyper = check_group_hyperparameters(hyperparameters, "defaults", 1, (dtype,))
-        settings = {"params": f"{total} x {dtype.name}", "collectives": collectives,
+        settings = {"params": f"{total} x {type_name(dtype)}", "collectives": collectives,
+                    "master_weights": master_weights,
                     **hyper._asdict()}  # (lr: a schedule's value at step 1)
         return tensors, total, dtype, settings
 
     def __repr__(self) -> str:
         start, stop = self.shard
         return (f"ShardedAdam(rank {self.rank} of {self.world_size}, shard [{start}, {stop}) of "
-                f"{self.params.size} {self.params.dtype.name}, collectives={self.collectives!r})")
+                f"{self.params.size} {type_name(self.params.dtype)}, collectives={self.collectives!r}"
+                + (", master_weights=True)" if self.master_weights else ")"))
 
     # --- the three phases --------------------------------------------------------------
 
@@ -255,8 +270,8 @@ class ShardedAdam:
             return self.grads
         grad = as_array(grads, "grads", writable=False, flatten=False)
         if grad.dtype != self.params.dtype:
-            raise TypeError(f"grads must have the dtype of params ({self.params.dtype.name}), got "
-                            f"{grad.dtype.name}")
+            raise TypeError(f"grads must have the dtype of params ({type_name(self.params.dtype)}), "
+                            f"got {type_name(grad.dtype)}")
         if grad.ndim != 1 or grad.size != self.params.size:
             raise ValueError(f"grads must be a flat buffer of {self.params.size} elements like "
                              f"params, got shape {grad.shape}")
@@ -268,6 +283,11 @@ class ShardedAdam:
         return any_rank(self.comm, local > 0)
 
     # --- state -------------------------------------------------------------------------
+
+    @property
+    def master_weights(self) -> bool:
+        """Whether this rank keeps a float32 master copy of its shard of a 16-bit model."""
+        return self._adam.master_weights
 
     @property
     def param_groups(self) -> List[Dict[str, Any]]:
@@ -289,3 +309,13 @@ class ShardedAdam:
         """Forget the moments and the step count (on this rank; call it on every rank)."""
         self._adam.zero_state()
         self.skipped_steps = 0
+
+
+def _check_master_weights(dtype: np.dtype, master_weights: bool) -> None:
+    """A 16-bit model needs float32 master shards; a float32/float64 one is its own master."""
+    if dtype.itemsize == 2 and not master_weights:
+        raise TypeError(f"params are {type_name(dtype)}: ShardedAdam updates a 16-bit model "
+                        "through float32 master shards, pass master_weights=True")
+    if dtype.itemsize != 2 and master_weights:
+        raise TypeError(f"master_weights is for bfloat16 and float16 params, but params are "
+                        f"{type_name(dtype)}: a float32 or float64 model is its own master")

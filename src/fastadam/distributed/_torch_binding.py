@@ -11,7 +11,7 @@ from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
-from fastadam._validation import check_no_overlap
+from fastadam._validation import check_element_dtype, check_no_overlap
 from fastadam.flat import FlatParams
 
 __all__ = ["TorchBinding", "is_torch_tensor", "torch_tensors"]
@@ -20,6 +20,25 @@ __all__ = ["TorchBinding", "is_torch_tensor", "torch_tensors"]
 def is_torch_tensor(obj: Any) -> bool:
     torch = sys.modules.get("torch")  # never import torch here: only recognise its tensors
     return torch is not None and isinstance(obj, torch.Tensor)
+
+
+def _numpy(t: Any) -> np.ndarray:
+    """A CPU tensor's memory as a NumPy array (a bfloat16 one with the dtype of
+    ``FlatParams(..., "bfloat16")``: NumPy has no bfloat16 of its own)."""
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        return t.detach().view(torch.int16).numpy().view(check_element_dtype("bfloat16"))
+    return t.detach().numpy()
+
+
+def _tensor(array: np.ndarray, dtype: Any) -> Any:
+    """A torch tensor of ``dtype`` sharing ``array``'s memory."""
+    import torch
+
+    if dtype == torch.bfloat16:
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 def _is_buffer(obj: Any) -> bool:
@@ -46,25 +65,24 @@ class TorchBinding:
             name = f"params[{i}]"
             if p.device.type != "cpu" or p.layout != torch.strided:
                 raise TypeError(f"{name} must be a dense CPU tensor, got {p.layout} on {p.device}")
-            if p.dtype not in (torch.float32, torch.float64):
-                raise TypeError(f"{name} must have dtype float32 or float64, got {p.dtype}")
+            if p.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+                raise TypeError(f"{name} must have dtype float32, float64, bfloat16 or float16, "
+                                f"got {p.dtype}")
             if p.dtype != tensors[0].dtype:
                 raise TypeError(f"{name} has dtype {p.dtype}, params[0] has {tensors[0].dtype}: "
                                 "one ShardedAdam takes parameters of one dtype")
-        arrays = [p.detach().numpy() for p in tensors]
+        arrays = [_numpy(p) for p in tensors]
         check_no_overlap([a.reshape(-1) for a in arrays], [f"params[{i}]" for i in range(len(arrays))])
         return sum(a.size for a in arrays), arrays[0].dtype
 
     def __init__(self, tensors: List[Any]):
-        import torch
-
         self.tensors = tensors
-        self.flat = FlatParams.from_arrays([p.detach().numpy() for p in tensors])
+        self.flat = FlatParams.from_arrays([_numpy(p) for p in tensors])
         for p, view, grad_view in zip(tensors, self.flat.params, self.flat.grads):
-            p.data = torch.from_numpy(view)
+            p.data = _tensor(view, p.dtype)
             if p.grad is not None and not p.grad.is_sparse:
-                grad_view[...] = p.grad.detach().numpy()
-                p.grad = torch.from_numpy(grad_view)
+                grad_view[...] = _numpy(p.grad)
+                p.grad = _tensor(grad_view, p.dtype)
 
     def collect_grads(self) -> None:
         """Bring every ``.grad`` into the flat gradient block (a missing grad counts as
@@ -80,7 +98,7 @@ class TorchBinding:
             elif grad.is_sparse:
                 raise TypeError(f"params[{i}].grad is sparse; ShardedAdam takes dense gradients")
             elif grad.data_ptr() != grad_view.ctypes.data:
-                grad_view[...] = grad.detach().numpy()
+                grad_view[...] = _numpy(grad)
 
 
 def torch_tensors(params: Any) -> Optional[List[Any]]:
