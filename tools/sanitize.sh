@@ -91,10 +91,12 @@ mkdir -p "$canary"
 if ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:log_path=$canary/asan" "$python" - <<'PY' 2>/dev/null
 import numpy as np
 from fastadam import _kernels
+from fastadam._validation import check_call_hyperparameters
 param, m, v = (np.zeros(1000, np.float32) for _ in range(3))
 grad = np.zeros(10, np.float32)  # 990 elements short: the kernel reads past its end
-_kernels.adam_step(param, grad, m, v, None, 1.0, 1e-3, 0.9, 0.999, 1e-8, 0.0, False, False,
-                   False, 0.0, 1.0, 1)
+hyper = check_call_hyperparameters(1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, False, False,
+                                   0.0, "exact")
+_kernels.adam_step(param, grad, m, v, None, hyper, 1.0, 1.0, 1)
 PY
 then
     echo "tools/sanitize.sh: FAILED: a deliberate heap overflow went unreported" >&2
