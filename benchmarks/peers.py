@@ -105,6 +105,7 @@ def gpt2_small_shapes() -> List[Shape]:
 WORKLOADS: Dict[str, Tuple[str, List[Shape]]] = {
     "2^10": ("1 tensor of 2^10", [(1 << 10,)]),
     "2^14": ("1 tensor of 2^14", [(1 << 14,)]),
+    "2^17": ("1 tensor of 2^17", [(1 << 17,)]),
     "2^20": ("1 tensor of 2^20", [(1 << 20,)]),
     "2^24": ("1 tensor of 2^24", [(1 << 24,)]),
     "2^26": ("1 tensor of 2^26", [(1 << 26,)]),
