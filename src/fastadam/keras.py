@@ -9,11 +9,16 @@ variables on the CPU, every update of a step (all variables; weight decay folded
 Keras's decoupled form) is ONE call into fastadam's kernels, in place on the variables'
 memory. With ``KERAS_BACKEND=jax`` on the CPU, it is ONE XLA custom call inside Keras's
 jitted train step (fastadam.jax's call: Keras donates the state it jits, so the kernels
-update the variables' buffers in place). Everything Keras does around the update
-(gradient clipping, loss scaling, gradient accumulation, EMA, the iteration counter,
-learning-rate schedules) is Keras's own. On any other backend, or for variables the
-kernels cannot update (GPU, other dtypes), it is exactly ``keras.optimizers.Adam``:
-Keras's own update, documented and tested here.
+update the variables' buffers in place). With ``KERAS_BACKEND=tensorflow`` on the CPU,
+in a ``tf.function`` without XLA (``model.compile(jit_compile=False)``) or eagerly, it
+is ONE host callback (``tf.py_function``) in Keras's train step that runs the kernels
+in place on the variables' memory. Everything Keras does around the update (gradient
+clipping, loss scaling, gradient accumulation, EMA, the iteration counter,
+learning-rate schedules) is Keras's own. On any other backend, under XLA on TensorFlow
+(``jit_compile=True``, Keras's ``"auto"`` default there: XLA cannot compile a Python
+callback), under a tf.distribute strategy, for ``IndexedSlices`` gradients on
+TensorFlow, or for variables the kernels cannot update (GPU, other dtypes), it is
+exactly ``keras.optimizers.Adam``: Keras's own update, documented and tested here.
 
 Registered for serialization as ``"fastadam>Adam"``: ``model.save`` /
 ``keras.models.load_model`` need no ``custom_objects``.
@@ -46,7 +51,8 @@ __all__ = ["Adam"]
 
 @keras.saving.register_keras_serializable(package="fastadam")
 class Adam(keras.optimizers.Adam):
-    """Keras's Adam, updated by fastadam's kernels on the torch backend (see the module).
+    """Keras's Adam, updated by fastadam's kernels on the torch, JAX and TensorFlow
+    backends (see the module).
 
     Takes ``keras.optimizers.Adam``'s arguments, plus ``num_threads`` (OpenMP threads of
     each step; None follows :func:`fastadam.get_num_threads`).
@@ -91,7 +97,7 @@ class Adam(keras.optimizers.Adam):
         self.num_threads = num_threads
         self._fastadam: Optional[tuple] = None  # (key, kernel table or None): _kernel_table
         self.kernel_steps = 0  # steps that ran through fastadam's kernels (for tests)
-        self.kernel_traces = 0  # JAX: train steps traced with fastadam's call (for tests)
+        self.kernel_traces = 0  # JAX, TensorFlow: train steps traced with fastadam's call (for tests)
 
     def get_config(self) -> Dict[str, Any]:
         return {**super().get_config(), "num_threads": self.num_threads}
