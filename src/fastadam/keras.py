@@ -270,8 +270,8 @@ class Adam(keras.optimizers.Adam):
         import tensorflow as tf
 
         addresses = [_address(t) for t in values]
-        if self._fastadam is not None and self._fastadam[0][0] == id(layout):
-            (_, known), table = self._fastadam
+        if self._fastadam is not None and _same_layout(self._fastadam[0][0], layout):
+            (_, known), table = self._fastadam  # (a retrace of the train step: same variables)
             if all(a == b for k, (a, b) in enumerate(zip(addresses, known)) if k not in table[2]):
                 return table
         arrays, copied = [], []
@@ -290,7 +290,7 @@ class Adam(keras.optimizers.Adam):
             for i in range(n):
                 engine.adopt(i, state, arrays[n * (s + 1) + i])
         table = (engine, arrays, copied)
-        self._fastadam = ((id(layout), [_address(a) for a in arrays]), table)
+        self._fastadam = ((layout, [_address(a) for a in arrays]), table)
         return table
 
     def _general_update(self, grads: List[Any], variables: List[Any], learning_rate: Any,
@@ -370,6 +370,12 @@ class _HostLayout(NamedTuple):
     undecayed: int  # the first ones, without weight decay
     amsgrad: bool
     holders: Tuple[Any, ...]  # tf.Variables: the params, then exp_avg, exp_avg_sq(, max)
+
+
+def _same_layout(a: _HostLayout, b: _HostLayout) -> bool:
+    """The same variables (the very objects) in the same roles?"""
+    return (a.undecayed, a.amsgrad, len(a.holders)) == (b.undecayed, b.amsgrad, len(b.holders)) \
+        and all(x is y for x, y in zip(a.holders, b.holders))
 
 
 def _address(tensor: Any) -> int:
