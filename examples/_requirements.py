@@ -12,6 +12,8 @@ INSTALL = {
     "tqdm": 'pip install "fastadam[examples]" (or pip install tqdm)',
     "torch": 'pip install "fastadam[torch]" (or pip install torch)',
     "keras": 'pip install "fastadam[keras]" (or pip install keras)',
+    "jax": 'pip install "fastadam[jax]" (or pip install jax)',
+    "tensorflow": 'pip install tensorflow-cpu (Keras\'s TensorFlow backend)',
     "mpi4py": 'pip install "fastadam[mpi]" mpich (or mpi4py built against your MPI)',
     "deepspeed": "pip install deepspeed (without CUDA: DS_ACCELERATOR=cpu DS_BUILD_OPS=0 "
                  "pip install --no-build-isolation deepspeed)",

@@ -76,6 +76,31 @@ def test_fashion_mnist_keras_functions_on_a_subset(tmp_path, monkeypatch):
     assert model.optimizer.kernel_steps > 0
 
 
+@pytest.mark.parametrize("backend", ["torch", "jax", "tensorflow"])
+def test_fashion_mnist_keras_quick_on_every_installed_backend(tmp_path, backend):
+    # issue 22 item 4: the task runs on each backend with fastadam's kernels and reports
+    # accuracy, training time and the optimizer's share (Keras reads KERAS_BACKEND once
+    # per process: one subprocess per backend)
+    pytest.importorskip("keras")
+    pytest.importorskip(backend)
+    write_split(tmp_path, "train", n=300)
+    write_split(tmp_path, "test", n=100)
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run([sys.executable, str(EXAMPLES / "fashion_mnist_keras.py"), "--quick",
+                             "--data-dir", str(tmp_path), "--batch-size", "64", "--repeats", "3"],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert f"backend {backend}: 300 training and 100 test images, 1 epoch(s)" in out
+    accuracy = float(out.split("test accuracy ")[1].split()[0])
+    assert 0.0 <= accuracy <= 1.0
+    assert "training " in out and "for 5 steps" in out  # ceil(300 / 64)
+    # the update went through fastadam's kernels, and both optimizers were timed
+    assert f"backend {backend}: fastadam.keras.Adam " in out and "(fastadam kernels)" in out
+    share = float(out.split("optimizer share of training ")[1].split("%")[0])
+    assert 0.0 < share < 100.0
+
+
 def test_trajectories_draws_and_adam_reaches_the_minima(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     out = run("trajectories.py", "--steps", "60", "--out", str(tmp_path / "t.png"),

@@ -9,11 +9,16 @@ variables on the CPU, every update of a step (all variables; weight decay folded
 Keras's decoupled form) is ONE call into fastadam's kernels, in place on the variables'
 memory. With ``KERAS_BACKEND=jax`` on the CPU, it is ONE XLA custom call inside Keras's
 jitted train step (fastadam.jax's call: Keras donates the state it jits, so the kernels
-update the variables' buffers in place). Everything Keras does around the update
-(gradient clipping, loss scaling, gradient accumulation, EMA, the iteration counter,
-learning-rate schedules) is Keras's own. On any other backend, or for variables the
-kernels cannot update (GPU, other dtypes), it is exactly ``keras.optimizers.Adam``:
-Keras's own update, documented and tested here.
+update the variables' buffers in place). With ``KERAS_BACKEND=tensorflow`` on the CPU,
+in a ``tf.function`` without XLA (``model.compile(jit_compile=False)``) or eagerly, it
+is ONE host callback (``tf.py_function``) in Keras's train step that runs the kernels
+in place on the variables' memory. Everything Keras does around the update (gradient
+clipping, loss scaling, gradient accumulation, EMA, the iteration counter,
+learning-rate schedules) is Keras's own. On any other backend, under XLA on TensorFlow
+(``jit_compile=True``, Keras's ``"auto"`` default there: XLA cannot compile a Python
+callback), under a tf.distribute strategy, for ``IndexedSlices`` gradients on
+TensorFlow, or for variables the kernels cannot update (GPU, other dtypes), it is
+exactly ``keras.optimizers.Adam``: Keras's own update, documented and tested here.
 
 Registered for serialization as ``"fastadam>Adam"``: ``model.save`` /
 ``keras.models.load_model`` need no ``custom_objects``.
@@ -21,7 +26,9 @@ Registered for serialization as ``"fastadam>Adam"``: ``model.save`` /
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
 
 from fastadam._hints import missing_framework
 
@@ -44,7 +51,8 @@ __all__ = ["Adam"]
 
 @keras.saving.register_keras_serializable(package="fastadam")
 class Adam(keras.optimizers.Adam):
-    """Keras's Adam, updated by fastadam's kernels on the torch backend (see the module).
+    """Keras's Adam, updated by fastadam's kernels on the torch, JAX and TensorFlow
+    backends (see the module).
 
     Takes ``keras.optimizers.Adam``'s arguments, plus ``num_threads`` (OpenMP threads of
     each step; None follows :func:`fastadam.get_num_threads`).
@@ -89,7 +97,7 @@ class Adam(keras.optimizers.Adam):
         self.num_threads = num_threads
         self._fastadam: Optional[tuple] = None  # (key, kernel table or None): _kernel_table
         self.kernel_steps = 0  # steps that ran through fastadam's kernels (for tests)
-        self.kernel_traces = 0  # JAX: train steps traced with fastadam's call (for tests)
+        self.kernel_traces = 0  # JAX, TensorFlow: train steps traced with fastadam's call (for tests)
 
     def get_config(self) -> Dict[str, Any]:
         return {**super().get_config(), "num_threads": self.num_threads}
@@ -99,6 +107,8 @@ class Adam(keras.optimizers.Adam):
     def _uses_kernels(self, variables: List[Any]) -> bool:
         if keras.backend.backend() == "jax":
             return _jax_usable(variables)
+        if keras.backend.backend() == "tensorflow":
+            return _tf_usable(variables)
         if keras.backend.backend() != "torch":
             return False
         import torch
@@ -118,6 +128,9 @@ class Adam(keras.optimizers.Adam):
             return
         if keras.backend.backend() == "jax":
             self._update_in_xla(grads, trainable_variables, learning_rate)
+            return
+        if keras.backend.backend() == "tensorflow":
+            self._update_on_host(grads, trainable_variables, learning_rate)
             return
         import torch
 
@@ -182,6 +195,103 @@ class Adam(keras.optimizers.Adam):
             if self.amsgrad:
                 self._velocity_hats[slots[j]].assign(nu_max[j])
         self.kernel_traces += 1
+
+    def _update_on_host(self, grads: List[Any], variables: List[Any], learning_rate: Any) -> None:
+        """The TensorFlow backend's update, traced into Keras's train step: one
+        ``tf.py_function`` (a host callback: no custom op to build against the user's
+        TensorFlow) runs the kernels over every variable in place. Its inputs are the
+        iteration count, the learning rate, the dense gradients, the variables and their
+        moments as read in the graph (on the CPU a read shares the variable's buffer, so
+        its NumPy view is the variable's memory), and their resource handles, so that
+        TensorFlow orders every later read or write of those variables after the call."""
+        import tensorflow as tf
+
+        sparse = [i for i, g in enumerate(grads) if isinstance(g, tf.IndexedSlices)]
+        if sparse:
+            # Keras's own update for these: its Adam squares each slice of an
+            # IndexedSlices gradient before repeated rows are summed, a number the dense
+            # kernels do not compute (they square the sum, as on every other backend).
+            super()._apply_weight_decay([variables[i] for i in sparse])
+            super()._backend_update_step([grads[i] for i in sparse],
+                                         [variables[i] for i in sparse], learning_rate)
+            grads = [g for i, g in enumerate(grads) if i not in sparse]
+            variables = [v for i, v in enumerate(variables) if i not in sparse]
+            if not variables:
+                return
+        decayed = [self.weight_decay is not None and self._use_weight_decay(v) for v in variables]
+        order = sorted(range(len(variables)), key=lambda i: decayed[i])  # stable: groups contiguous
+        slots = [self._get_variable_index(variables[i]) for i in order]
+        holders = [variables[i].value for i in order]  # tf.Variables: params, then each state
+        for moments in (self._momentums, self._velocities) + ((self._velocity_hats,) if self.amsgrad else ()):
+            holders += [moments[k].value for k in slots]
+        dense = [tf.cast(grads[i], holders[j].dtype) for j, i in enumerate(order)]
+        layout = _HostLayout(tuple(variables[i].path for i in order), sum(not d for d in decayed),
+                             bool(self.amsgrad), tuple(holders))
+        lr = tf.convert_to_tensor(keras.ops.convert_to_tensor(learning_rate))
+
+        def host_step(*tensors: Any) -> None:
+            self._host_step(layout, *tensors)
+
+        iteration = keras.ops.convert_to_tensor(self.iterations)  # a tensor under accumulation
+        tf.py_function(host_step, [iteration, lr, *dense,
+                                   *[h.value() for h in holders], *[h.handle for h in holders]],
+                       Tout=[], name="fastadam_step")
+        self.kernel_traces += 1
+
+    def _host_step(self, layout: "_HostLayout", iteration: Any, lr: Any, *tensors: Any) -> None:
+        """The body of _update_on_host's callback (eager): fastadam's kernels over the
+        variables' memory."""
+        n, count = len(layout.names), len(layout.holders)
+        grads = [t._numpy() for t in tensors[:n]]  # views, no copies
+        wd = 0.0 if self.weight_decay is None else check_real(self.weight_decay, "weight_decay")
+        hypers = [self._hyperparameters(check_at_least(float(lr), "learning_rate", 0.0), decay)
+                  for decay in (0.0, wd)]
+        engine, arrays, copied = self._host_engine(layout, tensors[n:n + count])
+        for k in copied:  # the variable as it is now, into the kernels' copy
+            np.copyto(arrays[k], tensors[n + k]._numpy())
+        engine.steps.fill(int(iteration))  # Keras's t is iterations + 1, for every variable
+        engine.step(grads, hypers, grad_scale=1.0, num_threads=self.num_threads,
+                    names=[f"the gradient of {name}" for name in layout.names])
+        for k in copied:
+            layout.holders[k].assign(arrays[k])
+        self.kernel_steps += 1
+
+    def _host_engine(self, layout: "_HostLayout", values: Sequence[Any]) -> tuple:
+        """(engine, arrays, copied): an engine over the variables' memory (``arrays``:
+        params of the undecayed group, then the decayed, then each state, Keras's moments
+        adopted as the engine's), cached while the variables' reads stay where they
+        were; ``copied``: the indices of variables TensorFlow only hands out copies of
+        (copy-on-read mode, after sparse access), whose update the kernels compute on
+        a copy of their own that is assigned back.
+
+        TensorFlow shares buffers copy-on-write (two moment variables initialised from
+        one zeros tensor share one), which in-place writes would bypass: a rebuild first
+        gives every variable a buffer of its own (assigns it a deep copy of itself)."""
+        import tensorflow as tf
+
+        addresses = [_address(t) for t in values]
+        if self._fastadam is not None and _same_layout(self._fastadam[0][0], layout):
+            (_, known), table = self._fastadam  # (a retrace of the train step: same variables)
+            if all(a == b for k, (a, b) in enumerate(zip(addresses, known)) if k not in table[2]):
+                return table
+        arrays, copied = [], []
+        for k, (holder, value) in enumerate(zip(layout.holders, values)):
+            holder.assign(tf.raw_ops.DeepCopy(x=value))  # a buffer of its own
+            own = holder.value()
+            if _address(own) != _address(holder.value()):  # every read is a copy
+                own = tf.raw_ops.DeepCopy(x=value)
+                copied.append(k)
+            arrays.append(own._numpy())
+        n = len(layout.names)
+        engine = Engine()
+        engine.add(arrays[:layout.undecayed], 0, list(layout.names[:layout.undecayed]))
+        engine.add(arrays[layout.undecayed:n], 1, list(layout.names[layout.undecayed:]))
+        for s, state in enumerate(("exp_avg", "exp_avg_sq", "max_exp_avg_sq")[:2 + layout.amsgrad]):
+            for i in range(n):
+                engine.adopt(i, state, arrays[n * (s + 1) + i])
+        table = (engine, arrays, copied)
+        self._fastadam = ((layout, [_address(a) for a in arrays]), table)
+        return table
 
     def _general_update(self, grads: List[Any], variables: List[Any], learning_rate: Any,
                         hypers: List[Any]) -> None:
@@ -251,6 +361,43 @@ class Adam(keras.optimizers.Adam):
                         np.array([t.data_ptr() for t in tensors], np.int64),
                         np.array([t.numel() for t in tensors], np.int64), torch.Tensor)
         return engine, order, gather, np.zeros(len(tensors), np.int64)
+
+
+class _HostLayout(NamedTuple):
+    """What the TensorFlow callback needs to know about its inputs (fixed at trace)."""
+
+    names: Tuple[str, ...]  # of the variables, in the callback's order
+    undecayed: int  # the first ones, without weight decay
+    amsgrad: bool
+    holders: Tuple[Any, ...]  # tf.Variables: the params, then exp_avg, exp_avg_sq(, max)
+
+
+def _same_layout(a: _HostLayout, b: _HostLayout) -> bool:
+    """The same variables (the very objects) in the same roles?"""
+    return (a.undecayed, a.amsgrad, len(a.holders)) == (b.undecayed, b.amsgrad, len(b.holders)) \
+        and all(x is y for x, y in zip(a.holders, b.holders))
+
+
+def _address(tensor: Any) -> int:
+    """Where a TensorFlow CPU tensor's (or a NumPy array's) data is."""
+    array = tensor if isinstance(tensor, np.ndarray) else tensor._numpy()
+    return int(array.__array_interface__["data"][0])
+
+
+def _tf_usable(variables: List[Any]) -> bool:
+    """Can fastadam's host callback update these variables (TensorFlow backend):
+    float32/float64 on the CPU, outside XLA (``jit_compile=True`` cannot compile a
+    Python callback) and outside a tf.distribute strategy (which reduces gradients
+    across replicas and mirrors the variables)?"""
+    import tensorflow as tf
+    from tensorflow.python.framework import ops
+    from tensorflow.python.ops import control_flow_util
+
+    if tf.distribute.has_strategy() or control_flow_util.GraphOrParentsInXlaContext(
+            ops.get_default_graph()):
+        return False
+    return all(str(v.dtype) in ("float32", "float64") and "GPU" not in v.value.device.upper()
+               for v in variables)
 
 
 def _jax_usable(variables: List[Any]) -> bool:
