@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -102,9 +101,13 @@ def test_entries_other_code_adds_keep_the_compiled_step(monkeypatch):
     # one of fastadam's own keys that it did not publish is state to adopt: general path
     weight = model[1].weight
     opt.state[weight]["max_exp_avg_sq"] = torch.zeros_like(weight)
-    assert front.gather.run(np.zeros(4, np.int64))[0] == 2
-    opt.step()
-    assert opt._front is front and "slow" in opt.state[weight]
+    general = []
+    original = type(front)._general_step
+    with monkeypatch.context() as patch:
+        patch.setattr(type(front), "_general_step",
+                      lambda *a: general.append(1) or original(*a))
+        opt.step()
+    assert general and opt._front is front and "slow" in opt.state[weight]
 
 
 # Hugging Face transformers.Trainer
