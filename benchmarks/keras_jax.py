@@ -51,16 +51,22 @@ def runners(shapes, threads):
 
 
 def donated_apply(optimizer, grads, variables):
-    """One jitted, donated update, as Keras's JAX trainer makes it; each call takes the
-    previous call's outputs (the donated inputs are gone)."""
+    """One jitted, donated update, as Keras's JAX trainer makes it: the state goes in and
+    comes out in the same order (jax pairs donated inputs with outputs in order; given
+    stateless_apply's own order, (optimizer variables, ..., params) in and (params,
+    optimizer variables) out, XLA copies every buffer around the in-place call). Each
+    call takes the previous call's outputs (the donated inputs are gone)."""
     import jax
 
-    apply = jax.jit(optimizer.stateless_apply, donate_argnums=(0, 2))
-    state = {"params": [v.value for v in variables], "opt": [v.value for v in optimizer.variables]}
+    def update(params, optimizer_variables):
+        return optimizer.stateless_apply(optimizer_variables, grads, params)
+
+    apply = jax.jit(update, donate_argnums=(0, 1))
+    state = [[v.value for v in variables], [v.value for v in optimizer.variables]]
 
     def step():
-        state["params"], state["opt"] = apply(state["opt"], grads, state["params"])
-        jax.block_until_ready(state["params"])
+        state[0], state[1] = apply(*state)
+        jax.block_until_ready(state[0])
     return step
 
 

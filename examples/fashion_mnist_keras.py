@@ -131,13 +131,17 @@ def _compiled_apply(optimizer: Any, model: keras.Model) -> Tuple[Callable[[], No
     if backend == "jax":
         import jax
 
-        # Keras's JAX trainer: stateless_apply inside jax.jit, the state donated
-        apply = jax.jit(optimizer.stateless_apply, donate_argnums=(0, 2))
+        # Keras's JAX trainer: stateless_apply inside jax.jit, the state donated and
+        # returned in the same order (else XLA copies it around the in-place update)
+        def update(params: Any, optimizer_variables: Any) -> Any:
+            return optimizer.stateless_apply(optimizer_variables, grads, params)
+
+        apply = jax.jit(update, donate_argnums=(0, 1))
         state = {"params": [v.value for v in variables],
                  "opt": [v.value for v in optimizer.variables]}
 
         def step() -> None:
-            state["params"], state["opt"] = apply(state["opt"], grads, state["params"])
+            state["params"], state["opt"] = apply(state["params"], state["opt"])
             jax.block_until_ready(state["params"])
 
         def finish() -> None:
