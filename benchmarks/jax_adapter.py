@@ -16,13 +16,12 @@ jax is imported. Run it once per thread count.
 """
 
 import argparse
-import os
 import sys
 
 import numpy as np
 from peers import gpt2_small_shapes, resnet18_shapes
 
-from fastadam.app.timing import measure
+from fastadam.app.timing import print_workload_table, set_xla_cpu_threads
 
 WORKLOADS = {
     "resnet18": resnet18_shapes,
@@ -89,20 +88,9 @@ def main():
     args = parser.parse_args()
     if "jax" in sys.modules:
         raise SystemExit("jax was imported before XLA_FLAGS could be set")
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
-                               f"{'false' if args.threads == 1 else 'true'} "
-                               f"intra_op_parallelism_threads={args.threads}").strip()
-    print(f"threads: {args.threads} (XLA_FLAGS={os.environ['XLA_FLAGS']})")
-    print("| workload | implementation | ms/step | vs optax |")
-    print("|---|---|---:|---:|")
-    for name in args.workloads:
-        shapes = WORKLOADS[name]()
-        elements = sum(int(np.prod(s)) for s in shapes)
-        times = measure(runners(shapes, args.threads), args.repeats, 0.2)
-        for label, seconds in times.items():
-            print(f"| {name} ({len(shapes)} tensors, {elements / 1e6:.2f}M) | {label} | "
-                  f"{seconds * 1e3:.3f} | {times['optax.adam (jax.jit)'] / seconds:.2f}x |")
-
+    print(f"threads: {args.threads} (XLA_FLAGS={set_xla_cpu_threads(args.threads)})")
+    print_workload_table(WORKLOADS, args.workloads, lambda shapes: runners(shapes, args.threads),
+                         args.repeats, "optax.adam (jax.jit)")
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,7 @@ import sys
 import numpy as np
 from peers import gpt2_small_shapes, resnet18_shapes
 
-from fastadam.app.timing import measure
+from fastadam.app.timing import print_workload_table, set_xla_cpu_threads
 
 WORKLOADS = {
     "resnet18": resnet18_shapes,
@@ -79,20 +79,9 @@ def main():
     if os.environ.get("KERAS_BACKEND", "jax") != "jax" or "jax" in sys.modules:
         raise SystemExit("run with KERAS_BACKEND=jax (or unset), before jax is imported")
     os.environ["KERAS_BACKEND"] = "jax"
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
-                               f"{'false' if args.threads == 1 else 'true'} "
-                               f"intra_op_parallelism_threads={args.threads}").strip()
-    print(f"threads: {args.threads} (XLA_FLAGS={os.environ['XLA_FLAGS']})")
-    print(f"| workload | implementation | ms/step | vs {KERAS} |")
-    print("|---|---|---:|---:|")
-    for name in args.workloads:
-        shapes = WORKLOADS[name]()
-        elements = sum(int(np.prod(s)) for s in shapes)
-        times = measure(runners(shapes, args.threads), args.repeats, 0.2)
-        for label, seconds in times.items():
-            print(f"| {name} ({len(shapes)} tensors, {elements / 1e6:.2f}M) | {label} | "
-                  f"{seconds * 1e3:.3f} | {times[KERAS] / seconds:.2f}x |")
-
+    print(f"threads: {args.threads} (XLA_FLAGS={set_xla_cpu_threads(args.threads)})")
+    print_workload_table(WORKLOADS, args.workloads, lambda shapes: runners(shapes, args.threads),
+                         args.repeats, KERAS)
 
 if __name__ == "__main__":
     main()

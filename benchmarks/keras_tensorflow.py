@@ -20,7 +20,7 @@ import os
 import numpy as np
 from peers import gpt2_small_shapes, resnet18_shapes
 
-from fastadam.app.timing import measure
+from fastadam.app.timing import print_workload_table
 
 WORKLOADS = {
     "resnet18": resnet18_shapes,
@@ -71,17 +71,8 @@ def main():
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     print(f"threads: {args.threads}")
-    print("| workload | implementation | ms/step | vs Keras (tf.function) |")
-    print("|---|---|---:|---:|")
-    for name in args.workloads:
-        shapes = WORKLOADS[name]()
-        elements = sum(int(np.prod(s)) for s in shapes)
-        times = measure(runners(shapes, args.threads), args.repeats, 0.2)
-        for label, seconds in times.items():
-            print(f"| {name} ({len(shapes)} tensors, {elements / 1e6:.2f}M) | {label} | "
-                  f"{seconds * 1e3:.3f} | "
-                  f"{times['keras.optimizers.Adam (tf.function)'] / seconds:.2f}x |")
-
+    print_workload_table(WORKLOADS, args.workloads, lambda shapes: runners(shapes, args.threads),
+                         args.repeats, "keras.optimizers.Adam (tf.function)")
 
 if __name__ == "__main__":
     main()

@@ -10,6 +10,7 @@ fastadam and of torch.optim.Adam as calls without arguments.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -110,3 +111,29 @@ def measure(runners: Dict[str, Callable[[], None]], repeats: int, target_s: floa
                 run()
             samples[name].append((time.perf_counter() - start) / loops[name])
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def set_xla_cpu_threads(threads: int) -> str:
+    """Give XLA's CPU backend ``threads`` intra-op threads through XLA_FLAGS (before jax
+    is imported: its pool is sized when jax starts); returns the flags now set."""
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
+                               f"{'false' if threads == 1 else 'true'} "
+                               f"intra_op_parallelism_threads={threads}").strip()
+    return os.environ["XLA_FLAGS"]
+
+
+def print_workload_table(workloads: Dict[str, Callable[[], list]], names: List[str],
+                         runners: Callable[[list], Dict[str, Callable[[], None]]],
+                         repeats: int, baseline: str) -> None:
+    """Time ``runners(shapes)`` (interleaved, :func:`measure`) for each named workload of
+    ``workloads`` (a function giving its tensor shapes) and print a markdown table of ms
+    per step and speed-up over ``baseline``, one of the runners."""
+    print(f"| workload | implementation | ms/step | vs {baseline} |")
+    print("|---|---|---:|---:|")
+    for name in names:
+        shapes = workloads[name]()
+        elements = sum(int(np.prod(s)) for s in shapes)
+        times = measure(runners(shapes), repeats, 0.2)
+        for label, seconds in times.items():
+            print(f"| {name} ({len(shapes)} tensors, {elements / 1e6:.2f}M) | {label} | "
+                  f"{seconds * 1e3:.3f} | {times[baseline] / seconds:.2f}x |")
