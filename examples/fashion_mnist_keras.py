@@ -203,13 +203,15 @@ def main() -> None:
     steps = epochs * -(-len(x) // args.batch_size)
     ours = optimizer_ms_per_step(model.optimizer, model, args.repeats)
     theirs = optimizer_ms_per_step(keras.optimizers.Adam(), model, args.repeats)
+    # three significant figures: a --quick run's share (5 steps against the compilation
+    # time) is a few thousandths of a percent and would print as 0.0 with one decimal
     share = ours * steps / (1e3 * seconds)
     print(f"backend {backend}: test accuracy {accuracy:.4f} (loss {loss:.4f}); training "
           f"{seconds:.1f} s for {steps} steps")
     used = model.optimizer.kernel_steps or model.optimizer.kernel_traces
     print(f"backend {backend}: fastadam.keras.Adam {ours:.3f} ms/step "
           f"({'fastadam kernels' if used else 'Keras update'}), keras.optimizers.Adam "
-          f"{theirs:.3f} ms/step; optimizer share of training {100 * share:.1f}%")
+          f"{theirs:.3f} ms/step; optimizer share of training {100 * share:.3g}%")
 
 
 if __name__ == "__main__":
