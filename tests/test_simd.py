@@ -95,6 +95,26 @@ def test_default_policy_and_report():
         assert (simd["small_tensors"], simd["large_tensors"]) == (small, large)
 
 
+def test_16_bit_storage_takes_the_small_tensors_level_at_every_size():
+    # widening and rounding 16-bit elements is compute that the widest level does in
+    # fewest instructions; float32/float64 tensors above the limit take the large level
+    big = _simd.SMALL_TENSOR_ELEMENTS + 1
+    bf16 = pytest.importorskip("ml_dtypes").bfloat16
+
+    def arrays(*dtypes, size=big):
+        return [np.zeros(size, dtype) for dtype in dtypes]
+
+    assert not _kernels.takes_small_loops(*arrays(np.float32, np.float32, np.float32))
+    assert not _kernels.takes_small_loops(*arrays(np.float64, np.float64, np.float64))
+    assert _kernels.takes_small_loops(*arrays(np.float32, np.float32, np.float32,
+                                              size=_simd.SMALL_TENSOR_ELEMENTS))
+    for dtype in (bf16, np.float16):
+        assert _kernels.takes_small_loops(*arrays(dtype, dtype, dtype))
+    assert _kernels.takes_small_loops(*arrays(np.float32, np.float32, bf16))  # bf16 moments
+    master, grad, state, model = arrays(np.float32, bf16, np.float32, bf16)
+    assert _kernels.takes_small_loops(master, grad, state, model)  # master weights
+
+
 def test_cpu_levels_are_ordered_prefixes():
     levels = _simd.cpu_levels()
     assert levels == ["baseline", "avx2", "avx512"][: len(levels)]

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import fastadam
+from fastadam import _checks
 
 N = 16
 
@@ -196,7 +197,6 @@ def test_keyword_only_step_is_required():
 
 
 def test_overlap_helper_refuses_non_arrays():
-    from fastadam import _checks
     with pytest.raises(TypeError):
         _checks.first_overlap([None, None])
 
@@ -216,16 +216,33 @@ def test_remembered_hyperparameters_never_let_a_bad_value_through():
         fastadam.adam_step(p, g, m, v, step=3, beta1=1.5)  # twice: errors are not remembered
 
 
-def test_the_plain_array_path_and_the_general_path_give_the_same_bits():
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+def test_the_plain_array_path_and_the_general_path_give_the_same_bits(dtype):
+    dtype = np.dtype(pytest.importorskip("ml_dtypes").bfloat16) if dtype == "bfloat16" \
+        else np.dtype(dtype)
     rng = np.random.default_rng(0)
-    values = [rng.standard_normal(1000).astype(np.float32) for _ in range(2)]
-    plain = [values[0].copy(), values[1].copy(), np.zeros(1000, np.float32), np.zeros(1000, np.float32)]
-    general = [memoryview(a.copy()) for a in plain]  # buffer-protocol objects: the checks
+    values = [rng.standard_normal(1000).astype(dtype) for _ in range(2)]
+    plain = [values[0].copy(), values[1].copy(), np.zeros(1000, dtype), np.zeros(1000, dtype)]
+    assert _checks.plain_buffers(*plain, None)
+    # the bits as raw bytes, read as ``dtype``: the general checks
+    general = [memoryview(bytearray(a.tobytes())) for a in plain]
+    assert not _checks.plain_buffers(*general, None)
     for t in range(1, 4):
         fastadam.adam_step(*plain, step=t, lr=0.01, weight_decay=0.1)
-        fastadam.adam_step(*general, step=t, lr=0.01, weight_decay=0.1)
+        fastadam.adam_step(*general, step=t, lr=0.01, weight_decay=0.1, dtype=dtype)
     for a, b in zip(plain, general):
         assert a.tobytes() == bytes(b)
+
+
+def test_the_plain_array_path_takes_one_stored_type_only():
+    bf16 = np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+    f32 = [np.zeros(8, np.float32) for _ in range(4)]
+    assert not _checks.plain_buffers(*f32[:2], np.zeros(8, bf16), np.zeros(8, bf16), None)
+    assert not _checks.plain_buffers(*(np.zeros(8, np.int16) for _ in range(4)), None)
+    assert not _checks.plain_buffers(*(np.zeros(8, np.uint16) for _ in range(4)), None)
+    assert not _checks.plain_buffers(*(np.zeros(8, np.complex64) for _ in range(4)), None)
+    float8 = pytest.importorskip("ml_dtypes").float8_e4m3fn  # another user-defined type
+    assert not _checks.plain_buffers(*(np.zeros(8, float8) for _ in range(4)), None)
 
 
 # --- hyperparameters against the element type (issue 19, item 5) ----------------------------

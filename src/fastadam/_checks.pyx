@@ -17,6 +17,9 @@ import numpy
 
 cnp.import_array()
 
+cdef extern from "numpy/arrayobject.h":
+    enum: NPY_USERDEF   # the first type number NumPy gives a user-defined dtype
+
 
 cdef struct Range:
     uint64_t start
@@ -140,12 +143,33 @@ cdef bint _plain(object obj, int dtype, Py_ssize_t size, bint writable) noexcept
             and cnp.PyArray_ISNOTSWAPPED(a) and (not writable or cnp.PyArray_ISWRITEABLE(a)))
 
 
+cdef int _bfloat16_type = -1   # ml_dtypes' bfloat16 type number, once an array of it is seen
+
+
+cdef bint _stored_type(cnp.ndarray a, int dtype) except -1:
+    """Is ``dtype``, ``a``'s type number, one the kernels store? float32, float64,
+    float16, or ml_dtypes' bfloat16: a user-defined type, whose number NumPy assigns when
+    ml_dtypes registers it (recognized as fastadam._validation.is_bfloat16 does, once)."""
+    global _bfloat16_type
+    if dtype == cnp.NPY_FLOAT or dtype == cnp.NPY_DOUBLE or dtype == cnp.NPY_FLOAT16:
+        return True
+    if dtype == _bfloat16_type:
+        return True
+    if dtype >= NPY_USERDEF:
+        descr = a.dtype
+        if descr.kind == "V" and descr.itemsize == 2 and descr.name == "bfloat16":
+            _bfloat16_type = dtype
+            return True
+    return False
+
+
 def plain_buffers(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq):
     """True when adam_step's buffers need no coercion and pass every check: exact 1-D
-    or N-d ndarrays of one float32/float64 native dtype and size, C-contiguous, aligned,
-    writable (grad excepted), no two overlapping. False sends the call through the
-    general checks of fastadam._validation, which own the messages. The common case of
-    a call, decided in C."""
+    or N-d ndarrays of one native dtype the kernels store (float32, float64, float16,
+    ml_dtypes' bfloat16) and one size, C-contiguous, aligned, writable (grad excepted),
+    no two overlapping. False sends the call through the general checks of
+    fastadam._validation, which own the messages. The common case of a call, decided
+    in C."""
     cdef cnp.ndarray p
     cdef int dtype
     cdef Py_ssize_t size, i, j, n = 4 if max_exp_avg_sq is None else 5
@@ -154,7 +178,7 @@ def plain_buffers(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq):
         return False
     p = <cnp.ndarray>param
     dtype = cnp.PyArray_TYPE(p)
-    if dtype != cnp.NPY_FLOAT and dtype != cnp.NPY_DOUBLE:
+    if not _stored_type(p, dtype):
         return False
     size = cnp.PyArray_SIZE(p)
     if not (_plain(param, dtype, size, True) and _plain(grad, dtype, size, False)

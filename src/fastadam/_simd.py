@@ -10,7 +10,10 @@ routes small tensors and large tensors to the best level for each:
   short loop in fewer iterations with masked remainders;
 * large tensors: avx2 where available. On this Zen 4 machine 256-bit code was as fast or
   faster than 512-bit once a tensor streams from L2/L3 or memory (docs/guide/performance.md; the table in
-  benchmarks/simd_levels.py).
+  benchmarks/simd_levels.py);
+* tensors with a bfloat16 or float16 buffer (or a master copy), whatever their size: the
+  widest level, like small tensors. Their conversions are compute that 512-bit code does
+  in half the instructions (fastadam._kernels._takes_small_loops).
 
 ``FASTADAM_SIMD=baseline|avx2|avx512`` forces one level for all tensors (testing,
 benchmarking); a forced level the CPU cannot run is an error at import. Every level
