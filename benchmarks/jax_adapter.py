@@ -7,6 +7,16 @@ and GPT-2 small (148 tensors, 124M), 2000 tensors of 512 elements, and single te
 overhead of the XLA call against a plain call). float32; one jitted step timed
 (``jax.block_until_ready``), implementations interleaved, medians of repeats.
 
+More rows say where the time goes:
+- "..., params raveled" (models of several tensors): fastadam.jax.adam and optax.adam on
+  the same parameters as one flat array (``jax.flatten_util.ravel_pytree``), so a step
+  passes four arrays whatever the model. JAX's runtime takes a few microseconds per array
+  passed into and out of a jitted call; with thousands of leaves that is most of a step,
+  for either optimizer (docs/guide/jax.md).
+- "bound: 7-stream (numba)" (from 2^20 elements): benchmarks/peers.py's kernel that
+  moves an Adam step's 28 bytes per element and computes nothing; "% of bound" is its
+  time over each row's.
+
 XLA's CPU thread pool is sized when jax starts, so one process measures one thread count:
 ``--threads T`` sets XLA's intra-op threads (XLA_FLAGS) and fastadam's num_threads before
 jax is imported. Run it once per thread count.
@@ -16,10 +26,11 @@ jax is imported. Run it once per thread count.
 """
 
 import argparse
+import importlib.util
 import sys
 
 import numpy as np
-from peers import gpt2_small_shapes, resnet18_shapes
+from peers import LARGE, build_bounds, gpt2_small_shapes, resnet18_shapes
 
 from fastadam.app.timing import print_workload_table, set_xla_cpu_threads
 
@@ -31,6 +42,7 @@ WORKLOADS = {
     "2^10": lambda: [(1 << 10,)],
 }
 LR, B1, B2, EPS = 1e-3, 0.9, 0.999, 1e-8
+BOUND = "bound: 7-stream (numba)"
 
 
 def arrays(shapes, seed):
@@ -70,6 +82,16 @@ def runners(shapes, threads):
         jax.block_until_ready(other["params"])
 
     result = {"fastadam.jax.adam": run_ours, "optax.adam (jax.jit)": run_optax}
+    if len(shapes) > 1:
+        result["fastadam.jax.adam, params raveled"] = raveled(
+            lambda p, s, g: ours.step(g, s, p), ours.init, params, grads)
+        result["optax.adam (jax.jit), params raveled"] = raveled(theirs, tx.init, params, grads)
+    elements = sum(p.size for p in params)
+    if elements >= LARGE and importlib.util.find_spec("numba"):
+        import numba
+
+        numba.set_num_threads(threads)
+        result[BOUND] = build_bounds(elements, np.dtype(np.float32))[BOUND]
     if len(shapes) == 1:
         p, g = params[0].copy(), grads[0]
         state = fastadam.adam_state(p)
@@ -78,6 +100,23 @@ def runners(shapes, threads):
             p, g, state["exp_avg"], state["exp_avg_sq"], step=next(steps), lr=LR,
             num_threads=threads)
     return result
+
+
+def raveled(step, init, params, grads):
+    """A runner of ``step(params, state, grads)`` on the parameters as one flat array (and
+    the gradients as one)."""
+    import jax
+    from jax.flatten_util import ravel_pytree
+
+    flat, _ = ravel_pytree([jax.numpy.array(p) for p in params])
+    flat_grads, _ = ravel_pytree([jax.numpy.array(g) for g in grads])
+    box = {"params": [flat]}
+    box["state"] = init(box["params"])
+
+    def run():
+        box["params"], box["state"] = step(box["params"], box["state"], [flat_grads])
+        jax.block_until_ready(box["params"])
+    return run
 
 
 def main():
@@ -90,7 +129,7 @@ def main():
         raise SystemExit("jax was imported before XLA_FLAGS could be set")
     print(f"threads: {args.threads} (XLA_FLAGS={set_xla_cpu_threads(args.threads)})")
     print_workload_table(WORKLOADS, args.workloads, lambda shapes: runners(shapes, args.threads),
-                         args.repeats, "optax.adam (jax.jit)")
+                         args.repeats, "optax.adam (jax.jit)", bound=BOUND)
 
 if __name__ == "__main__":
     main()

@@ -4,6 +4,7 @@ import functools
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -559,3 +560,41 @@ def test_keras_adam_on_the_jax_backend_runs_one_xla_call_with_keras_numerics():
     assert results["plain"]["in_place"]
     assert results["plain"]["loaded"] == "fastadam.keras.Adam"
     assert results["plain"]["loaded_traces"] == 1
+
+
+# --- the benchmark's raveled parameters (benchmarks/jax_adapter.py, docs/guide/jax.md) ---------
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_a_step_on_raveled_params_gives_the_bits_of_the_step_on_the_tree():
+    # the update is elementwise: one flat array through ravel_pytree changes nothing but the
+    # number of arrays a jitted step passes in and out (the guide's advice for many leaves)
+    from jax.flatten_util import ravel_pytree
+
+    params, grads = as_jax(tree(0)), as_jax(tree(1, scale=1e-2))
+    opt = fj.adam(1e-2)
+    tree_params, tree_state = params, opt.init(params)
+    flat, unravel = ravel_pytree(params)
+    flat_grads, _ = ravel_pytree(grads)
+    flat_params, flat_state = [flat], opt.init([flat])
+    for _ in range(3):
+        tree_params, tree_state = opt.step(grads, tree_state, tree_params)
+        flat_params, flat_state = opt.step([flat_grads], flat_state, flat_params)
+    for name in SHAPES:
+        np.testing.assert_array_equal(np.asarray(unravel(flat_params[0])[name]),
+                                      np.asarray(tree_params[name]))
+    np.testing.assert_array_equal(np.asarray(ravel_pytree(tree_state.nu)[0]),
+                                  np.asarray(flat_state.nu[0]))
+
+
+def test_the_jax_benchmark_runs_and_reports_its_rows():
+    pytest.importorskip("optax")
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "jax_adapter.py"), "--threads", "1",
+                             "--workloads", "2^10", "--repeats", "1"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 2^10")]
+    assert [row.split(" | ")[1] for row in rows] == [
+        "fastadam.jax.adam", "optax.adam (jax.jit)", "fastadam.adam_step (NumPy)"]
+    assert all(float(row.split(" | ")[2]) > 0 for row in rows)

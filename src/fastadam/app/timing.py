@@ -124,16 +124,21 @@ def set_xla_cpu_threads(threads: int) -> str:
 
 def print_workload_table(workloads: Dict[str, Callable[[], list]], names: List[str],
                          runners: Callable[[list], Dict[str, Callable[[], None]]],
-                         repeats: int, baseline: str) -> None:
+                         repeats: int, baseline: str, bound: Optional[str] = None) -> None:
     """Time ``runners(shapes)`` (interleaved, :func:`measure`) for each named workload of
     ``workloads`` (a function giving its tensor shapes) and print a markdown table of ms
-    per step and speed-up over ``baseline``, one of the runners."""
-    print(f"| workload | implementation | ms/step | vs {baseline} |")
-    print("|---|---|---:|---:|")
+    per step and speed-up over ``baseline``, one of the runners. ``bound``: the label of
+    a runner that moves the same bytes as an Adam step and nothing else (a memory bound),
+    where a workload has one: each row then also gives its time as a share of the bound's."""
+    print(f"| workload | implementation | ms/step | vs {baseline} |"
+          + (" % of bound |" if bound else ""))
+    print("|---|---|---:|---:|" + ("---:|" if bound else ""))
     for name in names:
         shapes = workloads[name]()
         elements = sum(int(np.prod(s)) for s in shapes)
         times = measure(runners(shapes), repeats, 0.2)
         for label, seconds in times.items():
+            share = "" if not bound else (
+                f" {100 * times[bound] / seconds:.0f}% |" if bound in times else " |")
             print(f"| {name} ({len(shapes)} tensors, {elements / 1e6:.2f}M) | {label} | "
-                  f"{seconds * 1e3:.3f} | {times[baseline] / seconds:.2f}x |")
+                  f"{seconds * 1e3:.3f} | {times[baseline] / seconds:.2f}x |{share}")
