@@ -109,6 +109,15 @@ def build_fastadam_master(t: Templates, threads: int) -> Runner:
                                       master_param=master)
 
 
+def build_fastadam_bf16_moments(t: Templates, threads: int) -> Runner:
+    param, grad = t.param.copy(), t.grad.copy()
+    state = fastadam.adam_state(param, state_dtype="bfloat16")  # float32 param, bf16 moments
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    steps = iter(range(1, 1 << 62))
+    return lambda: fastadam.adam_step(param, grad, m, v, step=next(steps), lr=LR, beta1=BETA1,
+                                      beta2=BETA2, eps=EPS, num_threads=threads)
+
+
 def torch_fused(dtype_name: str) -> Callable[..., Runner]:
     def build(t: Templates, threads: int) -> Runner:
         import torch
@@ -169,6 +178,7 @@ class Implementation:
 
 F32, BF16, F16, SR = "fastadam f32", "fastadam bf16", "fastadam f16", "fastadam bf16 stochastic"
 MASTER = "fastadam master weights (bf16 param+grad)"
+BF16_MOMENTS = "fastadam f32 param, bf16 moments"
 TORCH_F32, TORCH_BF16, TORCH_F16 = "torch fused f32", "torch fused bf16", "torch fused f16"
 TORCH_SEQUENCE = "torch fused master sequence"
 DS_SEQUENCE = "DeepSpeedCPUAdam master sequence"
@@ -182,6 +192,7 @@ IMPLEMENTATIONS = [
     Implementation(TORCH_BF16, torch_fused("bfloat16"), 14, "torch"),
     Implementation(TORCH_F16, torch_fused("float16"), 14, "torch"),
     Implementation(MASTER, build_fastadam_master, 28, "ml_dtypes", (TORCH_SEQUENCE, DS_SEQUENCE)),
+    Implementation(BF16_MOMENTS, build_fastadam_bf16_moments, 20, "ml_dtypes", (F32,)),
     Implementation(TORCH_SEQUENCE, master_sequence(torch_fused_optimizer), 40, "torch"),
     Implementation(DS_SEQUENCE, master_sequence(deepspeed_optimizer), 40, "deepspeed"),
 ]
@@ -296,7 +307,7 @@ def print_header(args, impls: List[Implementation], missing: List[Implementation
     simd = config["simd"]
     print("# 16-bit Adam: fastadam vs torch fused and master-weights sequences\n")
     print(f"{cpu_model()}, {os.cpu_count()} CPUs; fastadam kernels {simd['large_tensors']} for "
-          "large tensors; " + ", ".join(f"{k} {v}" for k, v in versions().items())
+          f"large float32 tensors, {simd['small_tensors']} for 16-bit buffers; " + ", ".join(f"{k} {v}" for k, v in versions().items())
           + (f", ml_dtypes {importlib.metadata.version('ml_dtypes')}"
              if importlib.util.find_spec("ml_dtypes") else ""))
     print(f"Interleaved medians of {args.repeats} repeats (samples of >= {args.target_ms:g} ms). "

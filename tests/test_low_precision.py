@@ -479,3 +479,24 @@ def test_bfloat16_moments_equal_float32_adam_with_the_moments_rounded_after_each
                 state[key][...] = state[key].astype(BF16).astype(np.float32)
     for a, b in zip(params, emulated):
         assert_same_bits(a, b)
+
+
+def test_the_low_precision_benchmark_times_every_fastadam_mode():
+    # benchmarks/low_precision.py, tiny and once: every mode of fastadam runs and is reported
+    # (the figures of docs/guide/mixed-precision.md come from its default run)
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "low_precision.py"
+    result = subprocess.run([sys.executable, str(script), "--sizes", "2^12", "--threads", "1",
+                             "--repeats", "1", "--target-ms", "1", "--retries", "0",
+                             "--quiet-wait", "0"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split(" | ")[0].strip("| "): line for line in result.stdout.splitlines()
+            if line.startswith("| fastadam")}
+    assert set(rows) == {"fastadam f32", "fastadam bf16", "fastadam f16",
+                         "fastadam bf16 stochastic", "fastadam master weights (bf16 param+grad)",
+                         "fastadam f32 param, bf16 moments"}
+    for line in rows.values():
+        assert float(line.split(" | ")[1]) > 0
