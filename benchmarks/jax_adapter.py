@@ -26,11 +26,10 @@ jax is imported. Run it once per thread count.
 """
 
 import argparse
-import importlib.util
 import sys
 
 import numpy as np
-from peers import LARGE, build_bounds, gpt2_small_shapes, resnet18_shapes
+from peers import SEVEN_STREAM, gpt2_small_shapes, resnet18_shapes, seven_stream_runner
 
 from fastadam.app.timing import print_workload_table, set_xla_cpu_threads
 
@@ -42,7 +41,6 @@ WORKLOADS = {
     "2^10": lambda: [(1 << 10,)],
 }
 LR, B1, B2, EPS = 1e-3, 0.9, 0.999, 1e-8
-BOUND = "bound: 7-stream (numba)"
 
 
 def arrays(shapes, seed):
@@ -86,12 +84,9 @@ def runners(shapes, threads):
         result["fastadam.jax.adam, params raveled"] = raveled(
             lambda p, s, g: ours.step(g, s, p), ours.init, params, grads)
         result["optax.adam (jax.jit), params raveled"] = raveled(theirs, tx.init, params, grads)
-    elements = sum(p.size for p in params)
-    if elements >= LARGE and importlib.util.find_spec("numba"):
-        import numba
-
-        numba.set_num_threads(threads)
-        result[BOUND] = build_bounds(elements, np.dtype(np.float32))[BOUND]
+    bound = seven_stream_runner(sum(p.size for p in params), threads)
+    if bound:
+        result[SEVEN_STREAM] = bound
     if len(shapes) == 1:
         p, g = params[0].copy(), grads[0]
         state = fastadam.adam_state(p)
@@ -129,7 +124,7 @@ def main():
         raise SystemExit("jax was imported before XLA_FLAGS could be set")
     print(f"threads: {args.threads} (XLA_FLAGS={set_xla_cpu_threads(args.threads)})")
     print_workload_table(WORKLOADS, args.workloads, lambda shapes: runners(shapes, args.threads),
-                         args.repeats, "optax.adam (jax.jit)", bound=BOUND)
+                         args.repeats, "optax.adam (jax.jit)", bound=SEVEN_STREAM)
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,8 @@ The optimizer's update alone, as Keras's JAX trainer runs it: ``stateless_apply`
 fixed gradients inside ``jax.jit``, the variables and the optimizer's state donated.
 fastadam.keras.Adam's update there is one XLA custom call over all variables
 (fastadam.jax's); keras.optimizers.Adam is XLA's fusion of Keras's per-variable ops.
-float32; implementations interleaved, medians of repeats.
+float32; implementations interleaved, medians of repeats. From 2^20 elements, the
+7-stream memory bound of benchmarks/peers.py in the same run, and each row's share of it.
 
 XLA's CPU thread pool is sized when jax starts, so one process measures one thread
 count: ``--threads T`` sets XLA's intra-op threads (XLA_FLAGS) and fastadam's num_threads
@@ -19,7 +20,7 @@ import os
 import sys
 
 import numpy as np
-from peers import gpt2_small_shapes, resnet18_shapes
+from peers import SEVEN_STREAM, gpt2_small_shapes, resnet18_shapes, seven_stream_runner
 
 from fastadam.app.timing import print_workload_table, set_xla_cpu_threads
 
@@ -47,6 +48,9 @@ def runners(shapes, threads):
         optimizer.build(variables)
         result[label] = donated_apply(optimizer, grads, variables)
         result[label]()  # trace and compile outside the timing
+    bound = seven_stream_runner(sum(p.size for p in params), threads)
+    if bound:
+        result[SEVEN_STREAM] = bound
     return result
 
 
@@ -81,7 +85,7 @@ def main():
     os.environ["KERAS_BACKEND"] = "jax"
     print(f"threads: {args.threads} (XLA_FLAGS={set_xla_cpu_threads(args.threads)})")
     print_workload_table(WORKLOADS, args.workloads, lambda shapes: runners(shapes, args.threads),
-                         args.repeats, KERAS)
+                         args.repeats, KERAS, bound=SEVEN_STREAM)
 
 if __name__ == "__main__":
     main()

@@ -352,8 +352,23 @@ def build_bounds(elements: int, dtype: np.dtype) -> Dict[str, Runner]:
     seven_stream, triad = numba_kernels()
     p, g, m, v = staggered_arrays(BOUND_COPIES, elements, dtype)
     half, scale = dtype.type(0.5), dtype.type(3.0)
-    return {"bound: 7-stream (numba)": lambda: seven_stream(p, g, m, v, half),
+    return {SEVEN_STREAM: lambda: seven_stream(p, g, m, v, half),
             "bound: triad (numba)": lambda: triad(m, p, g, scale)}
+
+
+SEVEN_STREAM = "bound: 7-stream (numba)"
+
+
+def seven_stream_runner(elements: int, threads: int) -> Optional[Runner]:
+    """The 7-stream bound over ``elements`` float32 elements on ``threads`` numba threads,
+    for another script's table; None below LARGE (in cache no bound applies) or without
+    numba."""
+    if elements < LARGE or importlib.util.find_spec("numba") is None:
+        return None
+    import numba
+
+    numba.set_num_threads(threads)
+    return build_bounds(elements, np.dtype(np.float32))[SEVEN_STREAM]
 
 
 def bound_bytes(name: str, elements: int, dtype: np.dtype) -> int:
