@@ -136,8 +136,8 @@ def set_kernels(small, large, Py_ssize_t small_limit):
     """Route tensors of at most ``small_limit`` elements (and tensors with 16-bit
     buffers: _takes_small_loops) to the ``small`` loops and the others to ``large``;
     each a pair of capsules (run_chunk_capsule, count_nonfinite_capsule) of one kernel
-    module (this one, _kernels_avx2 or _kernels_avx512). Not thread-safe: fastadam._simd calls it at import (tests and
-    benchmarks between steps)."""
+    module (this one, _kernels_avx2 or _kernels_avx512). Not thread-safe: fastadam._simd
+    calls it at import (tests and benchmarks between steps)."""
     global _run_small, _run_large, _count_small, _count_large, _small_limit
     cdef RunChunk run_small = <RunChunk>_pointer(small[0], b"fastadam.run_chunk")
     cdef CountChunk count_small = <CountChunk>_pointer(small[1], b"fastadam.count_nonfinite_chunk")
