@@ -18,8 +18,8 @@ More rows say where the time goes:
   time over each row's.
 
 XLA's CPU thread pool is sized when jax starts, so one process measures one thread count:
-``--threads T`` sets XLA's intra-op threads (XLA_FLAGS) and fastadam's num_threads before
-jax is imported. Run it once per thread count.
+``--threads T`` gives XLA T threads (fastadam.app.timing.set_xla_cpu_threads, before jax
+is imported) and fastadam T. Run it once per thread count.
 
     python benchmarks/jax_adapter.py --threads 1 [--workloads resnet18 2000x512]
     python benchmarks/jax_adapter.py --threads 2
@@ -122,7 +122,7 @@ def main():
     args = parser.parse_args()
     if "jax" in sys.modules:
         raise SystemExit("jax was imported before XLA_FLAGS could be set")
-    print(f"threads: {args.threads} (XLA_FLAGS={set_xla_cpu_threads(args.threads)})")
+    print(f"threads: {args.threads} ({set_xla_cpu_threads(args.threads)})")
     print_workload_table(WORKLOADS, args.workloads, lambda shapes: runners(shapes, args.threads),
                          args.repeats, "optax.adam (jax.jit)", bound=SEVEN_STREAM)
 

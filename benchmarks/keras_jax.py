@@ -9,8 +9,8 @@ float32; implementations interleaved, medians of repeats. From 2^20 elements, th
 7-stream memory bound of benchmarks/peers.py in the same run, and each row's share of it.
 
 XLA's CPU thread pool is sized when jax starts, so one process measures one thread
-count: ``--threads T`` sets XLA's intra-op threads (XLA_FLAGS) and fastadam's num_threads
-before jax is imported.
+count: ``--threads T`` gives XLA T threads (fastadam.app.timing.set_xla_cpu_threads,
+before jax is imported) and fastadam T.
 
     python benchmarks/keras_jax.py --threads 1 [--workloads resnet18 2000x512]
 """
@@ -83,7 +83,7 @@ def main():
     if os.environ.get("KERAS_BACKEND", "jax") != "jax" or "jax" in sys.modules:
         raise SystemExit("run with KERAS_BACKEND=jax (or unset), before jax is imported")
     os.environ["KERAS_BACKEND"] = "jax"
-    print(f"threads: {args.threads} (XLA_FLAGS={set_xla_cpu_threads(args.threads)})")
+    print(f"threads: {args.threads} ({set_xla_cpu_threads(args.threads)})")
     print_workload_table(WORKLOADS, args.workloads, lambda shapes: runners(shapes, args.threads),
                          args.repeats, KERAS, bound=SEVEN_STREAM)
 

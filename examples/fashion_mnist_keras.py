@@ -64,8 +64,9 @@ def load_test(path: Optional[str] = None) -> Data:
 def create_model(input_shape: Tuple[int, ...], optimizer: Optional[Any] = None) -> keras.Model:
     """A small convolutional network compiled with ``optimizer`` (fastadam.keras.Adam by
     default). On TensorFlow the train step is a tf.function without XLA: fastadam's
-    update there is a Python callback, which XLA cannot compile (under XLA, Keras's
-    ``jit_compile="auto"`` default on TensorFlow, fastadam.keras.Adam is Keras's own)."""
+    update there is a Python callback, which XLA cannot compile (under XLA, which Keras's
+    ``jit_compile="auto"`` picks where TensorFlow sees a GPU, fastadam.keras.Adam is
+    Keras's own)."""
     model = keras.Sequential([
         keras.Input(input_shape),
         keras.layers.Conv2D(32, 3, padding="same", activation="relu"),

@@ -40,6 +40,7 @@ CASES = {
     "float16": {},  # float16 variables: not the kernels' (Keras computes in 16 bits)
     "run_eagerly": {},  # model.compile(run_eagerly=True): the callback runs eagerly
     "xla": {},  # model.compile(jit_compile=True): Keras's own update, inside XLA
+    "auto": {},  # model.compile() as tutorials write it: "auto" is no XLA on a CPU-only machine
     "embedding": {},  # an IndexedSlices gradient: Keras's update for it, the kernels for the rest
 }
 
@@ -59,8 +60,10 @@ def model(optimizer, case):
         layers = [keras.Input((20,)), keras.layers.Dense(32, activation="relu"),
                   keras.layers.Dense(3)]
     m = keras.Sequential(layers)
+    modes = {} if case == "auto" else {"jit_compile": case == "xla",
+                                       "run_eagerly": case == "run_eagerly"}
     m.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-              jit_compile=case == "xla", run_eagerly=case == "run_eagerly")
+              **modes)
     return m
 
 

@@ -1,6 +1,7 @@
 """fastadam.jax: one XLA custom call per step, in place, against fastadam.adam_step and optax."""
 
 import functools
+import os
 import pickle
 import subprocess
 import sys
@@ -584,8 +585,9 @@ def test_a_step_on_raveled_params_gives_the_bits_of_the_step_on_the_tree():
     for name in SHAPES:
         np.testing.assert_array_equal(np.asarray(unravel(flat_params[0])[name]),
                                       np.asarray(tree_params[name]))
-    np.testing.assert_array_equal(np.asarray(ravel_pytree(tree_state.nu)[0]),
-                                  np.asarray(flat_state.nu[0]))
+    for moment in ("mu", "nu"):
+        np.testing.assert_array_equal(np.asarray(ravel_pytree(getattr(tree_state, moment))[0]),
+                                      np.asarray(getattr(flat_state, moment)[0]))
 
 
 def test_the_jax_benchmark_runs_and_reports_its_rows():
@@ -594,6 +596,10 @@ def test_the_jax_benchmark_runs_and_reports_its_rows():
                              "--workloads", "2^10", "--repeats", "1"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    # one XLA thread: Eigen's pool off, and the process on one CPU (XLA sizes its pool by them)
+    first = result.stdout.splitlines()[0]
+    assert "--xla_cpu_multi_thread_eigen=false" in first
+    assert ("pinned to CPUs [" in first) == (len(os.sched_getaffinity(0)) > 1)
     rows = [line for line in result.stdout.splitlines() if line.startswith("| 2^10")]
     assert [row.split(" | ")[1] for row in rows] == [
         "fastadam.jax.adam", "optax.adam (jax.jit)", "fastadam.adam_step (NumPy)"]

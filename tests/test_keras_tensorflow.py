@@ -32,12 +32,13 @@ def results():
 def test_every_case_ran(results):
     assert set(results) == {"plain", "amsgrad", "weight_decay", "amsgrad-weight_decay",
                             "clipnorm", "ema", "accumulation", "loss_scale", "schedule",
-                            "mixed_float16", "float16", "run_eagerly", "xla", "embedding", "copy_on_read"}
+                            "mixed_float16", "float16", "run_eagerly", "xla", "auto", "embedding",
+                            "copy_on_read"}
 
 
 @pytest.mark.parametrize("case", ["plain", "amsgrad", "weight_decay", "amsgrad-weight_decay",
                                   "clipnorm", "ema", "accumulation", "loss_scale", "schedule",
-                                  "mixed_float16", "run_eagerly", "embedding"])
+                                  "mixed_float16", "run_eagerly", "auto", "embedding"])
 def test_every_step_runs_the_kernels_within_2e_6_of_keras(results, case):
     r = results[case]
     # Keras computes its step coefficient in float32, fastadam in double: the tolerance

@@ -93,6 +93,7 @@ def test_default_policy_and_report():
     assert simd["available"] == LEVELS
     if not os.environ.get("FASTADAM_SIMD"):
         assert (simd["small_tensors"], simd["large_tensors"]) == (small, large)
+    assert simd["sixteen_bit_tensors"] == simd["small_tensors"]  # at every size
 
 
 def test_16_bit_storage_takes_the_small_tensors_level_at_every_size():

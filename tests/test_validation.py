@@ -67,6 +67,25 @@ def test_non_native_byte_order_is_a_type_error():
                     param=swapped)
 
 
+@pytest.mark.parametrize("name", ["param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"])
+@pytest.mark.parametrize("swap", ["all", "one"])
+def test_bfloat16_in_non_native_byte_order_is_a_type_error(name, swap):
+    # the kernels read native words: swapped bfloat16 was read as native (a param of 1.0
+    # came out as -1.1e-25), and every buffer swapped passed as one bfloat16 dtype
+    bf16 = np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+    swapped_type = bf16.newbyteorder()
+    bufs = {key: array.astype(swapped_type if swap == "all" else bf16)
+            for key, array in buffers().items()}
+    bufs[name] = bufs[name].astype(swapped_type)
+    first = "param" if swap == "all" else name
+    assert_rejected(TypeError, rf"^{first} must have dtype float32, float64, bfloat16 or float16, "
+                    r"got bfloat16 in non-native byte order", bufs=bufs)
+    with pytest.raises(TypeError, match="^dtype must be one of .* non-native byte order"):
+        fastadam.adam_step(*(bytearray(8) for _ in range(4)), step=1, dtype=swapped_type)
+    with pytest.raises(TypeError, match=r"non-native byte order"):
+        fastadam.Adam([np.zeros(N, swapped_type)])
+
+
 @pytest.mark.parametrize("name", ["grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"])
 def test_mixed_dtypes_are_type_errors(name):
     assert_rejected(TypeError, rf"^{name} must have param's dtype float32, got float64",
@@ -241,6 +260,7 @@ def test_the_plain_array_path_takes_one_stored_type_only():
     assert not _checks.plain_buffers(*(np.zeros(8, np.int16) for _ in range(4)), None)
     assert not _checks.plain_buffers(*(np.zeros(8, np.uint16) for _ in range(4)), None)
     assert not _checks.plain_buffers(*(np.zeros(8, np.complex64) for _ in range(4)), None)
+    assert not _checks.plain_buffers(*(np.zeros(8, bf16.newbyteorder()) for _ in range(4)), None)
     float8 = pytest.importorskip("ml_dtypes").float8_e4m3fn  # another user-defined type
     assert not _checks.plain_buffers(*(np.zeros(8, float8) for _ in range(4)), None)
 

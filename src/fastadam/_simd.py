@@ -107,6 +107,7 @@ def select_from_environment() -> None:
 def chosen() -> Dict[str, object]:
     """What show_config reports."""
     return {"small_tensors": _chosen.get("small"), "large_tensors": _chosen.get("large"),
+            "sixteen_bit_tensors": _chosen.get("small"),  # at every size: _takes_small_loops
             "small_tensor_elements": SMALL_TENSOR_ELEMENTS, "available": available_levels(),
             "FASTADAM_SIMD": os.environ.get("FASTADAM_SIMD")}
 

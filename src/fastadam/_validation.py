@@ -41,9 +41,10 @@ ELEMENT_TYPES = "float32, float64, bfloat16 or float16"
 
 
 def is_bfloat16(dtype: np.dtype) -> bool:
-    """ml_dtypes' bfloat16, or fastadam's stand-in for its bits."""
+    """ml_dtypes' bfloat16 in native byte order (the kernels read native words), or
+    fastadam's stand-in for its bits."""
     return dtype == BFLOAT16_BITS or (dtype.kind == "V" and dtype.itemsize == 2
-                                      and dtype.name == "bfloat16")
+                                      and dtype.name == "bfloat16" and dtype.isnative)
 
 
 def is_element_type(dtype: np.dtype) -> bool:

@@ -10,13 +10,13 @@ Keras's decoupled form) is ONE call into fastadam's kernels, in place on the var
 memory. With ``KERAS_BACKEND=jax`` on the CPU, it is ONE XLA custom call inside Keras's
 jitted train step (fastadam.jax's call: Keras donates the state it jits, so the kernels
 update the variables' buffers in place). With ``KERAS_BACKEND=tensorflow`` on the CPU,
-in a ``tf.function`` without XLA (``model.compile(jit_compile=False)``) or eagerly, it
-is ONE host callback (``tf.py_function``) in Keras's train step that runs the kernels
+in a ``tf.function`` without XLA (``model.compile()``'s ``"auto"`` on a CPU-only
+machine, or ``jit_compile=False``) or eagerly, it is ONE host callback (``tf.py_function``) in Keras's train step that runs the kernels
 in place on the variables' memory. Everything Keras does around the update (gradient
 clipping, loss scaling, gradient accumulation, EMA, the iteration counter,
 learning-rate schedules) is Keras's own. On any other backend, under XLA on TensorFlow
-(``jit_compile=True``, Keras's ``"auto"`` default there: XLA cannot compile a Python
-callback), under a tf.distribute strategy, for ``IndexedSlices`` gradients on
+(``jit_compile=True``, or ``"auto"`` where TensorFlow sees a GPU: XLA cannot compile
+a Python callback), under a tf.distribute strategy, for ``IndexedSlices`` gradients on
 TensorFlow, or for variables the kernels cannot update (GPU, other dtypes), it is
 exactly ``keras.optimizers.Adam``: Keras's own update, documented and tested here.
 
@@ -249,7 +249,7 @@ class Adam(keras.optimizers.Adam):
         engine, arrays, copied = self._host_engine(layout, tensors[n:n + count])
         for k in copied:  # the variable as it is now, into the kernels' copy
             np.copyto(arrays[k], tensors[n + k]._numpy())
-        engine.steps.fill(int(iteration))  # Keras's t is iterations + 1, for every variable
+        engine.set_steps(int(iteration))  # Keras's t is iterations + 1, for every variable
         engine.step(grads, hypers, grad_scale=1.0, num_threads=self.num_threads,
                     names=[f"the gradient of {name}" for name in layout.names])
         for k in copied:

@@ -114,12 +114,21 @@ def measure(runners: Dict[str, Callable[[], None]], repeats: int, target_s: floa
 
 
 def set_xla_cpu_threads(threads: int) -> str:
-    """Give XLA's CPU backend ``threads`` intra-op threads through XLA_FLAGS (before jax
-    is imported: its pool is sized when jax starts); returns the flags now set."""
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
-                               f"{'false' if threads == 1 else 'true'} "
-                               f"intra_op_parallelism_threads={threads}").strip()
-    return os.environ["XLA_FLAGS"]
+    """Give XLA's CPU backend ``threads`` threads; call it before jax is imported (its
+    pool is sized when jax starts). XLA has no flag for the pool's size, which it takes
+    from the CPUs the process may run on: with fewer threads than those, the process is
+    pinned to the first ``threads`` of them (Linux; elsewhere XLA keeps them all), and
+    one thread also turns Eigen's multithreading off. Returns what was set, to print."""
+    if threads == 1:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_cpu_multi_thread_eigen=false").strip()
+    pinned = ""
+    if hasattr(os, "sched_getaffinity"):
+        cpus = sorted(os.sched_getaffinity(0))
+        if threads < len(cpus):
+            os.sched_setaffinity(0, cpus[:threads])
+            pinned = f"; process pinned to CPUs {cpus[:threads]}"
+    return f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}{pinned}"
 
 
 def print_workload_table(workloads: Dict[str, Callable[[], list]], names: List[str],
