@@ -13,6 +13,8 @@ More rows say where the time goes:
   passes four arrays whatever the model. JAX's runtime takes a few microseconds per array
   passed into and out of a jitted call; with thousands of leaves that is most of a step,
   for either optimizer (docs/guide/jax.md).
+- "JAX floor: a jitted identity" (single tensors): a jitted call that takes the same
+  arrays and returns them untouched, what dispatch alone costs.
 - "bound: 7-stream (numba)" (from 2^20 elements): benchmarks/peers.py's kernel that
   moves an Adam step's 28 bytes per element and computes nothing; "% of bound" is its
   time over each row's.
@@ -88,6 +90,7 @@ def runners(shapes, threads):
     if bound:
         result[SEVEN_STREAM] = bound
     if len(shapes) == 1:
+        result["JAX floor: a jitted identity"] = jitted_identity(ours, params, jax_grads)
         p, g = params[0].copy(), grads[0]
         state = fastadam.adam_state(p)
         steps = iter(range(1, 10**9))
@@ -95,6 +98,21 @@ def runners(shapes, threads):
             p, g, state["exp_avg"], state["exp_avg_sq"], step=next(steps), lr=LR,
             num_threads=threads)
     return result
+
+
+def jitted_identity(ours, params, jax_grads):
+    """A jitted call that takes the step's arrays (params and state donated) and returns
+    them untouched: what JAX's dispatch costs before any update runs."""
+    import jax
+
+    identity = jax.jit(lambda params, state, grads: (params, state), donate_argnums=(0, 1))
+    box = {"params": [jax.numpy.array(p) for p in params]}
+    box["state"] = ours.init(box["params"])
+
+    def run():
+        box["params"], box["state"] = identity(box["params"], box["state"], jax_grads)
+        jax.block_until_ready(box["params"])
+    return run
 
 
 def raveled(step, init, params, grads):

@@ -602,5 +602,6 @@ def test_the_jax_benchmark_runs_and_reports_its_rows():
     assert ("pinned to CPUs [" in first) == (len(os.sched_getaffinity(0)) > 1)
     rows = [line for line in result.stdout.splitlines() if line.startswith("| 2^10")]
     assert [row.split(" | ")[1] for row in rows] == [
-        "fastadam.jax.adam", "optax.adam (jax.jit)", "fastadam.adam_step (NumPy)"]
+        "fastadam.jax.adam", "optax.adam (jax.jit)", "JAX floor: a jitted identity",
+        "fastadam.adam_step (NumPy)"]
     assert all(float(row.split(" | ")[2]) > 0 for row in rows)
