@@ -111,8 +111,9 @@ cdef inline bint _takes_small_loops(const AdamTensor* t) noexcept nogil:
     """Small tensors, and tensors with any 16-bit buffer (or a master copy), run the
     "small" level's loops (the widest). Widening and rounding 16-bit elements is compute,
     not traffic, and 512-bit code does it in half the instructions: pure bfloat16 at 2^24
-    elements, one thread, took 18.1 ms at avx512 against 26.5 ms at avx2 (Sapphire
-    Rapids), where float32 streams as fast at either width."""
+    elements, one thread, took 17.7 ms at avx512 against 26.9 ms at avx2 (an Intel Xeon;
+    FASTADAM_SIMD=avx512|avx2 python benchmarks/low_precision.py --threads 1), where
+    float32 streams as fast at either width."""
     return t.size <= _small_limit or t.model_param != NULL or not (
         t.grad_type == t.param_type and t.state_type == t.param_type
         and (t.param_type == ELEM_F32 or t.param_type == ELEM_F64))

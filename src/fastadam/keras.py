@@ -11,8 +11,9 @@ memory. With ``KERAS_BACKEND=jax`` on the CPU, it is ONE XLA custom call inside 
 jitted train step (fastadam.jax's call: Keras donates the state it jits, so the kernels
 update the variables' buffers in place). With ``KERAS_BACKEND=tensorflow`` on the CPU,
 in a ``tf.function`` without XLA (``model.compile()``'s ``"auto"`` on a CPU-only
-machine, or ``jit_compile=False``) or eagerly, it is ONE host callback (``tf.py_function``) in Keras's train step that runs the kernels
-in place on the variables' memory. Everything Keras does around the update (gradient
+machine, or ``jit_compile=False``) or eagerly, it is ONE host callback
+(``tf.py_function``) in Keras's train step that runs the kernels in place on the
+variables' memory. Everything Keras does around the update (gradient
 clipping, loss scaling, gradient accumulation, EMA, the iteration counter,
 learning-rate schedules) is Keras's own. On any other backend, under XLA on TensorFlow
 (``jit_compile=True``, or ``"auto"`` where TensorFlow sees a GPU: XLA cannot compile
