@@ -500,3 +500,33 @@ def test_the_low_precision_benchmark_times_every_fastadam_mode():
                          "fastadam f32 param, bf16 moments"}
     for line in rows.values():
         assert float(line.split(" | ")[1]) > 0
+
+
+@pytest.mark.parametrize("numerics", ["exact", "torch", "fast"])
+def test_float16_blocks_give_the_same_bits_at_every_level_nan_payloads_included(restore_levels,
+                                                                              numerics):
+    # the float16 blocks are widened and rounded with F16C (avx2: 8 lanes) or AVX-512 (16
+    # lanes), each with its own NaN fix-up before vcvtps2ph; the scalar code elsewhere
+    rng = np.random.default_rng(0)
+    n = 1000
+    special = np.array([np.nan, -np.nan, np.inf, -np.inf, 6e-8, -6e-8, 1e-7, 65504, 7e4, -7e4] * 4,
+                       np.float32)
+    values = np.concatenate([rng.standard_normal(n - special.size).astype(np.float32)
+                             * np.float32(10) ** rng.integers(-9, 5, n - special.size), special])
+    rng.shuffle(values)
+
+    def run(level):
+        _simd.use(level)
+        with np.errstate(over="ignore"):
+            p, g = values.astype(F16), values[::-1].astype(F16)
+        g.view(np.uint16)[::97] = 0x7E55    # NaNs with payloads, both signs
+        g.view(np.uint16)[1::89] = 0xFD21
+        m, v = np.zeros(n, F16), np.zeros(n, F16)
+        for t in range(1, 4):
+            fastadam.adam_step(p, g, m, v, step=t, lr=1e-2, numerics=numerics, num_threads=1)
+        return [a.view(np.uint16).copy() for a in (p, m, v)]
+
+    baseline = run("baseline")
+    for level in _simd.available_levels()[1:]:
+        for ours, theirs in zip(run(level), baseline):
+            np.testing.assert_array_equal(ours, theirs, err_msg=level)
