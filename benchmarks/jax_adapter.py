@@ -27,13 +27,12 @@ is imported) and fastadam T. Run it once per thread count.
     python benchmarks/jax_adapter.py --threads 2
 """
 
-import argparse
 import sys
 
 import numpy as np
 from peers import SEVEN_STREAM, gpt2_small_shapes, resnet18_shapes, seven_stream_runner
 
-from fastadam.app.timing import print_workload_table, set_xla_cpu_threads
+from fastadam.app.timing import parse_workload_arguments, print_workload_table, set_xla_cpu_threads
 
 WORKLOADS = {
     "resnet18": resnet18_shapes,
@@ -133,11 +132,7 @@ def raveled(step, init, params, grads):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
+    args = parse_workload_arguments(__doc__.splitlines()[0], WORKLOADS, list(WORKLOADS))
     if "jax" in sys.modules:
         raise SystemExit("jax was imported before XLA_FLAGS could be set")
     print(f"threads: {args.threads} ({set_xla_cpu_threads(args.threads)})")

@@ -15,14 +15,13 @@ before jax is imported) and fastadam T.
     python benchmarks/keras_jax.py --threads 1 [--workloads resnet18 2000x512]
 """
 
-import argparse
 import os
 import sys
 
 import numpy as np
 from peers import SEVEN_STREAM, gpt2_small_shapes, resnet18_shapes, seven_stream_runner
 
-from fastadam.app.timing import print_workload_table, set_xla_cpu_threads
+from fastadam.app.timing import parse_workload_arguments, print_workload_table, set_xla_cpu_threads
 
 WORKLOADS = {
     "resnet18": resnet18_shapes,
@@ -75,11 +74,7 @@ def donated_apply(optimizer, grads, variables):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=["resnet18"])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
+    args = parse_workload_arguments(__doc__.splitlines()[0], WORKLOADS, ["resnet18"])
     if os.environ.get("KERAS_BACKEND", "jax") != "jax" or "jax" in sys.modules:
         raise SystemExit("run with KERAS_BACKEND=jax (or unset), before jax is imported")
     os.environ["KERAS_BACKEND"] = "jax"

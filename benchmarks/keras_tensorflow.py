@@ -14,13 +14,12 @@ count: ``--threads T`` sets TensorFlow's intra-op threads and fastadam's num_thr
     KERAS_BACKEND=tensorflow python benchmarks/keras_tensorflow.py --threads 1
 """
 
-import argparse
 import os
 
 import numpy as np
 from peers import gpt2_small_shapes, resnet18_shapes
 
-from fastadam.app.timing import print_workload_table
+from fastadam.app.timing import parse_workload_arguments, print_workload_table
 
 WORKLOADS = {
     "resnet18": resnet18_shapes,
@@ -58,11 +57,7 @@ def compiled_apply(optimizer, grads, variables, jit):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=["resnet18"])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
+    args = parse_workload_arguments(__doc__.splitlines()[0], WORKLOADS, ["resnet18"])
     if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
         raise SystemExit("run with KERAS_BACKEND=tensorflow (or unset)")
     os.environ["KERAS_BACKEND"] = "tensorflow"

@@ -16,13 +16,13 @@ saved model loads back with its optimizer.
 import json
 import os
 import sys
-import tempfile
 
 import numpy as np
 
 os.environ["KERAS_BACKEND"] = "jax"
 
 import keras  # noqa: E402
+from keras_worker_common import fit_both, saved_and_loaded  # noqa: E402
 
 import fastadam.keras as fk  # noqa: E402
 
@@ -66,21 +66,13 @@ def main():
     x, y = data()
     for name, kwargs in CASES.items():
         ours, theirs = model(fk.Adam(**kwargs)), model(keras.optimizers.Adam(**kwargs))
-        for m in (ours, theirs):
-            m.fit(x, y, batch_size=64, epochs=2, verbose=0, shuffle=False)
-        diff = max(float(np.max(np.abs(a.numpy() - b.numpy())))
-                   for a, b in zip(ours.weights, theirs.weights))
+        diff = fit_both(ours, theirs, x, y)
         result = {"case": name, "diff": diff, "traces": ours.optimizer.kernel_traces,
                   "iterations": int(ours.optimizer.iterations)}
         if name == "plain":
             result["in_place"] = in_place(ours, x, y)
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "m.keras")
-                ours.save(path)
-                loaded = keras.models.load_model(path)
-                result["loaded"] = type(loaded.optimizer).__module__ + "." + type(loaded.optimizer).__name__
-                loaded.fit(x, y, batch_size=64, epochs=1, verbose=0, shuffle=False)
-                result["loaded_traces"] = loaded.optimizer.kernel_traces
+            loaded, result["loaded"], _ = saved_and_loaded(ours, x, y)
+            result["loaded_traces"] = loaded.optimizer.kernel_traces
         print(json.dumps(result), flush=True)
 
 

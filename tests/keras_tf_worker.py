@@ -15,7 +15,6 @@ whether a saved model loads back with its optimizer and trains through the kerne
 import json
 import os
 import sys
-import tempfile
 
 import numpy as np
 
@@ -23,6 +22,7 @@ os.environ["KERAS_BACKEND"] = "tensorflow"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
+from keras_worker_common import fit_both, saved_and_loaded  # noqa: E402
 
 import fastadam.keras as fk  # noqa: E402
 
@@ -113,26 +113,15 @@ def main():
             continue
         keras.mixed_precision.set_global_policy(name if "float16" in name else "float32")
         ours, theirs = model(fk.Adam(**kwargs), name), model(keras.optimizers.Adam(**kwargs), name)
-        for m in (ours, theirs):
-            m.fit(x, y, batch_size=64, epochs=2, verbose=0, shuffle=False)
+        diff = fit_both(ours, theirs, x, y)
         keras.mixed_precision.set_global_policy("float32")
-        diff = max(float(np.max(np.abs(a.numpy() - b.numpy())))
-                   for a, b in zip(ours.weights, theirs.weights))
         optimizer = getattr(ours.optimizer, "inner_optimizer", ours.optimizer)
         result = {"case": name, "diff": diff, "kernel_steps": optimizer.kernel_steps,
                   "iterations": int(optimizer.iterations)}
         if name == "plain":
             result["in_place"] = in_place(ours, x, y)
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "m.keras")
-                ours.save(path)
-                loaded = keras.models.load_model(path)
-                result["loaded"] = type(loaded.optimizer).__module__ + "." + type(loaded.optimizer).__name__
-                result["loaded_same"] = all(
-                    np.array_equal(a.numpy(), b.numpy())
-                    for a, b in zip(ours.optimizer.variables, loaded.optimizer.variables))
-                loaded.fit(x, y, batch_size=64, epochs=1, verbose=0, shuffle=False)
-                result["loaded_kernel_steps"] = loaded.optimizer.kernel_steps
+            loaded, result["loaded"], result["loaded_same"] = saved_and_loaded(ours, x, y)
+            result["loaded_kernel_steps"] = loaded.optimizer.kernel_steps
         print(json.dumps(result), flush=True)
 
 

@@ -9,6 +9,7 @@ fastadam and of torch.optim.Adam as calls without arguments.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import statistics
@@ -129,6 +130,17 @@ def set_xla_cpu_threads(threads: int) -> str:
             os.sched_setaffinity(0, cpus[:threads])
             pinned = f"; process pinned to CPUs {cpus[:threads]}"
     return f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}{pinned}"
+
+
+def parse_workload_arguments(description: str, workloads: Dict[str, Callable[[], list]],
+                             default: List[str]) -> argparse.Namespace:
+    """The command line of a benchmark that prints :func:`print_workload_table`:
+    ``--workloads`` (names of ``workloads``; ``default``), ``--threads`` and ``--repeats``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--workloads", nargs="+", choices=list(workloads), default=default)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=7)
+    return parser.parse_args()
 
 
 def print_workload_table(workloads: Dict[str, Callable[[], list]], names: List[str],
