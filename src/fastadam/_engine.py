@@ -323,7 +323,7 @@ class Engine:
 
     def step(self, grads: List[Any], hypers: List[Hyperparameters], *, grad_scale: float,
              num_threads: Optional[int], skip_if_nonfinite: bool = False,
-             names: Optional[List[str]] = None, allow_none: bool = False) -> bool:
+             names: Optional[Sequence[str]] = None, allow_none: bool = False) -> bool:
         """One pass over every tensor with a gradient (``grads`` in tensor order: buffers,
         ``(rows, values)`` row-sparse pairs, or with ``allow_none`` None for no gradient).
         ``hypers``: one validated record per group. Returns False, changing nothing, when

@@ -14,7 +14,7 @@ import functools
 import math
 import numbers
 import operator
-from typing import Any, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -742,7 +742,7 @@ def _int_as_float(value: Any) -> Any:
     return float(value) if type(value) is int else value
 
 
-def check_grads(grads: Any, params: list, written: np.ndarray, names: Optional[list] = None,
+def check_grads(grads: Any, params: list, written: np.ndarray, names: Optional[Sequence[str]] = None,
                 allow_none: bool = False, master: Optional[list] = None) -> Tuple[list, int, bool]:
     """The gradients of one optimizer step, checked against the params (count, dtype,
     shape, layout, overlap with any ``written`` range: sorted_ranges of the params and

@@ -226,8 +226,9 @@ class Adam(keras.optimizers.Adam):
         for moments in (self._momentums, self._velocities) + ((self._velocity_hats,) if self.amsgrad else ()):
             holders += [moments[k].value for k in slots]
         dense = [tf.cast(grads[i], holders[j].dtype) for j, i in enumerate(order)]
-        layout = _HostLayout(tuple(variables[i].path for i in order), sum(not d for d in decayed),
-                             bool(self.amsgrad), tuple(holders))
+        paths = tuple(variables[i].path for i in order)
+        layout = _HostLayout(paths, tuple(f"the gradient of {path}" for path in paths),
+                             sum(not d for d in decayed), bool(self.amsgrad), tuple(holders))
         lr = tf.convert_to_tensor(keras.ops.convert_to_tensor(learning_rate))
 
         def host_step(*tensors: Any) -> None:
@@ -252,7 +253,7 @@ class Adam(keras.optimizers.Adam):
             np.copyto(arrays[k], tensors[n + k]._numpy())
         engine.set_steps(int(iteration))  # Keras's t is iterations + 1, for every variable
         engine.step(grads, hypers, grad_scale=1.0, num_threads=self.num_threads,
-                    names=[f"the gradient of {name}" for name in layout.names])
+                    names=layout.grad_names)
         for k in copied:
             layout.holders[k].assign(arrays[k])
         self.kernel_steps += 1
@@ -368,6 +369,7 @@ class _HostLayout(NamedTuple):
     """What the TensorFlow callback needs to know about its inputs (fixed at trace)."""
 
     names: Tuple[str, ...]  # of the variables, in the callback's order
+    grad_names: Tuple[str, ...]  # "the gradient of <name>": the step's error messages
     undecayed: int  # the first ones, without weight decay
     amsgrad: bool
     holders: Tuple[Any, ...]  # tf.Variables: the params, then exp_avg, exp_avg_sq(, max)
