@@ -413,6 +413,85 @@ def test_gradients_laid_out_unlike_the_parameter_step_like_torch(grad_kind):
         assert_same(a, b)
 
 
+GRADIENT_CHANGES = ["negative_view", "conjugate_view", "strided", "transposed_copy", "expanded",
+                    "one_without_gradient", "sparse"]
+
+
+def changed_gradient(change, p, k):
+    """Step k's gradient of p after a change of its kind (None: no gradient)."""
+    gen = torch.Generator().manual_seed(k)
+    if change == "negative_view":
+        return torch.randn(p.shape, generator=gen)._neg_view()
+    if change == "conjugate_view":
+        return torch.randn(p.shape, generator=gen, dtype=p.dtype).conj()
+    if change == "strided":
+        return torch.randn(p.shape[0], 2 * p.shape[1], generator=gen)[:, ::2]
+    if change == "transposed_copy":
+        return torch.randn(p.shape[1], p.shape[0], generator=gen).t()
+    if change == "expanded":
+        return torch.full((1, 1), 0.5 + k).expand(p.shape)
+    if change == "sparse":
+        return torch.randn(p.shape, generator=gen).to_sparse(1)
+    return None
+
+
+@needs_default_capability
+@pytest.mark.parametrize("one_call_check", [True, False], ids=["one_call_check", "per_tensor"])
+@pytest.mark.parametrize("change", GRADIENT_CHANGES)
+def test_gradients_that_change_layout_after_steps_step_like_torch(change, one_call_check,
+                                                                   monkeypatch):
+    # Steps after the first check the gradients' layouts in one call of torch's compiled
+    # guards, built from the last step whose gradients passed the per-tensor checks. A
+    # gradient unlike those (a negative or conjugate view, other strides, a sparse one,
+    # one missing) must be seen, in both ways of checking, and stepped as torch does.
+    import fastadam._torch_gather as gather_module
+    if not one_call_check:
+        monkeypatch.setattr(gather_module, "_torch_layout_guards", None)
+    dtype = torch.complex64 if change == "conjugate_view" else torch.float32
+    make = lambda: [torch.nn.Parameter(torch.ones(6, 5, dtype=dtype)) for _ in range(3)]  # noqa: E731
+    # (torch's fused Adam refuses complex parameters: complex ones are compared with
+    # fastadam given the conjugate's values in memory.)
+    twin = (lambda params, lr, fused: ft.Adam(params, lr=lr)) if dtype.is_complex else torch.optim.Adam
+    (a, ours), (b, theirs) = twin_optimizers(make, theirs=twin)
+    for k in range(5):
+        for i, (p, q) in enumerate(zip(a, b)):
+            p.grad = (changed_gradient(change, p, 10 * k + i) if k >= 3 and i == 1 else
+                      torch.randn(p.shape, generator=torch.Generator().manual_seed(k), dtype=dtype))
+            # the twin reads the same values from contiguous memory (torch's fused Adam
+            # reads gradients laid out unlike their parameter wrongly: see above)
+            q.grad = (None if p.grad is None else
+                      p.grad.to_dense().resolve_neg().resolve_conj().contiguous())
+        ours.step()
+        theirs.step()
+        assert_same(a, b)
+
+
+def test_the_one_call_check_serves_every_step_after_the_first_checked_one(monkeypatch):
+    import fastadam._torch_gather as gather_module
+    make = gather_module.torch_layout_guards()
+    assert make is not None  # torch 2.13 has Dynamo's guards, and they check as expected
+    counts = collections.Counter()
+
+    def counting_make(tensors):
+        counts["made"] += 1
+        check = make(tensors)
+
+        def counting_check(*grads):
+            counts["checked"] += 1
+            return check(*grads)
+        return counting_check
+
+    monkeypatch.setattr(gather_module, "_torch_layout_guards", counting_make)
+    params = [torch.nn.Parameter(torch.ones(s)) for s in ((4, 3), (7,), (2, 2, 2))]
+    opt = ft.Adam(params)
+    for k in range(6):
+        set_grads(params, k)
+        opt.step()
+    # Step 0 creates state (the general path); step 1 checks each gradient and builds
+    # the guard; steps 2 to 5 take the one call.
+    assert counts == {"made": 1, "checked": 4}
+
+
 def test_a_parameter_whose_class_changed_steps_like_torch():
     class Tagged(torch.nn.Parameter):
         pass

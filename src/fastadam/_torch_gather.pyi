@@ -1,6 +1,6 @@
 # Stubs of the compiled module fastadam._torch_gather (private: fastadam.torch's
 # per-step loop over its parameters).
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from typing_extensions import disjoint_base
@@ -16,5 +16,8 @@ class Gather:
         addresses: np.ndarray,
         sizes: np.ndarray,
         tensor_type: type,
+        make_layout_check: Callable[[list[Any]], Callable[..., bool]] | None = None,
     ) -> None: ...
     def run(self, out: np.ndarray, grads: list[Any] | None = None) -> tuple[int, int]: ...
+
+def torch_layout_guards() -> Callable[[list[Any]], Callable[..., bool]] | None: ...

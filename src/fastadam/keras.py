@@ -338,7 +338,7 @@ class Adam(keras.optimizers.Adam):
         import numpy as np
         import torch
 
-        from fastadam._torch_gather import Gather
+        from fastadam._torch_gather import Gather, torch_layout_guards
 
         # Group 0: no weight decay; group 1: decayed (Keras's per-variable exclusions).
         decayed = [self.weight_decay is not None and self._use_weight_decay(v) for v in variables]
@@ -361,7 +361,8 @@ class Adam(keras.optimizers.Adam):
         gather = Gather(tensors, [t.dtype for t in tensors], [t.shape for t in tensors],
                         [t.stride() for t in tensors],
                         np.array([t.data_ptr() for t in tensors], np.int64),
-                        np.array([t.numel() for t in tensors], np.int64), torch.Tensor)
+                        np.array([t.numel() for t in tensors], np.int64), torch.Tensor,
+                        torch_layout_guards())
         return engine, order, gather, np.zeros(len(tensors), np.int64)
 
 

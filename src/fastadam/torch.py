@@ -91,7 +91,7 @@ from torch.optim import Optimizer
 
 from fastadam._engine import STATE_KEYS, Engine
 from fastadam._threads import NumThreadsAttribute
-from fastadam._torch_gather import Gather
+from fastadam._torch_gather import Gather, torch_layout_guards
 from fastadam._validation import (
     BFLOAT16_BITS,
     Hyperparameters,
@@ -569,7 +569,8 @@ class _Registry:
                         [lay[2] for lay in self.layouts],
                         [_state_strides(p) for p in self.params],
                         np.array([lay[0] for lay in self.layouts], np.int64),
-                        np.array([p.numel() for p in self.params], np.int64), torch.Tensor)
+                        np.array([p.numel() for p in self.params], np.int64), torch.Tensor,
+                        torch_layout_guards())
         return gather
 
     def serves(self, opt: Adam) -> bool:
@@ -706,7 +707,8 @@ class _Registry:
             if grad.dtype != p.dtype:
                 raise TypeError(f"{name} has a {grad.dtype} gradient for a {p.dtype} parameter")
             # Uncoalesced is fine: the engine sums duplicate rows itself (left to right).
-            return (grad._indices()[0].numpy(), grad._values().contiguous().numpy())
+            values = grad._values().resolve_neg().resolve_conj().contiguous()
+            return (grad._indices()[0].numpy(), values.numpy())
         if grad.layout != torch.strided:
             raise TypeError(f"{name} has a {grad.layout} gradient; fastadam.torch takes dense "
                             "gradients and sparse COO ones (as nn.Embedding(sparse=True) gives)")
@@ -716,7 +718,9 @@ class _Registry:
             raise ValueError(f"{name} has a gradient of shape {tuple(grad.shape)} for a "
                              f"parameter of shape {tuple(p.shape)}")
         strides = _state_strides(p)
-        if grad.stride() != strides:  # read in the engine's memory order: one copy
+        # Read in the engine's memory order, with a negative or conjugate view's values
+        # in memory: one copy.
+        if grad.stride() != strides or grad.is_neg() or grad.is_conj():
             grad = torch.empty_strided(p.shape, strides, dtype=p.dtype).copy_(grad)
         return _engine_view(grad)
 
