@@ -177,6 +177,21 @@ def test_amsgrad_switched_on_later_and_tensor_lr():
     assert opt.state[model[0].weight]["step"].item() == 3
 
 
+def test_a_tensor_lr_edited_in_place_steps_like_torch():
+    # A tensor lr is the same object after lr.fill_(...): its value is read every step,
+    # never remembered (torch's fused Adam takes tensor lrs the same way).
+    make = lambda: [torch.nn.Parameter(torch.ones(5))]  # noqa: E731
+    ours, theirs = make(), make()
+    lrs = torch.tensor(0.1), torch.tensor(0.1)
+    optimizers = ft.Adam(ours, lr=lrs[0]), torch.optim.Adam(theirs, lr=lrs[1], fused=True)
+    for k, lr in enumerate([0.1, 0.01, 0.5]):
+        for params, opt, tensor in zip((ours, theirs), optimizers, lrs):
+            tensor.fill_(lr)
+            params[0].grad = torch.full((5,), k + 1.0)
+            opt.step()
+        assert torch.equal(ours[0], theirs[0]), k
+
+
 def test_results_do_not_depend_on_thread_count():
     big = [torch.nn.Parameter(torch.randn(70000)) for _ in range(3)]
     clones = [torch.nn.Parameter(p.detach().clone()) for p in big]

@@ -334,6 +334,45 @@ def test_edited_and_scheduled_values_are_checked_at_each_step():
         mixed.step([np.ones(2, np.float64), np.ones(2, np.float32)], grad_scale=1e-300)
 
 
+def test_remembered_group_records_are_looked_up_only_for_plain_values():
+    from fastadam._validation import remembered_group_record
+
+    f32 = (np.dtype(np.float32),)
+    plain = (1e-3, 0.9, 0.999, 1e-8, 0, False, False, False, False, 0.0, "exact")
+    first = remembered_group_record(*plain, f32)
+    assert first is remembered_group_record(*plain, f32)  # the memory's own record
+    assert first.weight_decay == 0.0 and type(first.weight_decay) is float
+    # Other types that compare equal, objects whose value may change in place, and
+    # invalid values: never from the memory (None: the full check decides and names).
+    for k, other in [(0, np.float64(1e-3)), (0, lambda step: 1e-3), (5, 0), (6, 1),
+                     (1, 1.5), (3, -1.0), (10, "bogus")]:
+        values = list(plain)
+        values[k] = other
+        assert remembered_group_record(*values, f32) is None, (k, other)
+    # Valid at step 1, where the step coefficient lr / (1 - beta1) is largest, is valid
+    # at every step; a group valid only at later steps takes the full check each time.
+    huge = (1e38,) + plain[1:]
+    assert remembered_group_record(*huge, f32) is None
+    assert remembered_group_record(*huge, (np.dtype(np.float64),)) is not None
+    group = dict(zip(["lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "amsgrad",
+                      "maximize", "eps_hat", "eps_root"],
+                     [1e38, (0.9, 0.999), 1e-8, 0.0, False, False, False, False, 0.0]))
+    from fastadam._validation import check_group_hyperparameters
+    assert check_group_hyperparameters(group, "g", 100, f32).lr == 1e38
+    with pytest.raises(ValueError, match="at step 1"):
+        check_group_hyperparameters(group, "g", 1, f32)
+
+
+def test_edited_counts_finds_every_count_shown_otherwise():
+    counts = np.array([0, 5, 2**24 + 1, 7, 9], np.int64)
+    shown = counts.astype(np.float32)  # 2**24 + 1 shows as 2**24, as NumPy rounds it
+    assert _checks.edited_counts(shown, counts) == []
+    shown[1], shown[3], shown[4] = 0.0, np.nan, 9.5
+    assert _checks.edited_counts(shown, counts) == [1, 3, 4]
+    with pytest.raises(ValueError, match="shown has 4 counts, counts has 5"):
+        _checks.edited_counts(shown[:4].copy(), counts)
+
+
 def test_edge_values_that_fit_float32_are_accepted_and_stay_finite():
     tiny = float(np.finfo(np.float32).smallest_subnormal)
     normal = float(np.finfo(np.float32).tiny)

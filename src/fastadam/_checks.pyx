@@ -9,7 +9,7 @@ step's gradients are all plain conforming arrays. Nothing here writes to a buffe
 calls into the kernels: like fastadam._validation, this is a leaf.
 """
 
-from libc.stdint cimport uint64_t
+from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport free, malloc, qsort
 
 cimport numpy as cnp
@@ -194,3 +194,18 @@ def plain_buffers(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq):
             if r[i].start < r[j].stop and r[j].start < r[i].stop and size > 0:
                 return False
     return True
+
+
+def edited_counts(const float[::1] shown, const int64_t[::1] counts):
+    """The indices where ``shown`` (float32 copies of step counts, which a front end lets
+    users edit in place: torch's ``state["step"]``) differs from ``counts`` converted to
+    float32 as NumPy converts (NaN differs from everything). One C pass: it runs on every
+    step, and edits are rare."""
+    cdef Py_ssize_t i, n = counts.shape[0]
+    if shown.shape[0] != n:
+        raise ValueError(f"shown has {shown.shape[0]} counts, counts has {n}")
+    edited = []
+    for i in range(n):
+        if shown[i] != <float>counts[i]:
+            edited.append(i)
+    return edited

@@ -53,6 +53,7 @@ from fastadam._validation import (
     check_master_weights,
     check_no_overlap,
     check_step_count,
+    edited_counts,
     sorted_ranges,
 )
 
@@ -287,10 +288,10 @@ class Engine:
         mirror = self._mirror
         if mirror is None:
             return
-        edited = np.flatnonzero(mirror != self.steps.astype(np.float32))
+        edited = edited_counts(mirror, self.steps)
         for i in edited:  # rare: a user restarting a schedule
             self.steps[i] = check_step_count(float(mirror[i]), f"the step count of {self.names[i]}")
-        if edited.size:
+        if edited:
             self._steps_written()
 
     def _steps_written(self) -> None:

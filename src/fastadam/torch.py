@@ -102,6 +102,7 @@ from fastadam._validation import (
     check_seed,
     check_state_dtype,
     check_step_count,
+    remembered_group_record,
 )
 
 __all__ = ["Adam", "AdamW", "UnsupportedParameter", "default_numerics"]
@@ -630,8 +631,16 @@ class _Registry:
                 for g, group in enumerate(opt.param_groups)]
 
     def _group_hyperparameters(self, opt: Adam, g: int, group: Dict[str, Any]) -> Hyperparameters:
-        """A group's record for this step (validated: plain numbers seen valid before
-        take the remembered check)."""
+        """A group's record for this step: plain numbers seen valid before are looked up,
+        anything else (tensors, a schedule) is checked in full."""
+        betas = group["betas"]
+        record = remembered_group_record(
+            group["lr"], betas[0], betas[1], group["eps"], group["weight_decay"],
+            group.get("decoupled_weight_decay", False), group["amsgrad"], group["maximize"],
+            False, 0.0, opt.numerics, self.engine.group_dtypes(g)
+        ) if type(betas) in (tuple, list) and len(betas) == 2 else None
+        if record is not None:
+            return record
         return check_group_hyperparameters(_fastadam_group(group, opt.numerics),
                                            f"param_groups[{g}]", self.engine.group_step(g),
                                            self.engine.group_dtypes(g))
