@@ -699,7 +699,7 @@ def check_group_hyperparameters(group: Mapping, name: str, step: int,
     """A param group's hyperparameters for step ``step`` (lr schedules are called with it),
     also checked against the element types ``dtypes`` of its buffers
     (:func:`check_element_type_range`)."""
-    record = _group_seen_valid(group, name, step, dtypes)
+    record = remembered_group(group, dtypes)
     if record is not None:
         return record
     lr = group["lr"]
@@ -718,9 +718,10 @@ def check_group_hyperparameters(group: Mapping, name: str, step: int,
     return result
 
 
-def _group_seen_valid(group: Mapping, name: str, step: int, dtypes: Any) -> Optional[Hyperparameters]:
+def remembered_group(group: Mapping, dtypes: Any) -> Optional[Hyperparameters]:
     """A group of plain numbers through :func:`remembered_group_record` (a training
-    loop's groups are the same every step); None for anything else."""
+    loop's groups are the same every step; this needs neither the group's name nor its
+    step); None for anything else."""
     betas = group["betas"]
     if type(betas) not in (tuple, list) or len(betas) != 2:
         return None

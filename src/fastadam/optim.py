@@ -44,6 +44,7 @@ from fastadam._validation import (
     check_sequence,
     check_state_dtype,
     check_step_count,
+    remembered_group,
     type_name,
 )
 
@@ -278,12 +279,13 @@ class Adam:
                              "add_param_group and never remove them")
         hypers = []
         for index, (group, params) in enumerate(zip(self.param_groups, self._group_params)):
-            name = f"param_groups[{index}]"
             if group.get("params") is not params:
-                raise ValueError(f"{name}['params'] was replaced or the groups reordered; the "
-                                 "params of a group are fixed once added")
-            hypers.append(check_group_hyperparameters(group, name, self.engine.group_step(index),
-                                                      self.engine.group_dtypes(index)))
+                raise ValueError(f"param_groups[{index}]['params'] was replaced or the groups "
+                                 "reordered; the params of a group are fixed once added")
+            dtypes = self.engine.group_dtypes(index)
+            record = remembered_group(group, dtypes)  # the usual case, a lookup
+            hypers.append(record if record is not None else check_group_hyperparameters(
+                group, f"param_groups[{index}]", self.engine.group_step(index), dtypes))
         return hypers
 
     # --- state -------------------------------------------------------------------------
