@@ -413,6 +413,29 @@ def test_gradients_laid_out_unlike_the_parameter_step_like_torch(grad_kind):
         assert_same(a, b)
 
 
+@needs_default_capability
+@pytest.mark.parametrize("pattern", ["varying_gradients", "shared_gradient"])
+def test_the_one_call_check_gives_up_where_it_keeps_missing(pattern, monkeypatch):
+    # A different set of parameters with gradients at every step (or one gradient
+    # tensor shared by two parameters, which torch's check refuses) misses every time:
+    # after a few builds in a row that missed, no more are built. Steps stay torch's.
+    counts = counted_layout_checks(monkeypatch)
+    make = lambda: [torch.nn.Parameter(torch.ones(4, 3)) for _ in range(4)]  # noqa: E731
+    (a, ours), (b, theirs) = twin_optimizers(make)
+    for k in range(12):
+        for params in (a, b):
+            gen = torch.Generator().manual_seed(k)
+            for i, p in enumerate(params):
+                p.grad = (None if pattern == "varying_gradients" and i == k % 4 else
+                          torch.randn(p.shape, generator=gen))
+            if pattern == "shared_gradient":
+                params[3].grad = params[2].grad if params is a else params[2].grad.clone()
+        ours.step()
+        theirs.step()
+        assert_same(a, b)
+    assert counts["made"] <= 4
+
+
 GRADIENT_CHANGES = ["negative_view", "conjugate_view", "strided", "transposed_copy", "expanded",
                     "one_without_gradient", "sparse"]
 
@@ -447,6 +470,8 @@ def test_gradients_that_change_layout_after_steps_step_like_torch(change, one_ca
     import fastadam._torch_gather as gather_module
     if not one_call_check:
         monkeypatch.setattr(gather_module, "_torch_layout_guards", None)
+    elif gather_module.torch_layout_guards() is None:
+        pytest.skip("this torch has no one-call layout check that fastadam uses")
     dtype = torch.complex64 if change == "conjugate_view" else torch.float32
     make = lambda: [torch.nn.Parameter(torch.ones(6, 5, dtype=dtype)) for _ in range(3)]  # noqa: E731
     # (torch's fused Adam refuses complex parameters: complex ones are compared with
@@ -466,10 +491,14 @@ def test_gradients_that_change_layout_after_steps_step_like_torch(change, one_ca
         assert_same(a, b)
 
 
-def test_the_one_call_check_serves_every_step_after_the_first_checked_one(monkeypatch):
+def counted_layout_checks(monkeypatch):
+    """Count the one-call layout checks fastadam.torch's gather builds and calls."""
     import fastadam._torch_gather as gather_module
     make = gather_module.torch_layout_guards()
-    assert make is not None  # torch 2.13 has Dynamo's guards, and they check as expected
+    if make is None and torch.__version__.startswith("2.13."):
+        pytest.fail("torch 2.13's Dynamo guards no longer pass fastadam's probe")
+    if make is None:
+        pytest.skip("this torch has no one-call layout check that fastadam uses")
     counts = collections.Counter()
 
     def counting_make(tensors):
@@ -482,6 +511,11 @@ def test_the_one_call_check_serves_every_step_after_the_first_checked_one(monkey
         return counting_check
 
     monkeypatch.setattr(gather_module, "_torch_layout_guards", counting_make)
+    return counts
+
+
+def test_the_one_call_check_serves_every_step_after_the_first_checked_one(monkeypatch):
+    counts = counted_layout_checks(monkeypatch)
     params = [torch.nn.Parameter(torch.ones(s)) for s in ((4, 3), (7,), (2, 2, 2))]
     opt = ft.Adam(params)
     for k in range(6):

@@ -1,5 +1,7 @@
 """Every rejection: the right exception, a message naming the argument, and no byte written."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -340,8 +342,15 @@ def test_remembered_group_records_are_looked_up_only_for_plain_values():
     f32 = (np.dtype(np.float32),)
     plain = (1e-3, 0.9, 0.999, 1e-8, 0, False, False, False, False, 0.0, "exact")
     first = remembered_group_record(*plain, f32)
-    assert first is remembered_group_record(*plain, f32)  # the memory's own record
-    assert first.weight_decay == 0.0 and type(first.weight_decay) is float
+    assert first == remembered_group_record(*plain, f32) == (
+        1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, False, False, 0.0, "exact")
+    assert type(first.weight_decay) is float
+    # Only validity is remembered: the record holds the values given, signed zeros too,
+    # and ints stand for their floats wherever a float goes.
+    signed = remembered_group_record(-0.0, 0, 0.999, 1e-8, -0.0, False, False, False, False,
+                                     0.0, "exact", f32)
+    assert math.copysign(1, signed.lr) == -1 and math.copysign(1, signed.weight_decay) == -1
+    assert type(signed.beta1) is float and signed.beta1 == 0.0
     # Other types that compare equal, objects whose value may change in place, and
     # invalid values: never from the memory (None: the full check decides and names).
     for k, other in [(0, np.float64(1e-3)), (0, lambda step: 1e-3), (5, 0), (6, 1),

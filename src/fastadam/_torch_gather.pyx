@@ -114,6 +114,7 @@ cdef class Gather:
     cdef object layout_check  # built from the gradients of a step that passed
     cdef uint8_t[::1] checked_present  # which tensors had a gradient in that step
     cdef uint8_t[::1] present
+    cdef int wasted_builds  # one-call checks built and missed at the next step, in a row
 
     def __init__(self, list params, list dtypes, list shapes, list strides, addresses, sizes,
                  tensor_type, make_layout_check=None):
@@ -132,13 +133,14 @@ cdef class Gather:
         self.layout_check = None
         self.checked_present = bytearray(len(params))
         self.present = bytearray(len(params))
+        self.wasted_builds = 0
 
     def run(self, int64_t[::1] out, list grads=None):
         """Fill ``out[i]`` with tensor i's gradient address (0 without a gradient): its
         ``.grad``, or ``grads[i]`` when a list is given (Keras hands gradients over).
 
-        Returns (index of the first tensor this loop cannot take, or -1; the elements
-        of the tensors with a gradient)."""
+        Returns (the index of a tensor this loop cannot take, or -1 when it takes them
+        all; the elements of the tensors with a gradient, when it does)."""
         cdef Py_ssize_t i, n = len(self.params)
         cdef Py_ssize_t active = 0
         cdef _Reader reader, grad_reader = self.grad_reader
@@ -180,7 +182,14 @@ cdef class Gather:
         if self.layout_check is None or (n and memcmp(
                 &self.present[0], &self.checked_present[0], n) != 0):
             return False
-        return self.layout_check(*found)
+        try:
+            if self.layout_check(*found):
+                self.wasted_builds = 0
+                return True
+            return False
+        except Exception:  # torch's private check failed on something: not used again
+            self._stop_checking_in_one_call()
+            return False
 
     cdef Py_ssize_t _check_layouts(self, list found) except -2:
         """Check each gradient against its tensor's layout through torch's getters: the
@@ -197,11 +206,34 @@ cdef class Gather:
             except Exception:
                 return i
             k += 1
-        self.layout_check = None
-        if self.make_layout_check is not None:
-            self.layout_check = self.make_layout_check(found)
-            self.checked_present[:] = self.present
+        self._build_layout_check(found)
         return -1
+
+    cdef int _build_layout_check(self, list found) except -1:
+        """The one-call check of gradients laid out as these, for the next steps. Where
+        it keeps missing (a different set of tensors has gradients at every step, or one
+        gradient is shared by two parameters, which torch's check refuses), building it
+        costs more than it saves: after a few misses in a row it is no longer built."""
+        if self.layout_check is not None:
+            self.wasted_builds += 1
+        self.layout_check = None
+        if self.make_layout_check is None or self.wasted_builds >= _MOST_WASTED_BUILDS:
+            return 0
+        try:
+            self.layout_check = self.make_layout_check(found)
+        except Exception:
+            self._stop_checking_in_one_call()
+            return 0
+        self.checked_present[:] = self.present
+        return 0
+
+    cdef void _stop_checking_in_one_call(self):
+        self.make_layout_check = None
+        self.layout_check = None
+
+
+cdef enum:
+    _MOST_WASTED_BUILDS = 3
 
 
 cdef bint _is_contiguous(tuple shape, tuple strides):
@@ -258,7 +290,10 @@ def _probe_torch_layout_guards():
                       (torch.nn.Parameter(torch.ones(2, 3)), torch.ones(4)),
                       (torch.ones(2, 3), torch.ones(4, device="meta")),
                       (torch.ones(2, 3), torch.ones(4)._neg_view())]
-            if same and not any(check(*tensors) for tensors in others):
+            complex_check = make([torch.zeros(2, dtype=torch.complex64)])
+            same = same and complex_check(torch.ones(2, dtype=torch.complex64))
+            conjugate = complex_check(torch.ones(2, dtype=torch.complex64).conj())
+            if same and not conjugate and not any(check(*tensors) for tensors in others):
                 return make
     except Exception:
         pass

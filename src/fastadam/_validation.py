@@ -450,13 +450,21 @@ def check_call_hyperparameters(lr: Any, beta1: Any, beta2: Any, eps: Any, weight
     remembered; the record always holds the values given."""
     args = (lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
             eps_hat, eps_root, numerics)
-    if (type(lr) is float and type(beta1) is float and type(beta2) is float
-            and type(eps) is float and type(weight_decay) is float and type(eps_root) is float
-            and type(decoupled_weight_decay) is bool and type(amsgrad) is bool
-            and type(maximize) is bool and type(eps_hat) is bool and type(numerics) is str):
+    if _plain(*args):
         _remembered_valid(*args)  # raises as check_hyperparameters does
         return Hyperparameters(*args)
     return _check_positional(*args)
+
+
+def _plain(lr: Any, beta1: Any, beta2: Any, eps: Any, weight_decay: Any,
+           decoupled_weight_decay: Any, amsgrad: Any, maximize: Any, eps_hat: Any,
+           eps_root: Any, numerics: Any) -> bool:
+    """Are these exact floats, bools and a str: values a memory of valid ones can hold
+    (not a tensor or a schedule, whose value may change while the object stays)?"""
+    return (type(lr) is float and type(beta1) is float and type(beta2) is float
+            and type(eps) is float and type(weight_decay) is float and type(eps_root) is float
+            and type(decoupled_weight_decay) is bool and type(amsgrad) is bool
+            and type(maximize) is bool and type(eps_hat) is bool and type(numerics) is str)
 
 
 def _check_positional(lr: Any, beta1: Any, beta2: Any, eps: Any, weight_decay: Any,
@@ -698,10 +706,17 @@ def check_group_hyperparameters(group: Mapping, name: str, step: int,
                                 dtypes: Any = ()) -> Hyperparameters:
     """A param group's hyperparameters for step ``step`` (lr schedules are called with it),
     also checked against the element types ``dtypes`` of its buffers
-    (:func:`check_element_type_range`)."""
+    (:func:`check_element_type_range`): :func:`remembered_group`, else
+    :func:`check_group_in_full`. (A front end that steps every call may take the two
+    apart, to build ``name`` and ``step`` only when the memory misses.)"""
     record = remembered_group(group, dtypes)
-    if record is not None:
-        return record
+    return record if record is not None else check_group_in_full(group, name, step, dtypes)
+
+
+def check_group_in_full(group: Mapping, name: str, step: int,
+                        dtypes: Any = ()) -> Hyperparameters:
+    """:func:`check_group_hyperparameters` without the memory: every value checked, and
+    errors name ``name``'s keys."""
     lr = group["lr"]
     if callable(lr):
         lr = check_at_least(lr(step), f"{name}['lr'] (the schedule's value at step {step})", 0.0)
@@ -737,44 +752,41 @@ def remembered_group_record(lr: Any, beta1: Any, beta2: Any, eps: Any, weight_de
                             dtypes: Any) -> Optional[Hyperparameters]:
     """The record of a group's values, checked as :func:`check_group_hyperparameters`
     checks them, with a memory: exact floats (ints taken as the floats they stand for),
-    bools and a str found valid before for these element types give their record at
-    once (a training loop's groups are the same every step; one lookup instead of
-    about 5 us of checks per group). None for anything else, or anything invalid: the
-    full check then names it. (A tensor or schedule lr is never remembered: its value
-    may change while it stays the same object.)"""
+    bools and a str found valid before for these element types are not checked again (a
+    training loop's groups are the same every step: one lookup instead of about 5 us of
+    checks per group). Only validity is remembered; the record holds the values given
+    (-0.0 stays -0.0). None for anything else, or anything invalid: the full check then
+    names it."""
     try:
-        if type(lr) is int:
-            lr = float(lr)
-        if type(eps) is int:
-            eps = float(eps)
-        if type(weight_decay) is int:  # torch's default is 0
-            weight_decay = float(weight_decay)
-        if type(eps_root) is int:
-            eps_root = float(eps_root)
-        if not (type(lr) is float and type(beta1) is float and type(beta2) is float
-                and type(eps) is float and type(weight_decay) is float
-                and type(eps_root) is float and type(decoupled_weight_decay) is bool
-                and type(amsgrad) is bool and type(maximize) is bool and type(eps_hat) is bool
-                and type(numerics) is str):
+        args = (_int_as_float(lr), _int_as_float(beta1), _int_as_float(beta2),
+                _int_as_float(eps), _int_as_float(weight_decay), decoupled_weight_decay,
+                amsgrad, maximize, eps_hat, _int_as_float(eps_root), numerics)
+        if not _plain(*args):
             return None
-        return _remembered_group(lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
-                                 amsgrad, maximize, eps_hat, eps_root, numerics, tuple(dtypes))
-    except (TypeError, ValueError, OverflowError):
+        _remembered_valid_group(*args, tuple(dtypes))
+        return Hyperparameters(*args)
+    except (TypeError, ValueError, OverflowError):  # (an int beyond any float)
         return None
 
 
-def _group_record(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                  decoupled_weight_decay: bool, amsgrad: bool, maximize: bool, eps_hat: bool,
-                  eps_root: float, numerics: str, dtypes: Tuple[np.dtype, ...]) -> Hyperparameters:
+def _int_as_float(value: Any) -> Any:
+    """An int (torch's default weight_decay is 0) as the float it stands for; anything
+    else as it is (a bool stays a bool, to be refused)."""
+    return float(value) if type(value) is int else value
+
+
+def _check_group_values(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                        decoupled_weight_decay: bool, amsgrad: bool, maximize: bool,
+                        eps_hat: bool, eps_root: float, numerics: str,
+                        dtypes: Tuple[np.dtype, ...]) -> None:
     record = _check_positional(lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
                                amsgrad, maximize, eps_hat, eps_root, numerics)
     # At step 1, where lr / (1 - beta1**step) is largest: valid then, valid at every step.
     check_element_type_range(record, dtypes, "", 1)
-    return record
 
 
 # typed: 1.0 and True are different keys; an invalid group raises and is never remembered.
-_remembered_group = functools.lru_cache(maxsize=256, typed=True)(_group_record)
+_remembered_valid_group = functools.lru_cache(maxsize=256, typed=True)(_check_group_values)
 
 
 def check_grads(grads: Any, params: list, written: np.ndarray, names: Optional[Sequence[str]] = None,

@@ -39,6 +39,7 @@ from fastadam._validation import (
     check_flag,
     check_grad_scale_range,
     check_group_hyperparameters,
+    check_group_in_full,
     check_params,
     check_seed,
     check_sequence,
@@ -284,7 +285,7 @@ class Adam:
                                  "reordered; the params of a group are fixed once added")
             dtypes = self.engine.group_dtypes(index)
             record = remembered_group(group, dtypes)  # the usual case, a lookup
-            hypers.append(record if record is not None else check_group_hyperparameters(
+            hypers.append(record if record is not None else check_group_in_full(
                 group, f"param_groups[{index}]", self.engine.group_step(index), dtypes))
         return hypers
 

@@ -98,11 +98,12 @@ from fastadam._validation import (
     check_flag,
     check_grad_scale_range,
     check_group_hyperparameters,
+    check_group_in_full,
     check_numerics,
     check_seed,
     check_state_dtype,
     check_step_count,
-    remembered_group_record,
+    remembered_group,
 )
 
 __all__ = ["Adam", "AdamW", "UnsupportedParameter", "default_numerics"]
@@ -136,11 +137,17 @@ def default_numerics() -> str:
 
 
 def _fastadam_group(group: Dict[str, Any], numerics: str) -> Dict[str, Any]:
-    """A torch param group's hyperparameters in fastadam's terms."""
-    lr = group["lr"]
+    """A torch param group's hyperparameters in fastadam's terms (on every step: the
+    plain case first)."""
+    lr, betas = group["lr"], group["betas"]
+    if type(lr) is not float:
+        lr = lr if callable(lr) and not isinstance(lr, torch.Tensor) else _scalar(lr)
+    if type(betas) is not tuple or len(betas) != 2 or type(betas[0]) is not float or (
+            type(betas[1]) is not float):
+        betas = tuple(_scalar(b) for b in betas)
     return {
-        "lr": lr if callable(lr) and not isinstance(lr, torch.Tensor) else _scalar(lr),
-        "betas": tuple(_scalar(b) for b in group["betas"]),
+        "lr": lr,
+        "betas": betas,
         "eps": group["eps"],
         "weight_decay": group["weight_decay"],
         "amsgrad": group["amsgrad"],
@@ -633,17 +640,13 @@ class _Registry:
     def _group_hyperparameters(self, opt: Adam, g: int, group: Dict[str, Any]) -> Hyperparameters:
         """A group's record for this step: plain numbers seen valid before are looked up,
         anything else (tensors, a schedule) is checked in full."""
-        betas = group["betas"]
-        record = remembered_group_record(
-            group["lr"], betas[0], betas[1], group["eps"], group["weight_decay"],
-            group.get("decoupled_weight_decay", False), group["amsgrad"], group["maximize"],
-            False, 0.0, opt.numerics, self.engine.group_dtypes(g)
-        ) if type(betas) in (tuple, list) and len(betas) == 2 else None
+        fields = _fastadam_group(group, opt.numerics)
+        dtypes = self.engine.group_dtypes(g)
+        record = remembered_group(fields, dtypes)
         if record is not None:
             return record
-        return check_group_hyperparameters(_fastadam_group(group, opt.numerics),
-                                           f"param_groups[{g}]", self.engine.group_step(g),
-                                           self.engine.group_dtypes(g))
+        return check_group_in_full(fields, f"param_groups[{g}]", self.engine.group_step(g),
+                                   dtypes)
 
     def _general_step(self, opt: Adam, hypers: List[Hyperparameters], grad_scale: float) -> None:
         """The step for everything the compiled gather does not take: parameters whose
