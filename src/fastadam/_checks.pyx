@@ -99,10 +99,12 @@ def overlaps(const uint64_t[:, ::1] ranges, array):
     return _overlaps(ranges, r.start, r.stop)
 
 
-def first_nonconforming(list grads, list params, const uint64_t[:, ::1] written):
-    """Index of the first gradient that is neither None nor a C-contiguous, aligned,
-    native-order ndarray of its param's dtype and shape clear of every ``written``
-    range; -1 if there is none. The common case of a step, decided in one C loop."""
+def first_nonconforming(list grads, list params, const uint64_t[:, ::1] written,
+                        bint allow_none=False):
+    """Index of the first gradient that is not a C-contiguous, aligned, native-order
+    ndarray of its param's dtype and shape clear of every ``written`` range (nor None,
+    with ``allow_none``); -1 if there is none. The common case of a step, decided in one
+    C loop."""
     cdef Py_ssize_t i, n = len(params)
     cdef cnp.ndarray g, p
     cdef Range r
@@ -110,7 +112,7 @@ def first_nonconforming(list grads, list params, const uint64_t[:, ::1] written)
         return 0
     for i in range(n):
         obj = grads[i]
-        if obj is None:
+        if obj is None and allow_none:
             continue
         if type(obj) is not cnp.ndarray:
             return i

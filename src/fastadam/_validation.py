@@ -757,12 +757,15 @@ def remembered_group_record(lr: Any, beta1: Any, beta2: Any, eps: Any, weight_de
     checks per group). Only validity is remembered; the record holds the values given
     (-0.0 stays -0.0). None for anything else, or anything invalid: the full check then
     names it."""
+    args = (lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
+            eps_hat, eps_root, numerics)
     try:
-        args = (_int_as_float(lr), _int_as_float(beta1), _int_as_float(beta2),
-                _int_as_float(eps), _int_as_float(weight_decay), decoupled_weight_decay,
-                amsgrad, maximize, eps_hat, _int_as_float(eps_root), numerics)
-        if not _plain(*args):
-            return None
+        if not _plain(*args):  # (checked first as given: the usual case, and the cheaper)
+            args = (_int_as_float(lr), _int_as_float(beta1), _int_as_float(beta2),
+                    _int_as_float(eps), _int_as_float(weight_decay), decoupled_weight_decay,
+                    amsgrad, maximize, eps_hat, _int_as_float(eps_root), numerics)
+            if not _plain(*args):
+                return None
         _remembered_valid_group(*args, tuple(dtypes))
         return Hyperparameters(*args)
     except (TypeError, ValueError, OverflowError):  # (an int beyond any float)
@@ -812,8 +815,7 @@ def check_grads(grads: Any, params: list, written: np.ndarray, names: Optional[S
     grads = check_sequence(grads, "grads", "buffers, one per param")
     if len(grads) != len(params):
         raise ValueError(f"grads must have one gradient per param ({len(params)}), got {len(grads)}")
-    first = first_nonconforming(grads, params, written)
-    if first < 0 and (allow_none or all(g is not None for g in grads)):
+    if first_nonconforming(grads, params, written, allow_none) < 0:
         return grads, sum(p.size for p, g in zip(params, grads) if g is None) if allow_none else 0, False
     checked: list = []
     untouched, rows_given = 0, False
