@@ -54,10 +54,10 @@ cdef extern from *:
 cdef class _Reader:
     """A tensor type's ``grad``, ``dtype``, ``is_cpu`` and ``shape`` getters and its
     ``data_ptr``, ``stride``, ``is_contiguous``, ``is_neg`` and ``is_conj`` methods,
-    looked up once: a step reads
-    them for every tensor, and the lookups cost more than the reads. Only data
-    descriptors are taken (they win over an instance's own attributes); a type that
-    defines any of these otherwise is read by plain attribute access."""
+    looked up once: a step reads them for every tensor, and the lookups cost more than
+    the reads. Only data descriptors are taken (they win over an instance's own
+    attributes); a type that defines any of these otherwise is read by plain attribute
+    access."""
     cdef readonly object type
     cdef object grad, dtype, is_cpu, shape, data_ptr, stride, is_contiguous, is_neg, is_conj
     cdef bint direct
