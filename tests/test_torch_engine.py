@@ -436,6 +436,36 @@ def test_the_one_call_check_gives_up_where_it_keeps_missing(pattern, monkeypatch
     assert counts["made"] <= 4
 
 
+@needs_default_capability
+@pytest.mark.parametrize("failing", ["build", "check"])
+def test_an_error_inside_the_one_call_check_turns_it_off(failing, monkeypatch):
+    # torch's check is private: if building or calling it raises, the gather falls back
+    # to the per-tensor checks for good (no error reaches the user, no step is lost).
+    import fastadam._torch_gather as gather_module
+    counts = collections.Counter()
+
+    def failing_make(tensors):
+        counts["made"] += 1
+        if failing == "build":
+            raise RuntimeError("torch changed")
+
+        def check(*grads):
+            counts["checked"] += 1
+            raise RuntimeError("torch changed")
+        return check
+
+    monkeypatch.setattr(gather_module, "_torch_layout_guards", failing_make)
+    make = lambda: [torch.nn.Parameter(torch.ones(4, 3)) for _ in range(3)]  # noqa: E731
+    (a, ours), (b, theirs) = twin_optimizers(make)
+    for k in range(6):
+        for params in (a, b):
+            set_grads(params, k)
+        ours.step()
+        theirs.step()
+        assert_same(a, b)
+    assert counts == ({"made": 1} if failing == "build" else {"made": 1, "checked": 1})
+
+
 GRADIENT_CHANGES = ["negative_view", "conjugate_view", "strided", "transposed_copy", "expanded",
                     "one_without_gradient", "sparse"]
 
