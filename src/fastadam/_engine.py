@@ -384,13 +384,9 @@ class Engine:
         """Allocate what the active tensors miss: moments on a tensor's first gradient,
         AMSGrad's buffer where its group uses AMSGrad (``active`` is only called when
         something may be missing)."""
-        if not self._without_moments:  # the usual step: a loop that breaks on the rare case
-            for k, h in enumerate(hypers):
-                if h.amsgrad and k not in self._amsgrad_ready:
-                    break
-            else:
-                return
         pending = [k for k, h in enumerate(hypers) if h.amsgrad and k not in self._amsgrad_ready]
+        if not self._without_moments and not pending:
+            return
         indices = active()
         self.allocate([i for i in indices if "exp_avg" not in self.state[i]])
         for k in pending:

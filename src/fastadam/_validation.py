@@ -451,7 +451,7 @@ def check_call_hyperparameters(lr: Any, beta1: Any, beta2: Any, eps: Any, weight
     args = (lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
             eps_hat, eps_root, numerics)
     if _plain(*args):
-        _remembered_valid(*args)  # raises as check_hyperparameters does
+        _remembered_valid(*args, ())  # raises as check_hyperparameters does
         return Hyperparameters(*args)
     return _check_positional(*args)
 
@@ -475,10 +475,6 @@ def _check_positional(lr: Any, beta1: Any, beta2: Any, eps: Any, weight_decay: A
         decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad, maximize=maximize,
         eps_hat=eps_hat, eps_root=eps_root, numerics=numerics)
 
-
-# typed: 1 and 1.0 and True are different keys (only exact floats and bools come here);
-# an invalid call raises and is never remembered.
-_remembered_valid = functools.lru_cache(maxsize=256, typed=True)(_check_positional)
 
 
 class _ElementRange(NamedTuple):
@@ -766,7 +762,7 @@ def remembered_group_record(lr: Any, beta1: Any, beta2: Any, eps: Any, weight_de
                     amsgrad, maximize, eps_hat, _int_as_float(eps_root), numerics)
             if not _plain(*args):
                 return None
-        _remembered_valid_group(*args, tuple(dtypes))
+        _remembered_valid(*args, tuple(dtypes))
         return Hyperparameters(*args)
     except (TypeError, ValueError, OverflowError):  # (an int beyond any float)
         return None
@@ -788,8 +784,10 @@ def _check_group_values(lr: float, beta1: float, beta2: float, eps: float, weigh
     check_element_type_range(record, dtypes, "", 1)
 
 
-# typed: 1.0 and True are different keys; an invalid group raises and is never remembered.
-_remembered_valid_group = functools.lru_cache(maxsize=256, typed=True)(_check_group_values)
+# The one memory of valid values (adam_step's call arguments take no element types: ()).
+# typed: 1 and 1.0 and True are different keys (only exact floats and bools come here);
+# an invalid set raises and is never remembered.
+_remembered_valid = functools.lru_cache(maxsize=256, typed=True)(_check_group_values)
 
 
 def check_grads(grads: Any, params: list, written: np.ndarray, names: Optional[Sequence[str]] = None,
