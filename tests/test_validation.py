@@ -336,6 +336,56 @@ def test_edited_and_scheduled_values_are_checked_at_each_step():
         mixed.step([np.ones(2, np.float64), np.ones(2, np.float32)], grad_scale=1e-300)
 
 
+def test_a_group_memo_stands_only_while_the_group_holds_the_same_objects():
+    from fastadam._validation import GroupMemo, remembered_group
+
+    f32 = (np.dtype(np.float32),)
+    betas = [0.9, 0.999]
+    group = {"lr": 1e-3, "betas": betas, "eps": 1e-8, "weight_decay": 0.0,
+             "decoupled_weight_decay": False, "amsgrad": False, "maximize": False,
+             "eps_hat": False, "eps_root": 0.0}
+    memo = GroupMemo()
+    assert memo.lookup(group, f32) is None
+    record = remembered_group(group, f32, memo)
+    assert memo.lookup(group, f32) is record
+    assert memo.lookup(group, (np.dtype(np.float64),)) is None  # other element types
+    assert memo.lookup(dict(group), f32) is record  # the same objects in another dict
+    # Any value that is another object, even an equal one, or a key added or removed,
+    # and betas' items edited in place, misses.
+    equal = float("0.001")  # 1e-3, another object
+    assert equal == group["lr"] and equal is not group["lr"]
+    edits = [("lr", equal), ("lr", 0.002), ("amsgrad", 0), ("numerics", "exact"),
+             ("betas", (0.9, 0.999)), ("eps", np.float64(1e-8))]
+    for key, value in edits:
+        assert memo.lookup({**group, key: value}, f32) is None, key
+    betas[0] = 0.5
+    assert memo.lookup(group, f32) is None
+    assert remembered_group(group, f32, memo).beta1 == 0.5
+    betas.append(0.1)
+    assert memo.lookup(group, f32) is None
+    # Values that may change in place are never kept: a tensor lr, a schedule, an array.
+    for lr in [np.array(1e-3), lambda step: 1e-3]:
+        changing = {**group, "betas": (0.9, 0.999), "lr": lr}
+        memo.keep(changing, f32, record)
+        assert memo.lookup(changing, f32) is None
+    # Through an optimizer: an edited value is read and checked at the next step.
+    param = np.zeros(4, np.float32)
+    opt = fastadam.Adam([param], betas=[0.9, 0.999])
+    opt.step([np.ones(4, np.float32)])
+    opt.step([np.ones(4, np.float32)])
+    opt.param_groups[0]["betas"] = [1.5, 0.999]
+    before = param.copy()
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]\['betas'\]"):
+        opt.step([np.ones(4, np.float32)])
+    assert param.tobytes() == before.tobytes()
+    listed = opt.param_groups[0]["betas"] = [0.9, 0.999]
+    opt.step([np.ones(4, np.float32)])
+    listed[1] = 2.0  # in place, the same list object
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]\['betas'\]"):
+        opt.step([np.ones(4, np.float32)])
+    assert opt.state[0]["step"] == 3
+
+
 def test_remembered_group_records_are_looked_up_only_for_plain_values():
     from fastadam._validation import remembered_group_record
 

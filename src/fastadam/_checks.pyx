@@ -211,3 +211,66 @@ def edited_counts(const float[::1] shown, const int64_t[::1] counts):
         if shown[i] != <float>counts[i]:
             edited.append(i)
     return edited
+
+
+# The values of a param group that make its hyperparameter record, as remembered_group
+# reads them (betas' two items are compared too: a list's can change in place).
+_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "amsgrad",
+               "maximize", "eps_hat", "eps_root", "numerics")
+
+
+cdef inline bint _immutable_scalar(object value) noexcept:
+    return (type(value) is float or type(value) is bool or type(value) is int
+            or type(value) is str)
+
+
+cdef class GroupMemo:
+    """One param group's record, kept with the very objects its values were when it was
+    checked. While the group (a dict) holds those same objects, each an immutable
+    float, int, bool or str (betas a pair of them), the record stands: a training loop's
+    groups hold the same objects step after step, and comparing them is one C pass
+    instead of reading and checking every value again. Holding the objects keeps them
+    alive, so an identity never matches a new object at a freed one's address."""
+    cdef list seen    # the values, betas' items appended; NULL-free: _MISSING for a key absent
+    cdef object dtypes
+    cdef object record
+
+    def __init__(self):
+        self.seen = None
+        self.dtypes = None
+        self.record = None
+
+    def lookup(self, group, dtypes):
+        """The record kept for ``group`` and ``dtypes`` if it holds the same objects, else None."""
+        cdef Py_ssize_t k
+        cdef list seen = self.seen
+        if seen is None or dtypes is not self.dtypes or type(group) is not dict:
+            return None
+        for k in range(len(_GROUP_KEYS)):
+            if (<dict>group).get(_GROUP_KEYS[k], _MISSING) is not seen[k]:
+                return None
+        betas = seen[1]
+        if type(betas) is list and (len(betas) != 2 or betas[0] is not seen[len(_GROUP_KEYS)]
+                                    or betas[1] is not seen[len(_GROUP_KEYS) + 1]):
+            return None
+        return self.record
+
+    def keep(self, group, dtypes, record):
+        """Keep ``record``, checked for ``group``'s values now, for the next lookups (when
+        those values are plain immutable objects; otherwise forget any record)."""
+        self.seen = None
+        self.record = None
+        if type(group) is not dict:
+            return
+        seen = [(<dict>group).get(key, _MISSING) for key in _GROUP_KEYS]
+        betas = seen[1]
+        if type(betas) is not tuple and type(betas) is not list or len(betas) != 2:
+            return
+        seen += [betas[0], betas[1]]
+        for k, value in enumerate(seen):
+            if k != 1 and value is not _MISSING and not _immutable_scalar(value):
+                return
+        self.seen, self.dtypes, self.record = seen, dtypes, record
+
+
+_MISSING = object()

@@ -36,7 +36,7 @@ Thread-safety: none of its own; every front end serialises calls with its own lo
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -337,11 +337,13 @@ class Engine:
             checked = [_summed(g) if type(g) is tuple else g for g in checked]
             untouched += sum(p.size - g[1].size for p, g in zip(self.params, checked)
                              if type(g) is tuple)
-        self._check_can_advance(lambda: [i for i, g in enumerate(checked) if g is not None])
-        threads = threads_for(num_threads, self.size - untouched)
+        if self._step_ceiling >= MAX_STEP:
+            self._check_can_advance([i for i, g in enumerate(checked) if g is not None])
+        threads = threads_for(num_threads, self._size - untouched)
         if skip_if_nonfinite and self._table_as_is().count_nonfinite(checked, threads):
             return False
-        self._ensure_state(lambda: [i for i, g in enumerate(checked) if g is not None], hypers)
+        if self._state_missing(hypers):
+            self._allocate_missing([i for i, g in enumerate(checked) if g is not None], hypers)
         self._table_as_is().step(checked, hypers, grad_scale, threads)
         self._step_ceiling += 1
         return True
@@ -353,11 +355,13 @@ class Engine:
         front end's compiled gather took from gradients it checked against each tensor's
         dtype, shape and layout (fastadam._torch_gather)."""
         self._adopt_step_edits()
-        self._check_can_advance(lambda: np.flatnonzero(addresses).tolist())
+        if self._step_ceiling >= MAX_STEP:
+            self._check_can_advance(np.flatnonzero(addresses).tolist())
         threads = threads_for(num_threads, active_elements)
         if skip_if_nonfinite and self._table_as_is().count_nonfinite_pointers(addresses, threads):
             return False
-        self._ensure_state(lambda: np.flatnonzero(addresses).tolist(), hypers)
+        if self._state_missing(hypers):
+            self._allocate_missing(np.flatnonzero(addresses).tolist(), hypers)
         self._table_as_is().step_pointers(addresses, hypers, grad_scale, threads)
         self._step_ceiling += 1
         return True
@@ -370,24 +374,31 @@ class Engine:
         return self._table_as_is().count_nonfinite(checked, threads_for(num_threads,
                                                                         self.size - untouched))
 
-    def _check_can_advance(self, active: Callable[[], List[int]]) -> None:
+    def _check_can_advance(self, active: List[int]) -> None:
         """Refuse, before anything is written, a pass that would take a step count past
-        the int64 range (a loaded count of 2**63 - 1)."""
-        if self._step_ceiling >= MAX_STEP and int(self.steps.max()) >= MAX_STEP:
-            for i in active():
+        the int64 range (a loaded count of 2**63 - 1). Called when the ceiling of the
+        counts is there: the usual step never builds ``active``."""
+        if int(self.steps.max()) >= MAX_STEP:
+            for i in active:
                 if self.steps[i] >= MAX_STEP:
                     raise ValueError(f"the step count of {self.names[i]} is {MAX_STEP} (2**63 - 1), "
                                      "the largest an int64 step count can hold: it cannot "
                                      "advance; load a smaller step count (or zero_state)")
 
-    def _ensure_state(self, active: Callable[[], List[int]], hypers: List[Hyperparameters]) -> None:
-        """Allocate what the active tensors miss: moments on a tensor's first gradient,
-        AMSGrad's buffer where its group uses AMSGrad (``active`` is only called when
-        something may be missing)."""
+    def _state_missing(self, hypers: List[Hyperparameters]) -> bool:
+        """May a tensor lack state this pass needs? (a loop, not a comprehension: this
+        runs on every step, and the answer is almost always no)"""
+        if self._without_moments:
+            return True
+        for k, hyper in enumerate(hypers):
+            if hyper.amsgrad and k not in self._amsgrad_ready:
+                return True
+        return False
+
+    def _allocate_missing(self, indices: List[int], hypers: List[Hyperparameters]) -> None:
+        """Allocate what the active tensors (``indices``) miss: moments on a tensor's
+        first gradient, AMSGrad's buffer where its group uses AMSGrad."""
         pending = [k for k, h in enumerate(hypers) if h.amsgrad and k not in self._amsgrad_ready]
-        if not self._without_moments and not pending:
-            return
-        indices = active()
         self.allocate([i for i in indices if "exp_avg" not in self.state[i]])
         for k in pending:
             self.allocate([i for i in indices if self.group_of[i] == k], ("max_exp_avg_sq",))

@@ -19,6 +19,7 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 
 from fastadam._checks import (
+    GroupMemo,
     edited_counts,
     first_nonconforming,
     first_overlap,
@@ -31,7 +32,7 @@ from fastadam._hints import framework_hint
 # Re-exported: the ranges the engine's checks take, the compiled test of adam_step's
 # common case (plain arrays that pass every check of check_buffers), and the scan for
 # step counts a front end's user edited.
-__all__ = ["edited_counts", "plain_buffers", "sorted_ranges"]
+__all__ = ["GroupMemo", "edited_counts", "plain_buffers", "sorted_ranges"]
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 FLOAT16 = np.dtype(np.float16)
@@ -729,17 +730,27 @@ def check_group_in_full(group: Mapping, name: str, step: int,
     return result
 
 
-def remembered_group(group: Mapping, dtypes: Any) -> Optional[Hyperparameters]:
+def remembered_group(group: Mapping, dtypes: Any,
+                     memo: Optional[GroupMemo] = None) -> Optional[Hyperparameters]:
     """A group of plain numbers through :func:`remembered_group_record` (a training
     loop's groups are the same every step; this needs neither the group's name nor its
-    step); None for anything else."""
+    step); None for anything else. A front end that keeps a :class:`GroupMemo` per group
+    passes it: while the group holds the objects it held at the last step, their
+    record is returned without reading them one by one (about 0.2 us instead of 1.5)."""
+    if memo is not None:
+        record = memo.lookup(group, dtypes)
+        if record is not None:
+            return record
     betas = group["betas"]
     if type(betas) not in (tuple, list) or len(betas) != 2:
         return None
-    return remembered_group_record(
+    record = remembered_group_record(
         group["lr"], betas[0], betas[1], group["eps"], group["weight_decay"],
         group["decoupled_weight_decay"], group["amsgrad"], group["maximize"], group["eps_hat"],
         group["eps_root"], group.get("numerics", "exact"), dtypes)
+    if memo is not None and record is not None:
+        memo.keep(group, dtypes, record)
+    return record
 
 
 def remembered_group_record(lr: Any, beta1: Any, beta2: Any, eps: Any, weight_decay: Any,
@@ -810,7 +821,8 @@ def check_grads(grads: Any, params: list, written: np.ndarray, names: Optional[S
     goes through the full per-gradient checks, which name the offending gradient
     (``names[i]``, by default ``grads[i]``; the params are ``params[i]`` in messages).
     """
-    grads = check_sequence(grads, "grads", "buffers, one per param")
+    if type(grads) is not list:  # (a list is only read: no copy needed)
+        grads = check_sequence(grads, "grads", "buffers, one per param")
     if len(grads) != len(params):
         raise ValueError(f"grads must have one gradient per param ({len(params)}), got {len(grads)}")
     if first_nonconforming(grads, params, written, allow_none) < 0:

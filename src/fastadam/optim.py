@@ -33,6 +33,7 @@ from fastadam._threads import NumThreadsAttribute
 from fastadam._validation import (
     HYPERPARAMETER_KEYS,
     OPTIONAL_KEYS,
+    GroupMemo,
     Hyperparameters,
     as_array,
     check_at_least,
@@ -157,6 +158,7 @@ class Adam:
         if check_flag(stochastic_rounding, "stochastic_rounding"):
             self.engine.rounding_seed = check_seed(seed)
         self._group_params: List[tuple] = []  # each group's params tuple, to detect edits
+        self._group_memos: List[GroupMemo] = []  # each group's last checked record
 
         params = check_sequence(params, "params", "buffers or of param-group dicts "
                                 "(wrap a single array in a list)")
@@ -176,12 +178,13 @@ class Adam:
         # A lock cannot be copied: the copy gets its own (__setstate__). The engine
         # copies without its kernel table (raw pointers), rebuilt on the copy's next step.
         state = dict(self.__dict__)
-        del state["_lock"]
+        del state["_lock"], state["_group_memos"]  # (the copy checks its groups afresh)
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.RLock()
+        self._group_memos = [GroupMemo() for _ in self._group_params]
         # A copy updates the buffers of its own param_groups: re-point the engine at
         # them (for a buffer that is not an ndarray, the engine's view was copied apart
         # from the copied buffer, and the copy would otherwise update a private array).
@@ -229,6 +232,7 @@ class Adam:
         self.engine.allocate(added)  # moments from the start (AMSGrad's on first use)
         self.param_groups.append(group)
         self._group_params.append(params)
+        self._group_memos.append(GroupMemo())
 
     # --- stepping ----------------------------------------------------------------------
 
@@ -279,12 +283,12 @@ class Adam:
                              f"was built with {len(self._group_params)}; add groups with "
                              "add_param_group and never remove them")
         hypers = []
-        for index, (group, params) in enumerate(zip(self.param_groups, self._group_params)):
-            if group.get("params") is not params:
+        for index, group in enumerate(self.param_groups):
+            if group.get("params") is not self._group_params[index]:
                 raise ValueError(f"param_groups[{index}]['params'] was replaced or the groups "
                                  "reordered; the params of a group are fixed once added")
             dtypes = self.engine.group_dtypes(index)
-            record = remembered_group(group, dtypes)  # the usual case, a lookup
+            record = remembered_group(group, dtypes, self._group_memos[index])  # the usual case
             hypers.append(record if record is not None else check_group_in_full(
                 group, f"param_groups[{index}]", self.engine.group_step(index), dtypes))
         return hypers

@@ -94,6 +94,7 @@ from fastadam._threads import NumThreadsAttribute
 from fastadam._torch_gather import Gather, torch_layout_guards
 from fastadam._validation import (
     BFLOAT16_BITS,
+    GroupMemo,
     Hyperparameters,
     check_flag,
     check_grad_scale_range,
@@ -560,6 +561,7 @@ class _Registry:
         self.layouts = [_layout(p) for p in self.params]
         self.lists = [group["params"] for group in opt.param_groups]  # see serves
         self.members = [list(group["params"]) for group in opt.param_groups]
+        self.memos = [GroupMemo() for _ in opt.param_groups]  # each group's last record
         self.addresses = np.zeros(len(self.params), np.int64)
         self.steps = torch.from_numpy(self.engine.float_steps())
         self.gather = self._new_gather()
@@ -642,7 +644,7 @@ class _Registry:
         anything else (tensors, a schedule) is checked in full."""
         fields = _fastadam_group(group, opt.numerics)
         dtypes = self.engine.group_dtypes(g)
-        record = remembered_group(fields, dtypes)
+        record = remembered_group(fields, dtypes, self.memos[g])
         if record is not None:
             return record
         return check_group_in_full(fields, f"param_groups[{g}]", self.engine.group_step(g),
