@@ -177,6 +177,37 @@ def test_amsgrad_switched_on_later_and_tensor_lr():
     assert opt.state[model[0].weight]["step"].item() == 3
 
 
+def test_edits_of_a_group_or_of_numerics_between_steps_apply_at_the_next_step():
+    # A group's record is kept while torch's group dict holds the same objects: a new
+    # value, betas replaced, or the optimizer's numerics changed must each be seen.
+    import numpy as np
+
+    import fastadam
+
+    values = torch.linspace(-1, 1, 37)
+    param = torch.nn.Parameter(values.clone())
+    opt = ft.Adam([param], lr=0.1, numerics="exact")
+    reference = [values.numpy().copy(), np.zeros(37, np.float32), np.zeros(37, np.float32)]
+    edits = [{}, {"lr": 0.05}, {"betas": (0.5, 0.9)}, {"numerics": "fast"}, {"weight_decay": 0.5},
+             {}]
+    settings = {"lr": 0.1, "betas": (0.9, 0.999), "weight_decay": 0.0, "numerics": "exact"}
+    for step, edit in enumerate(edits, start=1):
+        settings.update(edit)
+        for key, value in edit.items():
+            if key == "numerics":
+                opt.numerics = value
+            else:
+                opt.param_groups[0][key] = value
+        grad = torch.sin(values * step)
+        param.grad = grad.clone()
+        opt.step()
+        fastadam.adam_step(*reference[:1], grad.numpy(), *reference[1:], step=step,
+                           lr=settings["lr"], beta1=settings["betas"][0],
+                           beta2=settings["betas"][1], weight_decay=settings["weight_decay"],
+                           numerics=settings["numerics"])
+        assert np.array_equal(param.detach().numpy(), reference[0]), (step, edit)
+
+
 def test_a_tensor_lr_edited_in_place_steps_like_torch():
     # A tensor lr is the same object after lr.fill_(...): its value is read every step,
     # never remembered (torch's fused Adam takes tensor lrs the same way).

@@ -73,11 +73,10 @@ once). ``state_dict()`` is torch's: it returns the live state tensors.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import threading
 from collections import defaultdict
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, cast
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, cast
 
 import numpy as np
 
@@ -621,10 +620,10 @@ class _Registry:
             first_irregular, active = self.gather.run(self.addresses, self._local_grads())
             if first_irregular < 0:
                 if active or self.addresses.any():  # (gradients without elements count a step)
-                    with self._staged():
-                        self.engine.step_pointers(self.addresses, active, hypers,
-                                                  grad_scale=grad_scale,
-                                                  num_threads=opt._num_threads)
+                    self._stage_in()
+                    self.engine.step_pointers(self.addresses, active, hypers,
+                                              grad_scale=grad_scale, num_threads=opt._num_threads)
+                    self._stage_out()
                     self._publish(opt)
                 return
         self.watched = None
@@ -640,15 +639,22 @@ class _Registry:
                 for g, group in enumerate(opt.param_groups)]
 
     def _group_hyperparameters(self, opt: Adam, g: int, group: Dict[str, Any]) -> Hyperparameters:
-        """A group's record for this step: plain numbers seen valid before are looked up,
-        anything else (tensors, a schedule) is checked in full."""
-        fields = _fastadam_group(group, opt.numerics)
+        """A group's record for this step: while the torch group holds the objects of the
+        last step, that step's record (:class:`GroupMemo`, kept on torch's own dict: no
+        translated dict is built); else plain numbers seen valid before are looked up,
+        and anything else (tensors, a schedule) is checked in full."""
         dtypes = self.engine.group_dtypes(g)
-        record = remembered_group(fields, dtypes, self.memos[g])
-        if record is not None:
+        memo = self.memos[g]
+        record = memo.lookup(group, dtypes)
+        if record is not None and record.numerics == opt.numerics:
             return record
-        return check_group_in_full(fields, f"param_groups[{g}]", self.engine.group_step(g),
-                                   dtypes)
+        fields = _fastadam_group(group, opt.numerics)
+        record = remembered_group(fields, dtypes)
+        if record is None:
+            return check_group_in_full(fields, f"param_groups[{g}]", self.engine.group_step(g),
+                                       dtypes)
+        memo.keep(group, dtypes, record)
+        return record
 
     def _general_step(self, opt: Adam, hypers: List[Hyperparameters], grad_scale: float) -> None:
         """The step for everything the compiled gather does not take: parameters whose
@@ -662,19 +668,21 @@ class _Registry:
             self._adopt_user_state(opt, i, p)
         self.stale = False
         names = [f"the gradient of {n}" for n in self.names]
-        with self._staged():
-            self.engine.step(grads, hypers, grad_scale=grad_scale, num_threads=opt._num_threads,
-                             names=names, allow_none=True)
+        self._stage_in()
+        self.engine.step(grads, hypers, grad_scale=grad_scale, num_threads=opt._num_threads,
+                         names=names, allow_none=True)
+        self._stage_out()
         self._publish(opt)
 
-    @contextlib.contextmanager
-    def _staged(self) -> Iterator[None]:
-        """Around a step: the dense copies of parameters with gaps take the parameters'
-        values first and give them back after a step that ran (a refused one leaves the
-        parameters as they were)."""
+    def _stage_in(self) -> None:
+        """Before a step: the dense copies of parameters with gaps take the parameters'
+        values (after it, :meth:`_stage_out`; a refused step raises between the two and
+        leaves the parameters as they were)."""
         for i, copy in self.staged.items():
             copy.copy_(self.params[i])
-        yield
+
+    def _stage_out(self) -> None:
+        """After a step that ran: the parameters with gaps take their copies' values."""
         for i, copy in self.staged.items():
             self.params[i].copy_(copy)
 
