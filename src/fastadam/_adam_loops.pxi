@@ -77,10 +77,12 @@ ctypedef fused MaxTag:
 
 # How the buffers store their elements: as the math type itself (float32 or float64), or
 # as bfloat16 widened on load and rounded to nearest even on store, in registers (_load,
-# _store). Only tensors whose buffers are all bfloat16 take BF16Store; float16 (whose
-# conversions cost more than the rest of the update: a second set of in-register loops
-# gained nothing and tripled their size), mixed types, master weights and stochastic
-# rounding go through float32 blocks (_run_staged).
+# _store). Only tensors whose buffers are all bfloat16 take BF16Store. Float16 is not
+# a StoreTag: GCC does not vectorize its conversions, and written as integer sequences
+# they cost more than the rest of the update. The avx512 level updates float16 tensors
+# in registers with vcvtph2ps/vcvtps2ph in a loop written with intrinsics
+# (_f16_vectors.h, run_chunk); float16 elsewhere, mixed types, master weights and
+# stochastic rounding go through float32 blocks (_run_staged).
 cdef struct NativeStore:
     char unused
 cdef struct BF16Store:
@@ -333,8 +335,9 @@ cdef void _by_grad(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
 
 
 # --- 16-bit storage through float32 blocks ------------------------------------------------
-# A tensor whose buffers are not all of one type the loops read in registers (float16,
-# mixed types, a master copy, stochastic rounding) runs block by block: its 16-bit
+# A tensor whose buffers are not all of one type the loops read in registers (float16
+# below the avx512 level, and what _f16_vectors.h leaves: AMSGrad, eps_root, torch's
+# scalar tail; mixed types, a master copy, stochastic rounding) runs block by block: its 16-bit
 # buffers are widened into float32 scratch arrays on the stack, the float32 loops above
 # update the block there (float32 buffers in place), and the results are rounded back.
 # The scratch stays in L1, so memory sees only the 16-bit traffic; no further set of
@@ -451,6 +454,51 @@ cdef void _run_staged(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop) no
         first += n
 
 
+cdef extern from "_f16_vectors.h" nogil:
+    ctypedef struct fa_f16_coefficients:
+        float grad_factor, l2, param_scale, w, one_minus_w, beta2, one_minus_beta2
+        float step_coef, denom_div, inv_denom_div, eps
+    enum:
+        FA_F16_PAPER
+        FA_F16_FAST
+        FA_F16_TORCH
+    Py_ssize_t fa_f16_vectors(char* param, const char* grad, char* exp_avg, char* exp_avg_sq,
+                              Py_ssize_t start, Py_ssize_t stop, const fa_f16_coefficients* c,
+                              int scaled, int l2, int large_w, int form)
+
+
+cdef Py_ssize_t _f16_in_registers(const AdamTensor* t, Py_ssize_t start,
+                                  Py_ssize_t stop) noexcept nogil:
+    """The whole vectors of a float16 tensor's elements [start, stop) that _f16_vectors.h
+    updates in registers (at the avx512 level; no AMSGrad, no eps_root, and not torch's
+    scalar tail): returns where the staged path takes over."""
+    cdef fa_f16_coefficients c
+    cdef int form
+    if t.coef.amsgrad or t.coef.root_form:
+        return start
+    if t.coef.numerics == NUMERICS_TORCH:
+        form = FA_F16_TORCH
+        stop = min(stop, _torch_tail_start(t))
+    else:
+        form = FA_F16_FAST if t.coef.numerics == NUMERICS_FAST else FA_F16_PAPER
+    # cast from double as _update casts them (one_minus_w in float, as PyTorch's lerp)
+    c.grad_factor = <float>t.coef.grad_factor
+    c.l2 = <float>t.coef.l2
+    c.param_scale = <float>t.coef.param_scale
+    c.w = <float>t.coef.w
+    c.one_minus_w = 1 - c.w
+    c.beta2 = <float>t.coef.beta2
+    c.one_minus_beta2 = <float>t.coef.one_minus_beta2
+    c.step_coef = <float>t.coef.step_coef
+    c.denom_div = <float>t.coef.denom_div
+    c.inv_denom_div = <float>t.coef.inv_denom_div
+    c.eps = <float>t.coef.eps
+    if stop <= start:
+        return start
+    return fa_f16_vectors(t.param, t.grad, t.exp_avg, t.exp_avg_sq, start, stop, &c,
+                          t.coef.grad_scaled, t.coef.l2_decay, c.w >= 0.5, form)
+
+
 cdef void run_chunk(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop) noexcept nogil:
     """Elements [start, stop) of one tensor, through its specialization."""
     cdef bint one_type = (t.grad_type == t.param_type and t.state_type == t.param_type
@@ -461,7 +509,9 @@ cdef void run_chunk(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop) noex
         _by_grad(t, start, stop, <float*>NULL, <NativeStore*>NULL)
     elif one_type and t.param_type == ELEM_BF16 and not t.stochastic:
         _by_grad(t, start, stop, <float*>NULL, <BF16Store*>NULL)
-    else:   # float16, mixed types, master weights, stochastic rounding
+    elif one_type and t.param_type == ELEM_F16:
+        _run_staged(t, _f16_in_registers(t, start, stop), stop)
+    else:   # mixed types, master weights, stochastic rounding
         _run_staged(t, start, stop)
 
 
