@@ -33,7 +33,15 @@ enum { FA_F16_PAPER = 0, FA_F16_FAST = 1, FA_F16_TORCH = 2 };
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
+/* Inlined into each specialization, whatever the compiler's own judgment (MSVC builds
+ * this level with /arch:AVX512). */
+#if defined(_MSC_VER)
+#define FA_INLINE static __forceinline
+#define FA_RARELY(condition) (condition)
+#else
 #define FA_INLINE static inline __attribute__((always_inline))
+#define FA_RARELY(condition) __builtin_expect(!!(condition), 0)
+#endif
 
 FA_INLINE __m512 fa_f16_load(const uint16_t* bits) {
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)bits));
@@ -43,7 +51,7 @@ FA_INLINE __m512 fa_f16_load(const uint16_t* bits) {
  * 0x7E00, and with ``keep_payload`` the top of its payload: ATen's vector conversion). */
 FA_INLINE void fa_f16_store(uint16_t* bits, __m512 x, int keep_payload) {
     __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-    if (__builtin_expect(nan != 0, 0)) {
+    if (FA_RARELY(nan != 0)) {
         __m512i raw = _mm512_castps_si512(x);
         __m512i canonical = _mm512_or_si512(
             _mm512_or_si512(_mm512_and_si512(raw, _mm512_set1_epi32((int)0x80000000u)),
@@ -138,6 +146,7 @@ static ptrdiff_t fa_f16_vectors(char* param, const char* grad, char* exp_avg, ch
 
 #undef FA_F16_FORMS
 #undef FA_INLINE
+#undef FA_RARELY
 
 #else  /* no AVX-512 at this level: the staged path does it all */
 
