@@ -459,6 +459,7 @@ cdef extern from "_f16_vectors.h" nogil:
         float grad_factor, l2, param_scale, w, one_minus_w, beta2, one_minus_beta2
         float step_coef, denom_div, inv_denom_div, eps
     enum:
+        FA_F16_IN_REGISTERS   # 1 where this level compiles the loop (avx512), else 0
         FA_F16_PAPER
         FA_F16_FAST
         FA_F16_TORCH
@@ -474,13 +475,15 @@ cdef Py_ssize_t _f16_in_registers(const AdamTensor* t, Py_ssize_t start,
     scalar tail): returns where the staged path takes over."""
     cdef fa_f16_coefficients c
     cdef int form
-    if t.coef.amsgrad or t.coef.root_form:
+    if not FA_F16_IN_REGISTERS or t.coef.amsgrad or t.coef.root_form:
         return start
     if t.coef.numerics == NUMERICS_TORCH:
         form = FA_F16_TORCH
         stop = min(stop, _torch_tail_start(t))
     else:
         form = FA_F16_FAST if t.coef.numerics == NUMERICS_FAST else FA_F16_PAPER
+    if stop - start < 16:  # not one whole vector
+        return start
     # cast from double as _update casts them (one_minus_w in float, as PyTorch's lerp)
     c.grad_factor = <float>t.coef.grad_factor
     c.l2 = <float>t.coef.l2
@@ -493,8 +496,6 @@ cdef Py_ssize_t _f16_in_registers(const AdamTensor* t, Py_ssize_t start,
     c.denom_div = <float>t.coef.denom_div
     c.inv_denom_div = <float>t.coef.inv_denom_div
     c.eps = <float>t.coef.eps
-    if stop <= start:
-        return start
     return fa_f16_vectors(t.param, t.grad, t.exp_avg, t.exp_avg_sq, start, stop, &c,
                           t.coef.grad_scaled, t.coef.l2_decay, c.w >= 0.5, form)
 
@@ -555,6 +556,9 @@ cdef Py_ssize_t count_nonfinite_chunk(const AdamTensor* t, Py_ssize_t start,
 
 # The two entry points, as capsules: fastadam._simd hands the chosen module's to
 # fastadam._kernels.set_kernels, which calls them through function pointers.
+# Does this level update float16 tensors in registers (_f16_vectors.h)? (tests)
+FLOAT16_IN_REGISTERS = bool(FA_F16_IN_REGISTERS)
+
 run_chunk_capsule = PyCapsule_New(<void*>run_chunk, b"fastadam.run_chunk", NULL)
 count_nonfinite_capsule = PyCapsule_New(<void*>count_nonfinite_chunk,
                                         b"fastadam.count_nonfinite_chunk", NULL)

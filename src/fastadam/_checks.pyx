@@ -231,21 +231,20 @@ cdef class GroupMemo:
     groups hold the same objects step after step, and comparing them is one C pass
     instead of reading and checking every value again. Holding the objects keeps them
     alive, so an identity never matches a new object at a freed one's address."""
-    cdef list seen    # the values, betas' items appended; NULL-free: _MISSING for a key absent
-    cdef object dtypes
-    cdef object record
+    # (the values, betas' items appended and _MISSING for an absent key; the element
+    # types; the record), kept and replaced as one
+    cdef tuple kept
 
     def __init__(self):
-        self.seen = None
-        self.dtypes = None
-        self.record = None
+        self.kept = None
 
     def lookup(self, group, dtypes):
         """The record kept for ``group`` and ``dtypes`` if it holds the same objects, else None."""
         cdef Py_ssize_t k
-        cdef list seen = self.seen
-        if seen is None or dtypes is not self.dtypes or type(group) is not dict:
+        cdef tuple kept = self.kept
+        if kept is None or dtypes is not kept[1] or type(group) is not dict:
             return None
+        cdef list seen = kept[0]
         for k in range(len(_GROUP_KEYS)):
             if (<dict>group).get(_GROUP_KEYS[k], _MISSING) is not seen[k]:
                 return None
@@ -253,13 +252,12 @@ cdef class GroupMemo:
         if type(betas) is list and (len(betas) != 2 or betas[0] is not seen[len(_GROUP_KEYS)]
                                     or betas[1] is not seen[len(_GROUP_KEYS) + 1]):
             return None
-        return self.record
+        return kept[2]
 
     def keep(self, group, dtypes, record):
         """Keep ``record``, checked for ``group``'s values now, for the next lookups (when
         those values are plain immutable objects; otherwise forget any record)."""
-        self.seen = None
-        self.record = None
+        self.kept = None
         if type(group) is not dict:
             return
         seen = [(<dict>group).get(key, _MISSING) for key in _GROUP_KEYS]
@@ -270,7 +268,7 @@ cdef class GroupMemo:
         for k, value in enumerate(seen):
             if k != 1 and value is not _MISSING and not _immutable_scalar(value):
                 return
-        self.seen, self.dtypes, self.record = seen, dtypes, record
+        self.kept = (seen, dtypes, record)
 
 
 _MISSING = object()

@@ -6,8 +6,8 @@
  * float16 tensors of the other levels go through float32 blocks (_run_staged): every
  * element is widened into a block on the stack, updated there, and rounded back. Here
  * vcvtph2ps/vcvtps2ph convert in registers instead, and the update costs about what the
- * float32 one does (2^24 elements, one thread: 0.88 ns an element, against 1.2-1.4
- * staged; torch's fused float16 loop takes 0.84).
+ * float32 one does (2^24 elements, one thread, benchmarks/low_precision.py: 1.06x
+ * torch's fused float16, against 0.75x through the blocks).
  *
  * Every operation is _update's (_adam_loops.pxi), in its order and with its FMAs, for
  * the forms and flags it takes; so are the conversions (those of _convert.h's vector
@@ -32,6 +32,8 @@ enum { FA_F16_PAPER = 0, FA_F16_FAST = 1, FA_F16_TORCH = 2 };
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+
+#define FA_F16_IN_REGISTERS 1
 
 /* Inlined into each specialization, whatever the compiler's own judgment (MSVC builds
  * this level with /arch:AVX512). */
@@ -149,6 +151,8 @@ static ptrdiff_t fa_f16_vectors(char* param, const char* grad, char* exp_avg, ch
 #undef FA_RARELY
 
 #else  /* no AVX-512 at this level: the staged path does it all */
+
+#define FA_F16_IN_REGISTERS 0
 
 static ptrdiff_t fa_f16_vectors(char* param, const char* grad, char* exp_avg, char* exp_avg_sq,
                                 ptrdiff_t start, ptrdiff_t stop, const fa_f16_coefficients* c,

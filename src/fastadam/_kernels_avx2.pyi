@@ -3,5 +3,6 @@
 # fastadam._kernels.set_kernels).
 from typing import Any
 
+FLOAT16_IN_REGISTERS: bool
 run_chunk_capsule: Any
 count_nonfinite_capsule: Any

@@ -640,9 +640,10 @@ class _Registry:
 
     def _group_hyperparameters(self, opt: Adam, g: int, group: Dict[str, Any]) -> Hyperparameters:
         """A group's record for this step: while the torch group holds the objects of the
-        last step, that step's record (:class:`GroupMemo`, kept on torch's own dict: no
-        translated dict is built); else plain numbers seen valid before are looked up,
-        and anything else (tensors, a schedule) is checked in full."""
+        last step, that step's record (a :class:`GroupMemo` per group, compared with
+        torch's own dict, so no translated dict is built); else plain numbers seen valid
+        before are looked up, and anything else (tensors, a schedule) is checked in full.
+        (remembered_group's sequence, on torch's dict rather than the translated one.)"""
         dtypes = self.engine.group_dtypes(g)
         memo = self.memos[g]
         record = memo.lookup(group, dtypes)
