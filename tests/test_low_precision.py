@@ -504,52 +504,73 @@ def test_the_low_precision_benchmark_times_every_fastadam_mode():
         assert float(line.split(" | ")[1]) > 0
 
 
-FLOAT16_FLAGS = [{}, {"grad_scale": 3.0}, {"weight_decay": 0.1},
-                 {"weight_decay": 0.1, "decoupled_weight_decay": True}, {"beta1": 0.3},
-                 {"beta1": 0.3, "weight_decay": 0.1, "grad_scale": 0.5, "maximize": True},
-                 {"eps_hat": True}, {"amsgrad": True}, {"eps_root": 1e-8}]
+IN_REGISTER_FLAGS = [{}, {"grad_scale": 3.0}, {"weight_decay": 0.1},
+                     {"weight_decay": 0.1, "decoupled_weight_decay": True}, {"beta1": 0.3},
+                     {"beta1": 0.3, "weight_decay": 0.1, "grad_scale": 0.5, "maximize": True},
+                     {"eps_hat": True}, {"amsgrad": True}, {"eps_root": 1e-8}]
 
 
+def cpu_has_bfloat16_rounding():
+    """Does /proc/cpuinfo list AVX-512 BF16 (None where there is no such file)?"""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512_bf16" in f.read()
+    except OSError:
+        return None
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("numerics", ["exact", "torch", "fast"])
-@pytest.mark.parametrize("kwargs", FLOAT16_FLAGS, ids=[",".join(k) or "plain" for k in FLOAT16_FLAGS])
-def test_float16_in_registers_gives_the_bits_of_the_float32_blocks(restore_levels, numerics,
-                                                                   kwargs):
-    # The avx512 level updates float16 tensors in registers (_f16_vectors.h, each flag
-    # and form a specialization); the other levels widen them into float32 blocks. A
-    # float32 result one unit off in its last place rarely changes its float16 rounding
-    # (FMA against multiply-add in one moment update: a few elements in 2^20), so this
-    # catches a wrong operation, constant or branch, and the NaN payload test below the
-    # conversions; many elements, moments that start away from zero, and a size whose
-    # torch tail is not a whole vector.
+@pytest.mark.parametrize("kwargs", IN_REGISTER_FLAGS,
+                         ids=[",".join(k) or "plain" for k in IN_REGISTER_FLAGS])
+def test_16bit_in_registers_gives_the_bits_of_the_other_paths(restore_levels, dtype, numerics,
+                                                             kwargs):
+    # The avx512 level updates float16 tensors, and bfloat16 ones where the CPU has
+    # AVX-512 BF16, in registers (_vectors16.h, each flag and form a specialization);
+    # the other levels widen float16 into float32 blocks and run bfloat16 through
+    # _update's loop. A float32 result one unit off in its last place rarely changes its
+    # 16-bit rounding (FMA against multiply-add in one moment update: a few elements in
+    # 2^20), so this catches a wrong operation, constant or branch, and the NaN payload
+    # test below the float16 conversions; many elements, moments that start away from
+    # zero, a size whose torch tail is not a whole vector, and for bfloat16 gradients
+    # whose squares are subnormal floats and NaNs (which vcvtneps2bf16 rounds otherwise).
     if kwargs.get("eps_root") and numerics != "exact":
         pytest.skip("only the exact profile has an eps_root form")
     if "avx512" not in _simd.available_levels():
-        pytest.skip("this CPU has no AVX-512: every level uses the float32 blocks")
-    # the loop is compiled at that level, and only there
-    assert [importlib.import_module(_simd.MODULES[level]).FLOAT16_IN_REGISTERS
-            for level in _simd.available_levels()] == [
-        level == "avx512" for level in _simd.available_levels()]
+        pytest.skip("this CPU has no AVX-512: every level takes the other paths")
+    levels = _simd.available_levels()
+    modules = [importlib.import_module(_simd.MODULES[level]) for level in levels]
+    assert [m.FLOAT16_IN_REGISTERS for m in modules] == [level == "avx512" for level in levels]
+    has_bf16 = cpu_has_bfloat16_rounding()
+    assert [m.BFLOAT16_IN_REGISTERS for m in modules] == [
+        level == "avx512" and (has_bf16 if has_bf16 is not None else m.BFLOAT16_IN_REGISTERS)
+        for level, m in zip(levels, modules)]
     n = (1 << 18) + 37
     rng = np.random.default_rng(5)
     values = rng.standard_normal(n).astype(np.float32)
-    first_m = (rng.standard_normal(n) * 0.1).astype(F16)
-    first_v = (rng.random(n) * 0.01).astype(F16)
+    first_m = (rng.standard_normal(n) * 0.1).astype(dtype)
+    first_v = (rng.random(n) * 0.01).astype(dtype)
+    offset = np.full(n, 0.01, np.float32)
+    if dtype is BF16:  # moments that become subnormal floats (from zero), NaNs
+        tiny = rng.integers(0, n, 300)
+        values[tiny], first_m[tiny], first_v[tiny], offset[tiny] = 2e-38, 0, 0, 0
+        values[rng.integers(0, n, 20)] = np.nan
 
     def run(level):
         _simd.use(level)
         options = dict(kwargs)
         amsgrad = options.pop("amsgrad", False)
-        p = values.astype(F16)
+        p = values.astype(dtype)
         m, v = first_m.copy(), first_v.copy()
         vmax = first_v.copy() if amsgrad else None
         for t in range(1, 5):
-            g = (values * np.float32(t % 3 - 1.1) + np.float32(0.01 * t)).astype(F16)
+            g = (values * np.float32(t % 3 - 1.1) + offset * np.float32(t)).astype(dtype)
             fastadam.adam_step(p, g, m, v, max_exp_avg_sq=vmax, step=t + 10, lr=1e-2,
                                numerics=numerics, num_threads=1, **options)
         return [a.view(np.uint16).copy() for a in (p, m, v, vmax) if a is not None]
 
     baseline = run("baseline")
-    for level in _simd.available_levels()[1:]:
+    for level in levels[1:]:
         names = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
         for name, ours, theirs in zip(names, run(level), baseline):
             np.testing.assert_array_equal(ours, theirs, err_msg=f"{level} {name}")

@@ -79,10 +79,11 @@ ctypedef fused MaxTag:
 # as bfloat16 widened on load and rounded to nearest even on store, in registers (_load,
 # _store). Only tensors whose buffers are all bfloat16 take BF16Store. Float16 is not
 # a StoreTag: GCC does not vectorize its conversions, and written as integer sequences
-# they cost more than the rest of the update. The avx512 level updates float16 tensors
-# in registers with vcvtph2ps/vcvtps2ph in a loop written with intrinsics
-# (_f16_vectors.h, run_chunk); float16 elsewhere, mixed types, master weights and
-# stochastic rounding go through float32 blocks (_run_staged).
+# they cost more than the rest of the update. The avx512 level updates float16 tensors,
+# and bfloat16 ones where the CPU has AVX-512 BF16, in registers in a loop written with
+# intrinsics (_vectors16.h, run_chunk: one conversion instruction per vector); float16
+# elsewhere, mixed types, master weights and stochastic rounding go through float32
+# blocks (_run_staged).
 cdef struct NativeStore:
     char unused
 cdef struct BF16Store:
@@ -336,7 +337,7 @@ cdef void _by_grad(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
 
 # --- 16-bit storage through float32 blocks ------------------------------------------------
 # A tensor whose buffers are not all of one type the loops read in registers (float16
-# below the avx512 level, and what _f16_vectors.h leaves: AMSGrad, eps_root, torch's
+# below the avx512 level, and what _vectors16.h leaves: AMSGrad, eps_root, torch's
 # scalar tail; mixed types, a master copy, stochastic rounding) runs block by block: its 16-bit
 # buffers are widened into float32 scratch arrays on the stack, the float32 loops above
 # update the block there (float32 buffers in place), and the results are rounded back.
@@ -454,34 +455,45 @@ cdef void _run_staged(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop) no
         first += n
 
 
-cdef extern from "_f16_vectors.h" nogil:
-    ctypedef struct fa_f16_coefficients:
+cdef extern from "_vectors16.h" nogil:
+    ctypedef struct fa16_coefficients:
         float grad_factor, l2, param_scale, w, one_minus_w, beta2, one_minus_beta2
         float step_coef, denom_div, inv_denom_div, eps
     enum:
-        FA_F16_IN_REGISTERS   # 1 where this level compiles the loop (avx512), else 0
-        FA_F16_PAPER
-        FA_F16_FAST
-        FA_F16_TORCH
-    Py_ssize_t fa_f16_vectors(char* param, const char* grad, char* exp_avg, char* exp_avg_sq,
-                              Py_ssize_t start, Py_ssize_t stop, const fa_f16_coefficients* c,
-                              int scaled, int l2, int large_w, int form)
+        FA16_IN_REGISTERS   # 1 where this level compiles the loop (avx512), else 0
+        FA16_PAPER
+        FA16_FAST
+        FA16_TORCH
+        FA16_FLOAT16
+        FA16_BFLOAT16
+    int fa16_cpu_has_bf16_rounding()
+    Py_ssize_t fa16_vectors(int storage, char* param, const char* grad, char* exp_avg,
+                            char* exp_avg_sq, Py_ssize_t start, Py_ssize_t stop,
+                            const fa16_coefficients* c, int scaled, int l2, int large_w,
+                            int form)
 
 
-cdef Py_ssize_t _f16_in_registers(const AdamTensor* t, Py_ssize_t start,
-                                  Py_ssize_t stop) noexcept nogil:
-    """The whole vectors of a float16 tensor's elements [start, stop) that _f16_vectors.h
-    updates in registers (at the avx512 level; no AMSGrad, no eps_root, and not torch's
-    scalar tail): returns where the staged path takes over."""
-    cdef fa_f16_coefficients c
+# bfloat16 takes the loop of _vectors16.h only where the CPU rounds to bfloat16 in one
+# instruction (AVX-512 BF16); without it, _update's loop is as fast (asked once, at import).
+cdef bint _bfloat16_in_registers = FA16_IN_REGISTERS and fa16_cpu_has_bf16_rounding()
+
+
+cdef Py_ssize_t _in_registers(const AdamTensor* t, Py_ssize_t start,
+                              Py_ssize_t stop) noexcept nogil:
+    """The whole vectors of a float16 or bfloat16 tensor's elements [start, stop) that
+    _vectors16.h updates in registers (at the avx512 level, bfloat16 only with AVX-512
+    BF16; no AMSGrad, no eps_root, and not torch's scalar tail): returns where the
+    other paths take over."""
+    cdef fa16_coefficients c
     cdef int form
-    if not FA_F16_IN_REGISTERS or t.coef.amsgrad or t.coef.root_form:
+    if (not FA16_IN_REGISTERS or t.coef.amsgrad or t.coef.root_form
+            or (t.param_type == ELEM_BF16 and not _bfloat16_in_registers)):
         return start
     if t.coef.numerics == NUMERICS_TORCH:
-        form = FA_F16_TORCH
+        form = FA16_TORCH
         stop = min(stop, _torch_tail_start(t))
     else:
-        form = FA_F16_FAST if t.coef.numerics == NUMERICS_FAST else FA_F16_PAPER
+        form = FA16_FAST if t.coef.numerics == NUMERICS_FAST else FA16_PAPER
     if stop - start < 16:  # not one whole vector
         return start
     # cast from double as _update casts them (one_minus_w in float, as PyTorch's lerp)
@@ -496,8 +508,9 @@ cdef Py_ssize_t _f16_in_registers(const AdamTensor* t, Py_ssize_t start,
     c.denom_div = <float>t.coef.denom_div
     c.inv_denom_div = <float>t.coef.inv_denom_div
     c.eps = <float>t.coef.eps
-    return fa_f16_vectors(t.param, t.grad, t.exp_avg, t.exp_avg_sq, start, stop, &c,
-                          t.coef.grad_scaled, t.coef.l2_decay, c.w >= 0.5, form)
+    return fa16_vectors(FA16_BFLOAT16 if t.param_type == ELEM_BF16 else FA16_FLOAT16,
+                        t.param, t.grad, t.exp_avg, t.exp_avg_sq, start, stop, &c,
+                        t.coef.grad_scaled, t.coef.l2_decay, c.w >= 0.5, form)
 
 
 cdef void run_chunk(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop) noexcept nogil:
@@ -509,9 +522,9 @@ cdef void run_chunk(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop) noex
     elif one_type and t.param_type == ELEM_F32:
         _by_grad(t, start, stop, <float*>NULL, <NativeStore*>NULL)
     elif one_type and t.param_type == ELEM_BF16 and not t.stochastic:
-        _by_grad(t, start, stop, <float*>NULL, <BF16Store*>NULL)
+        _by_grad(t, _in_registers(t, start, stop), stop, <float*>NULL, <BF16Store*>NULL)
     elif one_type and t.param_type == ELEM_F16:
-        _run_staged(t, _f16_in_registers(t, start, stop), stop)
+        _run_staged(t, _in_registers(t, start, stop), stop)
     else:   # mixed types, master weights, stochastic rounding
         _run_staged(t, start, stop)
 
@@ -556,8 +569,10 @@ cdef Py_ssize_t count_nonfinite_chunk(const AdamTensor* t, Py_ssize_t start,
 
 # The two entry points, as capsules: fastadam._simd hands the chosen module's to
 # fastadam._kernels.set_kernels, which calls them through function pointers.
-# Does this level update float16 tensors in registers (_f16_vectors.h)? (tests)
-FLOAT16_IN_REGISTERS = bool(FA_F16_IN_REGISTERS)
+# Does this level update float16, and on this CPU bfloat16, tensors in registers
+# (_vectors16.h)? (tests)
+FLOAT16_IN_REGISTERS = bool(FA16_IN_REGISTERS)
+BFLOAT16_IN_REGISTERS = bool(_bfloat16_in_registers)
 
 run_chunk_capsule = PyCapsule_New(<void*>run_chunk, b"fastadam.run_chunk", NULL)
 count_nonfinite_capsule = PyCapsule_New(<void*>count_nonfinite_chunk,

@@ -53,6 +53,7 @@ def set_kernels(small: tuple[Any, Any], large: tuple[Any, Any], small_limit: int
 def cpu_supports(feature: str) -> bool: ...
 
 FLOAT16_IN_REGISTERS: bool
+BFLOAT16_IN_REGISTERS: bool
 run_chunk_capsule: Any
 count_nonfinite_capsule: Any
 def openmp_enabled() -> bool: ...

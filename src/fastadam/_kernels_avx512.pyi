@@ -4,5 +4,6 @@
 from typing import Any
 
 FLOAT16_IN_REGISTERS: bool
+BFLOAT16_IN_REGISTERS: bool
 run_chunk_capsule: Any
 count_nonfinite_capsule: Any
