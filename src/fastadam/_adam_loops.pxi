@@ -79,11 +79,11 @@ ctypedef fused MaxTag:
 # as bfloat16 widened on load and rounded to nearest even on store, in registers (_load,
 # _store). Only tensors whose buffers are all bfloat16 take BF16Store. Float16 is not
 # a StoreTag: GCC does not vectorize its conversions, and written as integer sequences
-# they cost more than the rest of the update. The avx512 level updates float16 tensors,
-# and bfloat16 ones where the CPU has AVX-512 BF16, in registers in a loop written with
-# intrinsics (_vectors16.h, run_chunk: one conversion instruction per vector); float16
-# elsewhere, mixed types, master weights and stochastic rounding go through float32
-# blocks (_run_staged).
+# they cost more than the rest of the update. The avx512 and avx2 levels update float16
+# tensors, and avx512 bfloat16 ones where the CPU has AVX-512 BF16, in registers in a
+# loop written with intrinsics (_vectors16.h, run_chunk: one conversion instruction per
+# vector); float16 at the baseline, mixed types, master weights and stochastic rounding
+# go through float32 blocks (_run_staged).
 cdef struct NativeStore:
     char unused
 cdef struct BF16Store:
@@ -337,7 +337,7 @@ cdef void _by_grad(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
 
 # --- 16-bit storage through float32 blocks ------------------------------------------------
 # A tensor whose buffers are not all of one type the loops read in registers (float16
-# below the avx512 level, and what _vectors16.h leaves: AMSGrad, eps_root, torch's
+# at the baseline, and what _vectors16.h leaves: AMSGrad, eps_root, torch's
 # scalar tail; mixed types, a master copy, stochastic rounding) runs block by block: its 16-bit
 # buffers are widened into float32 scratch arrays on the stack, the float32 loops above
 # update the block there (float32 buffers in place), and the results are rounded back.
@@ -460,33 +460,35 @@ cdef extern from "_vectors16.h" nogil:
         float grad_factor, l2, param_scale, w, one_minus_w, beta2, one_minus_beta2
         float step_coef, denom_div, inv_denom_div, eps
     enum:
-        FA16_IN_REGISTERS   # 1 where this level compiles the loop (avx512), else 0
+        FA16_FLOAT16_IN_REGISTERS   # 1 where this level has the loop (avx512, avx2), else 0
+        FA16_LANES                  # its vector's elements
         FA16_PAPER
         FA16_FAST
         FA16_TORCH
         FA16_FLOAT16
         FA16_BFLOAT16
-    int fa16_cpu_has_bf16_rounding()
+    int fa16_bfloat16_in_registers()
     Py_ssize_t fa16_vectors(int storage, char* param, const char* grad, char* exp_avg,
                             char* exp_avg_sq, Py_ssize_t start, Py_ssize_t stop,
                             const fa16_coefficients* c, int scaled, int l2, int large_w,
                             int form)
 
 
-# bfloat16 takes the loop of _vectors16.h only where the CPU rounds to bfloat16 in one
-# instruction (AVX-512 BF16); without it, _update's loop is as fast (asked once, at import).
-cdef bint _bfloat16_in_registers = FA16_IN_REGISTERS and fa16_cpu_has_bf16_rounding()
+# bfloat16 takes the loop of _vectors16.h only at the avx512 level and where the CPU
+# rounds to bfloat16 in one instruction (AVX-512 BF16); without it, _update's loop is as
+# fast (asked once, at import).
+cdef bint _bfloat16_in_registers = fa16_bfloat16_in_registers()
 
 
 cdef Py_ssize_t _in_registers(const AdamTensor* t, Py_ssize_t start,
                               Py_ssize_t stop) noexcept nogil:
     """The whole vectors of a float16 or bfloat16 tensor's elements [start, stop) that
-    _vectors16.h updates in registers (at the avx512 level, bfloat16 only with AVX-512
-    BF16; no AMSGrad, no eps_root, and not torch's scalar tail): returns where the
-    other paths take over."""
+    _vectors16.h updates in registers (float16 at the avx512 and avx2 levels, bfloat16 at
+    avx512 with AVX-512 BF16; no AMSGrad, no eps_root, and not torch's scalar tail):
+    returns where the other paths take over."""
     cdef fa16_coefficients c
     cdef int form
-    if (not FA16_IN_REGISTERS or t.coef.amsgrad or t.coef.root_form
+    if (not FA16_FLOAT16_IN_REGISTERS or t.coef.amsgrad or t.coef.root_form
             or (t.param_type == ELEM_BF16 and not _bfloat16_in_registers)):
         return start
     if t.coef.numerics == NUMERICS_TORCH:
@@ -494,7 +496,7 @@ cdef Py_ssize_t _in_registers(const AdamTensor* t, Py_ssize_t start,
         stop = min(stop, _torch_tail_start(t))
     else:
         form = FA16_FAST if t.coef.numerics == NUMERICS_FAST else FA16_PAPER
-    if stop - start < 16:  # not one whole vector
+    if stop - start < FA16_LANES:  # not one whole vector
         return start
     # cast from double as _update casts them (one_minus_w in float, as PyTorch's lerp)
     c.grad_factor = <float>t.coef.grad_factor
@@ -571,7 +573,7 @@ cdef Py_ssize_t count_nonfinite_chunk(const AdamTensor* t, Py_ssize_t start,
 # fastadam._kernels.set_kernels, which calls them through function pointers.
 # Does this level update float16, and on this CPU bfloat16, tensors in registers
 # (_vectors16.h)? (tests)
-FLOAT16_IN_REGISTERS = bool(FA16_IN_REGISTERS)
+FLOAT16_IN_REGISTERS = bool(FA16_FLOAT16_IN_REGISTERS)
 BFLOAT16_IN_REGISTERS = bool(_bfloat16_in_registers)
 
 run_chunk_capsule = PyCapsule_New(<void*>run_chunk, b"fastadam.run_chunk", NULL)

@@ -1,14 +1,15 @@
-/* The Adam update of float16 and bfloat16 tensors in registers, sixteen elements per
- * AVX-512 vector.
+/* The Adam update of float16 and bfloat16 tensors in registers, a whole vector at a
+ * time.
  *
- * Included by every kernel module (_adam_loops.pxi); only the avx512 level compiles the
- * loop (elsewhere fa16_vectors does nothing and returns ``start``).
+ * Included by every kernel module (_adam_loops.pxi). The avx512 level compiles the loop
+ * for both types, sixteen lanes; the avx2 level for float16, eight lanes (F16C); the
+ * baseline none (fa16_vectors does nothing and returns ``start``).
  *  - float16: GCC does not vectorize float16 conversions (GCC 12, not even with
- *    -mavx512fp16), so the float16 tensors of the other levels go through float32
- *    blocks (_run_staged): every element is widened into a block on the stack, updated
- *    there, and rounded back. Here vcvtph2ps/vcvtps2ph convert in registers instead
- *    (2^24 elements, one thread, benchmarks/low_precision.py: 1.06x torch's fused
- *    float16, against 0.75x through the blocks).
+ *    -mavx512fp16), so the baseline's float16 tensors go through float32 blocks
+ *    (_run_staged): every element is widened into a block on the stack, updated there,
+ *    and rounded back. Here vcvtph2ps/vcvtps2ph convert in registers instead (2^24
+ *    elements, one thread, benchmarks/low_precision.py: 1.04x torch's fused float16,
+ *    against 0.75x through the blocks).
  *  - bfloat16: GCC vectorizes _update's loads and stores of bfloat16 (_convert.h), but
  *    its rounding is an integer sequence of six operations per vector. Where the CPU
  *    has AVX-512 BF16, one vcvtneps2bf16 rounds sixteen floats to nearest even instead.
@@ -39,74 +40,47 @@ typedef struct {
 enum { FA16_PAPER = 0, FA16_FAST = 1, FA16_TORCH = 2 };   /* the forms */
 enum { FA16_FLOAT16 = 0, FA16_BFLOAT16 = 1 };             /* the storage types */
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__F16C__) && defined(__FMA__))
 #include <immintrin.h>
 
-#define FA16_IN_REGISTERS 1
-
 /* Inlined into each specialization, whatever the compiler's own judgment (MSVC builds
- * this level with /arch:AVX512). */
+ * the avx512 level with /arch:AVX512; it defines no __F16C__, so its avx2 level has no
+ * loop). */
 #if defined(_MSC_VER)
 #define FA_INLINE static __forceinline
 #define FA_RARELY(condition) (condition)
-#define FA16_BF16_ROUNDING 0
 #else
 #define FA_INLINE static inline __attribute__((always_inline))
 #define FA_RARELY(condition) __builtin_expect(!!(condition), 0)
-#define FA16_BF16_ROUNDING 1
+#endif
+
+#define FA16_FLOAT16_IN_REGISTERS 1
+
+#if defined(__AVX512F__)
+/* --- sixteen lanes ------------------------------------------------------------------ */
+#define FA16_LANES 16
+typedef __m512 fa16_vector;
+#define fa16_set1 _mm512_set1_ps
+#define fa16_add _mm512_add_ps
+#define fa16_sub _mm512_sub_ps
+#define fa16_mul _mm512_mul_ps
+#define fa16_div _mm512_div_ps
+#define fa16_fma _mm512_fmadd_ps
+#define fa16_sqrt _mm512_sqrt_ps
+#if defined(_MSC_VER)
+#define FA16_BFLOAT16_IN_REGISTERS 0
+#else
+#define FA16_BFLOAT16_IN_REGISTERS 1
 #include <cpuid.h>
 #endif
 
-/* Does the CPU have AVX-512 BF16 (CPUID leaf 7, subleaf 1, EAX bit 5)? The OS's support
- * for AVX-512 state is the avx512 level's own condition. */
-static int fa16_cpu_has_bf16_rounding(void) {
-#if FA16_BF16_ROUNDING
-    unsigned int a, b, c, d;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || a < 1)
-        return 0;
-    __get_cpuid_count(7, 1, &a, &b, &c, &d);
-    return (int)((a >> 5) & 1u);
-#else
-    return 0;
-#endif
+FA_INLINE __m512 fa16_load_float16(const uint16_t* bits) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)bits));
 }
 
-FA_INLINE __m512 fa16_load(const uint16_t* bits, const int storage) {
-    __m256i raw = _mm256_loadu_si256((const __m256i*)bits);
-    if (storage == FA16_BFLOAT16)  /* the 16 bits are the float's high half */
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-    return _mm512_cvtph_ps(raw);
-}
-
-/* fa_f32_to_bf16's integer sequence, sixteen lanes at once (NaNs become nan_bits). */
-FA_INLINE __m256i fa16_bf16_by_integers(__m512 x, int nan_bits) {
-    __m512i u = _mm512_castps_si512(x);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
-                                                   odd), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q),
-                              _mm512_set1_epi32(nan_bits));
-    return _mm512_cvtepi32_epi16(r);
-}
-
-/* Round to nearest even into the storage type. A NaN as _convert.h writes it: float16
- * its sign and 0x7E00, and with ``torch_nans`` (ATen's vector conversion) the top of its
- * payload; bfloat16 0x7FC0, or 0xFFFF with ``torch_nans``. */
-FA_INLINE void fa16_store(uint16_t* bits, __m512 x, const int storage, const int torch_nans) {
-    if (storage == FA16_BFLOAT16) {
-        __m256i rounded;
-#if FA16_BF16_ROUNDING
-        /* NaN (quiet 0x01, signalling 0x80) or subnormal (0x20) lanes */
-        if (FA_RARELY(_mm512_fpclass_ps_mask(x, 0xA1) != 0))
-            rounded = fa16_bf16_by_integers(x, torch_nans ? 0xFFFF : 0x7FC0);
-        else
-            __asm__("vcvtneps2bf16 %1, %0" : "=v"(rounded) : "v"(x));
-#else
-        rounded = fa16_bf16_by_integers(x, torch_nans ? 0xFFFF : 0x7FC0);
-#endif
-        _mm256_storeu_si256((__m256i*)bits, rounded);
-        return;
-    }
+/* Round to nearest even into float16; a NaN as fa_narrow_f16 writes it (its sign and
+ * 0x7E00, and with ``torch_nans`` the top of its payload: ATen's vector conversion). */
+FA_INLINE void fa16_store_float16(uint16_t* bits, __m512 x, const int torch_nans) {
     __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
     if (FA_RARELY(nan != 0)) {
         __m512i raw = _mm512_castps_si512(x);
@@ -119,51 +93,144 @@ FA_INLINE void fa16_store(uint16_t* bits, __m512 x, const int storage, const int
     _mm256_storeu_si256((__m256i*)bits, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
 }
 
-/* Elements [0, n) (n a multiple of 16) with the storage, flags and form as constants:
- * each call below is inlined and specialized. */
+#if FA16_BFLOAT16_IN_REGISTERS
+FA_INLINE __m512 fa16_load_bfloat16(const uint16_t* bits) {  /* the float's high half */
+    __m256i raw = _mm256_loadu_si256((const __m256i*)bits);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+/* fa_f32_to_bf16's integer sequence, sixteen lanes at once (NaNs become nan_bits). */
+FA_INLINE __m256i fa16_bfloat16_by_integers(__m512 x, int nan_bits) {
+    __m512i u = _mm512_castps_si512(x);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
+                                                   odd), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q),
+                              _mm512_set1_epi32(nan_bits));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+/* Round to nearest even into bfloat16; a NaN 0x7FC0, or 0xFFFF with ``torch_nans``. */
+FA_INLINE void fa16_store_bfloat16(uint16_t* bits, __m512 x, const int torch_nans) {
+    __m256i rounded;
+    /* NaN (quiet 0x01, signalling 0x80) or subnormal (0x20) lanes */
+    if (FA_RARELY(_mm512_fpclass_ps_mask(x, 0xA1) != 0))
+        rounded = fa16_bfloat16_by_integers(x, torch_nans ? 0xFFFF : 0x7FC0);
+    else
+        __asm__("vcvtneps2bf16 %1, %0" : "=v"(rounded) : "v"(x));
+    _mm256_storeu_si256((__m256i*)bits, rounded);
+}
+#endif
+
+#else
+/* --- eight lanes (AVX2, F16C and FMA: x86-64-v3) -------------------------------------- */
+#define FA16_LANES 8
+typedef __m256 fa16_vector;
+#define fa16_set1 _mm256_set1_ps
+#define fa16_add _mm256_add_ps
+#define fa16_sub _mm256_sub_ps
+#define fa16_mul _mm256_mul_ps
+#define fa16_div _mm256_div_ps
+#define fa16_fma _mm256_fmadd_ps
+#define fa16_sqrt _mm256_sqrt_ps
+#define FA16_BFLOAT16_IN_REGISTERS 0
+
+FA_INLINE __m256 fa16_load_float16(const uint16_t* bits) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)bits));
+}
+
+/* As the sixteen-lane store, with F16C: the NaN fix-up of fa_narrow_f16's F16C loop. */
+FA_INLINE void fa16_store_float16(uint16_t* bits, __m256 x, const int torch_nans) {
+    __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    if (FA_RARELY(_mm256_movemask_ps(nan) != 0)) {
+        const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
+        const __m256 quiet = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000));
+        const __m256 payload = _mm256_castsi256_ps(_mm256_set1_epi32(torch_nans ? 0x003FE000 : 0));
+        __m256 canonical = _mm256_or_ps(_mm256_or_ps(_mm256_and_ps(x, sign), quiet),
+                                        _mm256_and_ps(x, payload));
+        x = _mm256_blendv_ps(x, canonical, nan);
+    }
+    _mm_storeu_si128((__m128i*)bits, _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+}
+#endif
+
+/* Does the CPU have AVX-512 BF16 (CPUID leaf 7, subleaf 1, EAX bit 5), where this level
+ * has the bfloat16 loop? The OS's support for AVX-512 state is the avx512 level's own
+ * condition. */
+static int fa16_bfloat16_in_registers(void) {
+#if FA16_BFLOAT16_IN_REGISTERS
+    unsigned int a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || a < 1)
+        return 0;
+    __get_cpuid_count(7, 1, &a, &b, &c, &d);
+    return (int)((a >> 5) & 1u);
+#else
+    return 0;
+#endif
+}
+
+FA_INLINE fa16_vector fa16_load(const uint16_t* bits, const int storage) {
+#if FA16_BFLOAT16_IN_REGISTERS
+    if (storage == FA16_BFLOAT16)
+        return fa16_load_bfloat16(bits);
+#endif
+    (void)storage;
+    return fa16_load_float16(bits);
+}
+
+FA_INLINE void fa16_store(uint16_t* bits, fa16_vector x, const int storage, const int torch_nans) {
+#if FA16_BFLOAT16_IN_REGISTERS
+    if (storage == FA16_BFLOAT16) {
+        fa16_store_bfloat16(bits, x, torch_nans);
+        return;
+    }
+#endif
+    (void)storage;
+    fa16_store_float16(bits, x, torch_nans);
+}
+
+/* Elements [0, n) (n a multiple of FA16_LANES) with the storage, flags and form as
+ * constants: each call below is inlined and specialized. */
 FA_INLINE void fa16_body(uint16_t* p, const uint16_t* g, uint16_t* m, uint16_t* v,
                          ptrdiff_t n, const fa16_coefficients* c, const int storage,
                          const int scaled, const int l2, const int large_w, const int form) {
-    const __m512 grad_factor = _mm512_set1_ps(c->grad_factor);
-    const __m512 l2_factor = _mm512_set1_ps(c->l2);
-    const __m512 param_scale = _mm512_set1_ps(c->param_scale);
-    const __m512 w = _mm512_set1_ps(c->w);
-    const __m512 one_minus_w = _mm512_set1_ps(c->one_minus_w);
-    const __m512 minus_one_minus_w = _mm512_set1_ps(-c->one_minus_w);
-    const __m512 beta2 = _mm512_set1_ps(c->beta2);
-    const __m512 one_minus_beta2 = _mm512_set1_ps(c->one_minus_beta2);
-    const __m512 step_coef = _mm512_set1_ps(c->step_coef);
-    const __m512 denom_div = _mm512_set1_ps(c->denom_div);
-    const __m512 inv_denom_div = _mm512_set1_ps(c->inv_denom_div);
-    const __m512 eps = _mm512_set1_ps(c->eps);
+    const fa16_vector grad_factor = fa16_set1(c->grad_factor);
+    const fa16_vector l2_factor = fa16_set1(c->l2);
+    const fa16_vector param_scale = fa16_set1(c->param_scale);
+    const fa16_vector w = fa16_set1(c->w);
+    const fa16_vector one_minus_w = fa16_set1(c->one_minus_w);
+    const fa16_vector minus_one_minus_w = fa16_set1(-c->one_minus_w);
+    const fa16_vector beta2 = fa16_set1(c->beta2);
+    const fa16_vector one_minus_beta2 = fa16_set1(c->one_minus_beta2);
+    const fa16_vector step_coef = fa16_set1(c->step_coef);
+    const fa16_vector denom_div = fa16_set1(c->denom_div);
+    const fa16_vector inv_denom_div = fa16_set1(c->inv_denom_div);
+    const fa16_vector eps = fa16_set1(c->eps);
     const int torch = form == FA16_TORCH;
-    for (ptrdiff_t i = 0; i < n; i += 16) {
-        __m512 gi = fa16_load(g + i, storage);
-        gi = scaled ? _mm512_div_ps(gi, grad_factor) : _mm512_mul_ps(gi, grad_factor);
-        __m512 pi = fa16_load(p + i, storage);
+    for (ptrdiff_t i = 0; i < n; i += FA16_LANES) {
+        fa16_vector gi = fa16_load(g + i, storage);
+        gi = scaled ? fa16_div(gi, grad_factor) : fa16_mul(gi, grad_factor);
+        fa16_vector pi = fa16_load(p + i, storage);
         if (l2)
-            gi = torch ? _mm512_fmadd_ps(pi, l2_factor, gi)
-                       : _mm512_add_ps(gi, _mm512_mul_ps(l2_factor, pi));
+            gi = torch ? fa16_fma(pi, l2_factor, gi) : fa16_add(gi, fa16_mul(l2_factor, pi));
         else
-            pi = _mm512_mul_ps(pi, param_scale);
-        __m512 mi = fa16_load(m + i, storage);
-        __m512 d = _mm512_sub_ps(gi, mi);
+            pi = fa16_mul(pi, param_scale);
+        fa16_vector mi = fa16_load(m + i, storage);
+        fa16_vector d = fa16_sub(gi, mi);
         if (torch)
-            mi = large_w ? _mm512_fmadd_ps(minus_one_minus_w, d, gi) : _mm512_fmadd_ps(w, d, mi);
+            mi = large_w ? fa16_fma(minus_one_minus_w, d, gi) : fa16_fma(w, d, mi);
         else
-            mi = large_w ? _mm512_sub_ps(gi, _mm512_mul_ps(d, one_minus_w))
-                         : _mm512_add_ps(mi, _mm512_mul_ps(w, d));
-        __m512 vi = fa16_load(v + i, storage);
-        __m512 g2 = _mm512_mul_ps(one_minus_beta2, gi);
-        vi = torch ? _mm512_fmadd_ps(g2, gi, _mm512_mul_ps(vi, beta2))
-                   : _mm512_add_ps(_mm512_mul_ps(vi, beta2), _mm512_mul_ps(g2, gi));
+            mi = large_w ? fa16_sub(gi, fa16_mul(d, one_minus_w)) : fa16_add(mi, fa16_mul(w, d));
+        fa16_vector vi = fa16_load(v + i, storage);
+        fa16_vector g2 = fa16_mul(one_minus_beta2, gi);
+        vi = torch ? fa16_fma(g2, gi, fa16_mul(vi, beta2))
+                   : fa16_add(fa16_mul(vi, beta2), fa16_mul(g2, gi));
         fa16_store(m + i, mi, storage, torch);
         fa16_store(v + i, vi, storage, torch);
-        __m512 root = _mm512_sqrt_ps(vi);
-        __m512 denom = form == FA16_FAST ? _mm512_mul_ps(root, inv_denom_div)
-                                         : _mm512_div_ps(root, denom_div);
-        pi = _mm512_add_ps(pi, _mm512_div_ps(_mm512_mul_ps(step_coef, mi),
-                                             _mm512_add_ps(denom, eps)));
+        fa16_vector root = fa16_sqrt(vi);
+        fa16_vector denom = form == FA16_FAST ? fa16_mul(root, inv_denom_div)
+                                              : fa16_div(root, denom_div);
+        pi = fa16_add(pi, fa16_div(fa16_mul(step_coef, mi), fa16_add(denom, eps)));
         fa16_store(p + i, pi, storage, torch);
     }
 }
@@ -190,25 +257,28 @@ FA_INLINE void fa16_body(uint16_t* p, const uint16_t* g, uint16_t* m, uint16_t* 
     default: FA16_FORMS(storage, 1, 1, 1) break;                                          \
     }
 
-/* Elements [start, stop) of a float16 or bfloat16 tensor's param, grad and moments, as
- * far as whole vectors go: returns where the caller takes over (``stop`` less the last
- * (stop - start) % 16 elements). */
+/* Elements [start, stop) of a float16 tensor's (or, where this level has the bfloat16
+ * loop, a bfloat16 tensor's) param, grad and moments, as far as whole vectors go:
+ * returns where the caller takes over (``stop`` less the last (stop - start) %
+ * FA16_LANES elements). */
 static ptrdiff_t fa16_vectors(int storage, char* param, const char* grad, char* exp_avg,
                               char* exp_avg_sq, ptrdiff_t start, ptrdiff_t stop,
                               const fa16_coefficients* c, int scaled, int l2, int large_w,
                               int form) {
-    ptrdiff_t n = (stop - start) / 16 * 16;
+    ptrdiff_t n = (stop - start) / FA16_LANES * FA16_LANES;
     uint16_t* p = (uint16_t*)param + start;
     const uint16_t* g = (const uint16_t*)grad + start;
     uint16_t* m = (uint16_t*)exp_avg + start;
     uint16_t* v = (uint16_t*)exp_avg_sq + start;
-    if (n <= 0)
+    if (n <= 0 || (storage == FA16_BFLOAT16 && !FA16_BFLOAT16_IN_REGISTERS))
         return start;
+#if FA16_BFLOAT16_IN_REGISTERS
     if (storage == FA16_BFLOAT16) {
         FA16_FLAGS(FA16_BFLOAT16)
-    } else {
-        FA16_FLAGS(FA16_FLOAT16)
+        return start + n;
     }
+#endif
+    FA16_FLAGS(FA16_FLOAT16)
     return start + n;
 }
 
@@ -217,11 +287,12 @@ static ptrdiff_t fa16_vectors(int storage, char* param, const char* grad, char* 
 #undef FA_INLINE
 #undef FA_RARELY
 
-#else  /* no AVX-512 at this level: the other paths do it all */
+#else  /* no AVX-512, nor AVX2 with F16C and FMA, at this level: the other paths */
 
-#define FA16_IN_REGISTERS 0
+#define FA16_FLOAT16_IN_REGISTERS 0
+#define FA16_LANES 1
 
-static int fa16_cpu_has_bf16_rounding(void) { return 0; }
+static int fa16_bfloat16_in_registers(void) { return 0; }
 
 static ptrdiff_t fa16_vectors(int storage, char* param, const char* grad, char* exp_avg,
                               char* exp_avg_sq, ptrdiff_t start, ptrdiff_t stop,
