@@ -541,11 +541,11 @@ def test_16bit_in_registers_gives_the_bits_of_the_other_paths(restore_levels, dt
     levels = _simd.available_levels()
     modules = [importlib.import_module(_simd.MODULES[level]) for level in levels]
     assert [m.FLOAT16_IN_REGISTERS for m in modules] == [level != "baseline" for level in levels]
-    has_bf16 = cpu_has_bfloat16_rounding()
+    has_bf16 = cpu_has_bfloat16_rounding()  # (few CI machines have it; this one does)
     assert [m.BFLOAT16_IN_REGISTERS for m in modules] == [
         level == "avx512" and (has_bf16 if has_bf16 is not None else m.BFLOAT16_IN_REGISTERS)
         for level, m in zip(levels, modules)]
-    n = (1 << 18) + 37
+    n = (1 << 18) + 45  # torch's scalar tail: 13 elements, more than an avx2 vector
     rng = np.random.default_rng(5)
     values = rng.standard_normal(n).astype(np.float32)
     first_m = (rng.standard_normal(n) * 0.1).astype(dtype)
@@ -574,6 +574,27 @@ def test_16bit_in_registers_gives_the_bits_of_the_other_paths(restore_levels, dt
         names = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
         for name, ours, theirs in zip(names, run(level), baseline):
             np.testing.assert_array_equal(ours, theirs, err_msg=f"{level} {name}")
+
+
+def test_16bit_loops_in_registers_take_whole_vectors_short_of_torchs_tail():
+    # Which elements the loop of _vectors16.h takes at each level (the bits are the same
+    # either way, so the test above cannot tell): whole vectors from the chunk's start,
+    # never into torch's scalar tail (the last size % 16 elements), nothing with AMSGrad
+    # or eps_root, and bfloat16 only where the CPU rounds it in one instruction.
+    for level in _simd.available_levels():
+        module = importlib.import_module(_simd.MODULES[level])
+        lanes = {"avx512": 16, "avx2": 8}.get(level)
+        for dtype in ("float16", "bfloat16"):
+            active = lanes is not None and (dtype == "float16" or module.BFLOAT16_IN_REGISTERS)
+            end = module.vector_end
+            assert end(dtype, 1005, 0, 1005) == (1005 // lanes * lanes if active else 0), level
+            assert end(dtype, 1005, 32, 1005) == (32 + 973 // lanes * lanes if active else 32)
+            assert end(dtype, 1005, 0, 1005, "torch") == (992 if active else 0), level
+            assert end(dtype, 1005, 0, 1005, "fast") == (1005 // lanes * lanes if active else 0)
+            assert end(dtype, 1005, 0, 1005, amsgrad=True) == 0
+            assert end(dtype, 1005, 0, 1005, eps_root=True) == 0
+            assert end(dtype, 1005, 992, 1005, "torch") == 992   # all of it torch's tail
+            assert end(dtype, 1005, 0, 7) == 0                   # less than one vector
 
 
 @pytest.mark.parametrize("numerics", ["exact", "torch", "fast"])

@@ -14,6 +14,7 @@
 from cpython.pycapsule cimport PyCapsule_New
 from libc.math cimport fma, fmaf, sqrt, sqrtf
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
+from libc.string cimport memset
 from cython cimport floating
 
 from fastadam._adam_types cimport (
@@ -21,6 +22,7 @@ from fastadam._adam_types cimport (
     ELEM_F16,
     ELEM_F32,
     ELEM_F64,
+    NUMERICS_EXACT,
     NUMERICS_FAST,
     NUMERICS_TORCH,
     AdamTensor,
@@ -337,8 +339,9 @@ cdef void _by_grad(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
 
 # --- 16-bit storage through float32 blocks ------------------------------------------------
 # A tensor whose buffers are not all of one type the loops read in registers (float16
-# at the baseline, and what _vectors16.h leaves: AMSGrad, eps_root, torch's
-# scalar tail; mixed types, a master copy, stochastic rounding) runs block by block: its 16-bit
+# at the baseline, and what _vectors16.h leaves of a float16 tensor: AMSGrad, eps_root,
+# torch's scalar tail; mixed types, a master copy, stochastic rounding) runs block by
+# block: its 16-bit
 # buffers are widened into float32 scratch arrays on the stack, the float32 loops above
 # update the block there (float32 buffers in place), and the results are rounded back.
 # The scratch stays in L1, so memory sees only the 16-bit traffic; no further set of
@@ -480,23 +483,33 @@ cdef extern from "_vectors16.h" nogil:
 cdef bint _bfloat16_in_registers = fa16_bfloat16_in_registers()
 
 
-cdef Py_ssize_t _in_registers(const AdamTensor* t, Py_ssize_t start,
-                              Py_ssize_t stop) noexcept nogil:
-    """The whole vectors of a float16 or bfloat16 tensor's elements [start, stop) that
-    _vectors16.h updates in registers (float16 at the avx512 and avx2 levels, bfloat16 at
-    avx512 with AVX-512 BF16; no AMSGrad, no eps_root, and not torch's scalar tail):
-    returns where the other paths take over."""
-    cdef fa16_coefficients c
-    cdef int form
+cdef Py_ssize_t _vector_end(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
+                            int* form) noexcept nogil:
+    """Where the whole vectors of a float16 or bfloat16 tensor's elements [start, stop)
+    that _vectors16.h updates in registers end (``start``: none), and their ``form``.
+    float16 at the avx512 and avx2 levels, bfloat16 at avx512 with AVX-512 BF16; no
+    AMSGrad, no eps_root, and not torch's scalar tail."""
     if (not FA16_FLOAT16_IN_REGISTERS or t.coef.amsgrad or t.coef.root_form
             or (t.param_type == ELEM_BF16 and not _bfloat16_in_registers)):
         return start
     if t.coef.numerics == NUMERICS_TORCH:
-        form = FA16_TORCH
+        form[0] = FA16_TORCH
         stop = min(stop, _torch_tail_start(t))
     else:
-        form = FA16_FAST if t.coef.numerics == NUMERICS_FAST else FA16_PAPER
+        form[0] = FA16_FAST if t.coef.numerics == NUMERICS_FAST else FA16_PAPER
     if stop - start < FA16_LANES:  # not one whole vector
+        return start
+    return start + (stop - start) // FA16_LANES * FA16_LANES
+
+
+cdef Py_ssize_t _in_registers(const AdamTensor* t, Py_ssize_t start,
+                              Py_ssize_t stop) noexcept nogil:
+    """Update the elements of [start, stop) that _vector_end gives to _vectors16.h:
+    returns where the other paths take over."""
+    cdef fa16_coefficients c
+    cdef int form = FA16_PAPER
+    cdef Py_ssize_t end = _vector_end(t, start, stop, &form)
+    if end == start:
         return start
     # cast from double as _update casts them (one_minus_w in float, as PyTorch's lerp)
     c.grad_factor = <float>t.coef.grad_factor
@@ -511,8 +524,25 @@ cdef Py_ssize_t _in_registers(const AdamTensor* t, Py_ssize_t start,
     c.inv_denom_div = <float>t.coef.inv_denom_div
     c.eps = <float>t.coef.eps
     return fa16_vectors(FA16_BFLOAT16 if t.param_type == ELEM_BF16 else FA16_FLOAT16,
-                        t.param, t.grad, t.exp_avg, t.exp_avg_sq, start, stop, &c,
+                        t.param, t.grad, t.exp_avg, t.exp_avg_sq, start, end, &c,
                         t.coef.grad_scaled, t.coef.l2_decay, c.w >= 0.5, form)
+
+
+def vector_end(str dtype, Py_ssize_t size, Py_ssize_t start, Py_ssize_t stop,
+               str numerics="exact", bint amsgrad=False, bint eps_root=False):
+    """(tests) Where this level's loop in registers would stop in elements [start, stop)
+    of a pure ``dtype`` ("float16" or "bfloat16") tensor of ``size`` elements (``start``:
+    it takes none). Nothing is read or written."""
+    cdef AdamTensor t
+    cdef int form = FA16_PAPER
+    memset(&t, 0, sizeof(t))
+    t.size = size
+    t.param_type = t.grad_type = t.state_type = ELEM_F16 if dtype == "float16" else ELEM_BF16
+    t.coef.numerics = {"exact": NUMERICS_EXACT, "torch": NUMERICS_TORCH,
+                       "fast": NUMERICS_FAST}[numerics]
+    t.coef.amsgrad = amsgrad
+    t.coef.root_form = eps_root
+    return _vector_end(&t, start, stop, &form)
 
 
 cdef void run_chunk(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop) noexcept nogil:

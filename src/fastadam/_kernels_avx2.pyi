@@ -6,4 +6,7 @@ from typing import Any
 FLOAT16_IN_REGISTERS: bool
 BFLOAT16_IN_REGISTERS: bool
 run_chunk_capsule: Any
+
+def vector_end(dtype: str, size: int, start: int, stop: int, numerics: str = ..., amsgrad: bool = ...,
+               eps_root: bool = ...) -> int: ...
 count_nonfinite_capsule: Any

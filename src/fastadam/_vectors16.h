@@ -14,9 +14,10 @@
  *    its rounding is an integer sequence of six operations per vector. Where the CPU
  *    has AVX-512 BF16, one vcvtneps2bf16 rounds sixteen floats to nearest even instead.
  *    It treats subnormal inputs as zero, and writes its own NaN: a vector holding either
- *    (fpclass, rare) takes the integer sequence. Checked against it for every float
- *    there is. The instruction is written in assembly, so that the rest of this level
- *    is built for x86-64-v4 alone; GCC and Clang only (MSVC keeps _update's loop).
+ *    (fpclass, rare) takes the integer sequence: the two agree on every other float
+ *    (checked for all 2^32 bit patterns). The instruction is written in assembly, so
+ *    that the rest of this level is built for x86-64-v4 alone; GCC and Clang only (MSVC
+ *    keeps _update's loop).
  *
  * Every operation is _update's (_adam_loops.pxi), in its order and with its FMAs, for
  * the forms and flags it takes; so are the conversions (those of _convert.h, NaNs
@@ -40,12 +41,14 @@ typedef struct {
 enum { FA16_PAPER = 0, FA16_FAST = 1, FA16_TORCH = 2 };   /* the forms */
 enum { FA16_FLOAT16 = 0, FA16_BFLOAT16 = 1 };             /* the storage types */
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__F16C__) && defined(__FMA__))
+#if defined(__AVX512F__) || (defined(__AVX2__) && ((defined(__F16C__) && defined(__FMA__)) \
+                                                     || defined(_MSC_VER)))
 #include <immintrin.h>
 
-/* Inlined into each specialization, whatever the compiler's own judgment (MSVC builds
- * the avx512 level with /arch:AVX512; it defines no __F16C__, so its avx2 level has no
- * loop). */
+/* Inlined into each specialization, whatever the compiler's own judgment. (MSVC builds
+ * the levels with /arch:AVX2 and /arch:AVX512, which define no __F16C__ or __FMA__; its
+ * intrinsics need no flags, and the avx2 level runs only where the CPU has x86-64-v3,
+ * F16C and FMA included.) */
 #if defined(_MSC_VER)
 #define FA_INLINE static __forceinline
 #define FA_RARELY(condition) (condition)
@@ -117,7 +120,7 @@ FA_INLINE void fa16_store_bfloat16(uint16_t* bits, __m512 x, const int torch_nan
     if (FA_RARELY(_mm512_fpclass_ps_mask(x, 0xA1) != 0))
         rounded = fa16_bfloat16_by_integers(x, torch_nans ? 0xFFFF : 0x7FC0);
     else
-        __asm__("vcvtneps2bf16 %1, %0" : "=v"(rounded) : "v"(x));
+        __asm__("vcvtneps2bf16 {%1, %0|%0, %1}" : "=v"(rounded) : "v"(x));  /* AT&T | Intel */
     _mm256_storeu_si256((__m256i*)bits, rounded);
 }
 #endif
