@@ -232,11 +232,8 @@ cdef class GroupMemo:
     instead of reading and checking every value again. Holding the objects keeps them
     alive, so an identity never matches a new object at a freed one's address."""
     # (the values, betas' items appended and _MISSING for an absent key; the element
-    # types; the record), kept and replaced as one
+    # types; the record), kept and replaced as one; None (as Cython starts it): nothing
     cdef tuple kept
-
-    def __init__(self):
-        self.kept = None
 
     def lookup(self, group, dtypes):
         """The record kept for ``group`` and ``dtypes`` if it holds the same objects, else None."""
