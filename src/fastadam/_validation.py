@@ -736,7 +736,7 @@ def remembered_group(group: Mapping, dtypes: Any,
     loop's groups are the same every step; this needs neither the group's name nor its
     step); None for anything else. A front end that keeps a :class:`GroupMemo` per group
     passes it: while the group holds the objects it held at the last step, their
-    record is returned without reading them one by one (about 0.2 us instead of 1.5)."""
+    record is returned without reading them one by one (about 0.3 us instead of 1.5)."""
     if memo is not None:
         record = memo.lookup(group, dtypes)
         if record is not None:
