@@ -99,19 +99,69 @@ static inline uint16_t fa_f32_to_f16_keeping_nan_payload(float f) {
  * before vcvtps2ph, so the vector and scalar paths agree bit for bit); elsewhere the
  * scalar functions, which GCC vectorizes. The remainder of a block takes the scalar
  * functions at every level. */
-#if defined(__F16C__) || defined(__AVX512F__)
+/* F16C where the build says so, or the level requires it: MSVC's /arch:AVX2 defines no
+ * __F16C__, yet needs no flag for its intrinsics, and its avx2 level runs only on
+ * x86-64-v3 CPUs, which have F16C. */
+#if defined(__F16C__) || (defined(_MSC_VER) && defined(__AVX2__))
+#define FA_HAS_F16C 1
+#else
+#define FA_HAS_F16C 0
+#endif
+#if FA_HAS_F16C || defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__)
+static inline __m512 fa_f16_widen16(const uint16_t* bits) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)bits));
+}
+
+/* Sixteen floats rounded to float16; NaN lanes first rebuilt as the scalar functions
+ * write them (only when there is one). */
+static inline __m256i fa_f16_narrow16(__m512 x, int keep_nan_payload) {
+    __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    if (nan != 0) {
+        __m512i raw = _mm512_castps_si512(x);
+        __m512i canonical = _mm512_or_si512(
+            _mm512_or_si512(_mm512_and_si512(raw, _mm512_set1_epi32((int)0x80000000u)),
+                            _mm512_set1_epi32(0x7FC00000)),
+            _mm512_and_si512(raw, _mm512_set1_epi32(keep_nan_payload ? 0x003FE000 : 0)));
+        x = _mm512_castsi512_ps(_mm512_mask_blend_epi32(nan, raw, canonical));
+    }
+    return _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT);
+}
+#endif
+
+#if FA_HAS_F16C
+static inline __m256 fa_f16_widen8(const uint16_t* bits) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)bits));
+}
+
+/* As fa_f16_narrow16, eight lanes (the 9 payload bits below the quiet bit kept on ask). */
+static inline __m128i fa_f16_narrow8(__m256 x, int keep_nan_payload) {
+    __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    if (_mm256_movemask_ps(nan) != 0) {
+        const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
+        const __m256 quiet = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000));
+        const __m256 payload = _mm256_castsi256_ps(_mm256_set1_epi32(
+            keep_nan_payload ? 0x003FE000 : 0));
+        __m256 canonical = _mm256_or_ps(_mm256_or_ps(_mm256_and_ps(x, sign), quiet),
+                                        _mm256_and_ps(x, payload));
+        x = _mm256_blendv_ps(x, canonical, nan);
+    }
+    return _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT);
+}
 #endif
 
 static inline void fa_widen_f16(const uint16_t* bits, float* out, ptrdiff_t n) {
     ptrdiff_t i = 0;
 #if defined(__AVX512F__)
     for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(bits + i))));
+        _mm512_storeu_ps(out + i, fa_f16_widen16(bits + i));
 #endif
-#if defined(__F16C__)
+#if FA_HAS_F16C
     for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(bits + i))));
+        _mm256_storeu_ps(out + i, fa_f16_widen8(bits + i));
 #endif
     for (; i < n; i++)
         out[i] = fa_f16_to_f32(bits[i]);
@@ -121,37 +171,14 @@ static inline void fa_narrow_f16(const float* values, uint16_t* bits, ptrdiff_t 
                                  int keep_nan_payload) {
     ptrdiff_t i = 0;
 #if defined(__AVX512F__)
-    {
-        const __m512i sign16 = _mm512_set1_epi32((int)0x80000000u);
-        const __m512i quiet16 = _mm512_set1_epi32(0x7FC00000);
-        const __m512i payload16 = _mm512_set1_epi32(keep_nan_payload ? 0x003FE000 : 0);
-        for (; i + 16 <= n; i += 16) {
-            __m512 x = _mm512_loadu_ps(values + i);
-            __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-            __m512i bits32 = _mm512_castps_si512(x);
-            __m512i canonical = _mm512_or_si512(
-                _mm512_or_si512(_mm512_and_si512(bits32, sign16), quiet16),
-                _mm512_and_si512(bits32, payload16));
-            bits32 = _mm512_mask_blend_epi32(nan, bits32, canonical);
-            _mm256_storeu_si256((__m256i*)(bits + i),
-                                _mm512_cvtps_ph(_mm512_castsi512_ps(bits32),
-                                                _MM_FROUND_TO_NEAREST_INT));
-        }
-    }
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i*)(bits + i),
+                            fa_f16_narrow16(_mm512_loadu_ps(values + i), keep_nan_payload));
 #endif
-#if defined(__F16C__)
-    const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
-    const __m256 quiet = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000));
-    const __m256 payload = _mm256_castsi256_ps(_mm256_set1_epi32(
-        keep_nan_payload ? 0x003FE000 : 0));   /* the 9 payload bits below the quiet bit */
-    for (; i + 8 <= n; i += 8) {
-        __m256 x = _mm256_loadu_ps(values + i);
-        __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
-        __m256 canonical = _mm256_or_ps(_mm256_or_ps(_mm256_and_ps(x, sign), quiet),
-                                        _mm256_and_ps(x, payload));
-        x = _mm256_blendv_ps(x, canonical, nan);
-        _mm_storeu_si128((__m128i*)(bits + i), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
-    }
+#if FA_HAS_F16C
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i*)(bits + i),
+                         fa_f16_narrow8(_mm256_loadu_ps(values + i), keep_nan_payload));
 #endif
     for (; i < n; i++)
         bits[i] = keep_nan_payload ? fa_f32_to_f16_keeping_nan_payload(values[i])

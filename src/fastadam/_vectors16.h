@@ -31,6 +31,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "_convert.h"   /* the conversions (and FA_HAS_F16C), shared with the other paths */
+
 /* The step's constants, already in float (cast from the double Coefficients as _update
  * casts them). */
 typedef struct {
@@ -41,8 +43,7 @@ typedef struct {
 enum { FA16_PAPER = 0, FA16_FAST = 1, FA16_TORCH = 2 };   /* the forms */
 enum { FA16_FLOAT16 = 0, FA16_BFLOAT16 = 1 };             /* the storage types */
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && ((defined(__F16C__) && defined(__FMA__)) \
-                                                     || defined(_MSC_VER)))
+#if defined(__AVX512F__) || (FA_HAS_F16C && (defined(__FMA__) || defined(_MSC_VER)))
 #include <immintrin.h>
 
 /* Inlined into each specialization, whatever the compiler's own judgment. (MSVC builds
@@ -77,23 +78,11 @@ typedef __m512 fa16_vector;
 #include <cpuid.h>
 #endif
 
-FA_INLINE __m512 fa16_load_float16(const uint16_t* bits) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)bits));
-}
+FA_INLINE __m512 fa16_load_float16(const uint16_t* bits) { return fa_f16_widen16(bits); }
 
-/* Round to nearest even into float16; a NaN as fa_narrow_f16 writes it (its sign and
- * 0x7E00, and with ``torch_nans`` the top of its payload: ATen's vector conversion). */
+/* Round to nearest even into float16; a NaN as fa_narrow_f16 writes it (_convert.h). */
 FA_INLINE void fa16_store_float16(uint16_t* bits, __m512 x, const int torch_nans) {
-    __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-    if (FA_RARELY(nan != 0)) {
-        __m512i raw = _mm512_castps_si512(x);
-        __m512i canonical = _mm512_or_si512(
-            _mm512_or_si512(_mm512_and_si512(raw, _mm512_set1_epi32((int)0x80000000u)),
-                            _mm512_set1_epi32(0x7FC00000)),
-            _mm512_and_si512(raw, _mm512_set1_epi32(torch_nans ? 0x003FE000 : 0)));
-        x = _mm512_castsi512_ps(_mm512_mask_blend_epi32(nan, raw, canonical));
-    }
-    _mm256_storeu_si256((__m256i*)bits, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+    _mm256_storeu_si256((__m256i*)bits, fa_f16_narrow16(x, torch_nans));
 }
 
 #if FA16_BFLOAT16_IN_REGISTERS
@@ -138,22 +127,10 @@ typedef __m256 fa16_vector;
 #define fa16_sqrt _mm256_sqrt_ps
 #define FA16_BFLOAT16_IN_REGISTERS 0
 
-FA_INLINE __m256 fa16_load_float16(const uint16_t* bits) {
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)bits));
-}
+FA_INLINE __m256 fa16_load_float16(const uint16_t* bits) { return fa_f16_widen8(bits); }
 
-/* As the sixteen-lane store, with F16C: the NaN fix-up of fa_narrow_f16's F16C loop. */
 FA_INLINE void fa16_store_float16(uint16_t* bits, __m256 x, const int torch_nans) {
-    __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
-    if (FA_RARELY(_mm256_movemask_ps(nan) != 0)) {
-        const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
-        const __m256 quiet = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000));
-        const __m256 payload = _mm256_castsi256_ps(_mm256_set1_epi32(torch_nans ? 0x003FE000 : 0));
-        __m256 canonical = _mm256_or_ps(_mm256_or_ps(_mm256_and_ps(x, sign), quiet),
-                                        _mm256_and_ps(x, payload));
-        x = _mm256_blendv_ps(x, canonical, nan);
-    }
-    _mm_storeu_si128((__m128i*)bits, _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+    _mm_storeu_si128((__m128i*)bits, fa_f16_narrow8(x, torch_nans));
 }
 #endif
 
