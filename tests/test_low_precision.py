@@ -523,19 +523,25 @@ def cpu_has_bfloat16_rounding():
 @pytest.mark.parametrize("numerics", ["exact", "torch", "fast"])
 @pytest.mark.parametrize("kwargs", IN_REGISTER_FLAGS,
                          ids=[",".join(k) or "plain" for k in IN_REGISTER_FLAGS])
+@pytest.mark.parametrize("mode", ["pure", "stochastic", "master"])
 def test_16bit_in_registers_gives_the_bits_of_the_other_paths(restore_levels, dtype, numerics,
-                                                             kwargs):
-    # The avx512 and avx2 levels update float16 tensors, and avx512 bfloat16 ones where
-    # the CPU has AVX-512 BF16, in registers (_vectors16.h, each flag and form a
-    # specialization); the baseline widens float16 into float32 blocks, and bfloat16
-    # runs through _update's loop elsewhere. A float32 result one unit off in its last place rarely changes its
-    # 16-bit rounding (FMA against multiply-add in one moment update: a few elements in
-    # 2^20), so this catches a wrong operation, constant or branch, and the NaN payload
-    # test below the float16 conversions; many elements, moments that start away from
-    # zero, a size whose torch tail is not a whole vector, and for bfloat16 gradients
-    # whose squares are subnormal floats and NaNs (which vcvtneps2bf16 rounds otherwise).
+                                                             kwargs, mode):
+    # The avx512 and avx2 levels update tensors with float16 grads, and avx512 those with
+    # bfloat16 grads where the CPU has AVX-512 BF16, in registers (_vectors16.h, each
+    # mode, flag and form a specialization): param and moments of the grad's type
+    # ("pure"; bfloat16 rounded stochastically: "stochastic"), or float32 ones with a
+    # model copy ("master"). The baseline widens them into float32 blocks, and pure
+    # bfloat16 runs through _update's loop elsewhere. A float32 result one unit off in
+    # its last place rarely changes its 16-bit rounding (FMA against multiply-add in one
+    # moment update: a few elements in 2^20), so this catches a wrong operation, constant
+    # or branch, a wrong random bit, and the NaN payload test below the float16
+    # conversions; many elements, moments that start away from zero, a size whose torch
+    # tail is not a whole vector, and for bfloat16 gradients whose squares are subnormal
+    # floats and NaNs (which vcvtneps2bf16 rounds otherwise).
     if kwargs.get("eps_root") and numerics != "exact":
         pytest.skip("only the exact profile has an eps_root form")
+    if mode == "stochastic" and dtype is not BF16:
+        pytest.skip("stochastic rounding is for bfloat16 params")
     if len(_simd.available_levels()) < 2:
         pytest.skip("this CPU has only the baseline level: every tensor takes the other paths")
     levels = _simd.available_levels()
@@ -548,8 +554,9 @@ def test_16bit_in_registers_gives_the_bits_of_the_other_paths(restore_levels, dt
     n = (1 << 18) + 45  # torch's scalar tail: 13 elements, more than an avx2 vector
     rng = np.random.default_rng(5)
     values = rng.standard_normal(n).astype(np.float32)
-    first_m = (rng.standard_normal(n) * 0.1).astype(dtype)
-    first_v = (rng.random(n) * 0.01).astype(dtype)
+    state_type = np.float32 if mode == "master" else dtype
+    first_m = (rng.standard_normal(n) * 0.1).astype(dtype).astype(state_type)
+    first_v = (rng.random(n) * 0.01).astype(dtype).astype(state_type)
     offset = np.full(n, 0.01, np.float32)
     if dtype is BF16:  # moments that become subnormal floats (from zero), NaNs
         tiny = rng.integers(0, n, 300)
@@ -560,18 +567,24 @@ def test_16bit_in_registers_gives_the_bits_of_the_other_paths(restore_levels, dt
         _simd.use(level)
         options = dict(kwargs)
         amsgrad = options.pop("amsgrad", False)
+        if mode == "stochastic":
+            options.update(stochastic_rounding=True, seed=23)
+        master = values.copy() if mode == "master" else None
         p = values.astype(dtype)
         m, v = first_m.copy(), first_v.copy()
         vmax = first_v.copy() if amsgrad else None
         for t in range(1, 5):
             g = (values * np.float32(t % 3 - 1.1) + offset * np.float32(t)).astype(dtype)
             fastadam.adam_step(p, g, m, v, max_exp_avg_sq=vmax, step=t + 10, lr=1e-2,
-                               numerics=numerics, num_threads=1, **options)
-        return [a.view(np.uint16).copy() for a in (p, m, v, vmax) if a is not None]
+                               numerics=numerics, num_threads=1, master_param=master,
+                               **options)
+        return [a.view(np.uint16 if a.itemsize == 2 else np.uint32).copy()
+                for a in (p, m, v, vmax, master) if a is not None]
 
     baseline = run("baseline")
     for level in levels[1:]:
-        names = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+        names = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
+        names = [name for name in names if name != "max_exp_avg_sq" or kwargs.get("amsgrad")]
         for name, ours, theirs in zip(names, run(level), baseline):
             np.testing.assert_array_equal(ours, theirs, err_msg=f"{level} {name}")
 
@@ -595,6 +608,19 @@ def test_16bit_loops_in_registers_take_whole_vectors_short_of_torchs_tail():
             assert end(dtype, 1005, 0, 1005, eps_root=True) == 0
             assert end(dtype, 1005, 992, 1005, "torch") == 992   # all of it torch's tail
             assert end(dtype, 1005, 0, 7) == 0                   # less than one vector
+            # a float32 master and moments: torch's tail is that of its float32 loop
+            whole = 1005 // lanes * lanes if active else 0
+            assert end(dtype, 1005, 0, 1005, master_weights=True) == whole
+            assert end(dtype, 1005, 0, 1005, "torch", master_weights=True) == (
+                min(whole, 1000) if active else 0)
+            assert end(dtype, 1005, 0, 1005, amsgrad=True, master_weights=True) == 0
+            assert end(dtype, 1005, 0, 1005, stochastic=True, master_weights=True) == 0
+            # stochastic rounding: bfloat16 only, and never across a multiple of 2**32
+            sr = lanes is not None and dtype == "bfloat16" and module.BFLOAT16_IN_REGISTERS
+            assert end(dtype, 1005, 0, 1005, stochastic=True) == (whole if sr else 0)
+            first = (1 << 32) - 40
+            assert end(dtype, 1 << 33, first, first + 1000, stochastic=True) == (
+                first + 32 if sr else first)
 
 
 @pytest.mark.parametrize("numerics", ["exact", "torch", "fast"])

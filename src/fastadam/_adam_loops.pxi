@@ -470,11 +470,14 @@ cdef extern from "_vectors16.h" nogil:
         FA16_TORCH
         FA16_FLOAT16
         FA16_BFLOAT16
+        FA16_PURE
+        FA16_STOCHASTIC
+        FA16_MASTER
     int fa16_bfloat16_in_registers()
-    Py_ssize_t fa16_vectors(int storage, char* param, const char* grad, char* exp_avg,
-                            char* exp_avg_sq, Py_ssize_t start, Py_ssize_t stop,
-                            const fa16_coefficients* c, int scaled, int l2, int large_w,
-                            int form)
+    Py_ssize_t fa16_vectors(int storage, int mode, char* param, const char* grad,
+                            char* exp_avg, char* exp_avg_sq, char* model_param,
+                            Py_ssize_t start, Py_ssize_t stop, const fa16_coefficients* c,
+                            int scaled, int l2, int large_w, int form, uint32_t key)
 
 
 # bfloat16 takes the loop of _vectors16.h only at the avx512 level and where the CPU
@@ -483,15 +486,37 @@ cdef extern from "_vectors16.h" nogil:
 cdef bint _bfloat16_in_registers = fa16_bfloat16_in_registers()
 
 
+cdef int _register_mode(const AdamTensor* t) noexcept nogil:
+    """Which of _vectors16.h's modes a tensor's buffers fit (-1: none): a 16-bit grad with
+    param and moments of its type (bfloat16 rounded stochastically, or not), or with a
+    float32 master param and moments and a model copy of the grad's type."""
+    cdef int sixteen = t.grad_type
+    if sixteen != ELEM_F16 and (sixteen != ELEM_BF16 or not _bfloat16_in_registers):
+        return -1
+    if t.model_param == NULL and t.param_type == sixteen and t.state_type == sixteen:
+        if not t.stochastic:
+            return FA16_PURE
+        return FA16_STOCHASTIC if sixteen == ELEM_BF16 else -1   # (bfloat16's alone)
+    if (t.model_param != NULL and t.model_type == sixteen and t.param_type == ELEM_F32
+            and t.state_type == ELEM_F32 and not t.stochastic):
+        return FA16_MASTER
+    return -1
+
+
 cdef Py_ssize_t _vector_end(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
-                            int* form) noexcept nogil:
-    """Where the whole vectors of a float16 or bfloat16 tensor's elements [start, stop)
-    that _vectors16.h updates in registers end (``start``: none), and their ``form``.
-    float16 at the avx512 and avx2 levels, bfloat16 at avx512 with AVX-512 BF16; no
-    AMSGrad, no eps_root, and not torch's scalar tail."""
-    if (not FA16_FLOAT16_IN_REGISTERS or t.coef.amsgrad or t.coef.root_form
-            or (t.param_type == ELEM_BF16 and not _bfloat16_in_registers)):
+                            int* form, int* mode) noexcept nogil:
+    """Where the whole vectors of elements [start, stop) that _vectors16.h updates in
+    registers end (``start``: none), with their ``form`` and ``mode``: float16 grads at
+    the avx512 and avx2 levels, bfloat16 at avx512 with AVX-512 BF16 (_register_mode);
+    no AMSGrad, no eps_root, not torch's scalar tail, and for stochastic rounding not
+    past the next multiple of 2**32 (the random stream's key changes there)."""
+    if not FA16_FLOAT16_IN_REGISTERS or t.coef.amsgrad or t.coef.root_form:
         return start
+    mode[0] = _register_mode(t)
+    if mode[0] < 0:
+        return start
+    if mode[0] == FA16_STOCHASTIC:
+        stop = min(stop, ((start >> 32) + 1) << 32)
     if t.coef.numerics == NUMERICS_TORCH:
         form[0] = FA16_TORCH
         stop = min(stop, _torch_tail_start(t))
@@ -502,13 +527,21 @@ cdef Py_ssize_t _vector_end(const AdamTensor* t, Py_ssize_t start, Py_ssize_t st
     return start + (stop - start) // FA16_LANES * FA16_LANES
 
 
+cdef inline uint32_t _stochastic_key(uint64_t key, Py_ssize_t start) noexcept nogil:
+    """The random stream of elements from ``start`` whose indices share its high 32 bits,
+    as _narrow_stochastic folds it."""
+    cdef uint32_t high = fa_mix32(<uint32_t>(key >> 32) + <uint32_t>(<uint64_t>start >> 32))
+    return fa_mix32(<uint32_t>key ^ high)
+
+
 cdef Py_ssize_t _in_registers(const AdamTensor* t, Py_ssize_t start,
                               Py_ssize_t stop) noexcept nogil:
     """Update the elements of [start, stop) that _vector_end gives to _vectors16.h:
     returns where the other paths take over."""
     cdef fa16_coefficients c
     cdef int form = FA16_PAPER
-    cdef Py_ssize_t end = _vector_end(t, start, stop, &form)
+    cdef int mode = FA16_PURE
+    cdef Py_ssize_t end = _vector_end(t, start, stop, &form, &mode)
     if end == start:
         return start
     # cast from double as _update casts them (one_minus_w in float, as PyTorch's lerp)
@@ -523,26 +556,35 @@ cdef Py_ssize_t _in_registers(const AdamTensor* t, Py_ssize_t start,
     c.denom_div = <float>t.coef.denom_div
     c.inv_denom_div = <float>t.coef.inv_denom_div
     c.eps = <float>t.coef.eps
-    return fa16_vectors(FA16_BFLOAT16 if t.param_type == ELEM_BF16 else FA16_FLOAT16,
-                        t.param, t.grad, t.exp_avg, t.exp_avg_sq, start, end, &c,
-                        t.coef.grad_scaled, t.coef.l2_decay, c.w >= 0.5, form)
+    return fa16_vectors(FA16_BFLOAT16 if t.grad_type == ELEM_BF16 else FA16_FLOAT16, mode,
+                        t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.model_param, start, end,
+                        &c, t.coef.grad_scaled, t.coef.l2_decay, c.w >= 0.5, form,
+                        _stochastic_key(t.rounding_key, start))
 
 
 def vector_end(str dtype, Py_ssize_t size, Py_ssize_t start, Py_ssize_t stop,
-               str numerics="exact", bint amsgrad=False, bint eps_root=False):
+               str numerics="exact", bint amsgrad=False, bint eps_root=False,
+               bint stochastic=False, bint master_weights=False):
     """(tests) Where this level's loop in registers would stop in elements [start, stop)
-    of a pure ``dtype`` ("float16" or "bfloat16") tensor of ``size`` elements (``start``:
-    it takes none). Nothing is read or written."""
+    of a tensor of ``size`` elements with a ``dtype`` ("float16" or "bfloat16") grad, and
+    param and moments of that type (rounded stochastically), or float32 ones and a model
+    copy (``master_weights``). ``start`` if it takes none. Nothing is read or written."""
     cdef AdamTensor t
     cdef int form = FA16_PAPER
+    cdef int mode = FA16_PURE
     memset(&t, 0, sizeof(t))
     t.size = size
-    t.param_type = t.grad_type = t.state_type = ELEM_F16 if dtype == "float16" else ELEM_BF16
+    t.grad_type = ELEM_F16 if dtype == "float16" else ELEM_BF16
+    t.param_type = t.state_type = ELEM_F32 if master_weights else t.grad_type
+    if master_weights:
+        t.model_param = <char*>&t   # never read: a non-NULL address says there is one
+        t.model_type = t.grad_type
+    t.stochastic = stochastic
     t.coef.numerics = {"exact": NUMERICS_EXACT, "torch": NUMERICS_TORCH,
                        "fast": NUMERICS_FAST}[numerics]
     t.coef.amsgrad = amsgrad
     t.coef.root_form = eps_root
-    return _vector_end(&t, start, stop, &form)
+    return _vector_end(&t, start, stop, &form, &mode)
 
 
 cdef void run_chunk(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop) noexcept nogil:
@@ -555,10 +597,8 @@ cdef void run_chunk(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop) noex
         _by_grad(t, start, stop, <float*>NULL, <NativeStore*>NULL)
     elif one_type and t.param_type == ELEM_BF16 and not t.stochastic:
         _by_grad(t, _in_registers(t, start, stop), stop, <float*>NULL, <BF16Store*>NULL)
-    elif one_type and t.param_type == ELEM_F16:
+    else:   # float16, mixed types, master weights, stochastic rounding
         _run_staged(t, _in_registers(t, start, stop), stop)
-    else:   # mixed types, master weights, stochastic rounding
-        _run_staged(t, start, stop)
 
 
 # --- scanning gradients for NaN/Inf ----------------------------------------------------------

@@ -8,5 +8,5 @@ BFLOAT16_IN_REGISTERS: bool
 run_chunk_capsule: Any
 
 def vector_end(dtype: str, size: int, start: int, stop: int, numerics: str = ..., amsgrad: bool = ...,
-               eps_root: bool = ...) -> int: ...
+               eps_root: bool = ..., stochastic: bool = ..., master_weights: bool = ...) -> int: ...
 count_nonfinite_capsule: Any

@@ -42,6 +42,13 @@ typedef struct {
 
 enum { FA16_PAPER = 0, FA16_FAST = 1, FA16_TORCH = 2 };   /* the forms */
 enum { FA16_FLOAT16 = 0, FA16_BFLOAT16 = 1 };             /* the storage types */
+/* What a tensor's buffers hold, besides its 16-bit grad (the storage type). */
+enum {
+    FA16_PURE = 0,        /* param and moments of the storage type, rounded to nearest even */
+    FA16_STOCHASTIC = 1,  /* the same, the bfloat16 param rounded stochastically */
+    FA16_MASTER = 2       /* float32 param (the master copy) and moments; the 16-bit model
+                           * copy written from the master, rounded to nearest even */
+};
 
 #if defined(__AVX512F__) || (FA_HAS_F16C && (defined(__FMA__) || defined(_MSC_VER)))
 #include <immintrin.h>
@@ -71,6 +78,8 @@ typedef __m512 fa16_vector;
 #define fa16_div _mm512_div_ps
 #define fa16_fma _mm512_fmadd_ps
 #define fa16_sqrt _mm512_sqrt_ps
+#define fa16_load_float32 _mm512_loadu_ps
+#define fa16_store_float32 _mm512_storeu_ps
 #if defined(_MSC_VER)
 #define FA16_BFLOAT16_IN_REGISTERS 0
 #else
@@ -112,6 +121,32 @@ FA_INLINE void fa16_store_bfloat16(uint16_t* bits, __m512 x, const int torch_nan
         __asm__("vcvtneps2bf16 {%1, %0|%0, %1}" : "=v"(rounded) : "v"(x));  /* AT&T | Intel */
     _mm256_storeu_si256((__m256i*)bits, rounded);
 }
+
+/* fa_mix32 (_convert.h), sixteen lanes. */
+FA_INLINE __m512i fa16_mix32(__m512i x) {
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int)0x7feb352du));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int)0x846ca68bu));
+    return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+
+/* Stochastic rounding into bfloat16, as fa_f32_to_bf16_stochastic with
+ * fa_random16(key, index) of each lane's index (``index``: the first lane's, low 32
+ * bits): the same bits as _narrow_stochastic's. */
+FA_INLINE void fa16_store_bfloat16_stochastic(uint16_t* bits, __m512 x, uint32_t key,
+                                              uint32_t index) {
+    const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    __m512i at = _mm512_add_epi32(_mm512_set1_epi32((int)index), lanes);
+    __m512i random16 = _mm512_and_si512(
+        fa16_mix32(_mm512_xor_si512(_mm512_mullo_epi32(at, _mm512_set1_epi32((int)0x9E3779B9u)),
+                                    _mm512_set1_epi32((int)key))),
+        _mm512_set1_epi32(0xffff));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(x), random16), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q),
+                              _mm512_set1_epi32(0x7fc0));
+    _mm256_storeu_si256((__m256i*)bits, _mm512_cvtepi32_epi16(r));
+}
 #endif
 
 #else
@@ -125,6 +160,8 @@ typedef __m256 fa16_vector;
 #define fa16_div _mm256_div_ps
 #define fa16_fma _mm256_fmadd_ps
 #define fa16_sqrt _mm256_sqrt_ps
+#define fa16_load_float32 _mm256_loadu_ps
+#define fa16_store_float32 _mm256_storeu_ps
 #define FA16_BFLOAT16_IN_REGISTERS 0
 
 FA_INLINE __m256 fa16_load_float16(const uint16_t* bits) { return fa_f16_widen8(bits); }
@@ -169,11 +206,14 @@ FA_INLINE void fa16_store(uint16_t* bits, fa16_vector x, const int storage, cons
     fa16_store_float16(bits, x, torch_nans);
 }
 
-/* Elements [0, n) (n a multiple of FA16_LANES) with the storage, flags and form as
- * constants: each call below is inlined and specialized. */
-FA_INLINE void fa16_body(uint16_t* p, const uint16_t* g, uint16_t* m, uint16_t* v,
+/* Elements [0, n) (n a multiple of FA16_LANES) with the storage, mode, flags and form as
+ * constants: each call below is inlined and specialized. ``p``, ``m``, ``v`` hold 16-bit
+ * elements, or float32 ones in FA16_MASTER; ``model`` is FA16_MASTER's model copy.
+ * FA16_STOCHASTIC draws the random bits of element i from (key, first + i). */
+FA_INLINE void fa16_body(char* p, const uint16_t* g, char* m, char* v, uint16_t* model,
                          ptrdiff_t n, const fa16_coefficients* c, const int storage,
-                         const int scaled, const int l2, const int large_w, const int form) {
+                         const int mode, const int scaled, const int l2, const int large_w,
+                         const int form, uint32_t key, uint32_t first) {
     const fa16_vector grad_factor = fa16_set1(c->grad_factor);
     const fa16_vector l2_factor = fa16_set1(c->l2);
     const fa16_vector param_scale = fa16_set1(c->param_scale);
@@ -187,78 +227,119 @@ FA_INLINE void fa16_body(uint16_t* p, const uint16_t* g, uint16_t* m, uint16_t* 
     const fa16_vector inv_denom_div = fa16_set1(c->inv_denom_div);
     const fa16_vector eps = fa16_set1(c->eps);
     const int torch = form == FA16_TORCH;
+    const int master = mode == FA16_MASTER;
+    float* p32 = (float*)p;
+    float* m32 = (float*)m;
+    float* v32 = (float*)v;
+    uint16_t* p16 = (uint16_t*)p;
+    uint16_t* m16 = (uint16_t*)m;
+    uint16_t* v16 = (uint16_t*)v;
+    (void)model; (void)key; (void)first;
     for (ptrdiff_t i = 0; i < n; i += FA16_LANES) {
         fa16_vector gi = fa16_load(g + i, storage);
         gi = scaled ? fa16_div(gi, grad_factor) : fa16_mul(gi, grad_factor);
-        fa16_vector pi = fa16_load(p + i, storage);
+        fa16_vector pi = master ? fa16_load_float32(p32 + i) : fa16_load(p16 + i, storage);
         if (l2)
             gi = torch ? fa16_fma(pi, l2_factor, gi) : fa16_add(gi, fa16_mul(l2_factor, pi));
         else
             pi = fa16_mul(pi, param_scale);
-        fa16_vector mi = fa16_load(m + i, storage);
+        fa16_vector mi = master ? fa16_load_float32(m32 + i) : fa16_load(m16 + i, storage);
         fa16_vector d = fa16_sub(gi, mi);
         if (torch)
             mi = large_w ? fa16_fma(minus_one_minus_w, d, gi) : fa16_fma(w, d, mi);
         else
             mi = large_w ? fa16_sub(gi, fa16_mul(d, one_minus_w)) : fa16_add(mi, fa16_mul(w, d));
-        fa16_vector vi = fa16_load(v + i, storage);
+        fa16_vector vi = master ? fa16_load_float32(v32 + i) : fa16_load(v16 + i, storage);
         fa16_vector g2 = fa16_mul(one_minus_beta2, gi);
         vi = torch ? fa16_fma(g2, gi, fa16_mul(vi, beta2))
                    : fa16_add(fa16_mul(vi, beta2), fa16_mul(g2, gi));
-        fa16_store(m + i, mi, storage, torch);
-        fa16_store(v + i, vi, storage, torch);
+        if (master) {
+            fa16_store_float32(m32 + i, mi);
+            fa16_store_float32(v32 + i, vi);
+        } else {
+            fa16_store(m16 + i, mi, storage, torch);
+            fa16_store(v16 + i, vi, storage, torch);
+        }
         fa16_vector root = fa16_sqrt(vi);
         fa16_vector denom = form == FA16_FAST ? fa16_mul(root, inv_denom_div)
                                               : fa16_div(root, denom_div);
         pi = fa16_add(pi, fa16_div(fa16_mul(step_coef, mi), fa16_add(denom, eps)));
-        fa16_store(p + i, pi, storage, torch);
+        if (master) {
+            fa16_store_float32(p32 + i, pi);
+            fa16_store(model + i, pi, storage, 0);   /* c10's scalar NaN, as _narrow */
+        }
+#if FA16_BFLOAT16_IN_REGISTERS
+        else if (mode == FA16_STOCHASTIC)
+            fa16_store_bfloat16_stochastic(p16 + i, pi, key, first + (uint32_t)i);
+#endif
+        else
+            fa16_store(p16 + i, pi, storage, torch);
     }
 }
 
-#define FA16_FORMS(storage, scaled, l2, large_w)                                         \
+#define FA16_FORMS(storage, mode, scaled, l2, large_w)                                    \
     switch (form) {                                                                       \
     case FA16_PAPER:                                                                      \
-        fa16_body(p, g, m, v, n, c, storage, scaled, l2, large_w, FA16_PAPER); break;     \
+        fa16_body(p, g, m, v, model, n, c, storage, mode, scaled, l2, large_w, FA16_PAPER, \
+                  key, first); break;                                                     \
     case FA16_FAST:                                                                       \
-        fa16_body(p, g, m, v, n, c, storage, scaled, l2, large_w, FA16_FAST); break;      \
+        fa16_body(p, g, m, v, model, n, c, storage, mode, scaled, l2, large_w, FA16_FAST,  \
+                  key, first); break;                                                     \
     default:                                                                              \
-        fa16_body(p, g, m, v, n, c, storage, scaled, l2, large_w, FA16_TORCH); break;     \
+        fa16_body(p, g, m, v, model, n, c, storage, mode, scaled, l2, large_w, FA16_TORCH, \
+                  key, first); break;                                                     \
     }
 
-#define FA16_FLAGS(storage)                                                               \
+#define FA16_FLAGS(storage, mode)                                                         \
     switch ((scaled ? 4 : 0) | (l2 ? 2 : 0) | (large_w ? 1 : 0)) {                        \
-    case 0: FA16_FORMS(storage, 0, 0, 0) break;                                           \
-    case 1: FA16_FORMS(storage, 0, 0, 1) break;                                           \
-    case 2: FA16_FORMS(storage, 0, 1, 0) break;                                           \
-    case 3: FA16_FORMS(storage, 0, 1, 1) break;                                           \
-    case 4: FA16_FORMS(storage, 1, 0, 0) break;                                           \
-    case 5: FA16_FORMS(storage, 1, 0, 1) break;                                           \
-    case 6: FA16_FORMS(storage, 1, 1, 0) break;                                           \
-    default: FA16_FORMS(storage, 1, 1, 1) break;                                          \
+    case 0: FA16_FORMS(storage, mode, 0, 0, 0) break;                                     \
+    case 1: FA16_FORMS(storage, mode, 0, 0, 1) break;                                     \
+    case 2: FA16_FORMS(storage, mode, 0, 1, 0) break;                                     \
+    case 3: FA16_FORMS(storage, mode, 0, 1, 1) break;                                     \
+    case 4: FA16_FORMS(storage, mode, 1, 0, 0) break;                                     \
+    case 5: FA16_FORMS(storage, mode, 1, 0, 1) break;                                     \
+    case 6: FA16_FORMS(storage, mode, 1, 1, 0) break;                                     \
+    default: FA16_FORMS(storage, mode, 1, 1, 1) break;                                    \
     }
 
-/* Elements [start, stop) of a float16 tensor's (or, where this level has the bfloat16
- * loop, a bfloat16 tensor's) param, grad and moments, as far as whole vectors go:
- * returns where the caller takes over (``stop`` less the last (stop - start) %
- * FA16_LANES elements). */
-static ptrdiff_t fa16_vectors(int storage, char* param, const char* grad, char* exp_avg,
-                              char* exp_avg_sq, ptrdiff_t start, ptrdiff_t stop,
-                              const fa16_coefficients* c, int scaled, int l2, int large_w,
-                              int form) {
+/* Elements [start, stop) of a tensor whose grad is float16 (or, where this level has the
+ * bfloat16 loop, bfloat16), with param and moments of that type (FA16_PURE,
+ * FA16_STOCHASTIC: bfloat16 only) or float32 and a model copy (FA16_MASTER), as far as
+ * whole vectors go: returns where the caller takes over (``stop`` less the last
+ * (stop - start) % FA16_LANES elements). ``key``: FA16_STOCHASTIC's random stream, for
+ * elements whose indices share their high 32 bits (the caller's to ensure). */
+static ptrdiff_t fa16_vectors(int storage, int mode, char* param, const char* grad,
+                              char* exp_avg, char* exp_avg_sq, char* model_param,
+                              ptrdiff_t start, ptrdiff_t stop, const fa16_coefficients* c,
+                              int scaled, int l2, int large_w, int form, uint32_t key) {
     ptrdiff_t n = (stop - start) / FA16_LANES * FA16_LANES;
-    uint16_t* p = (uint16_t*)param + start;
+    size_t width = mode == FA16_MASTER ? 4 : 2;   /* of param and moments */
+    char* p = param + start * width;
     const uint16_t* g = (const uint16_t*)grad + start;
-    uint16_t* m = (uint16_t*)exp_avg + start;
-    uint16_t* v = (uint16_t*)exp_avg_sq + start;
-    if (n <= 0 || (storage == FA16_BFLOAT16 && !FA16_BFLOAT16_IN_REGISTERS))
+    char* m = exp_avg + start * width;
+    char* v = exp_avg_sq + start * width;
+    uint16_t* model = model_param == NULL ? NULL : (uint16_t*)model_param + start;
+    uint32_t first = (uint32_t)start;
+    if (n <= 0 || (storage == FA16_BFLOAT16 && !FA16_BFLOAT16_IN_REGISTERS)
+            || (mode == FA16_STOCHASTIC && storage != FA16_BFLOAT16))
         return start;
 #if FA16_BFLOAT16_IN_REGISTERS
     if (storage == FA16_BFLOAT16) {
-        FA16_FLAGS(FA16_BFLOAT16)
+        if (mode == FA16_MASTER) {
+            FA16_FLAGS(FA16_BFLOAT16, FA16_MASTER)
+        } else if (mode == FA16_STOCHASTIC) {
+            FA16_FLAGS(FA16_BFLOAT16, FA16_STOCHASTIC)
+        } else {
+            FA16_FLAGS(FA16_BFLOAT16, FA16_PURE)
+        }
         return start + n;
     }
 #endif
-    FA16_FLAGS(FA16_FLOAT16)
+    if (mode == FA16_MASTER) {
+        FA16_FLAGS(FA16_FLOAT16, FA16_MASTER)
+    } else {
+        FA16_FLAGS(FA16_FLOAT16, FA16_PURE)
+    }
     return start + n;
 }
 
@@ -274,12 +355,13 @@ static ptrdiff_t fa16_vectors(int storage, char* param, const char* grad, char* 
 
 static int fa16_bfloat16_in_registers(void) { return 0; }
 
-static ptrdiff_t fa16_vectors(int storage, char* param, const char* grad, char* exp_avg,
-                              char* exp_avg_sq, ptrdiff_t start, ptrdiff_t stop,
-                              const fa16_coefficients* c, int scaled, int l2, int large_w,
-                              int form) {
-    (void)storage; (void)param; (void)grad; (void)exp_avg; (void)exp_avg_sq; (void)stop;
-    (void)c; (void)scaled; (void)l2; (void)large_w; (void)form;
+static ptrdiff_t fa16_vectors(int storage, int mode, char* param, const char* grad,
+                              char* exp_avg, char* exp_avg_sq, char* model_param,
+                              ptrdiff_t start, ptrdiff_t stop, const fa16_coefficients* c,
+                              int scaled, int l2, int large_w, int form, uint32_t key) {
+    (void)storage; (void)mode; (void)param; (void)grad; (void)exp_avg; (void)exp_avg_sq;
+    (void)model_param; (void)stop; (void)c; (void)scaled; (void)l2; (void)large_w;
+    (void)form; (void)key;
     return start;
 }
 
