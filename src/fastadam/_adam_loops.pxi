@@ -84,8 +84,8 @@ ctypedef fused MaxTag:
 # they cost more than the rest of the update. The avx512 and avx2 levels update float16
 # tensors, and avx512 bfloat16 ones where the CPU has AVX-512 BF16, in registers in a
 # loop written with intrinsics (_vectors16.h, run_chunk: one conversion instruction per
-# vector); float16 at the baseline, mixed types, master weights and stochastic rounding
-# go through float32 blocks (_run_staged).
+# vector; master weights and stochastic rounding too); float16 at the baseline, mixed
+# types and what that loop leaves go through float32 blocks (_run_staged).
 cdef struct NativeStore:
     char unused
 cdef struct BF16Store:
@@ -339,10 +339,10 @@ cdef void _by_grad(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
 
 # --- 16-bit storage through float32 blocks ------------------------------------------------
 # A tensor whose buffers are not all of one type the loops read in registers (float16
-# at the baseline, and what _vectors16.h leaves of a float16 tensor: AMSGrad, eps_root,
-# torch's scalar tail; mixed types, a master copy, stochastic rounding) runs block by
-# block: its 16-bit
-# buffers are widened into float32 scratch arrays on the stack, the float32 loops above
+# at the baseline; what _vectors16.h leaves of a float16 tensor, a master copy or
+# stochastic rounding: AMSGrad, eps_root, torch's scalar tail; mixed types, and at the
+# levels without that loop a master copy or stochastic rounding) runs block by block:
+# its 16-bit buffers are widened into float32 scratch arrays on the stack, the float32 loops above
 # update the block there (float32 buffers in place), and the results are rounded back.
 # The scratch stays in L1, so memory sees only the 16-bit traffic; no further set of
 # specializations is compiled for these combinations.
