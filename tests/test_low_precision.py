@@ -589,6 +589,41 @@ def test_16bit_in_registers_gives_the_bits_of_the_other_paths(restore_levels, dt
             np.testing.assert_array_equal(ours, theirs, err_msg=f"{level} {name}")
 
 
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["float16", "bfloat16"])
+def test_a_large_masters_model_copy_streamed_past_the_caches_has_the_same_bits(restore_levels,
+                                                                                 dtype):
+    # From 2^20 elements the loop in registers writes a master's model copy with
+    # streaming stores, which need vector-aligned addresses: the blocks take the elements
+    # before the first aligned one. Model copies at every 2-byte offset within a vector,
+    # on one and two threads, against the baseline level (blocks, ordinary stores).
+    if len(_simd.available_levels()) < 2:
+        pytest.skip("this CPU has only the baseline level")
+    n = (1 << 20) + 37
+    rng = np.random.default_rng(9)
+    start = rng.standard_normal(n).astype(np.float32)
+    grads = [rng.standard_normal(n).astype(dtype) for _ in range(2)]
+
+    def run(level, shift, threads):
+        _simd.use(level)
+        storage = np.zeros(n + 32, dtype)
+        model = storage[shift:shift + n]
+        master = start.copy()
+        m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
+        for t, g in enumerate(grads, 1):
+            fastadam.adam_step(model, g, m, v, step=t, lr=1e-2, master_param=master,
+                               num_threads=threads)
+        return storage.view(np.uint16).copy(), master.view(np.uint32)
+
+    for shift in (0, 1, 5, 15):
+        expected_model, expected_master = run("baseline", shift, 1)
+        assert np.any(expected_model[shift:shift + n] != 0)
+        for level in _simd.available_levels()[1:]:
+            for threads in (1, 2):
+                model, master = run(level, shift, threads)
+                np.testing.assert_array_equal(model, expected_model, err_msg=f"{level} {shift}")
+                np.testing.assert_array_equal(master, expected_master)
+
+
 def test_16bit_loops_in_registers_take_whole_vectors_short_of_torchs_tail():
     # Which elements the loop of _vectors16.h takes at each level (the bits are the same
     # either way, so the test above cannot tell): whole vectors from the chunk's start,

@@ -477,7 +477,8 @@ cdef extern from "_vectors16.h" nogil:
     Py_ssize_t fa16_vectors(int storage, int mode, char* param, const char* grad,
                             char* exp_avg, char* exp_avg_sq, char* model_param,
                             Py_ssize_t start, Py_ssize_t stop, const fa16_coefficients* c,
-                            int scaled, int l2, int large_w, int form, uint32_t key)
+                            int scaled, int l2, int large_w, int form, uint32_t key,
+                            int stream)
 
 
 # bfloat16 takes the loop of _vectors16.h only at the avx512 level and where the CPU
@@ -534,16 +535,35 @@ cdef inline uint32_t _stochastic_key(uint64_t key, Py_ssize_t start) noexcept no
     return fa_mix32(<uint32_t>key ^ high)
 
 
+# Master weights write the model copy with streaming stores (past the caches) from
+# tensors of this many elements: their step moves 26 bytes an element, so the copy is out
+# of the caches by the time anything reads it, and a store that skips reading the line
+# first saves 2 of 28 bytes an element.
+cdef enum:
+    STREAM_ELEMENTS = 1 << 20
+
+
 cdef Py_ssize_t _in_registers(const AdamTensor* t, Py_ssize_t start,
                               Py_ssize_t stop) noexcept nogil:
-    """Update the elements of [start, stop) that _vector_end gives to _vectors16.h:
-    returns where the other paths take over."""
+    """Update the elements of [start, stop) that _vector_end gives to _vectors16.h
+    (streaming a large master's model copy, after the blocks take the elements before
+    the first vector-aligned one): returns where the other paths take over."""
     cdef fa16_coefficients c
     cdef int form = FA16_PAPER
     cdef int mode = FA16_PURE
     cdef Py_ssize_t end = _vector_end(t, start, stop, &form, &mode)
+    cdef Py_ssize_t head
+    cdef bint stream = mode == FA16_MASTER and t.size >= STREAM_ELEMENTS
     if end == start:
         return start
+    if stream:
+        # the elements before the first whose address is a multiple of a vector's bytes
+        head = <Py_ssize_t>(<size_t>t.model_param // 2 + <size_t>start) % FA16_LANES
+        head = (FA16_LANES - head) % FA16_LANES
+        if head and _vector_end(t, start + head, stop, &form, &mode) > start + head:
+            _run_staged(t, start, start + head)
+            start += head
+            end = _vector_end(t, start, stop, &form, &mode)
     # cast from double as _update casts them (one_minus_w in float, as PyTorch's lerp)
     c.grad_factor = <float>t.coef.grad_factor
     c.l2 = <float>t.coef.l2
@@ -559,7 +579,7 @@ cdef Py_ssize_t _in_registers(const AdamTensor* t, Py_ssize_t start,
     return fa16_vectors(FA16_BFLOAT16 if t.grad_type == ELEM_BF16 else FA16_FLOAT16, mode,
                         t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.model_param, start, end,
                         &c, t.coef.grad_scaled, t.coef.l2_decay, c.w >= 0.5, form,
-                        _stochastic_key(t.rounding_key, start))
+                        _stochastic_key(t.rounding_key, start), stream)
 
 
 def vector_end(str dtype, Py_ssize_t size, Py_ssize_t start, Py_ssize_t stop,

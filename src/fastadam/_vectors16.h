@@ -93,11 +93,15 @@ typedef __m512 fa16_vector;
 #include <cpuid.h>
 #endif
 
+typedef __m256i fa16_bits;   /* a vector's 16-bit elements */
+#define fa16_put(bits, rounded) _mm256_storeu_si256((__m256i*)(bits), rounded)
+#define fa16_stream(bits, rounded) _mm256_stream_si256((__m256i*)(bits), rounded)
+
 FA_INLINE __m512 fa16_load_float16(const uint16_t* bits) { return fa_f16_widen16(bits); }
 
 /* Round to nearest even into float16; a NaN as fa_narrow_f16 writes it (_convert.h). */
-FA_INLINE void fa16_store_float16(uint16_t* bits, __m512 x, const int torch_nans) {
-    _mm256_storeu_si256((__m256i*)bits, fa_f16_narrow16(x, torch_nans));
+FA_INLINE __m256i fa16_round_float16(__m512 x, const int torch_nans) {
+    return fa_f16_narrow16(x, torch_nans);
 }
 
 #if FA16_BFLOAT16_IN_REGISTERS
@@ -118,14 +122,14 @@ FA_INLINE __m256i fa16_bfloat16_by_integers(__m512 x, int nan_bits) {
 }
 
 /* Round to nearest even into bfloat16; a NaN 0x7FC0, or 0xFFFF with ``torch_nans``. */
-FA_INLINE void fa16_store_bfloat16(uint16_t* bits, __m512 x, const int torch_nans) {
+FA_INLINE __m256i fa16_round_bfloat16(__m512 x, const int torch_nans) {
     __m256i rounded;
     /* NaN (quiet 0x01, signalling 0x80) or subnormal (0x20) lanes */
     if (FA_RARELY(_mm512_fpclass_ps_mask(x, 0xA1) != 0))
         rounded = fa16_bfloat16_by_integers(x, torch_nans ? 0xFFFF : 0x7FC0);
     else
         __asm__("vcvtneps2bf16 {%1, %0|%0, %1}" : "=v"(rounded) : "v"(x));  /* AT&T | Intel */
-    _mm256_storeu_si256((__m256i*)bits, rounded);
+    return rounded;
 }
 
 /* fa_mix32 (_convert.h), sixteen lanes. */
@@ -170,10 +174,14 @@ typedef __m256 fa16_vector;
 #define fa16_store_float32 _mm256_storeu_ps
 #define FA16_BFLOAT16_IN_REGISTERS 0
 
+typedef __m128i fa16_bits;
+#define fa16_put(bits, rounded) _mm_storeu_si128((__m128i*)(bits), rounded)
+#define fa16_stream(bits, rounded) _mm_stream_si128((__m128i*)(bits), rounded)
+
 FA_INLINE __m256 fa16_load_float16(const uint16_t* bits) { return fa_f16_widen8(bits); }
 
-FA_INLINE void fa16_store_float16(uint16_t* bits, __m256 x, const int torch_nans) {
-    _mm_storeu_si128((__m128i*)bits, fa_f16_narrow8(x, torch_nans));
+FA_INLINE __m128i fa16_round_float16(__m256 x, const int torch_nans) {
+    return fa_f16_narrow8(x, torch_nans);
 }
 #endif
 
@@ -201,15 +209,17 @@ FA_INLINE fa16_vector fa16_load(const uint16_t* bits, const int storage) {
     return fa16_load_float16(bits);
 }
 
-FA_INLINE void fa16_store(uint16_t* bits, fa16_vector x, const int storage, const int torch_nans) {
+FA_INLINE fa16_bits fa16_round(fa16_vector x, const int storage, const int torch_nans) {
 #if FA16_BFLOAT16_IN_REGISTERS
-    if (storage == FA16_BFLOAT16) {
-        fa16_store_bfloat16(bits, x, torch_nans);
-        return;
-    }
+    if (storage == FA16_BFLOAT16)
+        return fa16_round_bfloat16(x, torch_nans);
 #endif
     (void)storage;
-    fa16_store_float16(bits, x, torch_nans);
+    return fa16_round_float16(x, torch_nans);
+}
+
+FA_INLINE void fa16_store(uint16_t* bits, fa16_vector x, const int storage, const int torch_nans) {
+    fa16_put(bits, fa16_round(x, storage, torch_nans));
 }
 
 /* Elements [0, n) (n a multiple of FA16_LANES) with the storage, mode, flags and form as
@@ -219,7 +229,7 @@ FA_INLINE void fa16_store(uint16_t* bits, fa16_vector x, const int storage, cons
 FA_INLINE void fa16_body(char* p, const uint16_t* g, char* m, char* v, uint16_t* model,
                          ptrdiff_t n, const fa16_coefficients* c, const int storage,
                          const int mode, const int scaled, const int l2, const int large_w,
-                         const int form, uint32_t key, uint32_t first) {
+                         const int form, uint32_t key, uint32_t first, const int stream) {
     const fa16_vector grad_factor = fa16_set1(c->grad_factor);
     const fa16_vector l2_factor = fa16_set1(c->l2);
     const fa16_vector param_scale = fa16_set1(c->param_scale);
@@ -272,7 +282,11 @@ FA_INLINE void fa16_body(char* p, const uint16_t* g, char* m, char* v, uint16_t*
         pi = fa16_add(pi, fa16_div(fa16_mul(step_coef, mi), fa16_add(denom, eps)));
         if (master) {
             fa16_store_float32(p32 + i, pi);
-            fa16_store(model + i, pi, storage, 0);   /* c10's scalar NaN, as _narrow */
+            fa16_bits rounded = fa16_round(pi, storage, 0);  /* c10's scalar NaN, as _narrow */
+            if (stream)
+                fa16_stream(model + i, rounded);
+            else
+                fa16_put(model + i, rounded);
         }
 #if FA16_BFLOAT16_IN_REGISTERS
         else if (mode == FA16_STOCHASTIC)
@@ -287,13 +301,13 @@ FA_INLINE void fa16_body(char* p, const uint16_t* g, char* m, char* v, uint16_t*
     switch (form) {                                                                       \
     case FA16_PAPER:                                                                      \
         fa16_body(p, g, m, v, model, n, c, storage, mode, scaled, l2, large_w, FA16_PAPER, \
-                  key, first); break;                                                     \
+                  key, first, stream); break;                                                     \
     case FA16_FAST:                                                                       \
         fa16_body(p, g, m, v, model, n, c, storage, mode, scaled, l2, large_w, FA16_FAST,  \
-                  key, first); break;                                                     \
+                  key, first, stream); break;                                                     \
     default:                                                                              \
         fa16_body(p, g, m, v, model, n, c, storage, mode, scaled, l2, large_w, FA16_TORCH, \
-                  key, first); break;                                                     \
+                  key, first, stream); break;                                                     \
     }
 
 #define FA16_FLAGS(storage, mode)                                                         \
@@ -317,7 +331,8 @@ FA_INLINE void fa16_body(char* p, const uint16_t* g, char* m, char* v, uint16_t*
 static ptrdiff_t fa16_vectors(int storage, int mode, char* param, const char* grad,
                               char* exp_avg, char* exp_avg_sq, char* model_param,
                               ptrdiff_t start, ptrdiff_t stop, const fa16_coefficients* c,
-                              int scaled, int l2, int large_w, int form, uint32_t key) {
+                              int scaled, int l2, int large_w, int form, uint32_t key,
+                              int stream) {
     ptrdiff_t n = (stop - start) / FA16_LANES * FA16_LANES;
     size_t width = mode == FA16_MASTER ? 4 : 2;   /* of param and moments */
     char* p = param + start * width;
@@ -326,6 +341,7 @@ static ptrdiff_t fa16_vectors(int storage, int mode, char* param, const char* gr
     char* v = exp_avg_sq + start * width;
     uint16_t* model = model_param == NULL ? NULL : (uint16_t*)model_param + start;
     uint32_t first = (uint32_t)start;
+    stream = stream && model != NULL && (uintptr_t)model % (FA16_LANES * 2) == 0;
     if (n <= 0 || (storage == FA16_BFLOAT16 && !FA16_BFLOAT16_IN_REGISTERS)
             || (mode == FA16_STOCHASTIC && storage != FA16_BFLOAT16))
         return start;
@@ -333,6 +349,8 @@ static ptrdiff_t fa16_vectors(int storage, int mode, char* param, const char* gr
     if (storage == FA16_BFLOAT16) {
         if (mode == FA16_MASTER) {
             FA16_FLAGS(FA16_BFLOAT16, FA16_MASTER)
+            if (stream)
+                _mm_sfence();
         } else if (mode == FA16_STOCHASTIC) {
             FA16_FLAGS(FA16_BFLOAT16, FA16_STOCHASTIC)
         } else {
@@ -346,6 +364,8 @@ static ptrdiff_t fa16_vectors(int storage, int mode, char* param, const char* gr
     } else {
         FA16_FLAGS(FA16_FLOAT16, FA16_PURE)
     }
+    if (stream)
+        _mm_sfence();
     return start + n;
 }
 
@@ -364,8 +384,9 @@ static int fa16_bfloat16_in_registers(void) { return 0; }
 static ptrdiff_t fa16_vectors(int storage, int mode, char* param, const char* grad,
                               char* exp_avg, char* exp_avg_sq, char* model_param,
                               ptrdiff_t start, ptrdiff_t stop, const fa16_coefficients* c,
-                              int scaled, int l2, int large_w, int form, uint32_t key) {
-    (void)storage; (void)mode; (void)param; (void)grad; (void)exp_avg; (void)exp_avg_sq;
+                              int scaled, int l2, int large_w, int form, uint32_t key,
+                              int stream) {
+    (void)stream; (void)storage; (void)mode; (void)param; (void)grad; (void)exp_avg; (void)exp_avg_sq;
     (void)model_param; (void)stop; (void)c; (void)scaled; (void)l2; (void)large_w;
     (void)form; (void)key;
     return start;
