@@ -347,9 +347,8 @@ cdef void _by_grad(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
 # The scratch stays in L1, so memory sees only the 16-bit traffic; no further set of
 # specializations is compiled for these combinations.
 
-# A multiple of every torch lane count: block starts keep the position of torch's scalar
-# tail. Small, so that the core overlaps one block's loads and conversions with the
-# previous block's divisions: float16 at 2^24 elements, one thread, went from 0.56x to
+# Small, so that the core overlaps one block's loads and conversions with the previous
+# block's divisions: float16 at 2^24 elements, one thread, went from 0.56x to
 # 0.74x torch's fused float16 going from 512 to 128 (64 and 256 were no better; in cache
 # the same).
 cdef enum:
@@ -431,8 +430,11 @@ cdef void _run_staged(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop) no
     cdef float max_exp_avg_sq[STAGE_ELEMENTS]
     cdef AdamTensor block = t[0]
     cdef Py_ssize_t first = start, n
+    cdef Py_ssize_t tail = _torch_tail_start(t), lanes = _torch_lanes(t)
     while first < stop:
         n = min(<Py_ssize_t>STAGE_ELEMENTS, stop - first)
+        if first < tail:    # no block straddles torch's scalar tail
+            n = min(n, tail - first)
         block.param = _staged(t.param, t.param_type, first, n, param)
         block.grad = _staged(t.grad, t.grad_type, first, n, grad)
         block.exp_avg = _staged(t.exp_avg, t.state_type, first, n, exp_avg)
@@ -440,9 +442,11 @@ cdef void _run_staged(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop) no
         if t.max_exp_avg_sq != NULL:
             block.max_exp_avg_sq = _staged(t.max_exp_avg_sq, t.state_type, first, n,
                                            max_exp_avg_sq)
-        # the block's elements are 0..n; its size counts from ``first`` to the tensor's
-        # end, so torch's scalar tail stays where it is in the tensor
-        block.size = t.size - first
+        # The block's elements are 0..n, wherever it starts (a chunk's, or after the
+        # loop in registers, streaming's aligned head included). Its size puts them all
+        # in torch's vector loop (a whole number of its vectors), or all in its scalar
+        # tail (fewer elements than a vector), as they are in the tensor.
+        block.size = (n + lanes - 1) // lanes * lanes if first < tail else t.size - first
         _by_grad(&block, 0, n, <float*>NULL, <NativeStore*>NULL)
         if t.stochastic and t.param_type == ELEM_BF16:
             _narrow_stochastic(<const float*>block.param, t.param, first, n, t.rounding_key)
