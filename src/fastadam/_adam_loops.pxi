@@ -382,14 +382,20 @@ cdef void _narrow(const float* values, char* target, int element_type, Py_ssize_
         fa_narrow_f16(values, bits, n, vector_nans)
 
 
+cdef inline uint32_t _stochastic_key(uint64_t key, Py_ssize_t start) noexcept nogil:
+    """The random stream of elements from ``start`` whose indices share its high 32 bits
+    (the blocks' and the loop in registers')."""
+    cdef uint32_t high = fa_mix32(<uint32_t>(key >> 32) + <uint32_t>(<uint64_t>start >> 32))
+    return fa_mix32(<uint32_t>key ^ high)
+
+
 cdef void _narrow_stochastic(const float* values, char* target, Py_ssize_t start,
                              Py_ssize_t n, uint64_t key) noexcept nogil:
     """Round values[0:n] stochastically into bfloat16 target[start:start + n]; the random
     bits depend on (key, element index) only."""
     cdef uint16_t* bits = (<uint16_t*>target) + start
-    # fold the index's high half into the key once (a block never straddles 2**32)
-    cdef uint32_t high = fa_mix32(<uint32_t>(key >> 32) + <uint32_t>(<uint64_t>start >> 32))
-    cdef uint32_t block_key = fa_mix32(<uint32_t>key ^ high)
+    # the index's high half folded into the key once (a block never straddles 2**32)
+    cdef uint32_t block_key = _stochastic_key(key, start)
     cdef uint32_t first = <uint32_t>start
     cdef Py_ssize_t i
     for i in range(n):  # vectorized: kernel loop
@@ -530,13 +536,6 @@ cdef Py_ssize_t _vector_end(const AdamTensor* t, Py_ssize_t start, Py_ssize_t st
     if stop - start < FA16_LANES:  # not one whole vector
         return start
     return start + (stop - start) // FA16_LANES * FA16_LANES
-
-
-cdef inline uint32_t _stochastic_key(uint64_t key, Py_ssize_t start) noexcept nogil:
-    """The random stream of elements from ``start`` whose indices share its high 32 bits,
-    as _narrow_stochastic folds it."""
-    cdef uint32_t high = fa_mix32(<uint32_t>(key >> 32) + <uint32_t>(<uint64_t>start >> 32))
-    return fa_mix32(<uint32_t>key ^ high)
 
 
 # Master weights write the model copy with streaming stores (past the caches) from

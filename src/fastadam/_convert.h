@@ -37,16 +37,19 @@ static inline uint16_t fa_f32_to_bf16(float f, uint16_t nan_bits) {
 }
 
 /* A 32-bit avalanche hash (Chris Wellons' "lowbias32"): full 32-bit multiplies only, so it
- * vectorizes at every level. */
+ * vectorizes at every level (_vectors16.h's fa16_random16 is the same, sixteen lanes). */
+#define FA_MIX32_FIRST 0x7feb352du
+#define FA_MIX32_SECOND 0x846ca68bu
+#define FA_INDEX_SPREAD 0x9E3779B9u   /* spreads consecutive indices before the hash */
 static inline uint32_t fa_mix32(uint32_t x) {
-    x ^= x >> 16; x *= 0x7feb352du; x ^= x >> 15; x *= 0x846ca68bu; x ^= x >> 16;
+    x ^= x >> 16; x *= FA_MIX32_FIRST; x ^= x >> 15; x *= FA_MIX32_SECOND; x ^= x >> 16;
     return x;
 }
 
 /* 16 random bits for element ``index`` (the low 32 bits of its index in the tensor; the
  * high bits are folded into ``key`` per block, which never straddles 2**32). */
 static inline uint32_t fa_random16(uint32_t key, uint32_t index) {
-    return fa_mix32((index * 0x9E3779B9u) ^ key) & 0xffffu;
+    return fa_mix32((index * FA_INDEX_SPREAD) ^ key) & 0xffffu;
 }
 
 static inline uint16_t fa_f32_to_bf16_stochastic(float f, uint32_t random16) {

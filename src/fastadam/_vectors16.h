@@ -110,15 +110,22 @@ FA_INLINE __m512 fa16_load_bfloat16(const uint16_t* bits) {  /* the float's high
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
+/* Sixteen bfloat16 from the high halves of ``high`` (integers below 2^16), NaN lanes of
+ * ``x`` as ``nan_bits``. */
+FA_INLINE __m256i fa16_pack_bfloat16(__m512i high, __m512 x, int nan_bits) {
+    high = _mm512_mask_mov_epi32(high, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q),
+                                 _mm512_set1_epi32(nan_bits));
+    return _mm512_cvtepi32_epi16(high);
+}
+
 /* fa_f32_to_bf16's integer sequence, sixteen lanes at once (NaNs become nan_bits). */
 FA_INLINE __m256i fa16_bfloat16_by_integers(__m512 x, int nan_bits) {
     __m512i u = _mm512_castps_si512(x);
     __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
-                                                   odd), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q),
-                              _mm512_set1_epi32(nan_bits));
-    return _mm512_cvtepi32_epi16(r);
+    return fa16_pack_bfloat16(
+        _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd),
+                          16),
+        x, nan_bits);
 }
 
 /* Round to nearest even into bfloat16; a NaN 0x7FC0, or 0xFFFF with ``torch_nans``. */
@@ -132,30 +139,26 @@ FA_INLINE __m256i fa16_round_bfloat16(__m512 x, const int torch_nans) {
     return rounded;
 }
 
-/* fa_mix32 (_convert.h), sixteen lanes. */
-FA_INLINE __m512i fa16_mix32(__m512i x) {
+/* fa_random16 (_convert.h) of sixteen consecutive indices from ``index``. */
+FA_INLINE __m512i fa16_random16(uint32_t key, uint32_t index) {
+    const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    __m512i x = _mm512_add_epi32(_mm512_set1_epi32((int)index), lanes);
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int)FA_INDEX_SPREAD));
+    x = _mm512_xor_si512(x, _mm512_set1_epi32((int)key));
+    /* fa_mix32 */
     x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-    x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int)0x7feb352du));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int)FA_MIX32_FIRST));
     x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
-    x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int)0x846ca68bu));
-    return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int)FA_MIX32_SECOND));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    return _mm512_and_si512(x, _mm512_set1_epi32(0xffff));
 }
 
-/* Stochastic rounding into bfloat16, as fa_f32_to_bf16_stochastic with
- * fa_random16(key, index) of each lane's index (``index``: the first lane's, low 32
- * bits): the same bits as _narrow_stochastic's. */
-FA_INLINE void fa16_store_bfloat16_stochastic(uint16_t* bits, __m512 x, uint32_t key,
-                                              uint32_t index) {
-    const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    __m512i at = _mm512_add_epi32(_mm512_set1_epi32((int)index), lanes);
-    __m512i random16 = _mm512_and_si512(
-        fa16_mix32(_mm512_xor_si512(_mm512_mullo_epi32(at, _mm512_set1_epi32((int)0x9E3779B9u)),
-                                    _mm512_set1_epi32((int)key))),
-        _mm512_set1_epi32(0xffff));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(x), random16), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q),
-                              _mm512_set1_epi32(0x7fc0));
-    _mm256_storeu_si256((__m256i*)bits, _mm512_cvtepi32_epi16(r));
+/* Stochastic rounding into bfloat16 of elements index.. (the low 32 bits of the first's
+ * index), as fa_f32_to_bf16_stochastic with fa_random16: _narrow_stochastic's bits. */
+FA_INLINE __m256i fa16_round_bfloat16_stochastically(__m512 x, uint32_t key, uint32_t index) {
+    __m512i u = _mm512_add_epi32(_mm512_castps_si512(x), fa16_random16(key, index));
+    return fa16_pack_bfloat16(_mm512_srli_epi32(u, 16), x, 0x7fc0);
 }
 #endif
 
@@ -290,7 +293,7 @@ FA_INLINE void fa16_body(char* p, const uint16_t* g, char* m, char* v, uint16_t*
         }
 #if FA16_BFLOAT16_IN_REGISTERS
         else if (mode == FA16_STOCHASTIC)
-            fa16_store_bfloat16_stochastic(p16 + i, pi, key, first + (uint32_t)i);
+            fa16_put(p16 + i, fa16_round_bfloat16_stochastically(pi, key, first + (uint32_t)i));
 #endif
         else
             fa16_store(p16 + i, pi, storage, torch);
@@ -349,22 +352,19 @@ static ptrdiff_t fa16_vectors(int storage, int mode, char* param, const char* gr
     if (storage == FA16_BFLOAT16) {
         if (mode == FA16_MASTER) {
             FA16_FLAGS(FA16_BFLOAT16, FA16_MASTER)
-            if (stream)
-                _mm_sfence();
         } else if (mode == FA16_STOCHASTIC) {
             FA16_FLAGS(FA16_BFLOAT16, FA16_STOCHASTIC)
         } else {
             FA16_FLAGS(FA16_BFLOAT16, FA16_PURE)
         }
-        return start + n;
-    }
+    } else
 #endif
     if (mode == FA16_MASTER) {
         FA16_FLAGS(FA16_FLOAT16, FA16_MASTER)
     } else {
         FA16_FLAGS(FA16_FLOAT16, FA16_PURE)
     }
-    if (stream)
+    if (stream)   /* streaming stores are weakly ordered: done before anyone reads */
         _mm_sfence();
     return start + n;
 }
@@ -386,9 +386,9 @@ static ptrdiff_t fa16_vectors(int storage, int mode, char* param, const char* gr
                               ptrdiff_t start, ptrdiff_t stop, const fa16_coefficients* c,
                               int scaled, int l2, int large_w, int form, uint32_t key,
                               int stream) {
-    (void)stream; (void)storage; (void)mode; (void)param; (void)grad; (void)exp_avg; (void)exp_avg_sq;
+    (void)storage; (void)mode; (void)param; (void)grad; (void)exp_avg; (void)exp_avg_sq;
     (void)model_param; (void)stop; (void)c; (void)scaled; (void)l2; (void)large_w;
-    (void)form; (void)key;
+    (void)form; (void)key; (void)stream;
     return start;
 }
 
