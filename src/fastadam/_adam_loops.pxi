@@ -340,8 +340,9 @@ cdef void _by_grad(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
 # --- 16-bit storage through float32 blocks ------------------------------------------------
 # A tensor whose buffers are not all of one type the loops read in registers (float16
 # at the baseline; what _vectors16.h leaves of a float16 tensor, a master copy or
-# stochastic rounding: AMSGrad, eps_root, torch's scalar tail; mixed types, and at the
-# levels without that loop a master copy or stochastic rounding) runs block by block:
+# stochastic rounding: AMSGrad, eps_root, torch's scalar tail, a streamed model copy's
+# unaligned head; mixed types; a master copy or stochastic rounding where that loop is
+# absent: the baseline, bfloat16 without AVX-512 BF16 or with MSVC) runs block by block:
 # its 16-bit buffers are widened into float32 scratch arrays on the stack, the float32 loops above
 # update the block there (float32 buffers in place), and the results are rounded back.
 # The scratch stays in L1, so memory sees only the 16-bit traffic; no further set of

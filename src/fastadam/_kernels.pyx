@@ -28,10 +28,12 @@ Design (see docs/design.md "Layers"):
   buffers (the math type itself, or bfloat16 converted in registers), so each of the
   3 x 80 specializations that run (float64, float32, float32 math over bfloat16) is
   straight-line arithmetic that the C compiler vectorizes (checked by
-  .github/scripts/check_vectorization.py). Pure float16 tensors (and bfloat16 ones
-  where the CPU has AVX-512 BF16) run a loop written with intrinsics at the avx2 and
-  avx512 levels (_vectors16.h); other 16-bit combinations run the float32
-  specializations block by block (``_run_staged`` in _adam_loops.pxi). The
+  .github/scripts/check_vectorization.py). Tensors with float16 grads (and bfloat16
+  ones where the CPU has AVX-512 BF16) run a loop written with intrinsics at the avx2
+  and avx512 levels (_vectors16.h): pure 16-bit, bfloat16 rounded stochastically, or
+  float32 masters with a 16-bit model copy; what it leaves, and other 16-bit
+  combinations, run the float32 specializations block by block (``_run_staged`` in
+  _adam_loops.pxi). The
   ``_by_*`` functions walk the run-time flags down to the right specialization once per
   chunk, never per element.
 * Exactness: coefficients are computed in double and cast to the element type once per

@@ -16,8 +16,11 @@
  *    It treats subnormal inputs as zero, and writes its own NaN: a vector holding either
  *    (fpclass, rare) takes the integer sequence: the two agree on every other float
  *    (checked for all 2^32 bit patterns). The instruction is written in assembly, so
- *    that the rest of this level is built for x86-64-v4 alone; GCC and Clang only (MSVC
- *    keeps _update's loop).
+ *    # A tensor whose buffers are not all of one type the loops read in registers (float16
+# at the baseline; what _vectors16.h leaves of a float16 tensor, a master copy or
+# stochastic rounding: AMSGrad, eps_root, torch's scalar tail, a streamed model copy's
+# unaligned head; mixed types; a master copy or stochastic rounding where that loop is
+# absent: the baseline, bfloat16 without AVX-512 BF16 or with MSVC) runs block by block:
  *
  * Three modes share the loop (each a specialization): param and moments of the grad's
  * 16-bit type (pure); the same with the bfloat16 param rounded stochastically, with the
