@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import fastadam
-from fastadam._memory import zeros_at
 from fastadam import _simd
+from fastadam._memory import zeros_at
 
 from conftest import TAIL_SIZES, VARIANT_SUBSET, make_state, variant_id, variant_kwargs
 from reference import adam_reference
