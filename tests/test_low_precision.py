@@ -520,13 +520,17 @@ def cpu_has_bfloat16_rounding():
         return None
 
 
-@pytest.mark.parametrize("dtype", [F16, BF16], ids=["float16", "bfloat16"])
+IN_REGISTER_MODES = [("pure", F16), ("pure", BF16), ("stochastic", BF16), ("master", F16),
+                     ("master", BF16)]  # (stochastic rounding is for bfloat16 params)
+
+
+@pytest.mark.parametrize("mode,dtype", IN_REGISTER_MODES,
+                         ids=[f"{mode}-{np.dtype(t).name}" for mode, t in IN_REGISTER_MODES])
 @pytest.mark.parametrize("numerics", ["exact", "torch", "fast"])
 @pytest.mark.parametrize("kwargs", IN_REGISTER_FLAGS,
                          ids=[",".join(k) or "plain" for k in IN_REGISTER_FLAGS])
-@pytest.mark.parametrize("mode", ["pure", "stochastic", "master"])
-def test_16bit_in_registers_gives_the_bits_of_the_other_paths(restore_levels, dtype, numerics,
-                                                             kwargs, mode):
+def test_16bit_in_registers_gives_the_bits_of_the_other_paths(restore_levels, mode, dtype,
+                                                             numerics, kwargs):
     # The avx512 and avx2 levels update tensors with float16 grads, and avx512 those with
     # bfloat16 grads where the CPU has AVX-512 BF16, in registers (_vectors16.h, each
     # mode, flag and form a specialization): param and moments of the grad's type
@@ -541,8 +545,6 @@ def test_16bit_in_registers_gives_the_bits_of_the_other_paths(restore_levels, dt
     # floats and NaNs (which vcvtneps2bf16 rounds otherwise).
     if kwargs.get("eps_root") and numerics != "exact":
         pytest.skip("only the exact profile has an eps_root form")
-    if mode == "stochastic" and dtype is not BF16:
-        pytest.skip("stochastic rounding is for bfloat16 params")
     if len(_simd.available_levels()) < 2:
         pytest.skip("this CPU has only the baseline level: every tensor takes the other paths")
     levels = _simd.available_levels()
