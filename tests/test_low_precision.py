@@ -595,14 +595,12 @@ def test_16bit_in_registers_gives_the_bits_of_the_other_paths(restore_levels, mo
 
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("numerics", ["exact", "torch"])
-def test_a_large_masters_model_copy_streamed_past_the_caches_has_the_same_bits(restore_levels,
-                                                                                 dtype, numerics):
-    # From 2^20 elements the loop in registers writes a master's model copy with
-    # streaming stores, which need vector-aligned addresses: the blocks take the elements
-    # before the first aligned one, and after the last whole vector, from wherever they
-    # start (torch's scalar tail must stay where it is: its last size % 8 elements).
-    # Model copies at every 2-byte offset of a 64-byte line, on one and two threads,
-    # against the baseline level (blocks, ordinary stores): model, master and moments.
+def test_a_masters_model_copy_at_any_offset_has_the_same_bits(restore_levels, dtype, numerics):
+    # The loop in registers takes whole vectors of a master from wherever a chunk starts;
+    # the blocks take what it leaves, and torch's scalar tail (a float32 master's last
+    # size % 8 elements) must stay where it is whatever a block's start. Model copies at
+    # every 2-byte offset of a 64-byte line, on one and two threads (two chunks), against
+    # the baseline level (blocks only): model, master and moments.
     if len(_simd.available_levels()) < 2:
         pytest.skip("this CPU has only the baseline level")
     n = (1 << 20) + 37

@@ -340,12 +340,12 @@ cdef void _by_grad(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop,
 # --- 16-bit storage through float32 blocks ------------------------------------------------
 # A tensor whose buffers are not all of one type the loops read in registers (float16
 # at the baseline; what _vectors16.h leaves of a float16 tensor, a master copy or
-# stochastic rounding: AMSGrad, eps_root, torch's scalar tail, a streamed model copy's
-# unaligned head; mixed types; a master copy or stochastic rounding where that loop is
-# absent: the baseline, bfloat16 without AVX-512 BF16 or with MSVC) runs block by block:
-# its 16-bit buffers are widened into float32 scratch arrays on the stack, the float32 loops above
-# update the block there (float32 buffers in place), and the results are rounded back.
-# The scratch stays in L1, so memory sees only the 16-bit traffic; no further set of
+# stochastic rounding: AMSGrad, eps_root, torch's scalar tail; mixed types; a master
+# copy or stochastic rounding where that loop is absent: the baseline, bfloat16 without
+# AVX-512 BF16 or with MSVC) runs block by block: its 16-bit buffers are widened into
+# float32 scratch arrays on the stack, the float32 loops above update the block there
+# (float32 buffers in place), and the results are rounded back. The scratch stays in L1,
+# so memory sees only the 16-bit traffic; no further set of
 # specializations is compiled for these combinations.
 
 # Small, so that the core overlaps one block's loads and conversions with the previous
@@ -449,8 +449,8 @@ cdef void _run_staged(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop) no
         if t.max_exp_avg_sq != NULL:
             block.max_exp_avg_sq = _staged(t.max_exp_avg_sq, t.state_type, first, n,
                                            max_exp_avg_sq)
-        # The block's elements are 0..n, wherever it starts (a chunk's, or after the
-        # loop in registers, streaming's aligned head included). Its size puts them all
+        # The block's elements are 0..n, wherever it starts (a chunk's start, or where
+        # the loop in registers stopped). Its size puts them all
         # in torch's vector loop (a whole number of its vectors), or all in its scalar
         # tail (fewer elements than a vector), as they are in the tensor.
         block.size = (n + lanes - 1) // lanes * lanes if first < tail else t.size - first
@@ -488,8 +488,7 @@ cdef extern from "_vectors16.h" nogil:
     Py_ssize_t fa16_vectors(int storage, int mode, char* param, const char* grad,
                             char* exp_avg, char* exp_avg_sq, char* model_param,
                             Py_ssize_t start, Py_ssize_t stop, const fa16_coefficients* c,
-                            int scaled, int l2, int large_w, int form, uint32_t key,
-                            int stream)
+                            int scaled, int l2, int large_w, int form, uint32_t key)
 
 
 # bfloat16 takes the loop of _vectors16.h only at the avx512 level and where the CPU
@@ -539,35 +538,16 @@ cdef Py_ssize_t _vector_end(const AdamTensor* t, Py_ssize_t start, Py_ssize_t st
     return start + (stop - start) // FA16_LANES * FA16_LANES
 
 
-# Master weights write the model copy with streaming stores (past the caches) from
-# tensors of this many elements: their step moves 26 bytes an element, so the copy is out
-# of the caches by the time anything reads it, and a store that skips reading the line
-# first saves 2 of 28 bytes an element.
-cdef enum:
-    STREAM_ELEMENTS = 1 << 20
-
-
 cdef Py_ssize_t _in_registers(const AdamTensor* t, Py_ssize_t start,
                               Py_ssize_t stop) noexcept nogil:
-    """Update the elements of [start, stop) that _vector_end gives to _vectors16.h
-    (streaming a large master's model copy, after the blocks take the elements before
-    the first vector-aligned one): returns where the other paths take over."""
+    """Update the elements of [start, stop) that _vector_end gives to _vectors16.h:
+    returns where the other paths take over."""
     cdef fa16_coefficients c
     cdef int form = FA16_PAPER
     cdef int mode = FA16_PURE
     cdef Py_ssize_t end = _vector_end(t, start, stop, &form, &mode)
-    cdef Py_ssize_t head
-    cdef bint stream = mode == FA16_MASTER and t.size >= STREAM_ELEMENTS
     if end == start:
         return start
-    if stream:
-        # the elements before the first whose address is a multiple of a vector's bytes
-        head = <Py_ssize_t>(<size_t>t.model_param // 2 + <size_t>start) % FA16_LANES
-        head = (FA16_LANES - head) % FA16_LANES
-        if head and _vector_end(t, start + head, stop, &form, &mode) > start + head:
-            _run_staged(t, start, start + head)
-            start += head
-            end = _vector_end(t, start, stop, &form, &mode)
     # cast from double as _update casts them (one_minus_w in float, as PyTorch's lerp)
     c.grad_factor = <float>t.coef.grad_factor
     c.l2 = <float>t.coef.l2
@@ -583,7 +563,7 @@ cdef Py_ssize_t _in_registers(const AdamTensor* t, Py_ssize_t start,
     return fa16_vectors(FA16_BFLOAT16 if t.grad_type == ELEM_BF16 else FA16_FLOAT16, mode,
                         t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.model_param, start, end,
                         &c, t.coef.grad_scaled, t.coef.l2_decay, c.w >= 0.5, form,
-                        _stochastic_key(t.rounding_key, start), stream)
+                        _stochastic_key(t.rounding_key, start))
 
 
 def vector_end(str dtype, Py_ssize_t size, Py_ssize_t start, Py_ssize_t stop,

@@ -16,11 +16,8 @@
  *    It treats subnormal inputs as zero, and writes its own NaN: a vector holding either
  *    (fpclass, rare) takes the integer sequence: the two agree on every other float
  *    (checked for all 2^32 bit patterns). The instruction is written in assembly, so
- *    # A tensor whose buffers are not all of one type the loops read in registers (float16
-# at the baseline; what _vectors16.h leaves of a float16 tensor, a master copy or
-# stochastic rounding: AMSGrad, eps_root, torch's scalar tail, a streamed model copy's
-# unaligned head; mixed types; a master copy or stochastic rounding where that loop is
-# absent: the baseline, bfloat16 without AVX-512 BF16 or with MSVC) runs block by block:
+ *    that the rest of this level is built for x86-64-v4 alone; GCC and Clang only (MSVC
+ *    keeps _update's loop, and the blocks for bfloat16 masters and stochastic rounding).
  *
  * Three modes share the loop (each a specialization): param and moments of the grad's
  * 16-bit type (pure); the same with the bfloat16 param rounded stochastically, with the
@@ -98,7 +95,6 @@ typedef __m512 fa16_vector;
 
 typedef __m256i fa16_bits;   /* a vector's 16-bit elements */
 #define fa16_put(bits, rounded) _mm256_storeu_si256((__m256i*)(bits), rounded)
-#define fa16_stream(bits, rounded) _mm256_stream_si256((__m256i*)(bits), rounded)
 
 FA_INLINE __m512 fa16_load_float16(const uint16_t* bits) { return fa_f16_widen16(bits); }
 
@@ -182,7 +178,6 @@ typedef __m256 fa16_vector;
 
 typedef __m128i fa16_bits;
 #define fa16_put(bits, rounded) _mm_storeu_si128((__m128i*)(bits), rounded)
-#define fa16_stream(bits, rounded) _mm_stream_si128((__m128i*)(bits), rounded)
 
 FA_INLINE __m256 fa16_load_float16(const uint16_t* bits) { return fa_f16_widen8(bits); }
 
@@ -235,7 +230,7 @@ FA_INLINE void fa16_store(uint16_t* bits, fa16_vector x, const int storage, cons
 FA_INLINE void fa16_body(char* p, const uint16_t* g, char* m, char* v, uint16_t* model,
                          ptrdiff_t n, const fa16_coefficients* c, const int storage,
                          const int mode, const int scaled, const int l2, const int large_w,
-                         const int form, uint32_t key, uint32_t first, const int stream) {
+                         const int form, uint32_t key, uint32_t first) {
     const fa16_vector grad_factor = fa16_set1(c->grad_factor);
     const fa16_vector l2_factor = fa16_set1(c->l2);
     const fa16_vector param_scale = fa16_set1(c->param_scale);
@@ -288,11 +283,7 @@ FA_INLINE void fa16_body(char* p, const uint16_t* g, char* m, char* v, uint16_t*
         pi = fa16_add(pi, fa16_div(fa16_mul(step_coef, mi), fa16_add(denom, eps)));
         if (master) {
             fa16_store_float32(p32 + i, pi);
-            fa16_bits rounded = fa16_round(pi, storage, 0);  /* c10's scalar NaN, as _narrow */
-            if (stream)
-                fa16_stream(model + i, rounded);
-            else
-                fa16_put(model + i, rounded);
+            fa16_store(model + i, pi, storage, 0);   /* c10's scalar NaN, as _narrow */
         }
 #if FA16_BFLOAT16_IN_REGISTERS
         else if (mode == FA16_STOCHASTIC)
@@ -307,13 +298,13 @@ FA_INLINE void fa16_body(char* p, const uint16_t* g, char* m, char* v, uint16_t*
     switch (form) {                                                                       \
     case FA16_PAPER:                                                                      \
         fa16_body(p, g, m, v, model, n, c, storage, mode, scaled, l2, large_w, FA16_PAPER, \
-                  key, first, stream); break;                                                     \
+                  key, first); break;                                                     \
     case FA16_FAST:                                                                       \
         fa16_body(p, g, m, v, model, n, c, storage, mode, scaled, l2, large_w, FA16_FAST,  \
-                  key, first, stream); break;                                                     \
+                  key, first); break;                                                     \
     default:                                                                              \
         fa16_body(p, g, m, v, model, n, c, storage, mode, scaled, l2, large_w, FA16_TORCH, \
-                  key, first, stream); break;                                                     \
+                  key, first); break;                                                     \
     }
 
 #define FA16_FLAGS(storage, mode)                                                         \
@@ -337,8 +328,7 @@ FA_INLINE void fa16_body(char* p, const uint16_t* g, char* m, char* v, uint16_t*
 static ptrdiff_t fa16_vectors(int storage, int mode, char* param, const char* grad,
                               char* exp_avg, char* exp_avg_sq, char* model_param,
                               ptrdiff_t start, ptrdiff_t stop, const fa16_coefficients* c,
-                              int scaled, int l2, int large_w, int form, uint32_t key,
-                              int stream) {
+                              int scaled, int l2, int large_w, int form, uint32_t key) {
     ptrdiff_t n = (stop - start) / FA16_LANES * FA16_LANES;
     size_t width = mode == FA16_MASTER ? 4 : 2;   /* of param and moments */
     char* p = param + start * width;
@@ -347,7 +337,6 @@ static ptrdiff_t fa16_vectors(int storage, int mode, char* param, const char* gr
     char* v = exp_avg_sq + start * width;
     uint16_t* model = model_param == NULL ? NULL : (uint16_t*)model_param + start;
     uint32_t first = (uint32_t)start;
-    stream = stream && model != NULL && (uintptr_t)model % (FA16_LANES * 2) == 0;
     if (n <= 0 || (storage == FA16_BFLOAT16 && !FA16_BFLOAT16_IN_REGISTERS)
             || (mode == FA16_STOCHASTIC && storage != FA16_BFLOAT16))
         return start;
@@ -367,8 +356,6 @@ static ptrdiff_t fa16_vectors(int storage, int mode, char* param, const char* gr
     } else {
         FA16_FLAGS(FA16_FLOAT16, FA16_PURE)
     }
-    if (stream)   /* streaming stores are weakly ordered: done before anyone reads */
-        _mm_sfence();
     return start + n;
 }
 
@@ -387,11 +374,10 @@ static int fa16_bfloat16_in_registers(void) { return 0; }
 static ptrdiff_t fa16_vectors(int storage, int mode, char* param, const char* grad,
                               char* exp_avg, char* exp_avg_sq, char* model_param,
                               ptrdiff_t start, ptrdiff_t stop, const fa16_coefficients* c,
-                              int scaled, int l2, int large_w, int form, uint32_t key,
-                              int stream) {
+                              int scaled, int l2, int large_w, int form, uint32_t key) {
     (void)storage; (void)mode; (void)param; (void)grad; (void)exp_avg; (void)exp_avg_sq;
     (void)model_param; (void)stop; (void)c; (void)scaled; (void)l2; (void)large_w;
-    (void)form; (void)key; (void)stream;
+    (void)form; (void)key;
     return start;
 }
 
