@@ -437,10 +437,13 @@ cdef void _run_staged(const AdamTensor* t, Py_ssize_t start, Py_ssize_t stop) no
     cdef float max_exp_avg_sq[STAGE_ELEMENTS]
     cdef AdamTensor block = t[0]
     cdef Py_ssize_t first = start, n
-    cdef Py_ssize_t tail = _torch_tail_start(t), lanes = _torch_lanes(t)
+    # torch's scalar tail (only its numerics have one): no block straddles it
+    cdef Py_ssize_t tail = (_torch_tail_start(t) if t.coef.numerics == NUMERICS_TORCH
+                            else t.size)
+    cdef Py_ssize_t lanes = _torch_lanes(t)
     while first < stop:
         n = min(<Py_ssize_t>STAGE_ELEMENTS, stop - first)
-        if first < tail:    # no block straddles torch's scalar tail
+        if first < tail:
             n = min(n, tail - first)
         block.param = _staged(t.param, t.param_type, first, n, param)
         block.grad = _staged(t.grad, t.grad_type, first, n, grad)
